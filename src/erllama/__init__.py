@@ -1,0 +1,71 @@
+"""erllama: serve local GGUF models through llama.cpp from anyio programs, and keep prompts
+warm with a token-exact, tiered KV cache.
+
+    async with erllama.open_engine() as engine:
+        mid = await engine.load_model("tiny", erllama.ModelConfig(model_path=path))
+        result = await engine.complete(mid, "Once upon a time", max_tokens=32)
+"""
+
+from ._version import __version__ as __version__
+from .config import CacheConfig as CacheConfig
+from .config import CachePolicy as CachePolicy
+from .config import EngineConfig as EngineConfig
+from .config import ModelConfig as ModelConfig
+from .config import PressureConfig as PressureConfig
+from .config import load_config as load_config
+from .engine import Engine as Engine
+from .engine import open_engine as open_engine
+from .errors import BackendError as BackendError
+from .errors import CacheError as CacheError
+from .errors import ConfigError as ConfigError
+from .errors import ErllamaError as ErllamaError
+from .errors import InvalidRequest as InvalidRequest
+from .errors import ModelAlreadyLoaded as ModelAlreadyLoaded
+from .errors import ModelFailed as ModelFailed
+from .errors import ModelNotFound as ModelNotFound
+from .errors import NotSupported as NotSupported
+from .errors import QueueFull as QueueFull
+from .events import AdapterInfo as AdapterInfo
+from .events import CacheDelta as CacheDelta
+from .events import CacheHit as CacheHit
+from .events import Completion as Completion
+from .events import Done as Done
+from .events import ModelInfo as ModelInfo
+from .events import Stats as Stats
+from .events import Token as Token
+from .plugins import make_backend_registry as make_backend_registry
+from .request import InferStream as InferStream
+from .sampling import SamplerParams as SamplerParams
+
+__all__ = [
+    "AdapterInfo",
+    "BackendError",
+    "CacheConfig",
+    "CacheDelta",
+    "CacheError",
+    "CacheHit",
+    "CachePolicy",
+    "Completion",
+    "ConfigError",
+    "Done",
+    "Engine",
+    "EngineConfig",
+    "ErllamaError",
+    "InferStream",
+    "InvalidRequest",
+    "ModelAlreadyLoaded",
+    "ModelConfig",
+    "ModelFailed",
+    "ModelInfo",
+    "ModelNotFound",
+    "NotSupported",
+    "PressureConfig",
+    "QueueFull",
+    "SamplerParams",
+    "Stats",
+    "Token",
+    "__version__",
+    "load_config",
+    "make_backend_registry",
+    "open_engine",
+]

@@ -1,0 +1,558 @@
+"""``backend="stub"``: a deterministic fake model for fast tests and benchmarks.
+
+No weights. Tokens come from words; the next token is a pure function of the sequence's
+whole context (a rolling hash kept alongside it), the sampler settings and seed, and the
+active adapter set. ``kv_pack`` serialises that context, so restoring a packed state and
+decoding on gives exactly what the unbroken run gives.
+
+Vocabulary (``n_vocab`` ids, default 32,000):
+
+* 0 ``<unk>``, 1 ``<s>`` (BOS), 2 ``</s>`` (end of generation), 3 ``<pad>``;
+* 4..259: one raw byte each (byte fallback, so non-ASCII text round-trips exactly and a
+  multi-byte character can be split across tokens);
+* 260..: syllable words (``kabo``, ``rite`` ...). Any other word is spelt in byte tokens, so
+  ``detokenize(tokenize(text))`` gives the text back with its whitespace collapsed.
+
+Every optional hook is implemented: a chat template, a hashed embedding, a sampler with a
+small GBNF subset (string literals, alternation, sequences, groups, rule references) that
+really constrains output, and adapters that change output unless their scale is 0.
+
+Test controls, given in ``ModelConfig.options``: ``n_vocab``, ``n_ctx`` (else the config's),
+``eog_every`` (end generation when the context hash says so, on average every N tokens;
+0 = never), ``step_delay_s`` (sleep in the worker thread each step), ``fail_at``
+(``"load"``, ``"step"``, ``"pack"``, ``"unpack"``), ``fail_step`` (with ``fail_at="step"``:
+fail on that step number, counting from 1), ``embed_dim``, and ``control``: a
+:class:`StubControl` whose ``gate`` event, when given, blocks every step until it is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .._version import __version__
+from ..config import ModelConfig
+from ..errors import InvalidRequest
+from ..sampling import SamplerParams
+from .hookspecs import hookimpl
+from .types import ChatMessage, Decode, LoadedModel, Prefill, Prefilled, Sampled, StepOp, StepResult
+
+UNK, BOS, EOS, PAD = 0, 1, 2, 3
+BYTE_BASE = 4
+WORD_BASE = BYTE_BASE + 256
+SPECIALS = {"<unk>": UNK, "<s>": BOS, "</s>": EOS, "<pad>": PAD}
+_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]  # 70 syllables
+_MASK = (1 << 64) - 1
+_STATE_MAGIC = b"ERSTUBKV"
+
+
+def _mix(*values: int) -> int:
+    """splitmix64 folded over ``values``: cheap, well-spread, and stable across runs."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & _MASK)) & _MASK
+        h = (h + 0x9E3779B97F4A7C15) & _MASK
+        z = h
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+        h = z ^ (z >> 31)
+    return h
+
+
+def _word(n: int) -> str:
+    # Bijective base-70 numeral with syllable digits: distinct ids give distinct words.
+    out = []
+    n += 1
+    while n:
+        n, r = divmod(n - 1, len(_SYLLABLES))
+        out.append(_SYLLABLES[r])
+    return "".join(reversed(out))
+
+
+_SYL_RE = re.compile("(?:" + "|".join(_SYLLABLES) + ")+")
+
+
+def _word_index(word: str) -> int | None:
+    if not _SYL_RE.fullmatch(word):
+        return None
+    n = 0
+    for i in range(0, len(word), 2):
+        n = n * len(_SYLLABLES) + _SYLLABLES.index(word[i : i + 2]) + 1
+    return n - 1
+
+
+@attrs.define(eq=False)
+class StubControl:
+    """Knobs a test holds on to while the model runs (all read from the worker thread)."""
+
+    #: When set to an Event, every step waits for it (the test releases the model).
+    gate: threading.Event | None = None
+    #: Set each time a step starts; tests wait on it to know the model is mid-step.
+    step_entered: threading.Event = attrs.Factory(threading.Event)
+    step_delay_s: float = 0.0
+    fail_at: str | None = None
+    fail_step: int | None = None
+    steps: int = 0
+    #: Every step's ops, for tests that check batching.
+    history: list[tuple[StepOp, ...]] = attrs.Factory(list)
+
+
+@attrs.define(eq=False)
+class _Seq:
+    tokens: list[int] = attrs.Factory(list)
+    rolling: list[int] = attrs.Factory(lambda: [0])  # rolling[i] = hash of tokens[:i]
+    has_logits: bool = False
+
+    def append(self, tok: int) -> None:
+        self.tokens.append(tok)
+        self.rolling.append(_mix(self.rolling[-1], tok))
+
+    def truncate(self, n: int) -> None:
+        del self.tokens[n:]
+        del self.rolling[n + 1 :]
+
+
+@attrs.define(eq=False)
+class _Sampler:
+    params: SamplerParams
+    #: Token sequences the grammar accepts (None: unconstrained).
+    allowed: list[tuple[int, ...]] | None
+    generated: list[int] = attrs.Factory(list)
+
+
+@attrs.define(eq=False)
+class StubModel:
+    n_ctx: int
+    n_vocab: int
+    n_seq_max: int
+    eog_every: int
+    embed_dim: int
+    control: StubControl
+    seqs: dict[int, _Seq] = attrs.Factory(dict)
+    adapters: dict[int, bytes] = attrs.Factory(dict)
+    active: tuple[tuple[int, float], ...] = ()
+    next_adapter: int = 1
+    freed: bool = False
+    lock: threading.Lock = attrs.Factory(threading.Lock)
+
+    def seq(self, seq: int) -> _Seq:
+        if not 0 <= seq < self.n_seq_max:
+            raise ValueError(f"sequence {seq} out of range (n_seq_max={self.n_seq_max})")
+        return self.seqs.setdefault(seq, _Seq())
+
+    def adapter_mix(self) -> int:
+        h = 0
+        for handle, scale in sorted(self.active):
+            if scale != 0:
+                digest = int.from_bytes(self.adapters[handle][:8], "little")
+                h = _mix(h, digest, round(scale * 2**16))
+        return h
+
+    def fail(self, where: str) -> None:
+        if self.control.fail_at == where:
+            raise RuntimeError(f"stub: injected failure at {where}")
+
+
+# ---- GBNF subset ------------------------------------------------------------------------
+
+_GBNF_TOKEN = re.compile(r'\s*(?:(::=)|("(?:[^"\\]|\\.)*")|([A-Za-z][A-Za-z0-9_-]*)|([|()]))')
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\"}
+
+
+def _unescape(body: str) -> str:
+    out, i = [], 0
+    while i < len(body):
+        c = body[i]
+        if c != "\\":
+            out.append(c)
+            i += 1
+            continue
+        nxt = body[i + 1 : i + 2]
+        if nxt in _ESCAPES:
+            out.append(_ESCAPES[nxt])
+            i += 2
+        elif nxt in ("x", "u"):
+            width = 2 if nxt == "x" else 4
+            out.append(chr(int(body[i + 2 : i + 2 + width], 16)))
+            i += 2 + width
+        else:
+            raise ValueError(f"unknown escape \\{nxt}")
+    return "".join(out)
+
+
+def _parse_gbnf(text: str) -> dict[str, list[list[Any]]]:
+    """rule -> alternatives -> sequence of ``("lit", str)`` / ``("ref", name)`` / ``("grp", alts)``."""
+    rules: dict[str, list[list[Any]]] = {}
+    lines = [ln.split("#", 1)[0] for ln in text.splitlines()]
+    toks: list[tuple[str, str]] = []
+    for line in lines:
+        pos = 0
+        while pos < len(line):
+            if not line[pos:].strip():
+                break
+            m = _GBNF_TOKEN.match(line, pos)
+            if not m:
+                raise ValueError(f"unexpected text at {line[pos:].strip()[:20]!r}")
+            pos = m.end()
+            if m.group(1):
+                toks.append(("def", "::="))
+            elif m.group(2):
+                toks.append(("lit", _unescape(m.group(2)[1:-1])))
+            elif m.group(3):
+                toks.append(("name", m.group(3)))
+            else:
+                toks.append(("op", m.group(4)))
+    i = 0
+
+    def alts(stop: set[str]) -> list[list[Any]]:
+        nonlocal i
+        out: list[list[Any]] = [[]]
+        while i < len(toks):
+            kind, val = toks[i]
+            if kind == "name" and i + 1 < len(toks) and toks[i + 1][0] == "def":
+                break  # next rule starts
+            if kind == "op" and val in stop:
+                break
+            i += 1
+            if kind == "lit":
+                out[-1].append(("lit", val))
+            elif kind == "name":
+                out[-1].append(("ref", val))
+            elif val == "|":
+                out.append([])
+            elif val == "(":
+                inner = alts({")"})
+                if i >= len(toks) or toks[i] != ("op", ")"):
+                    raise ValueError("unbalanced parenthesis")
+                i += 1
+                out[-1].append(("grp", inner))
+            else:
+                raise ValueError(f"unexpected {val!r}")
+        return out
+
+    while i < len(toks):
+        if toks[i][0] != "name" or i + 1 >= len(toks) or toks[i + 1][0] != "def":
+            raise ValueError("expected 'name ::= ...'")
+        name = toks[i][1]
+        i += 2
+        rules[name] = alts(set())
+    if "root" not in rules:
+        raise ValueError("grammar has no 'root' rule")
+    return rules
+
+
+def _expand(rules: dict[str, list[list[Any]]], limit: int = 4096) -> list[str]:
+    def expand_alts(alternatives: list[list[Any]], depth: int) -> list[str]:
+        if depth > 32:
+            raise ValueError("grammar recursion is not supported by the stub")
+        out: list[str] = []
+        for seq in alternatives:
+            partial = [""]
+            for kind, val in seq:
+                if kind == "lit":
+                    parts = [val]
+                elif kind == "ref":
+                    if val not in rules:
+                        raise ValueError(f"undefined rule {val!r}")
+                    parts = expand_alts(rules[val], depth + 1)
+                else:
+                    parts = expand_alts(val, depth + 1)
+                partial = [p + q for p in partial for q in parts]
+                if len(partial) > limit:
+                    raise ValueError("grammar language too large for the stub")
+            out.extend(partial)
+        return out
+
+    return expand_alts(rules["root"], 0)
+
+
+# ---- hooks --------------------------------------------------------------------------------
+
+
+def _control(options: Mapping[str, Any]) -> StubControl:
+    control = options.get("control")
+    if control is None:
+        control = StubControl()
+    elif not isinstance(control, StubControl):
+        raise TypeError("options['control'] must be a StubControl")
+    for key in ("step_delay_s", "fail_at", "fail_step"):
+        if key in options:
+            setattr(control, key, options[key])
+    return control
+
+
+@hookimpl
+def load(config: ModelConfig) -> LoadedModel:
+    opts = config.options
+    control = _control(opts)
+    if control.fail_at == "load":
+        raise RuntimeError("stub: injected failure at load")
+    fingerprint = None
+    if config.model_path is not None and not Path(config.model_path).is_file():
+        raise FileNotFoundError(f"no such model file: {config.model_path}")
+    n_vocab = int(opts.get("n_vocab", 32_000))
+    if n_vocab <= WORD_BASE + 16:
+        raise ValueError(f"n_vocab must be > {WORD_BASE + 16}")
+    n_ctx = int(opts.get("n_ctx", config.n_ctx))
+    if config.model_path is None:
+        # No file: the identity is the stub's own settings (never all zeros).
+        fingerprint = hashlib.sha256(f"erllama-stub:{n_vocab}".encode()).hexdigest()
+    model = StubModel(
+        n_ctx=n_ctx,
+        n_vocab=n_vocab,
+        n_seq_max=config.n_seq_max,
+        eog_every=int(opts.get("eog_every", 0)),
+        embed_dim=int(opts.get("embed_dim", 32)),
+        control=control,
+    )
+    return LoadedModel(
+        handle=model,
+        n_ctx=n_ctx,
+        n_vocab=n_vocab,
+        n_seq_max=config.n_seq_max,
+        quant="f32",
+        fingerprint=fingerprint,
+        kv_layout={"backend": "stub", "version": __version__, "n_ctx": n_ctx},
+        eog_tokens=frozenset({EOS}),
+        metadata={"architecture": "stub", "n_vocab": str(n_vocab)},
+    )
+
+
+@hookimpl
+def free(model: StubModel) -> None:
+    model.freed = True
+    model.seqs.clear()
+
+
+def _tokenize_word(model: StubModel, word: str, first: bool) -> list[int]:
+    idx = _word_index(word)
+    if idx is not None and WORD_BASE + idx < model.n_vocab:
+        return [WORD_BASE + idx]
+    # Byte fallback: lossless for any text, and splits multi-byte characters across tokens.
+    raw = word.encode("utf-8") if first else b" " + word.encode("utf-8")
+    return [BYTE_BASE + b for b in raw]
+
+
+@hookimpl
+def tokenize(model: StubModel, text: str, add_special: bool, parse_special: bool) -> list[int]:
+    out = [BOS] if add_special else []
+    for n, word in enumerate(text.split()):
+        if parse_special and word in SPECIALS:
+            out.append(SPECIALS[word])
+        else:
+            out.extend(_tokenize_word(model, word, first=n == 0 and not out))
+    return out
+
+
+def _piece(token: int) -> bytes:
+    if token < BYTE_BASE:
+        return b""  # special tokens render as nothing, as llama.cpp's pieces do
+    if token < WORD_BASE:
+        return bytes([token - BYTE_BASE])
+    return b" " + _word(token - WORD_BASE).encode()
+
+
+@hookimpl
+def detokenize(model: StubModel, tokens: Sequence[int]) -> bytes:
+    for t in tokens:
+        if not 0 <= t < model.n_vocab:
+            raise InvalidRequest("tokens", f"token id {t} outside the vocabulary")
+    return b"".join(_piece(t) for t in tokens)
+
+
+def _next_token(model: StubModel, seq: _Seq, sampler: _Sampler | None) -> int:
+    h = _mix(seq.rolling[-1], model.adapter_mix())
+    if sampler is not None and sampler.allowed is not None:
+        done = tuple(sampler.generated)
+        nexts = sorted({a[len(done)] for a in sampler.allowed if len(a) > len(done) and a[: len(done)] == done})
+        if done in sampler.allowed or not nexts:
+            return EOS
+        return nexts[_mix(h, sampler.params.seed) % len(nexts)]
+    if model.eog_every > 0 and _mix(h, 0xE06) % model.eog_every == 0:
+        return EOS
+    span = model.n_vocab - WORD_BASE
+    params = sampler.params if sampler is not None else None
+    if params is None or params.temperature == 0:
+        return WORD_BASE + h % span
+    pool = params.top_k or 64
+    salt = _mix(
+        params.seed,
+        round(params.temperature * 1000),
+        round(params.top_p * 1000),
+        round(params.min_p * 1000),
+        round(params.repetition_penalty * 1000),
+    )
+    pick = _mix(h, salt) % pool
+    return WORD_BASE + _mix(h, pick) % span
+
+
+@hookimpl
+def step(model: StubModel, ops: Sequence[StepOp]) -> list[StepResult]:
+    control = model.control
+    control.steps += 1
+    control.history.append(tuple(ops))
+    control.step_entered.set()
+    if control.gate is not None:
+        control.gate.wait()
+    if control.step_delay_s:
+        time.sleep(control.step_delay_s)
+    if control.fail_at == "step" and (control.fail_step is None or control.fail_step == control.steps):
+        raise RuntimeError(f"stub: injected failure at step {control.steps}")
+    if len({op.seq for op in ops}) != len(ops):
+        raise ValueError("more than one op for a sequence in one step")
+    results: list[StepResult] = []
+    for op in ops:
+        seq = model.seq(op.seq)
+        if isinstance(op, Prefill):
+            if len(seq.tokens) + len(op.tokens) > model.n_ctx:
+                raise ValueError("context overflow")
+            for t in op.tokens:
+                if not 0 <= t < model.n_vocab:
+                    raise ValueError(f"token id {t} outside the vocabulary")
+                seq.append(t)
+            seq.has_logits = op.logits
+            results.append(Prefilled(seq=op.seq, n_tokens=len(op.tokens)))
+        elif isinstance(op, Decode):
+            if not seq.has_logits:
+                raise RuntimeError(f"decode on sequence {op.seq} without logits")
+            if len(seq.tokens) >= model.n_ctx:
+                raise ValueError("context overflow")
+            sampler = op.sampler if isinstance(op.sampler, _Sampler) else None
+            tok = _next_token(model, seq, sampler)
+            if sampler is not None:
+                sampler.generated.append(tok)
+            seq.append(tok)
+            results.append(Sampled(seq=op.seq, token=tok, eog=tok == EOS))
+        else:
+            raise TypeError(f"unknown op {op!r}")
+    return results
+
+
+@hookimpl
+def kv_pack(model: StubModel, seq: int) -> bytes:
+    model.fail("pack")
+    tokens = model.seq(seq).tokens
+    body = struct.pack(f"<{len(tokens)}I", *tokens)
+    digest = hashlib.blake2b(body, digest_size=8).digest()
+    return _STATE_MAGIC + struct.pack("<I", len(tokens)) + digest + body
+
+
+@hookimpl
+def kv_unpack(model: StubModel, seq: int, data: bytes) -> None:
+    model.fail("unpack")
+    head = len(_STATE_MAGIC) + 12
+    if len(data) < head or not data.startswith(_STATE_MAGIC):
+        raise ValueError("not a stub KV state")
+    (n,) = struct.unpack_from("<I", data, len(_STATE_MAGIC))
+    body = data[head:]
+    if len(body) != 4 * n or hashlib.blake2b(body, digest_size=8).digest() != data[head - 8 : head]:
+        raise ValueError("stub KV state is damaged")
+    if n > model.n_ctx:
+        raise ValueError("state longer than the context")
+    s = _Seq()
+    for t in struct.unpack(f"<{n}I", body):
+        s.append(t)
+    model.seq(seq)  # range check
+    model.seqs[seq] = s
+
+
+@hookimpl
+def seq_rm(model: StubModel, seq: int, start: int, end: int | None) -> None:
+    s = model.seq(seq)
+    if end is not None and end < len(s.tokens):
+        raise ValueError("the stub only removes a sequence's tail")
+    s.truncate(start)
+    s.has_logits = False
+
+
+@hookimpl
+def apply_chat_template(
+    model: StubModel,
+    messages: Sequence[ChatMessage],
+    system: str | None,
+    tools: Sequence[Mapping[str, Any]] | None,
+    add_generation_prompt: bool,
+) -> list[int]:
+    parts = []
+    if system or tools:
+        text = system or ""
+        if tools:
+            text += " tools: " + " ".join(
+                f"{t.get('name', '')} {t.get('description', '')}" for t in tools
+            )
+        parts.append(f"system: {text}")
+    for m in messages:
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise InvalidRequest("messages", "each message needs string 'role' and 'content'")
+        parts.append(f"{role}: {content} </s>")
+    if add_generation_prompt:
+        parts.append("assistant:")
+    return tokenize(model, " ".join(parts), add_special=True, parse_special=True)
+
+
+@hookimpl
+def embed(model: StubModel, tokens: Sequence[int]) -> list[float]:
+    vec = [0.0] * model.embed_dim
+    for pos, t in enumerate(tokens):
+        for i in range(model.embed_dim):
+            vec[i] += ((_mix(t, i, pos) & 0xFFFF) / 32768.0) - 1.0
+    norm = sum(v * v for v in vec) ** 0.5 or 1.0
+    return [v / norm for v in vec]
+
+
+@hookimpl
+def sampler_new(model: StubModel, params: SamplerParams) -> _Sampler:
+    allowed = None
+    if params.grammar is not None:
+        try:
+            strings = _expand(_parse_gbnf(params.grammar))
+        except ValueError as exc:
+            raise InvalidRequest("grammar", str(exc)) from exc
+        allowed = [tuple(tokenize(model, s, add_special=False, parse_special=False)) for s in strings]
+    return _Sampler(params=params, allowed=allowed)
+
+
+@hookimpl
+def sampler_free(model: StubModel, sampler: _Sampler) -> None:
+    sampler.generated.clear()
+
+
+@hookimpl
+def adapter_load(model: StubModel, path: str) -> int:
+    data = Path(path).read_bytes()
+    if not data.startswith(b"STUBLORA"):
+        raise ValueError(f"{path} is not a stub adapter (expected the STUBLORA magic)")
+    handle = model.next_adapter
+    model.next_adapter += 1
+    model.adapters[handle] = hashlib.sha256(data).digest()
+    return handle
+
+
+@hookimpl
+def adapter_free(model: StubModel, adapter: int) -> None:
+    model.adapters.pop(adapter, None)
+    model.active = tuple(a for a in model.active if a[0] != adapter)
+
+
+@hookimpl
+def adapters_apply(model: StubModel, adapters: Sequence[tuple[int, float]]) -> None:
+    for handle, _ in adapters:
+        if handle not in model.adapters:
+            raise ValueError(f"unknown adapter handle {handle}")
+    model.active = tuple(adapters)
+
+
+@hookimpl
+def metadata(model: StubModel) -> dict[str, str]:
+    return {"architecture": "stub", "n_vocab": str(model.n_vocab), "n_ctx": str(model.n_ctx)}

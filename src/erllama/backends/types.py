@@ -1,0 +1,92 @@
+"""Plain data exchanged between the engine and backend plugins."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "ChatMessage",
+    "Decode",
+    "LoadedModel",
+    "Prefill",
+    "Prefilled",
+    "Sampled",
+    "StepOp",
+    "StepResult",
+]
+
+#: A chat message as the chat-template hook receives it: ``{"role": ..., "content": ...}``.
+ChatMessage = Mapping[str, Any]
+
+
+@attrs.frozen(kw_only=True)
+class LoadedModel:
+    """What ``load`` returns: the backend's own handle plus the facts the engine needs."""
+
+    #: Opaque to the engine; passed back as ``model`` to every other hook.
+    handle: Any
+    #: Context cells available to one sequence.
+    n_ctx: int
+    n_vocab: int
+    #: Sequences the backend can hold at once (the engine admits at most this many).
+    n_seq_max: int = 1
+    #: Quantisation label (``q4_1``, ``f16`` ...) for the cache key.
+    quant: str = "unknown"
+    #: Hex SHA-256 of the weights, when the backend computed one (else the engine decides).
+    fingerprint: str | None = None
+    #: Backend name and version plus every context parameter that shapes the KV layout.
+    #: Folded into the cache key: states saved under one shape never restore into another.
+    kv_layout: Mapping[str, Any] = attrs.field(factory=dict)
+    #: Token ids that end generation.
+    eog_tokens: frozenset[int] = frozenset()
+    #: Free-form facts for ``ModelInfo.metadata``.
+    metadata: Mapping[str, str] = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class Prefill:
+    """Decode ``tokens`` into sequence ``seq`` after its current last position.
+
+    ``logits`` asks for the logits of the last token: the engine sets it on a prompt's final
+    slice, so the next ``Decode`` of this sequence can sample.
+    """
+
+    seq: int
+    tokens: Sequence[int]
+    logits: bool
+
+
+@attrs.frozen(kw_only=True)
+class Decode:
+    """Sample one token for ``seq`` from its latest logits, then decode that token into ``seq``.
+
+    Sample-then-decode keeps the invariant that every token handed back is already in the KV
+    cache, so the sequence can be packed right after any step. ``sampler`` is what
+    ``sampler_new`` returned, or None for plain greedy (argmax).
+    """
+
+    seq: int
+    sampler: Any = None
+
+
+StepOp = Prefill | Decode
+
+
+@attrs.frozen(kw_only=True)
+class Prefilled:
+    seq: int
+    n_tokens: int
+
+
+@attrs.frozen(kw_only=True)
+class Sampled:
+    seq: int
+    token: int
+    #: The token ends generation (it is still decoded into the KV).
+    eog: bool
+
+
+StepResult = Prefilled | Sampled

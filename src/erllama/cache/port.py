@@ -1,0 +1,89 @@
+"""The narrow interface a model worker uses to talk to the KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, Protocol
+
+import attrs
+
+from ..config import CachePolicy
+from .key import Namespace
+
+__all__ = ["CachePort", "NullCache", "Restore", "SaveReason"]
+
+SaveReason = Literal["cold", "continued", "finish", "evict", "shutdown"]
+SAVE_REASONS: tuple[SaveReason, ...] = ("cold", "continued", "finish", "evict", "shutdown")
+
+
+@attrs.frozen(kw_only=True)
+class Restore:
+    """A row found at admission, its payload already read and verified."""
+
+    key: bytes
+    #: The row's exact token list; always a prefix of (or equal to) the prompt.
+    tokens: tuple[int, ...]
+    payload: bytes
+    source: Literal["exact", "parent", "prefix"]
+    tier: str
+
+
+class CachePort(Protocol):
+    """What :class:`~erllama.model.ModelWorker` needs from the cache."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    async def lookup(
+        self,
+        ns: Namespace,
+        tokens: Sequence[int],
+        parent_key: bytes | None,
+        policy: CachePolicy,
+    ) -> Restore | None:
+        """Find the best row for ``tokens``: exact, then ``parent_key`` (waiting up to
+        ``policy.resume_wait_s`` for a row still being written), then longest prefix.
+        Counts the hit or miss. Never raises for damaged files: they are misses."""
+
+    def should_save(
+        self, ns: Namespace, tokens: Sequence[int], reason: SaveReason, policy: CachePolicy
+    ) -> bool:
+        """Whether a save of ``tokens`` would be kept (gates, duplicates, writer room);
+        asked before packing so a refused save costs nothing."""
+
+    def save(
+        self, ns: Namespace, tokens: Sequence[int], payload: bytes, reason: SaveReason
+    ) -> bytes | None:
+        """Hand a packed state to the cache without waiting on I/O. Returns the row's key
+        once reserved (a ``parent_key`` lookup then waits for it), or None if dropped."""
+
+    def reject(self, restore: Restore, why: str) -> None:
+        """The backend refused a restored payload: drop the row and count it corrupt."""
+
+
+class NullCache:
+    """The cache switched off: every lookup misses and nothing is saved."""
+
+    enabled = False
+
+    async def lookup(
+        self,
+        ns: Namespace,
+        tokens: Sequence[int],
+        parent_key: bytes | None,
+        policy: CachePolicy,
+    ) -> Restore | None:
+        return None
+
+    def should_save(
+        self, ns: Namespace, tokens: Sequence[int], reason: SaveReason, policy: CachePolicy
+    ) -> bool:
+        return False
+
+    def save(
+        self, ns: Namespace, tokens: Sequence[int], payload: bytes, reason: SaveReason
+    ) -> bytes | None:
+        return None
+
+    def reject(self, restore: Restore, why: str) -> None:
+        pass

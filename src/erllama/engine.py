@@ -1,0 +1,296 @@
+"""The engine: root task group, model registry, in-flight table and the public API."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from .cache.port import CachePort, NullCache
+from .config import EngineConfig, ModelConfig, load_config, structure_config
+from .errors import ConfigError, InvalidRequest, ModelAlreadyLoaded, ModelNotFound
+from .events import AdapterInfo, Completion, ModelInfo, ModelStatus
+from .model import ModelWorker
+from .plugins import BackendRegistry, make_backend_registry
+from .request import InferStream, Request
+
+__all__ = ["Engine", "open_engine"]
+
+log = logging.getLogger("erllama.engine")
+
+#: How long leaving the engine may spend on shutdown saves and unloads before giving up.
+SHUTDOWN_TIMEOUT_S = 60.0
+
+
+class Engine:
+    """Serves loaded models. Get one from :func:`open_engine`; never construct it directly."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        task_group: TaskGroup,
+        backends: BackendRegistry,
+        cache: CachePort,
+    ) -> None:
+        self.config = config
+        self._tg = task_group
+        self._backends = backends
+        self._cache = cache
+        self._models: dict[str, ModelWorker] = {}
+        self._inflight: dict[str, tuple[ModelWorker, Request]] = {}
+        self._auto_ids = itertools.count(1)
+        self._closed = False
+
+    # ---- models ---------------------------------------------------------------------------
+
+    async def load_model(
+        self,
+        model_id: str | None = None,
+        config: ModelConfig | Mapping[str, Any] | None = None,
+    ) -> str:
+        """Load a model and start serving it; returns its id (generated when None).
+
+        Raises ModelAlreadyLoaded, ConfigError (bad config, unknown backend) or BackendError
+        (missing or malformed model file); a failed load leaves nothing behind.
+        """
+        if isinstance(model_id, ModelConfig) and config is None:
+            model_id, config = None, model_id
+        if config is None:
+            raise ConfigError([("config", "load_model needs a ModelConfig")])
+        if isinstance(config, Mapping):
+            config = structure_config(config, ModelConfig)
+        if model_id is None:
+            model_id = self._next_id()
+        elif not isinstance(model_id, str) or not model_id:
+            raise InvalidRequest("model_id", "must be a non-empty string")
+        if self._closed:
+            raise ModelNotFound(model_id)
+        if model_id in self._models:
+            raise ModelAlreadyLoaded(model_id)
+        backend = self._backends.get(config.backend)
+        worker = ModelWorker(
+            model_id, config, backend, self._cache, self.config.cache.policy, self._request_done
+        )
+        # Registered while loading so a concurrent load of the same id is refused.
+        self._models[model_id] = worker
+        try:
+            await self._tg.start(worker.run)
+        except BaseException:
+            self._models.pop(model_id, None)
+            raise
+        return model_id
+
+    def _next_id(self) -> str:
+        while True:
+            candidate = f"model-{next(self._auto_ids)}"
+            if candidate not in self._models:
+                return candidate
+
+    def _worker(self, model_id: str) -> ModelWorker:
+        worker = self._models.get(model_id)
+        if worker is None or worker.state == "loading":
+            raise ModelNotFound(model_id)
+        return worker
+
+    async def unload(self, model_id: str) -> None:
+        """Stop serving a model: queued and running requests end cancelled (running ones
+        saved first with reason ``shutdown``), then the backend is freed. Works on failed
+        models too."""
+        worker = self._worker(model_id)
+        try:
+            await worker.close()
+        finally:
+            self._models.pop(model_id, None)
+
+    async def unload_model(self, model_id: str) -> None:
+        """Alias of :meth:`unload`."""
+        await self.unload(model_id)
+
+    async def evict(self, model_id: str) -> int:
+        """Save every in-flight sequence of the model now (reason ``evict``); returns how many
+        rows were saved. Generation continues."""
+        return await self._worker(model_id).evict()
+
+    def status(self, model_id: str) -> ModelStatus:
+        """idle, prefilling, generating, failed (or loading/unloading); never waits."""
+        return self._worker(model_id).status
+
+    def list_models(self) -> list[ModelInfo]:
+        return [w.info() for w in self._models.values() if w.state != "loading"]
+
+    def model_info(self, model_id: str) -> ModelInfo:
+        return self._worker(model_id).info()
+
+    # ---- generation -----------------------------------------------------------------------
+
+    async def infer(
+        self,
+        model_id: str,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        grammar: str | None = None,
+        parent_key: str | bytes | None = None,
+        add_special: bool = True,
+    ) -> InferStream:
+        """Queue a request and return its stream at once (before it runs).
+
+        ``prompt`` is text (tokenised with BOS when ``add_special``) or token ids. Sampler
+        arguments are validated here: a bad value raises InvalidRequest naming it, a bad
+        grammar too, before anything runs. ``parent_key`` is a previous ``finish_key``.
+        ``max_tokens=None`` generates until end of generation or a full context.
+        """
+        worker = self._worker(model_id)
+        params = {
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "min_p": min_p,
+            "repetition_penalty": repetition_penalty,
+            "seed": seed,
+            "grammar": grammar,
+        }
+        req, stream = await worker.infer(
+            prompt,
+            max_tokens=max_tokens,
+            params=params,
+            parent_key=parent_key,
+            add_special=add_special,
+            cancel=self.cancel,
+        )
+        if req.state.value != "done":
+            self._inflight[req.ref] = (worker, req)
+        return stream
+
+    async def complete(
+        self,
+        model_id: str,
+        prompt: str | Sequence[int],
+        **kwargs: Any,
+    ) -> Completion:
+        """Run a request to the end and return its :class:`Completion`. Takes the keyword
+        arguments of :meth:`infer`. Cancelling the caller cancels the request in the model."""
+        stream = await self.infer(model_id, prompt, **kwargs)
+        async with stream:
+            return await stream.collect()
+
+    def cancel(self, ref: str) -> None:
+        """Cancel a request by ``stream.ref``. Idempotent; silent for unknown or finished refs.
+
+        A queued request ends at once (its stream gets ``Done("cancelled")``, it never runs);
+        a running one stops before its next token.
+        """
+        entry = self._inflight.get(ref)
+        if entry is None:
+            return
+        worker, req = entry
+        req.scope.cancel()
+        worker.cancel(req)
+
+    def _request_done(self, req: Request) -> None:
+        self._inflight.pop(req.ref, None)
+
+    # ---- text -----------------------------------------------------------------------------
+
+    async def tokenize(
+        self, model_id: str, text: str, *, add_special: bool = True, parse_special: bool = False
+    ) -> list[int]:
+        return await self._worker(model_id).tokenize(text, add_special, parse_special)
+
+    async def detokenize(self, model_id: str, tokens: Sequence[int]) -> str:
+        return await self._worker(model_id).detokenize(tokens)
+
+    async def apply_chat_template(
+        self,
+        model_id: str,
+        messages: Sequence[Mapping[str, Any]],
+        system: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
+        """Render ``messages`` with the model's chat template; returns token ids ready for
+        :meth:`infer`. NotSupported when the backend has no chat template."""
+        return await self._worker(model_id).apply_chat_template(
+            messages, system, tools, add_generation_prompt
+        )
+
+    async def embed(self, model_id: str, prompt: str | Sequence[int]) -> list[float]:
+        """A pooled embedding vector. NotSupported when the backend has none."""
+        return await self._worker(model_id).embed(prompt)
+
+    # ---- adapters ---------------------------------------------------------------------------
+
+    async def load_adapter(self, model_id: str, path: str) -> int:
+        """Attach a LoRA adapter at scale 1.0; returns its handle. Waits until no request of
+        the model is running; requests queued later use the new adapter set."""
+        return await self._worker(model_id).load_adapter(str(path))
+
+    async def unload_adapter(self, model_id: str, handle: int) -> None:
+        """Detach an adapter (idempotent for unknown handles)."""
+        await self._worker(model_id).unload_adapter(handle)
+
+    async def set_adapter_scale(self, model_id: str, handle: int, scale: float) -> None:
+        await self._worker(model_id).set_adapter_scale(handle, scale)
+
+    def list_adapters(self, model_id: str) -> list[AdapterInfo]:
+        return list(self._worker(model_id).list_adapters())
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    async def _aclose(self) -> None:
+        self._closed = True
+        async with anyio.create_task_group() as tg:
+            for worker in list(self._models.values()):
+                if worker.state != "loading":
+                    tg.start_soon(worker.close)
+        self._models.clear()
+
+
+@asynccontextmanager
+async def open_engine(
+    config: EngineConfig | Mapping[str, Any] | str | None = None,
+    *,
+    backends: BackendRegistry | None = None,
+) -> AsyncIterator[Engine]:
+    """Open an engine; leaving the block ends every request, saves and unloads every model.
+
+    ``config`` is an :class:`EngineConfig`, a mapping, or a path to a TOML file. ``backends``
+    replaces the entry-point registry (tests pass a fresh one).
+    """
+    if config is None:
+        config = EngineConfig()
+    elif not isinstance(config, EngineConfig):
+        config = load_config(config)
+    registry = backends if backends is not None else make_backend_registry()
+    body_error: Exception | None = None
+    async with anyio.create_task_group() as tg:
+        cache: CachePort = NullCache()
+        engine = Engine(config, tg, registry, cache)
+        try:
+            for model_id, model_config in config.models.items():
+                await engine.load_model(model_id, model_config)
+            yield engine
+        except Exception as exc:
+            # Re-raised below, outside the task group, so callers see their own exception
+            # rather than an ExceptionGroup.
+            body_error = exc
+        finally:
+            with anyio.move_on_after(SHUTDOWN_TIMEOUT_S, shield=True) as scope:
+                await engine._aclose()
+            if scope.cancelled_caught:
+                log.error("engine shutdown timed out after %.0f s", SHUTDOWN_TIMEOUT_S)
+            tg.cancel_scope.cancel()
+    if body_error is not None:
+        raise body_error

@@ -1,0 +1,208 @@
+"""Plugin discovery and the typed facade over pluggy's untyped hook calls.
+
+Backends come from the entry-point group ``erllama.backends``; the built-in ``stub`` and
+``llama_cpp`` are registered there by our own pyproject, exactly like a third party's. Each
+backend gets its own :class:`pluggy.PluginManager`, so every hook has at most one
+implementation and capability checks ask whether a hookimpl exists.
+
+Registries are made by :func:`make_backend_registry`, never global: tests build a fresh one
+with ``autoload=False`` and register what they need.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pluggy
+
+from .backends import hookspecs
+from .backends.types import ChatMessage, LoadedModel, StepOp, StepResult
+from .config import ModelConfig
+from .errors import BackendError, ConfigError, ErllamaError, NotSupported
+from .sampling import SamplerParams
+
+__all__ = ["Backend", "BackendRegistry", "make_backend_registry"]
+
+BACKEND_GROUP = "erllama.backends"
+
+
+def _instantiate(obj: Any) -> Any:
+    # An entry point may name a module, an instance, or a class to instantiate with no args.
+    return obj() if inspect.isclass(obj) else obj
+
+
+class Backend:
+    """One backend plugin behind typed methods.
+
+    Every method wraps foreign exceptions in :class:`BackendError` (cause kept); erllama's own
+    errors raised by a plugin (InvalidRequest for a bad grammar, say) pass through unchanged.
+    """
+
+    def __init__(self, name: str, plugin: Any) -> None:
+        self.name = name
+        self.plugin = plugin
+        self._pm = pluggy.PluginManager("erllama")
+        self._pm.add_hookspecs(hookspecs.ModelBackend)
+        self._pm.register(plugin, name=name)
+        # A misspelt hook name would otherwise be silently ignored.
+        self._pm.check_pending()
+        missing = [h for h in hookspecs.REQUIRED_HOOKS if not self._implemented(h)]
+        if missing:
+            raise ConfigError(
+                [("backend", f"plugin {name!r} lacks required hooks: {', '.join(missing)}")]
+            )
+        self.capabilities = frozenset(
+            cap
+            for cap, hooks in hookspecs.OPTIONAL_CAPABILITIES.items()
+            if all(self._implemented(h) for h in hooks)
+        )
+
+    def _implemented(self, hook: str) -> bool:
+        return bool(getattr(self._pm.hook, hook).get_hookimpls())
+
+    def supports(self, capability: str) -> bool:
+        return capability in self.capabilities
+
+    def require(self, capability: str) -> None:
+        if capability not in self.capabilities:
+            raise NotSupported(self.name, capability)
+
+    def _call(self, operation: str, **kwargs: Any) -> Any:
+        try:
+            return getattr(self._pm.hook, operation)(**kwargs)
+        except ErllamaError:
+            raise
+        except Exception as exc:
+            raise BackendError(self.name, operation, f"{type(exc).__name__}: {exc}") from exc
+
+    # Required hooks -------------------------------------------------------------------------
+
+    def load(self, config: ModelConfig) -> LoadedModel:
+        loaded = self._call("load", config=config)
+        if not isinstance(loaded, LoadedModel):
+            raise BackendError(self.name, "load", f"returned {type(loaded).__name__}")
+        return loaded
+
+    def free(self, model: Any) -> None:
+        self._call("free", model=model)
+
+    def tokenize(
+        self, model: Any, text: str, *, add_special: bool = True, parse_special: bool = False
+    ) -> list[int]:
+        out = self._call(
+            "tokenize", model=model, text=text, add_special=add_special,
+            parse_special=parse_special,
+        )
+        return list(out)
+
+    def detokenize(self, model: Any, tokens: Sequence[int]) -> bytes:
+        return bytes(self._call("detokenize", model=model, tokens=tokens))
+
+    def step(self, model: Any, ops: Sequence[StepOp]) -> Sequence[StepResult]:
+        result: Sequence[StepResult] = self._call("step", model=model, ops=ops)
+        return result
+
+    def kv_pack(self, model: Any, seq: int) -> bytes:
+        return bytes(self._call("kv_pack", model=model, seq=seq))
+
+    def kv_unpack(self, model: Any, seq: int, data: bytes) -> None:
+        self._call("kv_unpack", model=model, seq=seq, data=data)
+
+    def seq_rm(self, model: Any, seq: int, start: int, end: int | None = None) -> None:
+        self._call("seq_rm", model=model, seq=seq, start=start, end=end)
+
+    # Optional hooks -------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self,
+        model: Any,
+        messages: Sequence[ChatMessage],
+        system: str | None,
+        tools: Sequence[Mapping[str, Any]] | None,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
+        self.require("chat_template")
+        return list(
+            self._call(
+                "apply_chat_template", model=model, messages=messages, system=system,
+                tools=tools, add_generation_prompt=add_generation_prompt,
+            )
+        )
+
+    def embed(self, model: Any, tokens: Sequence[int]) -> list[float]:
+        self.require("embed")
+        return [float(x) for x in self._call("embed", model=model, tokens=tokens)]
+
+    def sampler_new(self, model: Any, params: SamplerParams) -> Any:
+        self.require("sampler")
+        return self._call("sampler_new", model=model, params=params)
+
+    def sampler_free(self, model: Any, sampler: Any) -> None:
+        if self._implemented("sampler_free"):
+            self._call("sampler_free", model=model, sampler=sampler)
+
+    def adapter_load(self, model: Any, path: str) -> Any:
+        self.require("adapters")
+        return self._call("adapter_load", model=model, path=path)
+
+    def adapter_free(self, model: Any, adapter: Any) -> None:
+        self.require("adapters")
+        self._call("adapter_free", model=model, adapter=adapter)
+
+    def adapters_apply(self, model: Any, adapters: Sequence[tuple[Any, float]]) -> None:
+        self.require("adapters")
+        self._call("adapters_apply", model=model, adapters=adapters)
+
+    def metadata(self, model: Any) -> Mapping[str, str]:
+        if not self.supports("metadata"):
+            return {}
+        return dict(self._call("metadata", model=model) or {})
+
+
+class BackendRegistry:
+    """Backend name -> :class:`Backend`, loading entry points lazily on first use."""
+
+    def __init__(self, *, autoload: bool = True, group: str = BACKEND_GROUP) -> None:
+        self._group = group
+        self._entry_points: dict[str, importlib.metadata.EntryPoint] = {}
+        if autoload:
+            for ep in importlib.metadata.entry_points(group=group):
+                self._entry_points.setdefault(ep.name, ep)
+        self._backends: dict[str, Backend] = {}
+
+    def register(self, name: str, plugin: Any) -> Backend:
+        """Register a plugin object (module or instance) under ``name``."""
+        backend = Backend(name, _instantiate(plugin))
+        self._backends[name] = backend
+        return backend
+
+    def names(self) -> list[str]:
+        return sorted(set(self._entry_points) | set(self._backends))
+
+    def get(self, name: str) -> Backend:
+        if name in self._backends:
+            return self._backends[name]
+        ep = self._entry_points.get(name)
+        if ep is None:
+            known = ", ".join(self.names()) or "none"
+            raise ConfigError([("backend", f"unknown backend {name!r} (registered: {known})")])
+        try:
+            plugin = ep.load()
+        except Exception as exc:
+            raise ConfigError(
+                [("backend", f"backend {name!r} failed to import ({ep.value}): {exc}")]
+            ) from exc
+        return self.register(name, plugin)
+
+
+def make_backend_registry(
+    plugins: Mapping[str, Any] | None = None, *, autoload: bool = True
+) -> BackendRegistry:
+    """A fresh registry: entry points (unless ``autoload=False``) plus ``plugins`` by name."""
+    registry = BackendRegistry(autoload=autoload)
+    for name, plugin in (plugins or {}).items():
+        registry.register(name, plugin)
+    return registry
