@@ -19,7 +19,9 @@ import attrs
 import cattrs
 from cattrs.errors import (
     BaseValidationError,
+    ClassValidationError,
     ForbiddenExtraKeysError,
+    IterableValidationError,
     IterableValidationNote,
 )
 
@@ -132,9 +134,7 @@ class CacheConfig:
     #: Budget of the in-process tier; 0 turns it off.
     ram_bytes: int = _int_field(1 * GIB, 0)
     #: Directory of the tmpfs tier (default ``/dev/shm/erllama-<uid>``).
-    ram_file_dir: Path | None = attrs.field(
-        factory=_default_ram_file_dir, converter=_opt_path
-    )
+    ram_file_dir: Path | None = attrs.field(factory=_default_ram_file_dir, converter=_opt_path)
     ram_file_bytes: int = _int_field(2 * GIB, 0)
     #: Directory of the persistent tier; off unless set.
     disk_dir: Path | None = attrs.field(default=None, converter=_opt_path)
@@ -287,12 +287,8 @@ converter.register_structure_hook(float, _strict(float, allow=(int,)))
 converter.register_structure_hook(bool, _strict(bool))
 converter.register_structure_hook(str, _strict(str))
 converter.register_structure_hook(Path, lambda v, _t: Path(v))
-converter.register_structure_hook(
-    Path | None, lambda v, _t: None if v is None else Path(v)
-)
-converter.register_structure_hook(
-    Callable[[], Any] | None, lambda v, _t: v
-)
+converter.register_structure_hook(Path | None, lambda v, _t: None if v is None else Path(v))
+converter.register_structure_hook(Callable[[], Any] | None, lambda v, _t: v)
 converter.register_unstructure_hook(Path, str)
 
 
@@ -308,7 +304,7 @@ def _problems(exc: BaseException, path: str) -> list[tuple[str, str]]:
         return [(_join(path, p) if p else path, m) for p, m in exc.problems]
     if isinstance(exc, ForbiddenExtraKeysError):
         return [(_join(path, k), "unknown key") for k in sorted(exc.extra_fields)]
-    if isinstance(exc, BaseValidationError):
+    if isinstance(exc, ClassValidationError | IterableValidationError):
         out: list[tuple[str, str]] = []
         with_notes, without = exc.group_exceptions()
         for sub, note in with_notes:

@@ -50,7 +50,7 @@ class Engine:
 
     async def load_model(
         self,
-        model_id: str | None = None,
+        model_id: str | ModelConfig | None = None,
         config: ModelConfig | Mapping[str, Any] | None = None,
     ) -> str:
         """Load a model and start serving it; returns its id (generated when None).

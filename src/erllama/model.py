@@ -20,6 +20,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -48,7 +49,16 @@ from .errors import (
     NotSupported,
     QueueFull,
 )
-from .events import AdapterInfo, CacheHit, Done, FinishReason, ModelInfo, ModelStatus, Token
+from .events import (
+    AdapterInfo,
+    CacheHit,
+    CacheHitKind,
+    Done,
+    FinishReason,
+    ModelInfo,
+    ModelStatus,
+    Token,
+)
 from .fingerprint import file_sha256
 from .plugins import Backend
 from .request import Failure, InferStream, Request, RequestState
@@ -186,7 +196,9 @@ class ModelWorker:
         if self.config.model_path is not None:
             # Hashing a multi-GB file is I/O-bound; keep it off the loop but off the model
             # thread too (nothing else is queued on the model yet anyway).
-            return bytes.fromhex(await anyio.to_thread.run_sync(file_sha256, self.config.model_path))
+            return bytes.fromhex(
+                await anyio.to_thread.run_sync(file_sha256, self.config.model_path)
+            )
         # A backend with neither a file nor its own identity: never the all-zero namespace.
         seed = f"{self.backend.name}:{sorted(self.config.options.items())!r}"
         return hashlib.sha256(seed.encode()).digest()
@@ -212,16 +224,24 @@ class ModelWorker:
         log.error("model %s failed: %s", self.id, exc, exc_info=exc)
         self.state = "failed"
         self.error = exc
-        err = exc if isinstance(exc, ErllamaError) else BackendError(self.backend.name, "serving", str(exc))
+        err = (
+            exc
+            if isinstance(exc, ErllamaError)
+            else BackendError(self.backend.name, "serving", str(exc))
+        )
         if err is not exc:
             err.__cause__ = exc
-        pending = [i for i in self._queue]
+        pending = list(self._queue)
         self._queue.clear()
         for item in pending:
             if isinstance(item, _Control):
                 item.error = err
                 item.done.set()
-        reqs = [*(i for i in pending if isinstance(i, Request)), *self._admitting, *self._running.values()]
+        reqs = [
+            *(i for i in pending if isinstance(i, Request)),
+            *self._admitting,
+            *self._running.values(),
+        ]
         self._admitting.clear()
         self._running.clear()
         for req in reqs:
@@ -365,7 +385,7 @@ class ModelWorker:
                 prompt,
             )
         elif isinstance(prompt, Sequence) and not isinstance(prompt, bytes | bytearray):
-            tokens = list(prompt)
+            tokens = [*prompt]
             n_vocab = self.loaded.n_vocab
             for t in tokens:
                 if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_vocab:
@@ -399,11 +419,11 @@ class ModelWorker:
         if req.state is RequestState.DONE:
             return
         if req.state is RequestState.QUEUED:
-            try:
+            with contextlib.suppress(ValueError):
                 self._queue.remove(req)
-            except ValueError:
-                pass
-            req.emit(Done(finish_reason="cancelled", stats=req.stats("cancelled", time.monotonic())))
+            req.emit(
+                Done(finish_reason="cancelled", stats=req.stats("cancelled", time.monotonic()))
+            )
             if req.sampler is not None and self._tg is not None and self.loaded is not None:
                 self._tg.start_soon(self._free_sampler, req.sampler)
             self._complete(req)
@@ -454,7 +474,12 @@ class ModelWorker:
             # task waits forever on a loop that is gone.
             for req in [*self._admitting, *self._running.values()]:
                 if req.state is not RequestState.DONE:
-                    req.emit(Done(finish_reason="cancelled", stats=req.stats("cancelled", time.monotonic())))
+                    req.emit(
+                        Done(
+                            finish_reason="cancelled",
+                            stats=req.stats("cancelled", time.monotonic()),
+                        )
+                    )
                     self._complete(req)
             for item in self._queue:
                 if isinstance(item, Request) and item.state is not RequestState.DONE:
@@ -545,8 +570,10 @@ class ModelWorker:
         else:
             restored = len(restore.tokens)
             req.context = list(restore.tokens[:-1])
-            kind = "exact" if restored == len(req.prompt) else "partial"
-            req.hit = CacheHit(kind=kind, prefix_len=restored, source=restore.source, tier=restore.tier)
+            kind: CacheHitKind = "exact" if restored == len(req.prompt) else "partial"
+            req.hit = CacheHit(
+                kind=kind, prefix_len=restored, source=restore.source, tier=restore.tier
+            )
         self.last_hit = req.hit
         rest = list(req.prompt[len(req.context) :])
         point = cold_save_point(len(req.prompt), self.policy) if self.cache.enabled else None
@@ -587,10 +614,14 @@ class ModelWorker:
                 budget -= n
         return ops
 
-    def _step_native(self, handle: Any, ops: Sequence[StepOp]) -> tuple[Sequence[StepResult], dict[int, bytes]]:
+    def _step_native(
+        self, handle: Any, ops: Sequence[StepOp]
+    ) -> tuple[Sequence[StepResult], dict[int, bytes]]:
         results = self.backend.step(handle, ops)
         pieces = {
-            r.seq: self.backend.detokenize(handle, [r.token]) for r in results if isinstance(r, Sampled)
+            r.seq: self.backend.detokenize(handle, [r.token])
+            for r in results
+            if isinstance(r, Sampled)
         }
         return results, pieces
 
@@ -606,7 +637,9 @@ class ModelWorker:
             req = self._running.get(res.seq)
             op = sent.get(res.seq)
             if req is None or op is None:
-                raise BackendError(self.backend.name, "step", f"result for unknown sequence {res.seq}")
+                raise BackendError(
+                    self.backend.name, "step", f"result for unknown sequence {res.seq}"
+                )
             if isinstance(res, Prefilled):
                 assert isinstance(op, Prefill)
                 del req.cursor[: len(op.tokens)]
@@ -629,7 +662,9 @@ class ModelWorker:
                 reason = self._finish_reason(req, res)
                 if reason is not None:
                     finishing.append((req, reason))
-                elif self.cache.enabled and wants_continued(len(req.context), req.last_save_at, self.policy):
+                elif self.cache.enabled and wants_continued(
+                    len(req.context), req.last_save_at, self.policy
+                ):
                     await self._save(req, "continued")
         for req, reason in finishing:
             await self._finish(req, reason)
@@ -700,7 +735,9 @@ class ModelWorker:
         self.check_serving()
         if not isinstance(text, str):
             raise InvalidRequest("text", "must be a string")
-        fn = functools.partial(self.backend.tokenize, add_special=add_special, parse_special=parse_special)
+        fn = functools.partial(
+            self.backend.tokenize, add_special=add_special, parse_special=parse_special
+        )
         return await self._native(fn, self._handle(), text)
 
     async def detokenize(self, tokens: Sequence[int]) -> str:
@@ -722,16 +759,23 @@ class ModelWorker:
     ) -> list[int]:
         self.check_serving()
         self.backend.require("chat_template")
-        if not isinstance(messages, Sequence) or isinstance(messages, str):
+        given: object = messages
+        if not isinstance(given, list | tuple):
             raise InvalidRequest("messages", "must be a list of {'role', 'content'} mappings")
         for i, m in enumerate(messages):
-            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(
-                m.get("content"), str
+            if (
+                not isinstance(m, Mapping)
+                or not isinstance(m.get("role"), str)
+                or not isinstance(m.get("content"), str)
             ):
                 raise InvalidRequest(f"messages[{i}]", "needs string 'role' and 'content'")
         return await self._native(
-            self.backend.apply_chat_template, self._handle(), list(messages), system,
-            list(tools) if tools is not None else None, add_generation_prompt,
+            self.backend.apply_chat_template,
+            self._handle(),
+            list(messages),
+            system,
+            list(tools) if tools is not None else None,
+            add_generation_prompt,
         )
 
     async def embed(self, prompt: str | Sequence[int]) -> list[float]:
@@ -760,7 +804,9 @@ class ModelWorker:
             try:
                 sha = bytes.fromhex(await anyio.to_thread.run_sync(file_sha256, path))
             except OSError as exc:
-                raise InvalidRequest("path", f"cannot read adapter {path!r}: {exc.strerror}") from exc
+                raise InvalidRequest(
+                    "path", f"cannot read adapter {path!r}: {exc.strerror}"
+                ) from exc
             native = await self._native(self.backend.adapter_load, self._handle(), path)
             handle = next(self._adapter_ids)
             self._adapters[handle] = _Adapter(handle, native, path, sha, 1.0)
@@ -785,7 +831,11 @@ class ModelWorker:
     async def set_adapter_scale(self, handle: int, scale: float) -> None:
         self.check_serving()
         self.backend.require("adapters")
-        if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, int | float)
+            or not math.isfinite(scale)
+        ):
             raise InvalidRequest("scale", f"must be a finite number, got {scale!r}")
 
         async def run() -> None:

@@ -93,7 +93,10 @@ class Backend:
         self, model: Any, text: str, *, add_special: bool = True, parse_special: bool = False
     ) -> list[int]:
         out = self._call(
-            "tokenize", model=model, text=text, add_special=add_special,
+            "tokenize",
+            model=model,
+            text=text,
+            add_special=add_special,
             parse_special=parse_special,
         )
         return list(out)
@@ -127,8 +130,12 @@ class Backend:
         self.require("chat_template")
         return list(
             self._call(
-                "apply_chat_template", model=model, messages=messages, system=system,
-                tools=tools, add_generation_prompt=add_generation_prompt,
+                "apply_chat_template",
+                model=model,
+                messages=messages,
+                system=system,
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
             )
         )
 

@@ -95,6 +95,10 @@ class StubControl:
 
     #: When set to an Event, every step waits for it (the test releases the model).
     gate: threading.Event | None = None
+    #: When set, every step takes one permit first: the test meters steps one by one.
+    permits: threading.Semaphore | None = None
+    #: Steps currently executing (a test checks none is left running after shutdown).
+    active: int = 0
     #: Set each time a step starts; tests wait on it to know the model is mid-step.
     step_entered: threading.Event = attrs.Factory(threading.Event)
     step_delay_s: float = 0.0
@@ -374,7 +378,9 @@ def _next_token(model: StubModel, seq: _Seq, sampler: _Sampler | None) -> int:
     h = _mix(seq.rolling[-1], model.adapter_mix())
     if sampler is not None and sampler.allowed is not None:
         done = tuple(sampler.generated)
-        nexts = sorted({a[len(done)] for a in sampler.allowed if len(a) > len(done) and a[: len(done)] == done})
+        nexts = sorted(
+            {a[len(done)] for a in sampler.allowed if len(a) > len(done) and a[: len(done)] == done}
+        )
         if done in sampler.allowed or not nexts:
             return EOS
         return nexts[_mix(h, sampler.params.seed) % len(nexts)]
@@ -401,12 +407,25 @@ def step(model: StubModel, ops: Sequence[StepOp]) -> list[StepResult]:
     control = model.control
     control.steps += 1
     control.history.append(tuple(ops))
-    control.step_entered.set()
-    if control.gate is not None:
-        control.gate.wait()
-    if control.step_delay_s:
-        time.sleep(control.step_delay_s)
-    if control.fail_at == "step" and (control.fail_step is None or control.fail_step == control.steps):
+    control.active += 1
+    try:
+        control.step_entered.set()
+        if control.gate is not None:
+            control.gate.wait()
+        if control.permits is not None:
+            control.permits.acquire()
+        if control.step_delay_s:
+            time.sleep(control.step_delay_s)
+        return _step(model, ops)
+    finally:
+        control.active -= 1
+
+
+def _step(model: StubModel, ops: Sequence[StepOp]) -> list[StepResult]:
+    control = model.control
+    if control.fail_at == "step" and (
+        control.fail_step is None or control.fail_step == control.steps
+    ):
         raise RuntimeError(f"stub: injected failure at step {control.steps}")
     if len({op.seq for op in ops}) != len(ops):
         raise ValueError("more than one op for a sequence in one step")
@@ -519,7 +538,9 @@ def sampler_new(model: StubModel, params: SamplerParams) -> _Sampler:
             strings = _expand(_parse_gbnf(params.grammar))
         except ValueError as exc:
             raise InvalidRequest("grammar", str(exc)) from exc
-        allowed = [tuple(tokenize(model, s, add_special=False, parse_special=False)) for s in strings]
+        allowed = [
+            tuple(tokenize(model, s, add_special=False, parse_special=False)) for s in strings
+        ]
     return _Sampler(params=params, allowed=allowed)
 
 

@@ -1,0 +1,47 @@
+"""Shared fixtures. Async tests run on both asyncio and trio via anyio's pytest plugin."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+import erllama
+from erllama.backends import stub
+from erllama.plugins import BackendRegistry
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def registry() -> BackendRegistry:
+    """A fresh registry holding only the stub: tests never autoload entry points."""
+    return erllama.make_backend_registry({"stub": stub}, autoload=False)
+
+
+@pytest.fixture
+def no_cache() -> erllama.EngineConfig:
+    return erllama.EngineConfig(cache=erllama.CacheConfig(enabled=False, ram_file_dir=None))
+
+
+@pytest.fixture
+def cache_config(tmp_path: Path) -> erllama.EngineConfig:
+    """All three tiers on, in per-test directories (never the real /dev/shm default)."""
+    return erllama.EngineConfig(
+        cache=erllama.CacheConfig(
+            ram_file_dir=tmp_path / "shm",
+            disk_dir=tmp_path / "disk",
+        )
+    )
+
+
+@pytest.fixture
+async def engine(
+    registry: BackendRegistry, no_cache: erllama.EngineConfig
+) -> AsyncIterator[erllama.Engine]:
+    async with erllama.open_engine(no_cache, backends=registry) as eng:
+        yield eng

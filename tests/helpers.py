@@ -1,0 +1,40 @@
+"""Small helpers shared by tests (importable as ``tests.helpers``)."""
+
+from __future__ import annotations
+
+import threading
+
+import anyio
+
+import erllama
+from erllama.backends.stub import StubControl
+
+
+def stub_config(**options: object) -> erllama.ModelConfig:
+    """A stub model config; keyword arguments become stub options, except the ModelConfig
+    fields n_seq_max, max_queue, n_ctx and prefill_chunk."""
+    fields = {
+        k: options.pop(k)
+        for k in ("n_seq_max", "max_queue", "n_ctx", "prefill_chunk")
+        if k in options
+    }
+    fields.setdefault("n_ctx", 512)
+    return erllama.ModelConfig(backend="stub", options=options, **fields)  # type: ignore[arg-type]
+
+
+def metered() -> StubControl:
+    """A stub control whose steps each need a permit (``release(control, n)``)."""
+    return StubControl(permits=threading.Semaphore(0))
+
+
+def release(control: StubControl, n: int = 1) -> None:
+    assert control.permits is not None
+    control.permits.release(n)
+
+
+async def wait_for(predicate: object, within: float = 5.0) -> None:
+    """Poll a condition every millisecond. For facts set by worker threads, which cannot
+    set an anyio.Event, polling is the honest way to wait."""
+    with anyio.fail_after(within):
+        while not predicate():  # type: ignore[operator]  # noqa: ASYNC110
+            await anyio.sleep(0.001)

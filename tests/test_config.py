@@ -1,0 +1,110 @@
+"""Configs from attrs, dicts and TOML; every bad key is reported with its path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import erllama
+from erllama.config import structure_config
+
+
+def test_defaults_are_sane() -> None:
+    cfg = erllama.EngineConfig()
+    assert cfg.cache.enabled and cfg.cache.ram_bytes > 0 and cfg.cache.disk_dir is None
+    assert not cfg.pressure.enabled
+    m = erllama.ModelConfig()
+    assert m.backend == "llama_cpp" and m.n_seq_max == 1
+
+
+def test_a_dict_builds_nested_configs() -> None:
+    cfg = erllama.load_config(
+        {
+            "cache": {"disk_dir": "/tmp/x", "policy": {"min_tokens": 16}},
+            "models": {"tiny": {"backend": "stub", "n_ctx": 256, "options": {"eog_every": 5}}},
+        }
+    )
+    assert cfg.cache.disk_dir == Path("/tmp/x")
+    assert cfg.cache.policy.min_tokens == 16
+    assert cfg.models["tiny"].options == {"eog_every": 5}
+
+
+def test_a_toml_file_builds_a_config(tmp_path: Path) -> None:
+    path = tmp_path / "erllama.toml"
+    path.write_text(
+        """
+[cache]
+ram_bytes = 1048576
+
+[pressure]
+enabled = true
+high_watermark = 0.9
+low_watermark = 0.5
+
+[models.tiny]
+backend = "stub"
+n_ctx = 128
+""",
+        encoding="utf-8",
+    )
+    cfg = erllama.load_config(path)
+    assert cfg.cache.ram_bytes == 1 << 20
+    assert cfg.pressure.high_watermark == 0.9
+    assert cfg.models["tiny"].n_ctx == 128
+
+
+@pytest.mark.parametrize(
+    ("data", "paths"),
+    [
+        ({"cache": {"ram_bytez": 1}}, ["cache.ram_bytez"]),
+        ({"cache": {"ram_bytes": -1}}, ["cache.ram_bytes"]),
+        ({"models": {"a": {"n_ctx": "big"}}}, ["models.a.n_ctx"]),
+        ({"models": {"a": {"n_ctx": 1.5}}}, ["models.a.n_ctx"]),
+        ({"models": {"a": {"flash_attn": "yes"}}}, ["models.a.flash_attn"]),
+        ({"models": {"a": {"type_k": "q9"}}}, ["models.a.type_k"]),
+        ({"models": {"a": {"fingerprint": "abc"}}}, ["models.a.fingerprint"]),
+        ({"pressure": {"high_watermark": 0.5, "low_watermark": 0.7}}, ["pressure.low_watermark"]),
+        ({"pressure": {"evict_tiers": ["ram", "tape"]}}, ["pressure.evict_tiers"]),
+        (
+            {"cache": {"policy": {"cold_min_tokens": 9, "cold_max_tokens": 3}}},
+            ["cache.policy.cold_max_tokens"],
+        ),
+        (
+            {"models": {"a": {"n_ctx": "x", "n_batch": "y"}}},
+            ["models.a.n_ctx", "models.a.n_batch"],
+        ),
+    ],
+)
+def test_bad_values_raise_config_error_naming_each_key_path(
+    data: dict[str, object], paths: list[str]
+) -> None:
+    with pytest.raises(erllama.ConfigError) as exc:
+        erllama.load_config(data)
+    assert sorted(exc.value.paths) == sorted(paths)
+    for p in paths:
+        assert p in str(exc.value)
+
+
+def test_direct_construction_validates_too() -> None:
+    with pytest.raises(erllama.ConfigError) as exc:
+        erllama.ModelConfig(n_ctx=0)
+    assert exc.value.paths == ["n_ctx"]
+    with pytest.raises(erllama.ConfigError):
+        erllama.PressureConfig(source="custom")
+
+
+def test_unreadable_or_invalid_toml_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(erllama.ConfigError, match="cannot read"):
+        erllama.load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[cache\n", encoding="utf-8")
+    with pytest.raises(erllama.ConfigError, match="not valid TOML"):
+        erllama.load_config(bad)
+
+
+def test_custom_pressure_callable_may_be_named_by_import_path() -> None:
+    cfg = structure_config({"source": "custom", "custom": "os:getpid"}, erllama.PressureConfig)
+    import os
+
+    assert cfg.custom is os.getpid

@@ -1,0 +1,196 @@
+"""FIFO queueing, cancel semantics and caller-scope cancellation (asyncio and trio)."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+import erllama
+from erllama import Done, Token
+
+from .helpers import metered, release, stub_config, wait_for
+
+pytestmark = pytest.mark.anyio
+
+
+async def drain(stream: erllama.InferStream) -> tuple[list[Token], Done]:
+    tokens: list[Token] = []
+    async for ev in stream:
+        if isinstance(ev, Token):
+            tokens.append(ev)
+        else:
+            return tokens, ev
+    raise AssertionError("stream ended without Done")
+
+
+async def test_requests_run_in_fifo_order_and_infer_returns_while_queued(
+    engine: erllama.Engine,
+) -> None:
+    ctl = metered()
+    mid = await engine.load_model("m", stub_config(control=ctl))
+    streams = [await engine.infer(mid, f"prompt number {i}", max_tokens=2) for i in range(3)]
+    # All three streams exist before a single step ran.
+    assert ctl.steps == 0 or ctl.active == 1
+    assert len({s.ref for s in streams}) == 3
+    info = engine.model_info(mid)
+    assert info.running + info.queue_len == 3
+    order: list[int] = []
+
+    async def read(i: int, s: erllama.InferStream) -> None:
+        await drain(s)
+        order.append(i)
+
+    async with anyio.create_task_group() as tg:
+        for i, s in enumerate(streams):
+            tg.start_soon(read, i, s)
+        release(ctl, 100)
+    assert order == [0, 1, 2]
+    # Each prompt was prefilled in submission order (one sequence, so one at a time).
+    prefills = [
+        ops[0].tokens for ops in ctl.history if isinstance(ops[0], erllama.backends.Prefill)
+    ]
+    expected = [tuple(await engine.tokenize(mid, f"prompt number {i}")) for i in range(3)]
+    assert prefills == expected
+
+
+async def test_cancel_unknown_or_finished_ref_is_silent_and_idempotent(
+    engine: erllama.Engine,
+) -> None:
+    mid = await engine.load_model("m", stub_config())
+    engine.cancel("no-such-ref")
+    stream = await engine.infer(mid, "hello", max_tokens=2)
+    _, done = await drain(stream)
+    assert done.finish_reason == "length"
+    engine.cancel(stream.ref)
+    engine.cancel(stream.ref)
+    stream.cancel()
+
+
+async def test_cancel_removes_a_queued_request_at_once_and_it_never_runs(
+    engine: erllama.Engine,
+) -> None:
+    ctl = metered()
+    mid = await engine.load_model("m", stub_config(control=ctl))
+    first = await engine.infer(mid, "first request", max_tokens=3)
+    queued = await engine.infer(mid, "second request", max_tokens=3)
+    await wait_for(lambda: ctl.active == 1)
+    assert engine.model_info(mid).queue_len == 1
+    engine.cancel(queued.ref)
+    engine.cancel(queued.ref)  # idempotent
+    assert engine.model_info(mid).queue_len == 0
+    tokens, done = await drain(queued)  # ends while the model is still blocked
+    assert tokens == [] and done.finish_reason == "cancelled"
+    assert done.stats.completion_tokens == 0
+    release(ctl, 100)
+    _, done_first = await drain(first)
+    assert done_first.finish_reason == "length"
+    second_prompt = tuple(await engine.tokenize(mid, "second request"))
+    assert all(
+        not (isinstance(op, erllama.backends.Prefill) and tuple(op.tokens) == second_prompt)
+        for ops in ctl.history
+        for op in ops
+    )
+
+
+async def test_cancel_mid_generation_stops_before_the_next_token(engine: erllama.Engine) -> None:
+    ctl = metered()
+    mid = await engine.load_model("m", stub_config(control=ctl))
+    stream = await engine.infer(mid, "tell me a story", max_tokens=50)
+    release(ctl, 3)  # prefill + two decodes
+    got: list[Token] = []
+    async for ev in stream:
+        assert isinstance(ev, Token)
+        got.append(ev)
+        if len(got) == 2:
+            break
+    await wait_for(lambda: ctl.active == 1)  # the third step is waiting for its permit
+    stream.cancel()
+    release(ctl, 100)
+    rest, done = await drain(stream)
+    assert rest == []  # the in-flight step's token is never delivered
+    assert done.finish_reason == "cancelled"
+    assert done.stats.completion_tokens == 3
+    await wait_for(lambda: engine.status(mid) == "idle")
+    steps = ctl.steps
+    await anyio.sleep(0.05)
+    assert ctl.steps == steps  # no generation continued
+    after = await engine.complete(mid, "tell me a story", max_tokens=4)
+    assert after.finish_reason == "length" and len(after.token_ids) == 4
+
+
+async def test_leaving_the_stream_context_cancels_the_request(engine: erllama.Engine) -> None:
+    mid = await engine.load_model("m", stub_config(step_delay_s=0.002))
+    async with await engine.infer(mid, "go on", max_tokens=10_000) as stream:
+        async for ev in stream:
+            assert isinstance(ev, Token)
+            break
+    await wait_for(lambda: engine.status(mid) == "idle")
+    assert engine.model_info(mid).running == 0
+
+
+async def test_cancelling_the_callers_scope_cancels_the_request_in_the_model(
+    engine: erllama.Engine,
+) -> None:
+    ctl = metered()
+    mid = await engine.load_model("m", stub_config(control=ctl))
+    release(ctl, 5)
+    with anyio.move_on_after(0.2) as scope:
+        await engine.complete(mid, "a long answer please", max_tokens=10_000)
+    assert scope.cancelled_caught
+    release(ctl, 100)
+    await wait_for(lambda: engine.status(mid) == "idle")
+    steps = ctl.steps
+    release(ctl, 100)
+    await anyio.sleep(0.05)
+    assert ctl.steps == steps
+    assert engine.model_info(mid).running == 0
+
+
+async def test_max_queue_bounds_waiting_requests(engine: erllama.Engine) -> None:
+    ctl = metered()
+    mid = await engine.load_model("m", stub_config(control=ctl, max_queue=1))
+    running = await engine.infer(mid, "one", max_tokens=1)
+    waiting = await engine.infer(mid, "two", max_tokens=1)
+    with pytest.raises(erllama.QueueFull) as exc:
+        await engine.infer(mid, "three", max_tokens=1)
+    assert exc.value.limit == 1 and exc.value.model_id == mid
+    release(ctl, 100)
+    for s in (running, waiting):
+        _, done = await drain(s)
+        assert done.finish_reason == "length"
+
+
+async def test_status_list_and_cancel_answer_while_a_step_is_blocked(
+    engine: erllama.Engine,
+) -> None:
+    ctl = metered()
+    mid = await engine.load_model("m", stub_config(control=ctl))
+    other = await engine.load_model("other", stub_config())
+    stream = await engine.infer(mid, "block here", max_tokens=5)
+    await wait_for(lambda: ctl.active == 1)
+    # The native step is blocked in its thread; none of these may wait for it.
+    with anyio.fail_after(1):
+        assert engine.status(mid) == "prefilling"
+        assert {i.id for i in engine.list_models()} == {mid, other}
+        assert engine.model_info(mid).running == 1
+        engine.cancel(stream.ref)
+        # Another model keeps serving meanwhile.
+        assert (await engine.complete(other, "hi", max_tokens=2)).finish_reason == "length"
+    assert ctl.active == 1  # still blocked
+    release(ctl, 100)
+    _, done = await drain(stream)
+    assert done.finish_reason == "cancelled"
+
+
+async def test_multi_sequence_steps_batch_every_admitted_sequence(engine: erllama.Engine) -> None:
+    ctl = metered()
+    mid = await engine.load_model("m", stub_config(control=ctl, n_seq_max=2))
+    a = await engine.infer(mid, "first one", max_tokens=4)
+    b = await engine.infer(mid, "second one", max_tokens=4)
+    release(ctl, 100)
+    (ta, _), (tb, _) = await drain(a), await drain(b)
+    assert len(ta) == len(tb) == 4
+    assert any(len({op.seq for op in ops}) == 2 for ops in ctl.history)
+    # Batching does not change results: each equals its solo run.
+    solo = await engine.complete(mid, "first one", max_tokens=4)
+    assert solo.token_ids == tuple(t.token_id for t in ta)

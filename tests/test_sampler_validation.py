@@ -1,0 +1,64 @@
+"""Sampler arguments are validated at admission and rejected with the parameter's name."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import erllama
+
+from .helpers import stub_config
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize(
+    ("param", "value"),
+    [
+        ("temperature", -0.1),
+        ("temperature", math.nan),
+        ("temperature", "hot"),
+        ("top_k", -1),
+        ("top_k", 2.5),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("min_p", -0.2),
+        ("min_p", 1.1),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", math.inf),
+        ("seed", -1),
+        ("seed", 2**32),
+        ("seed", True),
+        ("max_tokens", 0),
+        ("max_tokens", "10"),
+        ("grammar", ""),
+        ("parent_key", "not-hex"),
+    ],
+)
+async def test_out_of_range_values_raise_invalid_request_naming_the_parameter(
+    engine: erllama.Engine, param: str, value: object
+) -> None:
+    mid = await engine.load_model("m", stub_config())
+    with pytest.raises(erllama.InvalidRequest) as exc:
+        await engine.infer(mid, "hello", **{param: value})  # type: ignore[arg-type]
+    assert exc.value.param == param
+    assert engine.model_info(mid).queue_len == 0
+    assert (await engine.complete(mid, "hello", max_tokens=1)).token_ids
+
+
+async def test_bad_grammar_is_rejected_before_anything_runs(engine: erllama.Engine) -> None:
+    mid = await engine.load_model("m", stub_config())
+    with pytest.raises(erllama.InvalidRequest) as exc:
+        await engine.infer(mid, "hello", grammar="root ::= (unclosed")
+    assert exc.value.param == "grammar"
+    with pytest.raises(erllama.InvalidRequest):
+        await engine.infer(mid, "hello", grammar='answer ::= "x"')  # no root rule
+
+
+async def test_prompt_problems_are_invalid_requests(engine: erllama.Engine) -> None:
+    mid = await engine.load_model("m", stub_config(n_ctx=64))
+    for prompt in ([], [-1], [10**9], "word " * 100, [True], b"bytes"):
+        with pytest.raises(erllama.InvalidRequest) as exc:
+            await engine.infer(mid, prompt)  # type: ignore[arg-type]
+        assert exc.value.param == "prompt"
