@@ -181,8 +181,7 @@ class ModelWorker:
             return
         loaded, self.loaded = self.loaded, None
         try:
-            for ad in self._adapters.values():
-                await self._native(self.backend.adapter_free, loaded.handle, ad.native)
+            # ``free`` releases the adapters too (llama.cpp frees them with the model).
             await self._native(self.backend.free, loaded.handle)
         except Exception:
             log.exception("model %s: freeing the backend failed", self.id)

@@ -108,10 +108,12 @@ class Backend:
         result: Sequence[StepResult] = self._call("step", model=model, ops=ops)
         return result
 
-    def kv_pack(self, model: Any, seq: int) -> bytes:
-        return bytes(self._call("kv_pack", model=model, seq=seq))
+    def kv_pack(self, model: Any, seq: int) -> bytes | bytearray:
+        # A multi-MB state is not copied again here: bytes and bytearray are both fine.
+        data = self._call("kv_pack", model=model, seq=seq)
+        return data if isinstance(data, bytes | bytearray) else bytes(data)
 
-    def kv_unpack(self, model: Any, seq: int, data: bytes) -> None:
+    def kv_unpack(self, model: Any, seq: int, data: bytes | bytearray) -> None:
         self._call("kv_unpack", model=model, seq=seq, data=data)
 
     def seq_rm(self, model: Any, seq: int, start: int, end: int | None = None) -> None:

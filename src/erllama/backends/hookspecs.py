@@ -81,7 +81,8 @@ class ModelBackend:
 
     @hookspec(firstresult=True)
     def free(self, model: Any) -> None:
-        """Release everything ``load`` allocated. Called exactly once, after the last step."""
+        """Release everything ``load`` allocated, adapters included. Called exactly once,
+        after the last step."""
 
     @hookspec(firstresult=True)
     def tokenize(  # type: ignore[empty-body]

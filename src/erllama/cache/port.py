@@ -52,7 +52,7 @@ class CachePort(Protocol):
         asked before packing so a refused save costs nothing."""
 
     def save(
-        self, ns: Namespace, tokens: Sequence[int], payload: bytes, reason: SaveReason
+        self, ns: Namespace, tokens: Sequence[int], payload: bytes | bytearray, reason: SaveReason
     ) -> bytes | None:
         """Hand a packed state to the cache without waiting on I/O. Returns the row's key
         once reserved (a ``parent_key`` lookup then waits for it), or None if dropped."""
@@ -81,7 +81,7 @@ class NullCache:
         return False
 
     def save(
-        self, ns: Namespace, tokens: Sequence[int], payload: bytes, reason: SaveReason
+        self, ns: Namespace, tokens: Sequence[int], payload: bytes | bytearray, reason: SaveReason
     ) -> bytes | None:
         return None
 

@@ -1,0 +1,70 @@
+"""Rendering a GGUF's own ``tokenizer.chat_template`` (Jinja) in a sandbox.
+
+llama.cpp's ``llama_chat_apply_template`` only recognises a fixed list of templates by
+heuristics and knows nothing of tools; the GGUF carries the real Jinja template, so we render
+that, the way the model's authors wrote it.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["render_chat_template"]
+
+
+def _raise(message: str) -> None:
+    raise ValueError(f"chat template: {message}")
+
+
+def _tools_as_text(tools: Sequence[Mapping[str, Any]]) -> str:
+    lines = ["Available tools:"]
+    for tool in tools:
+        fn = tool.get("function", tool)
+        desc = fn.get("description", "")
+        lines.append(f"  - {fn.get('name', '?')}: {desc}" if desc else f"  - {fn.get('name', '?')}")
+    return "\n".join(lines)
+
+
+def render_chat_template(
+    template: str,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    system: str | None,
+    tools: Sequence[Mapping[str, Any]] | None,
+    add_generation_prompt: bool,
+    bos_token: str,
+    eos_token: str,
+) -> str:
+    """Render ``messages`` (plus an optional ``system`` prompt and ``tools``) to text.
+
+    Templates that know about tools receive them as ``tools``; for the others the tool list
+    is written into the system message, so the model still sees it.
+    """
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    msgs = [dict(m) for m in messages]
+    if msgs and msgs[0].get("role") == "system" and system is not None:
+        raise ValueError("give the system prompt either as system= or as a first message, not both")
+    template_knows_tools = "tools" in template
+    system_text = system
+    if tools and not template_knows_tools:
+        system_text = f"{system}\n\n{_tools_as_text(tools)}" if system else _tools_as_text(tools)
+    if system_text is not None:
+        msgs.insert(0, {"role": "system", "content": system_text})
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    try:
+        compiled = env.from_string(template)
+        return compiled.render(
+            messages=msgs,
+            tools=list(tools) if tools and template_knows_tools else None,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token,
+            eos_token=eos_token,
+        )
+    except TemplateError as exc:
+        raise ValueError(f"chat template failed to render: {exc}") from exc

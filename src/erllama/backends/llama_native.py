@@ -1,0 +1,515 @@
+"""llama.cpp through llama-cpp-python's low-level ``llama_cpp`` bindings.
+
+One :class:`LlamaModel` holds a model, its generation context (``n_seq_max`` sequences),
+one reusable batch, per-sequence positions and logits rows, and, lazily, a separate
+embeddings context so ``embed`` never touches a generation sequence's KV.
+
+Safety rules (a GGML assert aborts the whole process, so inputs are checked first):
+every call happens on the model's worker thread, one at a time; token ids are checked
+against the vocabulary and positions against the per-sequence context before decoding;
+a decode that asks for logits that do not exist is refused instead of reading garbage.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import llama_cpp as L
+
+from ..config import ModelConfig
+from ..errors import ConfigError, InvalidRequest
+from ..sampling import SamplerParams
+from .types import Decode, Prefill, Prefilled, Sampled, StepOp, StepResult
+
+log = logging.getLogger("erllama.llama_cpp")
+
+GGML_TYPES = {
+    "f32": L.GGML_TYPE_F32,
+    "f16": L.GGML_TYPE_F16,
+    "bf16": 30,  # GGML_TYPE_BF16; not exported by the bindings
+    "q8_0": L.GGML_TYPE_Q8_0,
+    "q4_0": L.GGML_TYPE_Q4_0,
+    "q4_1": L.GGML_TYPE_Q4_1,
+    "iq4_nl": L.GGML_TYPE_IQ4_NL,
+    "q5_0": L.GGML_TYPE_Q5_0,
+    "q5_1": L.GGML_TYPE_Q5_1,
+}
+
+#: general.file_type -> quantisation label (llama.h's llama_ftype).
+FTYPES = {
+    0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9: "q5_1", 10: "q2_k",
+    11: "q3_k_s", 12: "q3_k_m", 13: "q3_k_l", 14: "q4_k_s", 15: "q4_k_m", 16: "q5_k_s",
+    17: "q5_k_m", 18: "q6_k", 19: "iq2_xxs", 20: "iq2_xs", 22: "iq3_xs", 23: "iq3_xxs",
+    24: "iq1_s", 25: "iq4_nl", 26: "iq3_s", 27: "iq3_m", 28: "iq2_s", 29: "iq2_m",
+    30: "iq4_xs", 31: "iq1_m", 32: "bf16",
+}  # fmt: skip
+
+# Options the backend itself reads; every other key must name a llama.cpp parameter.
+OWN_OPTIONS = frozenset({"progress_callback", "embedding_n_ctx", "pooling"})
+
+_init_lock = threading.Lock()
+_initialised = False
+_GGML_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+
+
+@L.llama_log_callback  # type: ignore[untyped-decorator]
+def _log_callback(level: int, text: bytes, _user: Any) -> None:
+    # llama.cpp logs a lot at load; route it to logging instead of stderr. Its warnings and
+    # errors are kept at DEBUG too, because erllama reports failures itself, typed.
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s", text.decode("utf-8", errors="replace").rstrip())
+
+
+def ensure_backend() -> None:
+    """Initialise llama.cpp once per process, on first model load (not at import)."""
+    global _initialised
+    with _init_lock:
+        if not _initialised:
+            L.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            L.llama_backend_init()
+            _initialised = True
+
+
+def _meta(model: Any, key: str) -> str | None:
+    size = 1 << 16 if key == "tokenizer.chat_template" else 512
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = L.llama_model_meta_val_str(model, key.encode(), buf, size)
+        if n < 0:
+            return None
+        if n < size:
+            return buf.value.decode("utf-8", errors="replace")
+        size = n + 1
+
+
+def _set_fields(struct: Any, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Apply pass-through options that name fields of ``struct``; return those applied."""
+    names = {f[0] for f in struct._fields_}
+    applied = {}
+    for key, value in options.items():
+        if key in names:
+            setattr(struct, key, value)
+            applied[key] = value
+    return applied
+
+
+class Sampler:
+    """A per-request llama.cpp sampler chain (owned; freed with ``free``)."""
+
+    def __init__(self, ptr: Any) -> None:
+        self.ptr = ptr
+
+    def free(self) -> None:
+        if self.ptr:
+            L.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+
+class LlamaModel:
+    """A loaded GGUF and its contexts. Not thread-safe: the engine serialises calls."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        ensure_backend()
+        path = config.model_path
+        if path is None:
+            raise ValueError("backend 'llama_cpp' needs ModelConfig.model_path")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no such model file: {path}")
+        with Path(path).open("rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise ValueError(f"{path} is not a GGUF file (bad magic)")
+        options = dict(config.options)
+        mparams = L.llama_model_default_params()
+        mparams.n_gpu_layers = config.n_gpu_layers
+        mparams.load_mode = L.LLAMA_LOAD_MODE_MMAP if config.use_mmap else L.LLAMA_LOAD_MODE_NONE
+        progress = options.get("progress_callback")
+        self._progress_cb = None
+        if progress is not None:
+            # Keep the ctypes callback alive for as long as llama.cpp may call it.
+            self._progress_cb = L.llama_progress_callback(lambda p, _u: bool(progress(p)) or True)
+            mparams.progress_callback = self._progress_cb
+        model_applied = _set_fields(mparams, options)
+        self.model = L.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self.model:
+            raise ValueError(f"llama.cpp could not load {path} (malformed or truncated GGUF?)")
+        self.ctx: Any = None
+        self.embed_ctx: Any = None
+        self._adapters_applied: list[tuple[Any, float]] = []
+        try:
+            self._init_context(config, options, model_applied)
+        except BaseException:
+            self.free()
+            raise
+
+    def _init_context(
+        self, config: ModelConfig, options: dict[str, Any], model_applied: Mapping[str, Any]
+    ) -> None:
+        self.vocab = L.llama_model_get_vocab(self.model)
+        self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
+        if self.n_vocab <= 0:
+            raise ValueError("model has an empty vocabulary")
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = config.n_ctx
+        cparams.n_batch = config.n_batch
+        cparams.n_ubatch = config.n_ubatch or min(config.n_batch, 512)
+        cparams.n_seq_max = config.n_seq_max
+        threads = config.n_threads or os.cpu_count() or 1
+        cparams.n_threads = threads
+        cparams.n_threads_batch = config.n_threads_batch or threads
+        cparams.type_k = GGML_TYPES[config.type_k]
+        cparams.type_v = GGML_TYPES[config.type_v]
+        cparams.flash_attn_type = {
+            None: L.LLAMA_FLASH_ATTN_TYPE_AUTO,
+            True: L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            False: L.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        }[config.flash_attn]
+        cparams.embeddings = False
+        cparams.no_perf = True
+        ctx_applied = _set_fields(cparams, options)
+        unknown = set(options) - set(ctx_applied) - set(model_applied) - OWN_OPTIONS
+        if unknown:
+            raise ConfigError(
+                [
+                    (f"options.{k}", "not a llama.cpp model or context parameter")
+                    for k in sorted(unknown)
+                ]
+            )
+        self.cparams = cparams
+        self.ctx = L.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            raise ValueError("llama.cpp could not create a context (out of memory?)")
+        self.mem = L.llama_get_memory(self.ctx)
+        self.n_seq = config.n_seq_max
+        self.n_batch = int(L.llama_n_batch(self.ctx))
+        self.n_ctx_seq = int(L.llama_n_ctx_seq(self.ctx))
+        self.batch = L.llama_batch_init(self.n_batch, 0, self.n_seq)
+        self._batch_alive = True
+        self.pos = dict.fromkeys(range(self.n_seq), 0)
+        # Batch row holding each sequence's latest logits; -1 once they are gone.
+        self.logits_row = dict.fromkeys(range(self.n_seq), -1)
+        self.greedy = L.llama_sampler_init_greedy()
+        self.embedding_n_ctx = int(options.get("embedding_n_ctx", min(config.n_ctx, 2048)))
+        self.pooling = options.get("pooling", "mean")
+        self.quant = FTYPES.get(int(_meta(self.model, "general.file_type") or -1), "unknown")
+        self.chat_template = _meta(self.model, "tokenizer.chat_template")
+        self.kv_layout = {
+            "backend": "llama_cpp",
+            "version": L.__version__,
+            "n_ctx_seq": self.n_ctx_seq,
+            "type_k": config.type_k,
+            "type_v": config.type_v,
+            "flash_attn": config.flash_attn,
+            # Pass-through context options (rope scaling ...) shape the KV values too.
+            **{f"opt.{k}": v for k, v in sorted(ctx_applied.items())},
+        }
+        self.eog = frozenset(t for t in range(self.n_vocab) if L.llama_vocab_is_eog(self.vocab, t))
+        desc = ctypes.create_string_buffer(256)
+        L.llama_model_desc(self.model, desc, 256)
+        self.metadata = {
+            "architecture": _meta(self.model, "general.architecture") or "unknown",
+            "name": _meta(self.model, "general.name") or "",
+            "description": desc.value.decode(errors="replace"),
+            "n_params": str(L.llama_model_n_params(self.model)),
+            "n_embd": str(L.llama_model_n_embd(self.model)),
+            "n_layer": str(L.llama_model_n_layer(self.model)),
+            "n_ctx_train": str(L.llama_model_n_ctx_train(self.model)),
+            "quant": self.quant,
+            "has_chat_template": str(self.chat_template is not None).lower(),
+        }
+
+    def free(self) -> None:
+        # Order matters: contexts before the model (which also frees its adapters).
+        if getattr(self, "_batch_alive", False):
+            L.llama_batch_free(self.batch)
+            self._batch_alive = False
+        if getattr(self, "greedy", None):
+            L.llama_sampler_free(self.greedy)
+            self.greedy = None
+        for name in ("embed_ctx", "ctx"):
+            ctx = getattr(self, name, None)
+            if ctx:
+                L.llama_free(ctx)
+                setattr(self, name, None)
+        if getattr(self, "model", None):
+            L.llama_model_free(self.model)
+            self.model = None
+
+    # ---- text -----------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        raw = text.encode("utf-8")
+        cap = len(raw) + 8
+        while True:
+            buf = (L.llama_token * cap)()
+            n = L.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, parse_special)
+            if n >= 0:
+                return list(buf[:n])
+            cap = -n
+
+    def piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = L.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = L.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int]) -> bytes:
+        self._check_tokens(tokens, "tokens")
+        # Concatenated pieces, so streaming token by token yields exactly these bytes.
+        return b"".join(self.piece(t) for t in tokens)
+
+    def _check_tokens(self, tokens: Sequence[int], param: str) -> None:
+        n = self.n_vocab
+        for t in tokens:
+            if not 0 <= t < n:
+                raise InvalidRequest(param, f"token id {t} outside the vocabulary (0..{n - 1})")
+
+    def chat_tokens(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        system: str | None,
+        tools: Sequence[Mapping[str, Any]] | None,
+        add_generation_prompt: bool,
+    ) -> list[int]:
+        from .llama_chat import render_chat_template
+
+        if self.chat_template is None:
+            raise InvalidRequest("messages", "the model's GGUF has no tokenizer.chat_template")
+        bos = self.piece_text(L.llama_vocab_bos(self.vocab))
+        eos = self.piece_text(L.llama_vocab_eos(self.vocab))
+        try:
+            text = render_chat_template(
+                self.chat_template, messages, system=system, tools=tools,
+                add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise InvalidRequest("messages", str(exc)) from exc
+        tokens = self.tokenize(text, add_special=False, parse_special=True)
+        bos_id = int(L.llama_vocab_bos(self.vocab))
+        wants_bos = bool(L.llama_vocab_get_add_bos(self.vocab))
+        if wants_bos and bos_id >= 0 and (not tokens or tokens[0] != bos_id):
+            tokens.insert(0, bos_id)
+        return tokens
+
+    def piece_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        buf = ctypes.create_string_buffer(64)
+        n = L.llama_token_to_piece(self.vocab, token, buf, 64, 0, True)
+        return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
+
+    # ---- decoding ---------------------------------------------------------------------------
+
+    def step(self, ops: Sequence[StepOp]) -> list[StepResult]:
+        rows: list[tuple[int, Sequence[int], bool]] = []
+        results: list[StepResult] = []
+        # Sample every decoder first, from the logits of the previous batch...
+        for op in ops:
+            if isinstance(op, Decode):
+                row = self.logits_row.get(op.seq, -1)
+                if row < 0:
+                    raise RuntimeError(f"sequence {op.seq} has no logits to sample from")
+                sampler = op.sampler.ptr if isinstance(op.sampler, Sampler) else self.greedy
+                tok = int(L.llama_sampler_sample(sampler, self.ctx, row))
+                rows.append((op.seq, (tok,), True))
+                results.append(Sampled(seq=op.seq, token=tok, eog=tok in self.eog))
+        for op in ops:
+            if isinstance(op, Prefill):
+                self._check_tokens(op.tokens, "prompt")
+                rows.append((op.seq, op.tokens, op.logits))
+                results.append(Prefilled(seq=op.seq, n_tokens=len(op.tokens)))
+        # ... then decode the sampled tokens together with the prefill slices, so every
+        # token handed back is in the KV when this returns.
+        self._decode(rows)
+        return results
+
+    def _decode(self, rows: Sequence[tuple[int, Sequence[int], bool]]) -> None:
+        total = sum(len(toks) for _, toks, _ in rows)
+        if total == 0:
+            return
+        if total > self.n_batch:
+            raise ValueError(f"batch of {total} tokens exceeds n_batch={self.n_batch}")
+        seen = set()
+        for seq, toks, _ in rows:
+            if not 0 <= seq < self.n_seq or seq in seen:
+                raise ValueError(f"bad or repeated sequence id {seq}")
+            seen.add(seq)
+            if self.pos[seq] + len(toks) > self.n_ctx_seq:
+                raise ValueError(f"sequence {seq} would exceed its {self.n_ctx_seq}-cell context")
+        b = self.batch
+        i = 0
+        new_rows: dict[int, int] = {}
+        for seq, toks, want in rows:
+            p = self.pos[seq]
+            for j, t in enumerate(toks):
+                b.token[i] = t
+                b.pos[i] = p + j
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq
+                last = j == len(toks) - 1
+                b.logits[i] = 1 if (want and last) else 0
+                i += 1
+            new_rows[seq] = i - 1 if want else -1
+        b.n_tokens = i
+        rc = L.llama_decode(self.ctx, b)
+        if rc != 0:
+            # The KV of every sequence in the batch is now uncertain.
+            for seq in new_rows:
+                self.logits_row[seq] = -1
+            raise RuntimeError(f"llama_decode failed (code {rc})")
+        # Logits rows index this batch only: every other sequence's old row is now stale.
+        self.logits_row = dict.fromkeys(self.logits_row, -1)
+        for seq, toks, _ in rows:
+            self.pos[seq] += len(toks)
+        self.logits_row.update(new_rows)
+
+    def sampler_new(self, params: SamplerParams) -> Sampler:
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        sampler = Sampler(chain)
+        try:
+            if params.grammar is not None:
+                g = L.llama_sampler_init_grammar(self.vocab, params.grammar.encode(), b"root")
+                if not g:
+                    raise InvalidRequest("grammar", "llama.cpp could not parse the GBNF grammar")
+                L.llama_sampler_chain_add(chain, g)
+            if params.repetition_penalty != 1.0:
+                L.llama_sampler_chain_add(
+                    chain, L.llama_sampler_init_penalties(64, params.repetition_penalty, 0.0, 0.0)
+                )
+            if params.top_k > 0:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(params.top_k))
+            if params.top_p < 1.0:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(params.top_p, 1))
+            if params.min_p > 0.0:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(params.min_p, 1))
+            if params.temperature > 0:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(params.seed))
+            else:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+        except BaseException:
+            sampler.free()
+            raise
+        return sampler
+
+    # ---- sequence state -------------------------------------------------------------------
+
+    def _check_seq(self, seq: int) -> None:
+        if not 0 <= seq < self.n_seq:
+            raise ValueError(f"sequence {seq} out of range (n_seq_max={self.n_seq})")
+
+    def kv_pack(self, seq: int) -> bytearray:
+        self._check_seq(seq)
+        size = int(L.llama_state_seq_get_size(self.ctx, seq))
+        out = bytearray(size)
+        buf = (ctypes.c_uint8 * size).from_buffer(out)
+        n = int(L.llama_state_seq_get_data(self.ctx, buf, size, seq))
+        del buf  # release the export so the bytearray may be resized
+        if n != size:
+            del out[n:]
+        return out
+
+    def kv_unpack(self, seq: int, data: bytes | bytearray) -> None:
+        self._check_seq(seq)
+        n = len(data)
+        if isinstance(data, bytearray):
+            buf: Any = (ctypes.c_uint8 * n).from_buffer(data)
+        else:
+            # Point at the bytes object's own buffer: no copy of a multi-MB state.
+            buf = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
+        read = int(L.llama_state_seq_set_data(self.ctx, buf, n, seq))
+        self.logits_row[seq] = -1
+        if read == 0:
+            L.llama_memory_seq_rm(self.mem, seq, 0, -1)
+            self.pos[seq] = 0
+            raise ValueError("llama.cpp refused the sequence state (wrong model or layout?)")
+        self.pos[seq] = int(L.llama_memory_seq_pos_max(self.mem, seq)) + 1
+
+    def seq_rm(self, seq: int, start: int, end: int | None) -> None:
+        self._check_seq(seq)
+        if not L.llama_memory_seq_rm(self.mem, seq, start, -1 if end is None else end):
+            raise RuntimeError(f"llama.cpp could not remove cells [{start}, {end}) of seq {seq}")
+        self.logits_row[seq] = -1
+        self.pos[seq] = int(L.llama_memory_seq_pos_max(self.mem, seq)) + 1
+
+    # ---- embeddings and adapters ------------------------------------------------------------
+
+    def embed(self, tokens: Sequence[int]) -> list[float]:
+        self._check_tokens(tokens, "prompt")
+        if len(tokens) > self.embedding_n_ctx:
+            raise InvalidRequest(
+                "prompt",
+                f"{len(tokens)} tokens exceed the embedding context ({self.embedding_n_ctx})",
+            )
+        if not self.embed_ctx:
+            self.embed_ctx = self._new_embed_context()
+            if self._adapters_applied:
+                self.adapters_apply(self._adapters_applied)
+        ctx = self.embed_ctx
+        batch = L.llama_batch_init(len(tokens), 0, 1)
+        try:
+            for i, t in enumerate(tokens):
+                batch.token[i] = t
+                batch.pos[i] = i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = 1
+            batch.n_tokens = len(tokens)
+            if L.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed in the embeddings context")
+            n_embd = int(L.llama_model_n_embd(self.model))
+            ptr = L.llama_get_embeddings_seq(ctx, 0)
+            if not ptr:
+                ptr = L.llama_get_embeddings_ith(ctx, len(tokens) - 1)
+            if not ptr:
+                raise RuntimeError("llama.cpp returned no embeddings")
+            return [float(ptr[i]) for i in range(n_embd)]
+        finally:
+            L.llama_batch_free(batch)
+            L.llama_memory_clear(L.llama_get_memory(ctx), True)
+
+    def _new_embed_context(self) -> Any:
+        p = L.llama_context_default_params()
+        n = self.embedding_n_ctx
+        p.n_ctx = p.n_batch = p.n_ubatch = n
+        p.n_seq_max = 1
+        p.n_threads, p.n_threads_batch = self.cparams.n_threads, self.cparams.n_threads_batch
+        p.embeddings = True
+        p.no_perf = True
+        p.pooling_type = {
+            "mean": L.LLAMA_POOLING_TYPE_MEAN,
+            "last": L.LLAMA_POOLING_TYPE_LAST,
+            "cls": L.LLAMA_POOLING_TYPE_CLS,
+        }[self.pooling]
+        ctx = L.llama_init_from_model(self.model, p)
+        if not ctx:
+            raise RuntimeError("llama.cpp could not create the embeddings context")
+        return ctx
+
+    def adapter_load(self, path: str) -> Any:
+        with Path(path).open("rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise ValueError(f"{path} is not a GGUF LoRA adapter")
+        adapter = L.llama_adapter_lora_init(self.model, path.encode())
+        if not adapter:
+            raise ValueError(f"llama.cpp refused the adapter {path} (made for another model?)")
+        return adapter
+
+    def adapters_apply(self, adapters: Sequence[tuple[Any, float]]) -> None:
+        n = len(adapters)
+        arr = (L.llama_adapter_lora_p_ctypes * n)(*(a for a, _ in adapters))
+        scales = (ctypes.c_float * n)(*(s for _, s in adapters))
+        for ctx in (self.ctx, self.embed_ctx):
+            if ctx and L.llama_set_adapters_lora(ctx, arr if n else None, n, scales if n else None):
+                raise RuntimeError("llama.cpp could not apply the adapter set")
+        self._adapters_applied = list(adapters)
+
+    def adapter_free(self, adapter: Any) -> None:
+        L.llama_adapter_lora_free(adapter)
