@@ -1,0 +1,186 @@
+"""A prefix index over saved token lists: which rows are prefixes of a prompt?
+
+A compressed radix trie per namespace. Edges are labelled with runs of tokens kept as their
+u32 LE bytes (``encode_tokens``), so walking an edge is one ``bytes.startswith`` (a memcmp in
+C) rather than a Python loop over tokens. A lookup therefore costs time proportional to the
+prompt (plus one step per row found on the path), not to the number of rows: see
+bench/bench_prefix_index.py.
+
+Invariants (checked by the tests through ``_check``):
+
+- every label is a non-empty multiple of 4 bytes, except the roots' (empty);
+- a child is filed under the first token (4 bytes) of its label;
+- every non-root node holds a key or has at least two children (no chains to walk).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .key import encode_tokens
+
+__all__ = ["PrefixIndex"]
+
+
+class _Node:
+    __slots__ = ("children", "keys", "label")
+
+    def __init__(self, label: bytes) -> None:
+        self.label = label
+        self.children: dict[bytes, _Node] = {}
+        # A dict used as an insertion-ordered set: several keys may end at one node.
+        self.keys: dict[bytes, None] = {}
+
+
+def _as_bytes(tokens: Sequence[int] | bytes) -> bytes:
+    if isinstance(tokens, bytes | bytearray | memoryview):
+        data = bytes(tokens)
+        if len(data) % 4:
+            raise ValueError("token bytes are not a multiple of 4")
+        return data
+    return encode_tokens(tokens)
+
+
+def _common_bytes(label: bytes, tokens: bytes, pos: int) -> int:
+    """Length in bytes (a multiple of 4) of the common prefix of ``label`` and
+    ``tokens[pos:]``, found with one XOR of two big ints instead of a Python loop."""
+    n = min(len(label), len(tokens) - pos)
+    diff = int.from_bytes(label[:n], "little") ^ int.from_bytes(tokens[pos : pos + n], "little")
+    if not diff:
+        return n
+    first_bad_byte = ((diff & -diff).bit_length() - 1) // 8
+    return first_bad_byte - first_bad_byte % 4
+
+
+class PrefixIndex:
+    """Rows ``(namespace id, tokens, key)``, searchable by "which are prefixes of this prompt".
+
+    Not thread-safe: the owner (the cache manager) serialises calls. Tokens may be given as
+    ids or as their ``encode_tokens`` bytes (cheaper when the caller has them already).
+    """
+
+    def __init__(self) -> None:
+        self._roots: dict[bytes, _Node] = {}
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def clear(self) -> None:
+        self._roots.clear()
+        self._len = 0
+
+    def insert(self, ns_id: bytes, tokens: Sequence[int] | bytes, key: bytes) -> bool:
+        """Add a row; returns False if that exact row was already present."""
+        t = _as_bytes(tokens)
+        node = self._roots.get(ns_id)
+        if node is None:
+            node = self._roots[ns_id] = _Node(b"")
+        pos, n = 0, len(t)
+        while pos < n:
+            first = t[pos : pos + 4]
+            child = node.children.get(first)
+            if child is None:
+                leaf = _Node(t[pos:])
+                node.children[first] = leaf
+                node, pos = leaf, n
+                break
+            label = child.label
+            if t.startswith(label, pos):
+                node, pos = child, pos + len(label)
+                continue
+            # Diverges (or ends) inside the edge: split it at the common part, which is at
+            # least the first token (that is how the child was found).
+            common = _common_bytes(label, t, pos)
+            mid = _Node(label[:common])
+            child.label = label[common:]
+            mid.children[child.label[:4]] = child
+            node.children[first] = mid
+            node, pos = mid, pos + common
+        if key in node.keys:
+            return False
+        node.keys[key] = None
+        self._len += 1
+        return True
+
+    def remove(self, ns_id: bytes, tokens: Sequence[int] | bytes, key: bytes) -> bool:
+        """Remove a row; returns False if it was not present. Prunes emptied nodes."""
+        root = self._roots.get(ns_id)
+        if root is None:
+            return False
+        t = _as_bytes(tokens)
+        path: list[tuple[_Node, bytes]] = []
+        node, pos, n = root, 0, len(t)
+        while pos < n:
+            first = t[pos : pos + 4]
+            child = node.children.get(first)
+            if child is None or not t.startswith(child.label, pos):
+                return False
+            path.append((node, first))
+            node, pos = child, pos + len(child.label)
+        if key not in node.keys:
+            return False
+        del node.keys[key]
+        self._len -= 1
+        # Restore the invariant bottom-up: drop key-less leaves, merge key-less single-child
+        # nodes into their child.
+        while path and not node.keys:
+            parent, first = path.pop()
+            if not node.children:
+                del parent.children[first]
+                node = parent
+                continue
+            if len(node.children) == 1:
+                (only,) = node.children.values()
+                only.label = node.label + only.label
+                parent.children[first] = only
+            break
+        if not root.keys and not root.children:
+            del self._roots[ns_id]
+        return True
+
+    def longest(
+        self, ns_id: bytes, tokens: Sequence[int] | bytes, max_len: int | None = None
+    ) -> list[tuple[int, bytes]]:
+        """Every ``(prefix_length, key)`` whose row's tokens are a prefix of ``tokens`` (the
+        whole of it included) and at most ``max_len`` long, deepest first, so a caller can fall
+        back to a shorter row when the deepest one turns out unusable."""
+        root = self._roots.get(ns_id)
+        if root is None:
+            return []
+        t = _as_bytes(tokens)
+        limit = len(t) if max_len is None else max(0, min(len(t), 4 * max_len))
+        # (byte depth, node) for every node on the path that holds keys; the answer is built
+        # once at the end (a comprehension is cheaper than extending per node).
+        on_path: list[tuple[int, _Node]] = [(0, root)] if root.keys else []
+        node, pos = root, 0
+        while pos < limit:
+            child = node.children.get(t[pos : pos + 4])
+            if child is None:
+                break
+            label = child.label
+            end = pos + len(label)
+            if end > limit or not t.startswith(label, pos):
+                break
+            node, pos = child, end
+            if node.keys:
+                on_path.append((pos, node))
+        return [(depth >> 2, k) for depth, n in reversed(on_path) for k in reversed(n.keys)]
+
+    def _check(self) -> None:
+        """Assert the structural invariants (for tests)."""
+        count = 0
+        for root in self._roots.values():
+            assert root.label == b""
+            assert root.keys or root.children, "empty partition kept"
+            stack = [(root, True)]
+            while stack:
+                node, is_root = stack.pop()
+                count += len(node.keys)
+                if not is_root:
+                    assert node.label and len(node.label) % 4 == 0
+                    assert node.keys or len(node.children) >= 2, "uncompressed node"
+                for first, child in node.children.items():
+                    assert child.label[:4] == first
+                    stack.append((child, False))
+        assert count == self._len

@@ -1,0 +1,109 @@
+"""PrefixIndex against a brute-force model, with small alphabets so prefixes collide often."""
+
+from __future__ import annotations
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
+
+from erllama.cache.index import PrefixIndex
+from erllama.cache.key import encode_tokens
+
+NS_IDS = st.sampled_from([b"ns-a", b"ns-b"])
+TOKENS = st.lists(st.integers(0, 2), max_size=8).map(tuple)
+# Few keys: the same key under different tokens (or namespaces) must be handled too.
+KEYS = st.sampled_from([bytes([i]) * 32 for i in range(4)])
+Row = tuple[bytes, tuple[int, ...], bytes]
+
+
+def reference(
+    rows: set[Row], ns: bytes, tokens: tuple[int, ...], max_len: int | None
+) -> list[tuple[int, bytes]]:
+    limit = len(tokens) if max_len is None else max_len
+    return sorted(
+        (len(t), k) for n, t, k in rows if n == ns and len(t) <= limit and tokens[: len(t)] == t
+    )
+
+
+class IndexMachine(RuleBasedStateMachine):
+    rows = Bundle("rows")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.index = PrefixIndex()
+        self.model: set[Row] = set()
+
+    @rule(target=rows, ns=NS_IDS, tokens=TOKENS, key=KEYS, as_bytes=st.booleans())
+    def insert(self, ns: bytes, tokens: tuple[int, ...], key: bytes, as_bytes: bool) -> Row:
+        row = (ns, tokens, key)
+        given = encode_tokens(tokens) if as_bytes else tokens
+        assert self.index.insert(ns, given, key) == (row not in self.model)
+        self.model.add(row)
+        return row
+
+    @rule(row=rows)
+    def remove_known(self, row: Row) -> None:
+        assert self.index.remove(*row) == (row in self.model)
+        self.model.discard(row)
+
+    @rule(ns=NS_IDS, tokens=TOKENS, key=KEYS)
+    def remove_any(self, ns: bytes, tokens: tuple[int, ...], key: bytes) -> None:
+        row = (ns, tokens, key)
+        assert self.index.remove(ns, tokens, key) == (row in self.model)
+        self.model.discard(row)
+
+    @rule(
+        ns=NS_IDS,
+        tokens=st.lists(st.integers(0, 2), max_size=12).map(tuple),
+        max_len=st.none() | st.integers(0, 12),
+    )
+    def longest(self, ns: bytes, tokens: tuple[int, ...], max_len: int | None) -> None:
+        got = self.index.longest(ns, tokens, max_len)
+        depths = [d for d, _ in got]
+        assert depths == sorted(depths, reverse=True), "not deepest first"
+        assert sorted(got) == reference(self.model, ns, tokens, max_len)
+
+    @rule()
+    def clear(self) -> None:
+        self.index.clear()
+        self.model.clear()
+
+    @invariant()
+    def structure(self) -> None:
+        assert len(self.index) == len(self.model)
+        self.index._check()
+
+
+IndexMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+test_index_matches_brute_force = IndexMachine.TestCase
+
+
+def test_longest_includes_the_whole_prompt_and_shorter_rows_deepest_first() -> None:
+    index = PrefixIndex()
+    for n in (2, 4, 6):
+        index.insert(b"ns", list(range(n)), bytes([n]) * 32)
+    index.insert(b"ns", [0, 1, 9], b"x" * 32)
+    index.insert(b"other", [0, 1], b"y" * 32)
+    assert index.longest(b"ns", range(6)) == [
+        (6, b"\x06" * 32),
+        (4, b"\x04" * 32),
+        (2, b"\x02" * 32),
+    ]
+    assert index.longest(b"ns", range(6), max_len=5) == [(4, b"\x04" * 32), (2, b"\x02" * 32)]
+    assert index.longest(b"missing", range(6)) == []
+
+
+def test_long_prompts_against_many_rows() -> None:
+    index = PrefixIndex()
+    base = list(range(1000, 33_000))
+    for i in range(1, 200):
+        index.insert(b"ns", base[: i * 160], i.to_bytes(32, "little"))
+        index.insert(b"ns", [*base[: i * 100], i], (i + 1000).to_bytes(32, "little"))
+    got = index.longest(b"ns", base)
+    assert [d for d, _ in got] == [i * 160 for i in range(199, 0, -1)]
+    index._check()
+    for i in range(1, 200):
+        assert index.remove(b"ns", base[: i * 160], i.to_bytes(32, "little"))
+    assert index.longest(b"ns", base) == []
+    assert len(index) == 199
+    index._check()
