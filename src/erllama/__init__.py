@@ -7,6 +7,7 @@ warm with a token-exact, tiered KV cache.
 """
 
 from ._version import __version__ as __version__
+from .cache.counters import CacheCounters as CacheCounters
 from .config import CacheConfig as CacheConfig
 from .config import CachePolicy as CachePolicy
 from .config import EngineConfig as EngineConfig
@@ -41,6 +42,7 @@ __all__ = [
     "AdapterInfo",
     "BackendError",
     "CacheConfig",
+    "CacheCounters",
     "CacheDelta",
     "CacheError",
     "CacheHit",

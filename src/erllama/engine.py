@@ -11,6 +11,8 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
+from .cache.counters import CacheCounters
+from .cache.manager import KVCache
 from .cache.port import CachePort, NullCache
 from .config import EngineConfig, ModelConfig, load_config, structure_config
 from .errors import ConfigError, InvalidRequest, ModelAlreadyLoaded, ModelNotFound
@@ -247,6 +249,15 @@ class Engine:
     def list_adapters(self, model_id: str) -> list[AdapterInfo]:
         return list(self._worker(model_id).list_adapters())
 
+    # ---- observability ----------------------------------------------------------------------
+
+    def cache_counters(self) -> CacheCounters:
+        """Hits, misses, saves per reason, drops, evictions, spills, corrupt files, bytes
+        and rows per tier, and time spent packing, loading and looking up."""
+        if isinstance(self._cache, KVCache):
+            return self._cache.snapshot()
+        return CacheCounters()
+
     # ---- lifecycle ----------------------------------------------------------------------------
 
     async def _aclose(self) -> None:
@@ -277,18 +288,25 @@ async def open_engine(
     body_error: Exception | None = None
     async with anyio.create_task_group() as tg:
         cache: CachePort = NullCache()
+        kv: KVCache | None = None
         engine = Engine(config, tg, registry, cache)
         try:
+            if config.cache.enabled:
+                cache = kv = KVCache(config.cache)
+                await kv.start(tg)
+                engine._cache = cache
             for model_id, model_config in config.models.items():
                 await engine.load_model(model_id, model_config)
             yield engine
         except Exception as exc:
             # Re-raised below, outside the task group, so callers see their own exception
-            # rather than an ExceptionGroup.
+            # (or a start-up CacheError) rather than an ExceptionGroup.
             body_error = exc
         finally:
             with anyio.move_on_after(SHUTDOWN_TIMEOUT_S, shield=True) as scope:
                 await engine._aclose()
+                if kv is not None:
+                    await kv.close()
             if scope.cancelled_caught:
                 log.error("engine shutdown timed out after %.0f s", SHUTDOWN_TIMEOUT_S)
             tg.cancel_scope.cancel()

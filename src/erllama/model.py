@@ -686,15 +686,18 @@ class ModelWorker:
             return None
         ns = self.namespace(req.fingerprint)
         tokens = tuple(req.context)
-        if not passes_gate(len(tokens), reason, self.policy) or not self.cache.should_save(
-            ns, tokens, reason, self.policy
-        ):
+        if not passes_gate(len(tokens), reason, self.policy):
             return None
-        payload = await self._native(self.backend.kv_pack, self._handle(), req.seq)
-        key = self.cache.save(ns, tokens, payload, reason)
+        key, pack = self.cache.prepare_save(ns, tokens, reason, self.policy)
+        if pack:
+            t0 = time.perf_counter()
+            payload = await self._native(self.backend.kv_pack, self._handle(), req.seq)
+            self.cache.note_pack(time.perf_counter() - t0)
+            key = self.cache.save(ns, tokens, payload, reason)
+            if key is not None:
+                req.created_keys = max(req.created_keys, len(tokens) - req.hit.prefix_len)
         if key is not None:
             req.last_save_at = len(tokens)
-            req.created_keys = max(req.created_keys, len(tokens) - req.hit.prefix_len)
         return key
 
     async def _finish(self, req: Request, reason: FinishReason) -> None:

@@ -100,7 +100,10 @@ def parse_key(value: str | bytes) -> bytes:
     if isinstance(value, bytes) and len(value) == KEY_BYTES:
         return value
     if isinstance(value, str) and len(value) == 2 * KEY_BYTES:
-        return bytes.fromhex(value)
+        try:
+            return bytes.fromhex(value)
+        except ValueError:
+            pass
     raise ValueError("a key is 64 hex digits or 32 bytes")
 
 

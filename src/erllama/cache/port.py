@@ -23,7 +23,7 @@ class Restore:
     key: bytes
     #: The row's exact token list; always a prefix of (or equal to) the prompt.
     tokens: tuple[int, ...]
-    payload: bytes
+    payload: bytes | bytearray
     source: Literal["exact", "parent", "prefix"]
     tier: str
 
@@ -45,11 +45,15 @@ class CachePort(Protocol):
         ``policy.resume_wait_s`` for a row still being written), then longest prefix.
         Counts the hit or miss. Never raises for damaged files: they are misses."""
 
-    def should_save(
+    def prepare_save(
         self, ns: Namespace, tokens: Sequence[int], reason: SaveReason, policy: CachePolicy
-    ) -> bool:
-        """Whether a save of ``tokens`` would be kept (gates, duplicates, writer room);
-        asked before packing so a refused save costs nothing."""
+    ) -> tuple[bytes | None, bool]:
+        """Asked before packing, so a refused save costs nothing. Returns ``(key, pack)``:
+        ``(key, True)`` go ahead; ``(key, False)`` the row already exists (the key is valid,
+        nothing to write); ``(None, False)`` the cache will not take it."""
+
+    def note_pack(self, seconds: float) -> None:
+        """Account time spent packing on a model thread."""
 
     def save(
         self, ns: Namespace, tokens: Sequence[int], payload: bytes | bytearray, reason: SaveReason
@@ -75,10 +79,13 @@ class NullCache:
     ) -> Restore | None:
         return None
 
-    def should_save(
+    def prepare_save(
         self, ns: Namespace, tokens: Sequence[int], reason: SaveReason, policy: CachePolicy
-    ) -> bool:
-        return False
+    ) -> tuple[bytes | None, bool]:
+        return None, False
+
+    def note_pack(self, seconds: float) -> None:
+        pass
 
     def save(
         self, ns: Namespace, tokens: Sequence[int], payload: bytes | bytearray, reason: SaveReason

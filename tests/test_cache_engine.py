@@ -1,0 +1,348 @@
+"""The KV cache through the engine, on the stub: hits, saves, tiers, budgets, recovery."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import attrs
+import pytest
+
+import erllama
+from erllama.backends.stub import _word
+from erllama.cache.tiers import FileTier
+from erllama.plugins import BackendRegistry
+
+from .helpers import metered, release, stub_config, wait_for
+
+pytestmark = pytest.mark.anyio
+
+POLICY = erllama.CachePolicy(
+    min_tokens=4,
+    cold_min_tokens=16,
+    boundary_trim_tokens=4,
+    boundary_align_tokens=8,
+    continued_interval=1000,
+)
+
+
+def words(n: int, start: int = 0) -> str:
+    """``n`` stub vocabulary words: exactly one token each."""
+    return " ".join(_word(start + i) for i in range(n))
+
+
+def cache_cfg(tmp_path: Path, **kw: Any) -> erllama.EngineConfig:
+    fields: dict[str, Any] = {
+        "ram_file_dir": tmp_path / "shm",
+        "disk_dir": tmp_path / "disk",
+        "policy": POLICY,
+        "sweep_interval_s": 3600.0,
+    }
+    fields.update(kw)
+    return erllama.EngineConfig(cache=erllama.CacheConfig(**fields))
+
+
+@pytest.fixture
+async def cached(registry: BackendRegistry, tmp_path: Path) -> AsyncIterator[erllama.Engine]:
+    async with erllama.open_engine(cache_cfg(tmp_path), backends=registry) as engine:
+        yield engine
+
+
+async def cold_run(registry: BackendRegistry, prompt: Any, **kw: Any) -> erllama.Completion:
+    cfg = erllama.EngineConfig(cache=erllama.CacheConfig(enabled=False, ram_file_dir=None))
+    async with erllama.open_engine(cfg, backends=registry) as engine:
+        mid = await engine.load_model("m", stub_config())
+        return await engine.complete(mid, prompt, **kw)
+
+
+async def test_resending_a_conversation_hits_exactly_and_continues_identically(
+    cached: erllama.Engine, registry: BackendRegistry
+) -> None:
+    mid = await cached.load_model("m", stub_config())
+    prompt = await cached.tokenize(mid, words(40))
+    first = await cached.complete(mid, prompt, max_tokens=6)
+    assert first.cache_hit_kind == "cold" and first.finish_key is not None
+    assert first.cache_delta == erllama.CacheDelta(read=0, created=len(prompt) + 6)
+    resent = [*prompt, *first.token_ids]
+    warm = await cached.complete(mid, resent, max_tokens=8)
+    assert warm.cache_hit_kind == "exact"
+    assert warm.cache_delta.read == len(resent)
+    assert warm.token_ids == (await cold_run(registry, resent, max_tokens=8)).token_ids
+    c = cached.cache_counters()
+    assert c.hits_exact == 1 and c.misses == 1 and c.saves_finish == 2 and c.saves_cold == 1
+    assert cached.model_info(mid).last_cache_hit == erllama.CacheHit(
+        kind="exact", prefix_len=len(resent), source="exact", tier="ram"
+    )
+
+
+async def test_parent_key_resumes_the_previous_turn(
+    cached: erllama.Engine, registry: BackendRegistry
+) -> None:
+    mid = await cached.load_model("m", stub_config())
+    turn1 = await cached.tokenize(mid, words(20))
+    r1 = await cached.complete(mid, turn1, max_tokens=5)
+    turn2 = [*turn1, *r1.token_ids, *await cached.tokenize(mid, words(7, 500), add_special=False)]
+    r2 = await cached.complete(mid, turn2, max_tokens=6, parent_key=r1.finish_key)
+    assert r2.cache_hit_kind == "partial"
+    assert r2.cache_delta.read == len(turn1) + 5
+    assert r2.cache_delta.created == 7 + 6
+    assert cached.cache_counters().hits_resume == 1
+    assert r2.token_ids == (await cold_run(registry, turn2, max_tokens=6)).token_ids
+
+
+async def test_longest_prefix_finds_a_shared_system_prompt(
+    cached: erllama.Engine, registry: BackendRegistry
+) -> None:
+    mid = await cached.load_model("m", stub_config())
+    system = words(60)
+    a = await cached.complete(mid, system + " " + words(5, 900), max_tokens=4)
+    assert a.cache_hit_kind == "cold"
+    b_prompt = system + " " + words(6, 1200)
+    b = await cached.complete(mid, b_prompt, max_tokens=4)
+    assert b.cache_hit_kind == "partial"
+    n_a = 1 + 65  # BOS + words
+    # The cold row sits at floor((n - trim) / align) * align.
+    assert b.cache_delta.read == (n_a - 4) // 8 * 8
+    assert cached.cache_counters().hits_longest_prefix == 1
+    assert b.token_ids == (await cold_run(registry, b_prompt, max_tokens=4)).token_ids
+
+
+async def test_a_stale_parent_key_still_falls_back_to_the_walk(cached: erllama.Engine) -> None:
+    mid = await cached.load_model("m", stub_config())
+    system = words(60)
+    await cached.complete(mid, system, max_tokens=2)
+    r = await cached.complete(mid, system + " " + words(3, 77), parent_key="00" * 32, max_tokens=2)
+    assert r.cache_hit_kind == "partial"
+
+
+async def test_rows_never_cross_models_adapters_or_context_shapes(
+    cached: erllama.Engine, tmp_path: Path
+) -> None:
+    prompt = words(30)
+    a = await cached.load_model("a", stub_config())
+    b = await cached.load_model("b", stub_config(n_vocab=40_000))  # other weights
+    c = await cached.load_model("c", stub_config(n_ctx=1024))  # other KV layout
+    r = await cached.complete(a, prompt, max_tokens=3)
+    resent = [*await cached.tokenize(a, prompt), *r.token_ids]
+    for other in (b, c):
+        assert (await cached.complete(other, resent, max_tokens=2)).cache_hit_kind == "cold"
+    adapter = tmp_path / "ad.bin"
+    adapter.write_bytes(b"STUBLORA-x")
+    await cached.load_adapter(a, str(adapter))
+    assert (await cached.complete(a, resent, max_tokens=2)).cache_hit_kind == "cold"
+    await cached.unload_adapter(a, 1)
+    assert (await cached.complete(a, resent, max_tokens=2)).cache_hit_kind == "exact"
+
+
+async def test_continued_saves_fire_every_interval(
+    registry: BackendRegistry, tmp_path: Path
+) -> None:
+    policy = attrs.evolve(POLICY, continued_interval=10)
+    async with erllama.open_engine(cache_cfg(tmp_path, policy=policy), backends=registry) as engine:
+        mid = await engine.load_model("m", stub_config())
+        await engine.complete(mid, words(5), max_tokens=35)
+        # 6 prompt tokens + 35 generated: continued saves at 10, 20, 30 and 40 tokens of context.
+        assert engine.cache_counters().saves_continued == 4
+
+
+async def test_evict_saves_in_flight_sequences(cached: erllama.Engine) -> None:
+    ctl = metered()
+    mid = await cached.load_model("m", stub_config(control=ctl))
+    stream = await cached.infer(mid, words(10), max_tokens=50)
+    release(ctl, 4)
+    await wait_for(lambda: ctl.steps >= 4 and ctl.active == 1)
+    saved: list[int] = []
+
+    async def evict() -> None:
+        saved.append(await cached.evict(mid))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(evict)
+        # The evict save runs between ticks: the blocked step must finish first.
+        await wait_for(
+            lambda: cached._models[mid].queue_len == 0 and len(cached._models[mid]._queue) == 1
+        )
+        release(ctl, 1)
+    assert saved == [1]
+    assert cached.cache_counters().saves_evict == 1
+    release(ctl, 1000)
+    events = [ev async for ev in stream]
+    assert events[-1].finish_reason == "length"  # type: ignore[union-attr]
+
+
+async def test_leaving_the_engine_saves_running_requests_and_persists_ram_rows(
+    registry: BackendRegistry, tmp_path: Path
+) -> None:
+    ctl = metered()
+    async with erllama.open_engine(cache_cfg(tmp_path), backends=registry) as engine:
+        mid = await engine.load_model("m", stub_config(control=ctl))
+        stream = await engine.infer(mid, words(12), max_tokens=100)
+        release(ctl, 5)
+        await wait_for(lambda: ctl.steps >= 5 and ctl.active == 1)
+        release(ctl, 1000)
+    done = [ev async for ev in stream][-1]
+    assert done.finish_reason == "cancelled" and done.stats.finish_key is not None
+    # A new engine finds the row on a file tier (RAM rows were spilled down at exit).
+    async with erllama.open_engine(cache_cfg(tmp_path), backends=registry) as engine:
+        c = engine.cache_counters()
+        assert c.rows_ram == 0 and c.rows_ram_file + c.rows_disk >= 1
+        mid = await engine.load_model("m", stub_config())
+        resent = list(range(0))  # built below from the saved row's tokens
+        key = bytes.fromhex(done.stats.finish_key)
+        row = engine._cache.catalog.get(key)  # type: ignore[attr-defined]
+        assert row is not None
+        from erllama.cache.key import decode_tokens
+
+        resent = list(decode_tokens(row.token_bytes))
+        r = await engine.complete(mid, resent, max_tokens=3)
+        assert r.cache_hit_kind == "exact"
+
+
+async def test_a_ram_budget_spills_rows_down_instead_of_losing_them(
+    registry: BackendRegistry, tmp_path: Path
+) -> None:
+    cfg = cache_cfg(tmp_path, ram_bytes=700)  # a stub state of ~40 tokens is ~180 bytes
+    async with erllama.open_engine(cfg, backends=registry) as engine:
+        mid = await engine.load_model("m", stub_config())
+        finals = []
+        for i in range(8):
+            r = await engine.complete(mid, words(30, 100 * i), max_tokens=3)
+            finals.append([*await engine.tokenize(mid, words(30, 100 * i)), *r.token_ids])
+        await engine._cache.drain()  # type: ignore[attr-defined]
+        c = engine.cache_counters()
+        assert c.bytes_ram <= 700
+        assert c.spills >= 1 and c.rows_ram_file >= 1 and c.evictions == 0
+        # The oldest row now lives on the ram_file tier and still hits.
+        r = await engine.complete(mid, finals[0], max_tokens=2)
+        assert r.cache_hit_kind == "exact" and r.stats.cache_hit_kind == "exact"
+        assert engine.model_info(mid).last_cache_hit.tier == "ram_file"  # type: ignore[union-attr]
+
+
+async def test_the_last_tier_evicts_least_recently_used_rows_within_budget(
+    registry: BackendRegistry, tmp_path: Path
+) -> None:
+    cfg = cache_cfg(tmp_path, ram_bytes=0, ram_file_dir=None, disk_bytes=1500)
+    async with erllama.open_engine(cfg, backends=registry) as engine:
+        mid = await engine.load_model("m", stub_config())
+        for i in range(10):
+            await engine.complete(mid, words(30, 100 * i), max_tokens=3)
+            await engine._cache.drain()  # type: ignore[attr-defined]
+        c = engine.cache_counters()
+        assert c.bytes_disk <= 1500 and c.evictions >= 1
+        on_disk = sum(f.stat().st_size for f in (tmp_path / "disk").glob("*.kvc"))
+        assert on_disk == c.bytes_disk
+
+
+async def test_a_full_writer_pool_drops_saves_and_never_stalls_generation(
+    registry: BackendRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = threading.Event()
+    original = FileTier.write_tmp
+
+    def slow_write(self: FileTier, *a: Any) -> Any:
+        gate.wait(10)
+        return original(self, *a)
+
+    monkeypatch.setattr(FileTier, "write_tmp", slow_write)
+    cfg = cache_cfg(tmp_path, ram_bytes=0, ram_file_dir=None, writers=1, writer_queue=0)
+    try:
+        async with erllama.open_engine(cfg, backends=registry) as engine:
+            mid = await engine.load_model("m", stub_config())
+            with anyio.fail_after(5):  # generation goes on while the only writer is stuck
+                for i in range(4):
+                    r = await engine.complete(mid, words(30, 50 * i), max_tokens=2)
+                    assert r.finish_reason == "length"
+            assert engine.cache_counters().saves_dropped >= 3
+            gate.set()
+    finally:
+        gate.set()
+
+
+async def test_parent_key_waits_for_a_row_still_being_written(
+    registry: BackendRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = FileTier.publish
+
+    def slow_publish(self: FileTier, *a: Any) -> Any:
+        import time
+
+        time.sleep(0.15)
+        return original(self, *a)
+
+    monkeypatch.setattr(FileTier, "publish", slow_publish)
+    cfg = cache_cfg(tmp_path, ram_bytes=0, ram_file_dir=None)
+    async with erllama.open_engine(cfg, backends=registry) as engine:
+        mid = await engine.load_model("m", stub_config())
+        t1 = await engine.tokenize(mid, words(20))
+        r1 = await engine.complete(mid, t1, max_tokens=3)
+        row = engine._cache.catalog.get(bytes.fromhex(r1.finish_key))  # type: ignore[attr-defined, arg-type]
+        assert (
+            row is not None and row.status == "writing"
+        )  # reserved before finish_key was handed out
+        r2 = await engine.complete(
+            mid, [*t1, *r1.token_ids, 300, 301], parent_key=r1.finish_key, max_tokens=2
+        )
+        assert r2.cache_hit_kind == "partial"
+        assert engine.cache_counters().hits_resume == 1
+
+
+async def test_a_corrupt_file_is_a_miss_counted_and_removed(
+    registry: BackendRegistry, tmp_path: Path
+) -> None:
+    cfg = cache_cfg(tmp_path, ram_bytes=0, ram_file_dir=None)
+    async with erllama.open_engine(cfg, backends=registry) as engine:
+        mid = await engine.load_model("m", stub_config())
+        prompt = await engine.tokenize(mid, words(30))
+        r = await engine.complete(mid, prompt, max_tokens=3)
+    resent = [*prompt, *r.token_ids]
+    path = tmp_path / "disk" / f"{r.finish_key}.kvc"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x10  # a flipped bit in the payload: only the checksum can tell
+    path.write_bytes(bytes(data))
+    async with erllama.open_engine(cfg, backends=registry) as engine:
+        mid = await engine.load_model("m", stub_config())
+        warm = await engine.complete(mid, resent, max_tokens=4)
+        assert warm.cache_hit_kind == "partial"  # the damaged row was skipped, the cold row used
+        assert engine.cache_counters().corrupt_files == 1
+        assert not path.exists()
+        assert warm.token_ids == (await cold_run(registry, resent, max_tokens=4)).token_ids
+
+
+async def test_a_failing_pack_fails_only_that_model(cached: erllama.Engine) -> None:
+    bad = await cached.load_model("bad", stub_config(fail_at="pack"))
+    good = await cached.load_model("good", stub_config())
+    with pytest.raises(erllama.BackendError) as exc:
+        await cached.complete(bad, words(40), max_tokens=3)
+    assert "injected failure at pack" in str(exc.value.__cause__)
+    assert cached.status(bad) == "failed"
+    assert (await cached.complete(good, words(40), max_tokens=3)).finish_key is not None
+
+
+async def test_a_symlinked_cache_directory_is_refused(
+    registry: BackendRegistry, tmp_path: Path
+) -> None:
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    cfg = cache_cfg(tmp_path, disk_dir=tmp_path / "link")
+    with pytest.raises(erllama.CacheError):
+        async with erllama.open_engine(cfg, backends=registry):
+            pass
+
+
+async def test_counters_account_time_and_tiers(cached: erllama.Engine) -> None:
+    mid = await cached.load_model("m", stub_config())
+    await cached.complete(mid, words(40), max_tokens=3)
+    c = cached.cache_counters()
+    assert c.pack_s > 0 and c.lookups == 1 and c.rows_ram == 2
+    assert c.bytes_ram > 0 and c.saves == 2 and c.hits == 0
+
+
+async def test_the_cache_switched_off_saves_nothing(engine: erllama.Engine) -> None:
+    mid = await engine.load_model("m", stub_config())
+    r = await engine.complete(mid, words(40), max_tokens=3)
+    assert r.finish_key is None and r.cache_hit_kind == "cold"
+    assert engine.cache_counters() == erllama.CacheCounters()
