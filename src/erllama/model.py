@@ -52,7 +52,6 @@ from .errors import (
 from .events import (
     AdapterInfo,
     CacheHit,
-    CacheHitKind,
     Done,
     FinishReason,
     ModelInfo,
@@ -548,16 +547,23 @@ class ModelWorker:
             self._wake.set()
 
     async def _setup_sequence(self, req: Request) -> None:
-        """Restore the cache row (dropping its last cell so one re-decode refreshes the
-        logits, which states do not carry), or clear the sequence for a cold prefill."""
+        """Restore the cache row into the request's sequence, or clear it for a cold prefill.
+
+        States carry no logits. A partial hit needs none from the restored part: the rest of
+        the prompt is prefilled after all ``n`` restored cells, exactly as the cold run (with
+        the same chunk boundaries) would. Only an exact hit drops the last cell and decodes
+        that one token again, alone, as it was decoded when the row was made; so greedy
+        output after a restore matches the unbroken run bit for bit.
+        """
         handle = self._handle()
         assert req.seq is not None
         restore: Restore | None = req.restore
         req.restore = None
+        exact = restore is not None and len(restore.tokens) == len(req.prompt)
         if restore is not None:
-            n = len(restore.tokens)
+            keep = len(restore.tokens) - 1 if exact else None
             try:
-                await self._native(self._restore_native, handle, req.seq, restore.payload, n)
+                await self._native(self._restore_native, handle, req.seq, restore.payload, keep)
             except BackendError as exc:
                 self.cache.reject(restore, str(exc))
                 restore = None
@@ -568,10 +574,12 @@ class ModelWorker:
             req.hit = CacheHit(kind="cold", prefix_len=0)
         else:
             restored = len(restore.tokens)
-            req.context = list(restore.tokens[:-1])
-            kind: CacheHitKind = "exact" if restored == len(req.prompt) else "partial"
+            req.context = list(restore.tokens[:-1] if exact else restore.tokens)
             req.hit = CacheHit(
-                kind=kind, prefix_len=restored, source=restore.source, tier=restore.tier
+                kind="exact" if exact else "partial",
+                prefix_len=restored,
+                source=restore.source,
+                tier=restore.tier,
             )
         self.last_hit = req.hit
         rest = list(req.prompt[len(req.context) :])
@@ -585,9 +593,12 @@ class ModelWorker:
         req.state = RequestState.RUNNING
         self._running[req.seq] = req
 
-    def _restore_native(self, handle: Any, seq: int, payload: bytes, n: int) -> None:
+    def _restore_native(
+        self, handle: Any, seq: int, payload: bytes | bytearray, keep: int | None
+    ) -> None:
         self.backend.kv_unpack(handle, seq, payload)
-        self.backend.seq_rm(handle, seq, n - 1, None)
+        if keep is not None:
+            self.backend.seq_rm(handle, seq, keep, None)
 
     def _release_seq(self, req: Request) -> None:
         if req.seq is not None:

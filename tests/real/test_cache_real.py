@@ -1,0 +1,142 @@
+"""The KV cache on SmolLM2: warm restores continue exactly like cold runs."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import erllama
+
+pytestmark = pytest.mark.anyio
+
+SYSTEM = (
+    "You are the assistant of a harbour office. Ferries leave at seven, ten, one and four. "
+    "Tickets cost twelve euros, children travel free, bicycles cost three euros. The office "
+    "opens at half past six and closes after the last ferry. Lost property is kept for a "
+    "month. Dogs are welcome on the outer deck. The crossing takes forty minutes. "
+) * 2
+
+
+def cfg(tmp_path: Path, **cache: Any) -> erllama.EngineConfig:
+    fields: dict[str, Any] = {"ram_file_dir": tmp_path / "shm", "disk_dir": tmp_path / "disk"}
+    fields.update(cache)
+    return erllama.EngineConfig(cache=erllama.CacheConfig(**fields))
+
+
+async def cold_miss(
+    smol_config: erllama.ModelConfig, tmp_path: Path, prompt: list[int], n: int
+) -> tuple[int, ...]:
+    """The same request on a fresh engine whose (empty) cache misses: same chunking, no
+    restore."""
+    async with erllama.open_engine(cfg(Path(tempfile.mkdtemp(dir=tmp_path)))) as engine:
+        mid = await engine.load_model("cold", smol_config)
+        r = await engine.complete(mid, prompt, max_tokens=n)
+        assert r.cache_hit_kind == "cold"
+        return r.token_ids
+
+
+def unbroken(
+    smol_config: erllama.ModelConfig, p1: list[int], n1: int, follow: list[int], n2: int
+) -> tuple[list[int], list[int]]:
+    """One live sequence, never saved or restored: prefill ``p1`` in the engine's chunks,
+    decode ``n1`` tokens, prefill ``follow``, decode ``n2``."""
+    from erllama.backends import Decode, Prefill
+    from erllama.cache.policy import cold_save_point
+    from erllama.plugins import make_backend_registry
+
+    backend = make_backend_registry().get("llama_cpp")
+    model = backend.load(smol_config).handle
+    try:
+        point = cold_save_point(len(p1), erllama.CachePolicy()) or len(p1)
+        backend.step(model, [Prefill(seq=0, tokens=p1[:point], logits=False)])
+        backend.step(model, [Prefill(seq=0, tokens=p1[point:], logits=True)])
+        first = [backend.step(model, [Decode(seq=0)])[0].token for _ in range(n1)]  # type: ignore[union-attr]
+        backend.step(model, [Prefill(seq=0, tokens=follow, logits=True)])
+        second = [backend.step(model, [Decode(seq=0)])[0].token for _ in range(n2)]  # type: ignore[union-attr]
+        return first, second
+    finally:
+        backend.free(model)
+
+
+async def test_exact_parent_and_prefix_restores_match_the_cold_run(
+    smol_config: erllama.ModelConfig, tmp_path: Path
+) -> None:
+    async with erllama.open_engine(cfg(tmp_path)) as engine:
+        mid = await engine.load_model("smol", smol_config)
+        chat = [{"role": "user", "content": "When does the first ferry leave?"}]
+        p1 = await engine.apply_chat_template(mid, chat, system=SYSTEM)
+        assert len(p1) > 150
+        r1 = await engine.complete(mid, p1, max_tokens=8)
+        assert r1.cache_hit_kind == "cold" and r1.finish_reason == "length"
+
+        # Exact: the conversation resent as it stands continues like the unbroken run.
+        resent = [*p1, *r1.token_ids]
+        exact = await engine.complete(mid, resent, max_tokens=16)
+        assert exact.cache_hit_kind == "exact" and exact.cache_delta.read == len(resent)
+        whole = await cold_miss(smol_config, tmp_path, p1, 8 + 16)
+        assert whole[:8] == r1.token_ids
+        assert exact.token_ids == whole[8:]
+
+        # parent_key: the next turn extends the previous one's live state.
+        follow = await engine.tokenize(
+            mid,
+            "<|im_end|>\n<|im_start|>user\nAnd how much is a ticket?<|im_end|>\n<|im_start|>assistant\n",
+            add_special=False,
+            parse_special=True,
+        )
+        p2 = [*p1, *r1.token_ids, *follow]
+        r2 = await engine.complete(mid, p2, max_tokens=12, parent_key=r1.finish_key)
+        assert r2.cache_hit_kind == "partial" and r2.cache_delta.read == len(p1) + 8
+        first, second = await anyio.to_thread.run_sync(unbroken, smol_config, p1, 8, follow, 12)
+        assert tuple(first) == r1.token_ids
+        assert r2.token_ids == tuple(second[: len(r2.token_ids)])
+
+        # Longest prefix: another question under the same system prompt.
+        p3 = await engine.apply_chat_template(
+            mid, [{"role": "user", "content": "Can I bring my dog?"}], system=SYSTEM
+        )
+        r3 = await engine.complete(mid, p3, max_tokens=16)
+        assert r3.cache_hit_kind == "partial" and r3.cache_delta.read >= 128
+        assert r3.token_ids == await cold_miss(smol_config, tmp_path, p3, 16)
+        c = engine.cache_counters()
+        assert (c.hits_exact, c.hits_resume, c.hits_longest_prefix) == (1, 1, 1)
+
+
+async def test_a_resent_chat_is_warm_from_its_second_turn_with_default_policy(
+    smol_config: erllama.ModelConfig, tmp_path: Path
+) -> None:
+    async with erllama.open_engine(cfg(tmp_path)) as engine:
+        mid = await engine.load_model("smol", smol_config)
+        history: list[dict[str, str]] = []
+        kinds = []
+        for question in ("Hello! Who are you?", "What can you do?", "Tell me a joke."):
+            history.append({"role": "user", "content": question})
+            prompt = await engine.apply_chat_template(mid, history)
+            r = await engine.complete(mid, prompt, max_tokens=24)
+            kinds.append((r.cache_hit_kind, r.cache_delta.read, len(prompt)))
+            history.append({"role": "assistant", "content": r.text})
+        assert kinds[0][0] == "cold"
+        for kind, read, n in kinds[1:]:
+            assert kind == "partial" and read > n // 2
+
+
+async def test_a_restarted_engine_is_warm_from_disk(
+    smol_config: erllama.ModelConfig, tmp_path: Path
+) -> None:
+    config = cfg(tmp_path, ram_file_dir=None)
+    async with erllama.open_engine(config) as engine:
+        mid = await engine.load_model("smol", smol_config)
+        p = await engine.apply_chat_template(
+            mid, [{"role": "user", "content": "Hi"}], system=SYSTEM
+        )
+        first = await engine.complete(mid, p, max_tokens=8)
+    async with erllama.open_engine(config) as engine:
+        assert engine.cache_counters().rows_disk >= 2
+        mid = await engine.load_model("smol", smol_config)
+        again = await engine.complete(mid, [*p, *first.token_ids], max_tokens=8)
+        assert again.cache_hit_kind == "exact"
+        assert engine.model_info(mid).last_cache_hit.tier == "disk"  # type: ignore[union-attr]
