@@ -48,8 +48,10 @@ def _progress() -> tuple[Callable[[float], bool], Callable[[], None]]:
     bar = tqdm(total=100, desc="loading model", unit="%", leave=False, file=sys.stderr)
 
     def update(fraction: float) -> bool:
-        bar.n = round(fraction * 100)
-        bar.refresh()
+        # llama.cpp calls this hundreds of times; tqdm throttles what update() draws.
+        step = round(fraction * 100) - bar.n
+        if step > 0:
+            bar.update(step)
         return True
 
     return update, bar.close

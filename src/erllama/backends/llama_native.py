@@ -93,7 +93,7 @@ def _set_fields(struct: Any, options: Mapping[str, Any]) -> dict[str, Any]:
     names = {f[0] for f in struct._fields_}
     applied = {}
     for key, value in options.items():
-        if key in names:
+        if key in names and key not in OWN_OPTIONS:
             setattr(struct, key, value)
             applied[key] = value
     return applied
