@@ -55,7 +55,7 @@ def test_two_processes_saving_the_same_keys_end_with_one_valid_file_each(tmp_pat
     time.sleep(1.0)  # both engines open and waiting
     go.touch()
     outputs = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, outputs, strict=True):
+    for p, (_out, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err
         assert "Traceback" not in err
     keys_a, keys_b = (out.strip().split(",") for out, _ in outputs)
