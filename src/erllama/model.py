@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 import attrs
 from anyio.abc import TaskGroup, TaskStatus
 
@@ -135,8 +136,12 @@ class ModelWorker:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Load, serve until closed, then free. Load errors reach ``task_status``'s caller."""
-        self.loaded = await self._native(self.backend.load, self.config)
+        # A load cannot be abandoned halfway (the native model would leak), so it finishes
+        # shielded; a cancellation that arrived meanwhile is honoured right after, below.
+        with anyio.CancelScope(shield=True):
+            self.loaded = await self._native(self.backend.load, self.config)
         try:
+            await anyio.lowlevel.checkpoint()
             self.fingerprint = await self._fingerprint(self.loaded)
             self.effective_fp = self.fingerprint
             self.n_seq = min(self.config.n_seq_max, self.loaded.n_seq_max)
