@@ -139,16 +139,18 @@ class ModelWorker:
         # A load cannot be abandoned halfway (the native model would leak), so it finishes
         # shielded; a cancellation that arrived meanwhile is honoured right after, below.
         with anyio.CancelScope(shield=True):
-            self.loaded = await self._native(self.backend.load, self.config)
+            loaded = await self._native(self.backend.load, self.config)
+        self.loaded = loaded
         try:
             await anyio.lowlevel.checkpoint()
-            self.fingerprint = await self._fingerprint(self.loaded)
+            self.fingerprint = await self._fingerprint(loaded)
             self.effective_fp = self.fingerprint
-            self.n_seq = min(self.config.n_seq_max, self.loaded.n_seq_max)
+            self.n_seq = min(self.config.n_seq_max, loaded.n_seq_max)
             self._free_seqs = list(range(self.n_seq))[::-1]
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await self._native(self.backend.free, self.loaded.handle)
+                await self._native(self.backend.free, loaded.handle)
+            self.loaded = None
             raise
         self.state = "idle"
         self.loaded_at = self.last_used = time.monotonic()
