@@ -270,3 +270,22 @@ async def test_bad_input_gets_typed_errors_and_the_engine_keeps_serving(
     assert [i.id for i in llama_engine.list_models()] == [smol]
     assert (await llama_engine.complete(smol, "Still here?", max_tokens=3)).token_ids
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+async def test_two_sequences_batch_together_and_match_their_solo_runs(
+    llama_engine: erllama.Engine, smol_config: erllama.ModelConfig
+) -> None:
+    mid = await llama_engine.load_model("duo", attrs.evolve(smol_config, n_ctx=2048, n_seq_max=2))
+    assert llama_engine.model_info(mid).n_seq_max == 2
+    prompts = ["The capital of France is", "Water boils at"]
+    together: dict[str, erllama.Completion] = {}
+
+    async def run(p: str) -> None:
+        together[p] = await llama_engine.complete(mid, p, max_tokens=12)
+
+    async with anyio.create_task_group() as tg:
+        for p in prompts:
+            tg.start_soon(run, p)
+    for p in prompts:
+        solo = await llama_engine.complete(mid, p, max_tokens=12)
+        assert together[p].token_ids == solo.token_ids
