@@ -35,6 +35,11 @@ from .events import ModelInfo as ModelInfo
 from .events import Stats as Stats
 from .events import Token as Token
 from .plugins import make_backend_registry as make_backend_registry
+from .pressure import DeviceMemory as DeviceMemory
+from .pressure import PressureResult as PressureResult
+from .pressure import PressureSample as PressureSample
+from .pressure import PressureStatus as PressureStatus
+from .pressure import make_pressure_registry as make_pressure_registry
 from .request import InferStream as InferStream
 from .sampling import SamplerParams as SamplerParams
 
@@ -49,6 +54,7 @@ __all__ = [
     "CachePolicy",
     "Completion",
     "ConfigError",
+    "DeviceMemory",
     "Done",
     "Engine",
     "EngineConfig",
@@ -62,6 +68,9 @@ __all__ = [
     "ModelNotFound",
     "NotSupported",
     "PressureConfig",
+    "PressureResult",
+    "PressureSample",
+    "PressureStatus",
     "QueueFull",
     "SamplerParams",
     "Stats",
@@ -69,5 +78,6 @@ __all__ = [
     "__version__",
     "load_config",
     "make_backend_registry",
+    "make_pressure_registry",
     "open_engine",
 ]

@@ -225,7 +225,13 @@ def _resolve_callable(value: Any) -> Any:
 
 @attrs.frozen(kw_only=True)
 class PressureConfig:
-    """The memory-pressure poller (off by default)."""
+    """The memory-pressure scheduler (off by default; see docs/pressure.md).
+
+    Every ``interval_s`` it samples ``source``; at or above ``high_watermark`` (used/total of
+    the fullest device) it frees down to ``low_watermark``: cache rows from ``evict_tiers``
+    in order, then idle models, least recently used first. Whether ``source`` names a
+    registered source is checked when an engine opens with the scheduler enabled.
+    """
 
     enabled: bool = False
     #: Registered pressure source name: ``psutil``, ``nvidia_smi``, ``custom`` or a plugin's.
@@ -233,6 +239,8 @@ class PressureConfig:
     #: For ``source="custom"``: a sync or async callable returning ``(used_bytes, total_bytes)``.
     custom: Callable[[], Any] | None = attrs.field(default=None, converter=_resolve_callable)
     interval_s: float = attrs.field(default=5.0, validator=[_is_number, _at_least(0.001)])
+    #: A reading that takes longer than this is unavailable (a hung ``nvidia-smi`` is killed).
+    sample_timeout_s: float = attrs.field(default=10.0, validator=[_is_number, _at_least(0.001)])
     high_watermark: float = attrs.field(default=0.85, validator=_is_number)
     low_watermark: float = attrs.field(default=0.75, validator=_is_number)
     #: Each round frees at least this much when above the high watermark.
@@ -251,6 +259,11 @@ class PressureConfig:
         )
         for tier in self.evict_tiers:
             _check(tier in CACHE_TIERS, "evict_tiers", f"unknown tier {tier!r}")
+        _check(
+            isinstance(self.source, str) and bool(self.source),
+            "source",
+            f"must be a registered pressure source name, got {self.source!r}",
+        )
         _check(
             self.source != "custom" or self.custom is not None,
             "custom",

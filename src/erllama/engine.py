@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,6 +20,9 @@ from .errors import ConfigError, InvalidRequest, ModelAlreadyLoaded, ModelNotFou
 from .events import AdapterInfo, Completion, ModelInfo, ModelStatus
 from .model import ModelWorker
 from .plugins import BackendRegistry, make_backend_registry
+from .pressure import PressureResult, PressureStatus
+from .pressure.registry import PressureSourceRegistry, make_pressure_registry
+from .pressure.scheduler import PressureScheduler
 from .request import InferStream, Request
 
 __all__ = ["Engine", "open_engine"]
@@ -47,6 +51,12 @@ class Engine:
         self._inflight: dict[str, tuple[ModelWorker, Request]] = {}
         self._auto_ids = itertools.count(1)
         self._closed = False
+        #: Requests per model between ``infer`` being called and being queued (tokenising):
+        #: the pressure scheduler never unloads a model with one of these.
+        self._entering: Counter[str] = Counter()
+        self._pressure = PressureScheduler(
+            config.pressure, None, cache=None, models=_PressureModels(self)
+        )
 
     # ---- models ---------------------------------------------------------------------------
 
@@ -163,14 +173,20 @@ class Engine:
             "seed": seed,
             "grammar": grammar,
         }
-        req, stream = await worker.infer(
-            prompt,
-            max_tokens=max_tokens,
-            params=params,
-            parent_key=parent_key,
-            add_special=add_special,
-            cancel=self.cancel,
-        )
+        self._entering[model_id] += 1
+        try:
+            req, stream = await worker.infer(
+                prompt,
+                max_tokens=max_tokens,
+                params=params,
+                parent_key=parent_key,
+                add_special=add_special,
+                cancel=self.cancel,
+            )
+        finally:
+            self._entering[model_id] -= 1
+            if not self._entering[model_id]:
+                del self._entering[model_id]
         if req.state.value != "done":
             self._inflight[req.ref] = (worker, req)
         return stream
@@ -258,10 +274,22 @@ class Engine:
             return self._cache.snapshot()
         return CacheCounters()
 
+    def pressure_status(self) -> PressureStatus:
+        """The memory-pressure scheduler: settings, last reading and ratio, last round and
+        the last one that freed anything (what, when), and counters. Never waits."""
+        return self._pressure.status()
+
+    async def force_check(self) -> PressureResult:
+        """Run one pressure round now (after any round in progress) and return what it did:
+        ``outcome`` is ``freed`` or why it skipped (``disabled``, ``below_watermark``,
+        ``nothing_to_evict``, ``unavailable``, ``failed``). Never raises for a failing source."""
+        return await self._pressure.check()
+
     # ---- lifecycle ----------------------------------------------------------------------------
 
     async def _aclose(self) -> None:
         self._closed = True
+        self._pressure.stop()
         async with anyio.create_task_group() as tg:
             for worker in list(self._models.values()):
                 if worker.state != "loading":
@@ -269,22 +297,57 @@ class Engine:
         self._models.clear()
 
 
+class _PressureModels:
+    """The engine's models as the pressure scheduler sees them (its ``ModelPool``)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def is_idle(self, model_id: str) -> bool:
+        eng = self._engine
+        worker = eng._models.get(model_id)
+        return (
+            worker is not None
+            and not eng._closed
+            and worker.status == "idle"
+            and not worker._queue  # no queued request, nor a queued adapter change
+            and not eng._entering[model_id]
+        )
+
+    def unload_candidates(self) -> list[str]:
+        workers = [w for w in self._engine._models.values() if self.is_idle(w.id)]
+        return [w.id for w in sorted(workers, key=lambda w: w.last_used)]
+
+    async def evict(self, model_id: str) -> int:
+        return await self._engine.evict(model_id)
+
+    async def unload(self, model_id: str) -> None:
+        # No await before the worker marks itself closing: the caller's idle check holds.
+        await self._engine.unload(model_id)
+
+
 @asynccontextmanager
 async def open_engine(
     config: EngineConfig | Mapping[str, Any] | str | None = None,
     *,
     backends: BackendRegistry | None = None,
+    pressure_sources: PressureSourceRegistry | None = None,
 ) -> AsyncIterator[Engine]:
     """Open an engine; leaving the block ends every request, saves and unloads every model.
 
     ``config`` is an :class:`EngineConfig`, a mapping, or a path to a TOML file. ``backends``
-    replaces the entry-point registry (tests pass a fresh one).
+    and ``pressure_sources`` replace the entry-point registries (tests pass fresh ones).
+    With ``config.pressure.enabled``, an unknown ``pressure.source`` raises ConfigError here.
     """
     if config is None:
         config = EngineConfig()
     elif not isinstance(config, EngineConfig):
         config = load_config(config)
     registry = backends if backends is not None else make_backend_registry()
+    source = None
+    if config.pressure.enabled:
+        sources = pressure_sources if pressure_sources is not None else make_pressure_registry()
+        source = sources.get(config.pressure.source)
     body_error: Exception | None = None
     async with anyio.create_task_group() as tg:
         cache: CachePort = NullCache()
@@ -297,6 +360,11 @@ async def open_engine(
                 engine._cache = cache
             for model_id, model_config in config.models.items():
                 await engine.load_model(model_id, model_config)
+            engine._pressure = PressureScheduler(
+                config.pressure, source, cache=kv, models=_PressureModels(engine)
+            )
+            if config.pressure.enabled:
+                await tg.start(engine._pressure.run)
             yield engine
         except Exception as exc:
             # Re-raised below, outside the task group, so callers see their own exception
