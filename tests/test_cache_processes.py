@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent(
 
     async def main():
         cfg = erllama.EngineConfig(cache=erllama.CacheConfig(
-            ram_bytes=0, ram_file_dir=None, disk_dir=disk,
+            ram_bytes=0, ram_file_dir=None, disk_dir=disk, writer_queue=64,
             policy=erllama.CachePolicy(min_tokens=4, cold_min_tokens=16,
                                        boundary_trim_tokens=4, boundary_align_tokens=8)))
         reg = erllama.make_backend_registry({"stub": stub}, autoload=False)

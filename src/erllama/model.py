@@ -29,7 +29,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 import anyio.lowlevel
@@ -390,13 +390,7 @@ class ModelWorker:
                 prompt,
             )
         elif isinstance(prompt, Sequence) and not isinstance(prompt, bytes | bytearray):
-            tokens = [*prompt]
-            n_vocab = self.loaded.n_vocab
-            for t in tokens:
-                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_vocab:
-                    raise InvalidRequest(
-                        "prompt", f"token id {t!r} is outside the vocabulary (0..{n_vocab - 1})"
-                    )
+            tokens = self._checked_ids(cast("Sequence[int]", prompt), "prompt")
         else:
             raise InvalidRequest("prompt", "must be text or a sequence of token ids")
         if not tokens:
@@ -408,6 +402,19 @@ class ModelWorker:
                 "(at least one token must be left for generation)",
             )
         return tokens
+
+    def _checked_ids(self, tokens: Sequence[int], param: str) -> list[int]:
+        """Token ids as a list, each an int inside the vocabulary (checked here, before any
+        native call: an out-of-range id would make llama.cpp abort the process)."""
+        assert self.loaded is not None
+        n_vocab = self.loaded.n_vocab
+        ids = [*tokens]
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_vocab:
+                raise InvalidRequest(
+                    param, f"token id {t!r} is outside the vocabulary (0..{n_vocab - 1})"
+                )
+        return ids
 
     async def _request_task(self, req: Request) -> None:
         """Holds the request's cancel scope: cancelling it cancels the request."""
@@ -762,12 +769,8 @@ class ModelWorker:
 
     async def detokenize(self, tokens: Sequence[int]) -> str:
         self.check_serving()
-        assert self.loaded is not None
-        n_vocab = self.loaded.n_vocab
-        for t in tokens:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_vocab:
-                raise InvalidRequest("tokens", f"token id {t!r} is outside the vocabulary")
-        raw = await self._native(self.backend.detokenize, self._handle(), list(tokens))
+        ids = self._checked_ids(tokens, "tokens")
+        raw = await self._native(self.backend.detokenize, self._handle(), ids)
         return raw.decode("utf-8", errors="replace")
 
     async def apply_chat_template(

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
 
 import pluggy
 
@@ -24,9 +24,10 @@ from .config import ModelConfig
 from .errors import BackendError, ConfigError, ErllamaError, NotSupported
 from .sampling import SamplerParams
 
-__all__ = ["Backend", "BackendRegistry", "make_backend_registry"]
+__all__ = ["Backend", "BackendRegistry", "EntryPointRegistry", "make_backend_registry"]
 
 BACKEND_GROUP = "erllama.backends"
+P = TypeVar("P")
 
 
 def _instantiate(obj: Any) -> Any:
@@ -171,40 +172,67 @@ class Backend:
         return dict(self._call("metadata", model=model) or {})
 
 
-class BackendRegistry:
-    """Backend name -> :class:`Backend`, loading entry points lazily on first use."""
+class EntryPointRegistry(Generic[P]):
+    """Plugin name -> wrapped plugin, loading entry points of ``group`` lazily on first use.
 
-    def __init__(self, *, autoload: bool = True, group: str = BACKEND_GROUP) -> None:
-        self._group = group
+    ``wrap(name, plugin)`` builds the typed facade (``Backend``, a pressure ``SourcePlugin``);
+    unknown or unimportable names raise ConfigError naming ``config_path``.
+    """
+
+    def __init__(
+        self,
+        group: str,
+        wrap: Callable[[str, Any], P],
+        *,
+        autoload: bool,
+        config_path: str,
+        noun: str,
+    ) -> None:
+        self._wrap = wrap
+        self._config_path = config_path
+        self._noun = noun
         self._entry_points: dict[str, importlib.metadata.EntryPoint] = {}
         if autoload:
             for ep in importlib.metadata.entry_points(group=group):
                 self._entry_points.setdefault(ep.name, ep)
-        self._backends: dict[str, Backend] = {}
+        self._plugins: dict[str, P] = {}
 
-    def register(self, name: str, plugin: Any) -> Backend:
-        """Register a plugin object (module or instance) under ``name``."""
-        backend = Backend(name, _instantiate(plugin))
-        self._backends[name] = backend
-        return backend
+    def register(self, name: str, plugin: Any) -> P:
+        """Register a plugin object (module, instance, or class to instantiate) as ``name``."""
+        wrapped = self._wrap(name, _instantiate(plugin))
+        self._plugins[name] = wrapped
+        return wrapped
 
     def names(self) -> list[str]:
-        return sorted(set(self._entry_points) | set(self._backends))
+        return sorted(set(self._entry_points) | set(self._plugins))
 
-    def get(self, name: str) -> Backend:
-        if name in self._backends:
-            return self._backends[name]
+    def get(self, name: str) -> P:
+        if name in self._plugins:
+            return self._plugins[name]
         ep = self._entry_points.get(name)
         if ep is None:
             known = ", ".join(self.names()) or "none"
-            raise ConfigError([("backend", f"unknown backend {name!r} (registered: {known})")])
+            raise ConfigError(
+                [(self._config_path, f"unknown {self._noun} {name!r} (registered: {known})")]
+            )
         try:
             plugin = ep.load()
         except Exception as exc:
             raise ConfigError(
-                [("backend", f"backend {name!r} failed to import ({ep.value}): {exc}")]
+                [(self._config_path, f"{self._noun} {name!r} failed to import ({ep.value}): {exc}")]
             ) from exc
         return self.register(name, plugin)
+
+    def register_all(self, plugins: Mapping[str, Any] | None) -> None:
+        for name, plugin in (plugins or {}).items():
+            self.register(name, plugin)
+
+
+class BackendRegistry(EntryPointRegistry[Backend]):
+    """Backend name -> :class:`Backend`, from the ``erllama.backends`` entry points."""
+
+    def __init__(self, *, autoload: bool = True, group: str = BACKEND_GROUP) -> None:
+        super().__init__(group, Backend, autoload=autoload, config_path="backend", noun="backend")
 
 
 def make_backend_registry(
@@ -212,6 +240,5 @@ def make_backend_registry(
 ) -> BackendRegistry:
     """A fresh registry: entry points (unless ``autoload=False``) plus ``plugins`` by name."""
     registry = BackendRegistry(autoload=autoload)
-    for name, plugin in (plugins or {}).items():
-        registry.register(name, plugin)
+    registry.register_all(plugins)
     return registry

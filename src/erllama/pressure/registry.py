@@ -7,7 +7,6 @@ Sources come from the entry-point group ``erllama.pressure``. Registries are mad
 
 from __future__ import annotations
 
-import importlib.metadata
 import inspect
 import logging
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ import pluggy
 
 from ..config import PressureConfig
 from ..errors import ConfigError
+from ..plugins import EntryPointRegistry
 from . import hookspecs
 from .types import PressureSample, coerce_sample
 
@@ -84,47 +84,14 @@ class SourcePlugin:
         self._last_error = sample.error
 
 
-def _instantiate(obj: Any) -> Any:
-    # An entry point may name a module, an instance, or a class to instantiate with no args.
-    return obj() if inspect.isclass(obj) else obj
-
-
-class PressureSourceRegistry:
-    """Source name -> :class:`SourcePlugin`, loading entry points lazily on first use."""
+class PressureSourceRegistry(EntryPointRegistry[SourcePlugin]):
+    """Source name -> :class:`SourcePlugin`, from the ``erllama.pressure`` entry points."""
 
     def __init__(self, *, autoload: bool = True, group: str = PRESSURE_GROUP) -> None:
-        self._entry_points: dict[str, importlib.metadata.EntryPoint] = {}
-        if autoload:
-            for ep in importlib.metadata.entry_points(group=group):
-                self._entry_points.setdefault(ep.name, ep)
-        self._sources: dict[str, SourcePlugin] = {}
-
-    def register(self, name: str, plugin: Any) -> SourcePlugin:
-        """Register a plugin object (module, instance or class) under ``name``."""
-        source = SourcePlugin(name, _instantiate(plugin))
-        self._sources[name] = source
-        return source
-
-    def names(self) -> list[str]:
-        return sorted(set(self._entry_points) | set(self._sources))
-
-    def get(self, name: str) -> SourcePlugin:
-        """The source called ``name``; ConfigError naming ``pressure.source`` if unknown."""
-        if name in self._sources:
-            return self._sources[name]
-        ep = self._entry_points.get(name)
-        if ep is None:
-            known = ", ".join(self.names()) or "none"
-            raise ConfigError(
-                [("pressure.source", f"unknown pressure source {name!r} (registered: {known})")]
-            )
-        try:
-            plugin = ep.load()
-        except Exception as exc:
-            raise ConfigError(
-                [("pressure.source", f"pressure source {name!r} failed to import: {exc}")]
-            ) from exc
-        return self.register(name, plugin)
+        super().__init__(
+            group, SourcePlugin, autoload=autoload, config_path="pressure.source",
+            noun="pressure source",
+        )  # fmt: skip
 
 
 def make_pressure_registry(
@@ -132,6 +99,5 @@ def make_pressure_registry(
 ) -> PressureSourceRegistry:
     """A fresh registry: entry points (unless ``autoload=False``) plus ``plugins`` by name."""
     registry = PressureSourceRegistry(autoload=autoload)
-    for name, plugin in (plugins or {}).items():
-        registry.register(name, plugin)
+    registry.register_all(plugins)
     return registry
