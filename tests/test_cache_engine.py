@@ -262,7 +262,37 @@ async def test_a_full_writer_pool_drops_saves_and_never_stalls_generation(
         gate.set()
 
 
-async def test_parent_key_waits_for_a_row_still_being_written(
+async def test_a_parent_row_still_being_written_is_usable_at_once(
+    registry: BackendRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = threading.Event()
+    original = FileTier.publish
+
+    def held_publish(self: FileTier, *a: Any) -> Any:
+        gate.wait(10)
+        return original(self, *a)
+
+    monkeypatch.setattr(FileTier, "publish", held_publish)
+    cfg = cache_cfg(tmp_path, ram_bytes=0, ram_file_dir=None)
+    try:
+        async with erllama.open_engine(cfg, backends=registry) as engine:
+            mid = await engine.load_model("m", stub_config())
+            t1 = await engine.tokenize(mid, words(20))
+            r1 = await engine.complete(mid, t1, max_tokens=3)
+            row = engine._cache.catalog.get(bytes.fromhex(r1.finish_key))  # type: ignore[attr-defined, arg-type]
+            # Reserved, with its bytes, before finish_key was handed out; its file is held.
+            assert row is not None and row.status == "writing"
+            r2 = await engine.complete(
+                mid, [*t1, *r1.token_ids, 300, 301], parent_key=r1.finish_key, max_tokens=2
+            )
+            assert r2.cache_hit_kind == "partial"
+            assert engine.cache_counters().hits_resume == 1
+            gate.set()
+    finally:
+        gate.set()
+
+
+async def test_a_parent_key_saved_by_another_engine_is_found_on_disk(
     registry: BackendRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     original = FileTier.publish
@@ -270,24 +300,29 @@ async def test_parent_key_waits_for_a_row_still_being_written(
     def slow_publish(self: FileTier, *a: Any) -> Any:
         import time
 
-        time.sleep(0.15)
+        time.sleep(0.3)
         return original(self, *a)
 
     monkeypatch.setattr(FileTier, "publish", slow_publish)
-    cfg = cache_cfg(tmp_path, ram_bytes=0, ram_file_dir=None)
-    async with erllama.open_engine(cfg, backends=registry) as engine:
-        mid = await engine.load_model("m", stub_config())
-        t1 = await engine.tokenize(mid, words(20))
-        r1 = await engine.complete(mid, t1, max_tokens=3)
-        row = engine._cache.catalog.get(bytes.fromhex(r1.finish_key))  # type: ignore[attr-defined, arg-type]
-        assert (
-            row is not None and row.status == "writing"
-        )  # reserved before finish_key was handed out
-        r2 = await engine.complete(
-            mid, [*t1, *r1.token_ids, 300, 301], parent_key=r1.finish_key, max_tokens=2
+    policy = attrs.evolve(POLICY, resume_wait_s=10.0)
+    cfg = cache_cfg(tmp_path, ram_bytes=0, ram_file_dir=None, policy=policy)
+    async with (
+        erllama.open_engine(cfg, backends=registry) as saver,
+        erllama.open_engine(cfg, backends=registry) as other,
+    ):
+        a = await saver.load_model("m", stub_config())
+        b = await other.load_model("m", stub_config())
+        t1 = await saver.tokenize(a, words(20))
+        r1 = await saver.complete(a, t1, max_tokens=3)
+        # The saver is publishing now: its temp exists, the row file does not yet.
+        await wait_for(lambda: any((tmp_path / "disk").glob(f"{r1.finish_key}.kvc.*.tmp")))
+        r2 = await other.complete(
+            b, [*t1, *r1.token_ids, 300], parent_key=r1.finish_key, max_tokens=2
         )
         assert r2.cache_hit_kind == "partial"
-        assert engine.cache_counters().hits_resume == 1
+        assert r2.cache_delta.read == len(t1) + 3
+        c = other.cache_counters()
+        assert c.hits_resume == 1 and c.adopted == 1
 
 
 async def test_a_corrupt_file_is_a_miss_counted_and_removed(

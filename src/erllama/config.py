@@ -113,7 +113,7 @@ class CachePolicy:
     boundary_trim_tokens: int = _int_field(32, 0)
     #: The cold save point is a multiple of this many tokens.
     boundary_align_tokens: int = _int_field(64, 1)
-    #: How long an admission waits for a ``parent_key`` row that is still being written.
+    #: How long a ``parent_key`` lookup waits for a row another process is still publishing.
     resume_wait_s: float = attrs.field(default=0.5, validator=[_is_number, _at_least(0)])
     #: Save at the end of every request (gives ``finish_key``).
     save_finish: bool = True

@@ -185,15 +185,33 @@ class KVCache:
     async def _resume(
         self, ns: Namespace, tb: bytes, parent_key: bytes, policy: CachePolicy
     ) -> Restore | None:
+        # In this process a finish_key always names an indexed row: it is reserved (with its
+        # bytes) before the key is handed out. A key this process does not know may have been
+        # saved by another engine sharing the file tiers: look for it there.
         row = self.catalog.get(parent_key)
-        if row is not None and not row.available and row.payload is None:
-            # Still being written: the reservation exists, so wait briefly for it.
-            with anyio.move_on_after(policy.resume_wait_s):
-                await row.published.wait()
-            row = self.catalog.get(parent_key)
+        if row is None and self.files:
+            row = await self._find_published(parent_key, policy.resume_wait_s)
         if row is None or row.ns_id != ns.id:
             return None
         return await self._try(row, tb, "parent")
+
+    async def _find_published(self, key: bytes, wait_s: float) -> Row | None:
+        """Adopt ``key`` from a file tier if another process published it; while one of its
+        temps exists (being published right now), wait up to ``wait_s`` for it."""
+        deadline = anyio.current_time() + wait_s
+        while True:
+            writing = False
+            for name, tier in self.files.items():
+                meta, busy = await anyio.to_thread.run_sync(
+                    tier.probe, key, limiter=self._read_limiter
+                )
+                if meta is not None:
+                    self._adopt(name, meta, count=True)
+                    return self.catalog.get(key)
+                writing = writing or busy
+            if not writing or anyio.current_time() >= deadline:
+                return None
+            await anyio.sleep(0.01)
 
     async def _try(
         self, row: Row, tb: bytes, source: Literal["exact", "parent", "prefix"]

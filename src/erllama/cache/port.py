@@ -42,7 +42,8 @@ class CachePort(Protocol):
         policy: CachePolicy,
     ) -> Restore | None:
         """Find the best row for ``tokens``: exact, then ``parent_key`` (waiting up to
-        ``policy.resume_wait_s`` for a row still being written), then longest prefix.
+        ``policy.resume_wait_s`` for a row another process is still publishing), then longest
+        prefix.
         Counts the hit or miss. Never raises for damaged files: they are misses."""
 
     def prepare_save(

@@ -332,6 +332,35 @@ class FileTier:
             return None
         return st.st_size if stat.S_ISREG(st.st_mode) else None
 
+    def probe(self, key: bytes) -> tuple[RowMeta | None, bool]:
+        """Look for one row this process has not indexed (published by another process).
+
+        Returns ``(meta, False)`` for a valid row file, ``(None, writing)`` otherwise, where
+        ``writing`` says a temp for ``key`` exists (someone is publishing it right now). A
+        damaged file is removed.
+        """
+        name = _row_name(key)
+        dfd = self._fd()
+        try:
+            fd, st = open_row(name, dir_fd=dfd)
+        except FileNotFoundError:
+            prefix = name + "."
+            with os.scandir(dfd) as it:
+                writing = any(
+                    e.name.startswith(prefix) and e.name.endswith(_TMP_SUFFIX) for e in it
+                )
+            return None, writing
+        except CorruptRow:
+            self._remove_corrupt(name, None)
+            return None, False
+        try:
+            return read_meta(fd, st.st_size, key), False
+        except CorruptRow:
+            self._remove_corrupt(name, st)
+            return None, False
+        finally:
+            os.close(fd)
+
     def touch_hits(self, key: bytes, hits: int) -> bool:
         """Persist the hit count in the row's header in place; best effort.
 
