@@ -1,4 +1,4 @@
-"""The ``erllama`` command: complete, chat, demo, info (and bench, from bench/)."""
+"""The ``erllama`` command: complete, chat, demo, info, and bench (the harness in bench/)."""
 
 from __future__ import annotations
 
@@ -261,10 +261,51 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--max-tokens", type=int, default=48)
     i = sub.add_parser("info", help="load a model and print what erllama knows of it")
     common(i)
+    # Listed for --help only: main() hands everything after "bench" to the harness's own
+    # parser (bench/harness.py), which documents --quick, --only, --out.
+    sub.add_parser(
+        "bench",
+        help="run the benchmark harness in bench/ (see bench/README.md; --help for options)",
+        add_help=False,
+    )
     return p
 
 
+def _find_bench() -> Path | None:
+    """The repository's bench/ folder: beside the source tree (editable installs), or in
+    the current directory or one of its parents."""
+    here = Path(__file__).resolve()
+    candidates = [here.parents[2] / "bench"] if len(here.parents) > 2 else []
+    cwd = Path.cwd()
+    candidates += [d / "bench" for d in (cwd, *cwd.parents)]
+    for folder in candidates:
+        if (folder / "harness.py").is_file():
+            return folder
+    return None
+
+
+def _bench(argv: Sequence[str]) -> int:
+    import importlib
+
+    folder = _find_bench()
+    if folder is None:
+        print(
+            "erllama bench: no bench/ folder found. It ships with the source repository, "
+            "not the wheel: run this from a checkout (pip install -e '.[llama,bench]').",
+            file=sys.stderr,
+        )
+        return 2
+    sys.path.insert(0, str(folder))
+    harness = importlib.import_module("harness")
+    result: int = harness.main(list(argv))
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # The harness runs its own event loops (asyncio, trio) and parses its own options.
+        return _bench(argv[1:])
     args = _parser().parse_args(argv)
     commands = {"complete": _complete, "chat": _chat, "demo": _demo, "info": _info}
     try:

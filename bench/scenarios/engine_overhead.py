@@ -1,0 +1,278 @@
+"""Scenario 4: what the engine costs on top of llama.cpp.
+
+Greedy decode of the same chat prompt, the same number of tokens, four ways:
+
+- ``raw``: a plain llama-cpp-python loop on the low-level bindings (one context with
+  erllama's settings, ``llama_decode`` the prompt, then sample greedily / detokenize /
+  decode one token at a time);
+- ``erllama_asyncio`` and ``erllama_trio``: ``engine.infer`` with the cache off, streamed;
+- ``llama_cpp_llama``: the high-level ``llama_cpp.Llama.create_completion(stream=True)``,
+  for reference.
+
+Decode rate = (tokens - 1) / (last token time - first token time), so prefill is excluded;
+TTFT is request -> first token. The raw loop hands out a token as soon as it is sampled,
+whereas erllama samples and decodes a token in one step and streams it after that step,
+so erllama's TTFT includes one extra decode of the first token. The four run in turn, a few
+times; medians are reported and every run is kept.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+from common import FLASH_ATTN, N_BATCH, N_CTX, cache_config, median, model_config, timed
+from peers import LlamaPeer
+
+import erllama
+
+NAME = "engine_overhead"
+TITLE = "Engine overhead: greedy decode vs a plain llama-cpp-python loop"
+SYSTEMS = ("raw", "erllama_asyncio", "erllama_trio", "llama_cpp_llama")
+LABELS = {
+    "raw": "plain llama-cpp-python loop (low-level)",
+    "erllama_asyncio": "erllama on asyncio",
+    "erllama_trio": "erllama on trio",
+    "llama_cpp_llama": "llama_cpp.Llama (high-level, streaming)",
+}
+REQUEST = "Write a long, detailed story about a lighthouse keeper and a storm. Use many paragraphs."
+
+
+def _plan(ctx: Any) -> dict[str, int]:
+    return {"reps": 1 if ctx.quick else 3, "tokens": 48 if ctx.quick else 160}
+
+
+def steps(ctx: Any) -> int:
+    return _plan(ctx)["reps"] * len(SYSTEMS)
+
+
+class RawLoop:
+    """The simplest correct greedy loop on llama-cpp-python's low-level API."""
+
+    def __init__(self, model_path: Path, threads: int) -> None:
+        import llama_cpp as L
+
+        from erllama.backends.llama_native import ensure_backend
+
+        self.L = L
+        ensure_backend()  # llama_backend_init once, llama.cpp's log routed to logging
+        mparams = L.llama_model_default_params()
+        self.model = L.llama_model_load_from_file(str(model_path).encode(), mparams)
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = N_CTX
+        cparams.n_batch = cparams.n_ubatch = N_BATCH
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.flash_attn_type = (
+            L.LLAMA_FLASH_ATTN_TYPE_ENABLED if FLASH_ATTN else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        cparams.no_perf = True
+        self.ctx = L.llama_init_from_model(self.model, cparams)
+        self.vocab = L.llama_model_get_vocab(self.model)
+        self.batch = L.llama_batch_init(N_BATCH, 0, 1)
+        self.sampler = L.llama_sampler_init_greedy()
+        self.buf = ctypes.create_string_buffer(64)
+
+    def _decode(self, tokens: list[int], start: int) -> None:
+        L, b = self.L, self.batch
+        for i, t in enumerate(tokens):
+            b.token[i] = t
+            b.pos[i] = start + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = 1 if i == len(tokens) - 1 else 0
+        b.n_tokens = len(tokens)
+        if L.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def generate(self, prompt: list[int], n: int) -> dict[str, Any]:
+        L = self.L
+        L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
+        t0 = time.perf_counter()
+        for i in range(0, len(prompt), N_BATCH):
+            self._decode(prompt[i : i + N_BATCH], i)
+        pos = len(prompt)
+        out: list[int] = []
+        stamps: list[float] = []
+        while len(out) < n:
+            tok = int(L.llama_sampler_sample(self.sampler, self.ctx, -1))
+            L.llama_token_to_piece(self.vocab, tok, self.buf, 64, 0, False)
+            out.append(tok)
+            stamps.append(time.perf_counter())
+            if len(out) == n:
+                break
+            self._decode([tok], pos)
+            pos += 1
+        return _rates(t0, stamps, out)
+
+    def close(self) -> None:
+        L = self.L
+        L.llama_sampler_free(self.sampler)
+        L.llama_batch_free(self.batch)
+        L.llama_free(self.ctx)
+        L.llama_model_free(self.model)
+
+
+def _rates(t0: float, stamps: list[float], tokens: list[int]) -> dict[str, Any]:
+    span = stamps[-1] - stamps[0]
+    return {
+        "ttft_s": stamps[0] - t0,
+        "decode_tok_per_s": (len(stamps) - 1) / span if span > 0 else None,
+        "tokens": len(tokens),
+        "token_ids": tokens,
+    }
+
+
+async def _erllama(ctx: Any, prompt: list[int], n: int) -> dict[str, Any]:
+    config = erllama.EngineConfig(cache=cache_config(None))
+    async with erllama.open_engine(config) as engine:
+        mid = await engine.load_model("m", model_config(ctx.model_path, threads=ctx.threads))
+        await timed(engine, mid, "Warm-up.", max_tokens=4)
+        t = await timed(engine, mid, prompt, max_tokens=n)
+    return {
+        "ttft_s": t.ttft_s,
+        "decode_tok_per_s": t.decode_tok_per_s,
+        "tokens": len(t.token_ids),
+        "token_ids": t.token_ids,
+        "engine_tokens_per_s": t.stats.tokens_per_s,
+    }
+
+
+def _llama(peer: LlamaPeer, prompt: list[int], n: int) -> dict[str, Any]:
+    llm = peer.llm
+    llm.reset()  # no prefix reuse from the previous repetition
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    for _ in llm.create_completion(prompt, max_tokens=n, temperature=0.0, stream=True):
+        stamps.append(time.perf_counter())
+    # The last chunk carries only the finish reason.
+    return _rates(t0, stamps[:n], list(range(min(n, len(stamps)))))
+
+
+def run(ctx: Any) -> dict[str, Any]:
+    plan = _plan(ctx)
+    n = plan["tokens"]
+
+    async def make_prompt() -> list[int]:
+        async with erllama.open_engine(erllama.EngineConfig(cache=cache_config(None))) as e:
+            mid = await e.load_model("m", model_config(ctx.model_path, threads=ctx.threads))
+            return await e.apply_chat_template(mid, [{"role": "user", "content": REQUEST}])
+
+    prompt = anyio.run(make_prompt)
+    raw = RawLoop(ctx.model_path, ctx.threads)
+    peer = LlamaPeer(ctx.model_path, threads=ctx.threads, cache=None)
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SYSTEMS}
+    try:
+        raw.generate(prompt[:8], 4)  # warm-up
+        for rep in range(plan["reps"]):
+            # erllama stops at end of generation; the others then produce the same count.
+            e = anyio.run(_erllama, ctx, prompt, n)
+            runs["erllama_asyncio"].append(e)
+            ctx.step(f"asyncio {rep + 1}")
+            count = e["tokens"]
+            runs["raw"].append(raw.generate(prompt, count))
+            ctx.step(f"raw {rep + 1}")
+            runs["erllama_trio"].append(anyio.run(_erllama, ctx, prompt, n, backend="trio"))
+            ctx.step(f"trio {rep + 1}")
+            runs["llama_cpp_llama"].append(_llama(peer, prompt, count))
+            ctx.step(f"Llama {rep + 1}")
+    finally:
+        raw.close()
+        peer.close()
+    same = all(
+        r["token_ids"] == runs["raw"][0]["token_ids"]
+        for s in ("erllama_asyncio", "erllama_trio")
+        for r in runs[s]
+    )
+    summary: dict[str, Any] = {}
+    for s in SYSTEMS:
+        rates = [r["decode_tok_per_s"] for r in runs[s] if r["decode_tok_per_s"]]
+        summary[s] = {
+            "decode_tok_per_s": median(rates),
+            "ttft_s": median([r["ttft_s"] for r in runs[s]]),
+            "tokens": runs[s][0]["tokens"],
+            "runs": [{k: v for k, v in r.items() if k != "token_ids"} for r in runs[s]],
+        }
+    raw_rate = summary["raw"]["decode_tok_per_s"]
+    raw_ttft = summary["raw"]["ttft_s"]
+    for s in SYSTEMS:
+        summary[s]["decode_vs_raw"] = summary[s]["decode_tok_per_s"] / raw_rate
+        summary[s]["ttft_vs_raw"] = summary[s]["ttft_s"] / raw_ttft
+    return {
+        "prompt_tokens": len(prompt),
+        "max_tokens": n,
+        "reps": plan["reps"],
+        "greedy_tokens_identical_to_raw": same,
+        "systems": summary,
+        "method": {
+            "decode_rate": "(tokens - 1) / (last token - first token), client side",
+            "ttft": "request -> first token; erllama's includes decoding that token (see doc)",
+            "order": "asyncio, raw, trio, Llama in turn, repeated; medians",
+            "cache": "erllama cache off (pure engine path)",
+        },
+    }
+
+
+def headline(result: dict[str, Any]) -> list[dict[str, Any]]:
+    s = result["systems"]
+    return [
+        {
+            "figure": f"greedy decode tok/s, erllama vs plain loop ({s['raw']['tokens']} tokens)",
+            "value": s["erllama_asyncio"]["decode_vs_raw"],
+            "display": f"asyncio {s['erllama_asyncio']['decode_tok_per_s']:.1f} "
+            f"({s['erllama_asyncio']['decode_vs_raw']:.1%}), trio "
+            f"{s['erllama_trio']['decode_tok_per_s']:.1f} ({s['erllama_trio']['decode_vs_raw']:.1%})"
+            f", raw {s['raw']['decode_tok_per_s']:.1f}, Llama "
+            f"{s['llama_cpp_llama']['decode_tok_per_s']:.1f}",
+            "target": None,
+            "met": None,
+        },
+        {
+            "figure": f"TTFT ({result['prompt_tokens']}-token prompt), erllama vs plain loop",
+            "value": s["erllama_asyncio"]["ttft_vs_raw"],
+            "display": f"asyncio {s['erllama_asyncio']['ttft_s'] * 1e3:.0f} ms, trio "
+            f"{s['erllama_trio']['ttft_s'] * 1e3:.0f} ms, raw {s['raw']['ttft_s'] * 1e3:.0f} ms, "
+            f"Llama {s['llama_cpp_llama']['ttft_s'] * 1e3:.0f} ms",
+            "target": None,
+            "met": None,
+        },
+    ]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s = result["systems"]
+    lines = [
+        f"Prompt {result['prompt_tokens']} tokens (chat template), {s['raw']['tokens']} tokens "
+        f"generated greedily, median of {result['reps']}; erllama's tokens identical to the "
+        f"plain loop's: {result['greedy_tokens_identical_to_raw']}.",
+        "",
+        "| system | decode tok/s | vs plain loop | TTFT | vs plain loop |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in SYSTEMS:
+        x = s[name]
+        lines.append(
+            f"| {LABELS[name]} | {x['decode_tok_per_s']:.1f} | {x['decode_vs_raw']:.1%} | "
+            f"{x['ttft_s'] * 1e3:.0f} ms | {x['ttft_vs_raw']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], plt: Any) -> dict[str, Any]:
+    s = result["systems"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8))
+    names = list(SYSTEMS)
+    labels = ["plain loop", "erllama\nasyncio", "erllama\ntrio", "Llama"]
+    ax.bar(labels, [s[n]["decode_tok_per_s"] for n in names], color="C0")
+    ax.set_ylabel("tokens/s")
+    ax.set_title("Greedy decode rate")
+    bx.bar(labels, [s[n]["ttft_s"] * 1e3 for n in names], color="C1")
+    bx.set_ylabel("ms")
+    bx.set_title(f"Time to first token ({result['prompt_tokens']}-token prompt)")
+    for a in (ax, bx):
+        a.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    return {"engine_overhead": fig}
