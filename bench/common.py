@@ -26,13 +26,18 @@ FLASH_ATTN = True
 GIB = 1 << 30
 
 
-def model_config(path: Path, *, threads: int = N_THREADS, **kw: Any) -> erllama.ModelConfig:
+def model_config(
+    path: Path, *, threads: int = N_THREADS, live: bool = True, **kw: Any
+) -> erllama.ModelConfig:
+    """``live=False`` turns off reuse of a sequence's own KV between requests: for cold
+    baselines and for measuring a cache tier (otherwise the live cells would serve it)."""
     return erllama.ModelConfig(
         model_path=path,
         n_ctx=N_CTX,
         n_batch=N_BATCH,
         n_threads=threads,
         flash_attn=FLASH_ATTN,
+        keep_live_kv=live,
         **kw,
     )
 

@@ -12,10 +12,10 @@ from erllama.backends.stub import StubControl
 
 def stub_config(**options: object) -> erllama.ModelConfig:
     """A stub model config; keyword arguments become stub options, except the ModelConfig
-    fields n_seq_max, max_queue, n_ctx and prefill_chunk."""
+    fields n_seq_max, max_queue, n_ctx, prefill_chunk and keep_live_kv."""
     fields = {
         k: options.pop(k)
-        for k in ("n_seq_max", "max_queue", "n_ctx", "prefill_chunk")
+        for k in ("n_seq_max", "max_queue", "n_ctx", "prefill_chunk", "keep_live_kv")
         if k in options
     }
     fields.setdefault("n_ctx", 512)

@@ -17,7 +17,14 @@ from erllama.backends.stub import _word
 from erllama.cache.tiers import FileTier
 from erllama.plugins import BackendRegistry
 
-from .helpers import metered, release, stub_config, wait_for
+from .helpers import metered, release, wait_for
+from .helpers import stub_config as _stub_config
+
+
+def stub_config(**options: Any) -> erllama.ModelConfig:
+    """These tests pin the cache itself: live-KV reuse off, so every warm start is a row."""
+    return _stub_config(keep_live_kv=False, **options)
+
 
 pytestmark = pytest.mark.anyio
 

@@ -27,7 +27,8 @@ async def test_requests_run_in_fifo_order_and_infer_returns_while_queued(
     engine: erllama.Engine,
 ) -> None:
     ctl = metered()
-    mid = await engine.load_model("m", stub_config(control=ctl))
+    # Live-KV reuse off: each prompt is then prefilled whole, which the order check reads.
+    mid = await engine.load_model("m", stub_config(control=ctl, keep_live_kv=False))
     streams = [await engine.infer(mid, f"prompt number {i}", max_tokens=2) for i in range(3)]
     # All three streams exist before a single step ran.
     assert ctl.steps == 0 or ctl.active == 1

@@ -76,7 +76,10 @@ def run(ctx: Any) -> dict[str, Any]:
         off_cfg = erllama.EngineConfig(cache=cache_config(None))
         async with erllama.open_engine(on_cfg) as on, erllama.open_engine(off_cfg) as off:
             m_on = await on.load_model("m", mc)
-            m_off = await off.load_model("m", mc)
+            # Without the cache means no reuse at all: live KV reuse off too.
+            m_off = await off.load_model(
+                "m", model_config(ctx.model_path, threads=ctx.threads, live=False)
+            )
             for e, m in ((on, m_on), (off, m_off)):
                 await timed(e, m, "Warm-up.", max_tokens=2)
             system = await prose_of_tokens(on, m_on, plan["prefix_tokens"], seed="agents-system")

@@ -65,7 +65,9 @@ async def _cell(ctx: Any, n: int, tier: str, reps: int) -> dict[str, Any]:
     scratch = ctx.fresh_dir(tier) if tier != "ram" else None
     config = erllama.EngineConfig(cache=cache_config(tier, scratch))
     async with erllama.open_engine(config) as engine:
-        mid = await engine.load_model("m", model_config(ctx.model_path, threads=ctx.threads))
+        # Live reuse off: the warm request must be served by the tier under test.
+        mc = model_config(ctx.model_path, threads=ctx.threads, live=False)
+        mid = await engine.load_model("m", mc)
         probe = RestoreProbe(engine, mid)
         prompt = await prompt_of_length(engine, mid, n, seed=f"matrix-{n}")
         cold = await timed(engine, mid, prompt, max_tokens=1)
@@ -130,7 +132,7 @@ async def _cell(ctx: Any, n: int, tier: str, reps: int) -> dict[str, Any]:
 async def _overhead(ctx: Any, n: int, pairs: int) -> dict[str, Any]:
     on_cfg = erllama.EngineConfig(cache=cache_config("ram"))
     off_cfg = erllama.EngineConfig(cache=cache_config(None))
-    mc = model_config(ctx.model_path, threads=ctx.threads)
+    mc = model_config(ctx.model_path, threads=ctx.threads, live=False)
     samples: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
     async with erllama.open_engine(on_cfg) as on, erllama.open_engine(off_cfg) as off:
         engines = {"on": on, "off": off}

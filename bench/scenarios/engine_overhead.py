@@ -129,7 +129,9 @@ def _rates(t0: float, stamps: list[float], tokens: list[int]) -> dict[str, Any]:
 async def _erllama(ctx: Any, prompt: list[int], n: int) -> dict[str, Any]:
     config = erllama.EngineConfig(cache=cache_config(None))
     async with erllama.open_engine(config) as engine:
-        mid = await engine.load_model("m", model_config(ctx.model_path, threads=ctx.threads))
+        mid = await engine.load_model(
+            "m", model_config(ctx.model_path, threads=ctx.threads, live=False)
+        )
         await timed(engine, mid, "Warm-up.", max_tokens=4)
         t = await timed(engine, mid, prompt, max_tokens=n)
     return {
@@ -158,7 +160,9 @@ def run(ctx: Any) -> dict[str, Any]:
 
     async def make_prompt() -> list[int]:
         async with erllama.open_engine(erllama.EngineConfig(cache=cache_config(None))) as e:
-            mid = await e.load_model("m", model_config(ctx.model_path, threads=ctx.threads))
+            mid = await e.load_model(
+                "m", model_config(ctx.model_path, threads=ctx.threads, live=False)
+            )
             return await e.apply_chat_template(mid, [{"role": "user", "content": REQUEST}])
 
     prompt = anyio.run(make_prompt)

@@ -183,7 +183,10 @@ async def _variant(ctx: Any, variant: str, plan: dict[str, Any]) -> dict[str, An
         erllama.open_engine(off_cfg) as off,
     ):
         m_live = await live.load_model("m", mc)
-        m_off = await off.load_model("m", mc)
+        # erllama "cache off" means no reuse at all: live KV reuse off too.
+        m_off = await off.load_model(
+            "m", model_config(ctx.model_path, threads=ctx.threads, live=False)
+        )
         for e, m in ((live, m_live), (off, m_off)):
             await timed(e, m, "Warm-up.", max_tokens=2)
         peers: dict[str, LlamaPeer] = {}

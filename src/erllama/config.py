@@ -174,6 +174,9 @@ class ModelConfig:
     use_mmap: bool = True
     #: Allow ``embed`` (it uses its own small context, created on first use).
     embeddings: bool = True
+    #: Keep a finished request's KV in its sequence and reuse its longest common prefix with
+    #: the next prompt admitted there: no restore at all. Off only to measure cold paths.
+    keep_live_kv: bool = True
     #: Requests that may wait behind the running ones; one more raises QueueFull.
     max_queue: int = _int_field(64, 0)
     #: Longest prompt slice prefilled per tick (default n_batch); cancel acts between slices.

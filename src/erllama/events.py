@@ -53,9 +53,10 @@ class CacheHit:
     kind: CacheHitKind
     #: Tokens restored from the cache (0 when cold).
     prefix_len: int
-    #: Which lookup found it: exact, parent_key, longest_prefix, or None when cold.
-    source: Literal["exact", "parent", "prefix"] | None = None
-    #: The tier the row came from.
+    #: Which lookup found it: exact, parent_key, longest_prefix, the sequence's own live KV
+    #: kept from the previous request ("live"), or None when cold.
+    source: Literal["exact", "parent", "prefix", "live"] | None = None
+    #: The tier the row came from (None for live reuse).
     tier: str | None = None
 
 

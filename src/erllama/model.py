@@ -37,7 +37,15 @@ import attrs
 from anyio.abc import TaskGroup, TaskStatus
 
 from .backends.types import Decode, LoadedModel, Prefill, Prefilled, Sampled, StepOp, StepResult
-from .cache.key import Namespace, effective_fingerprint, kv_layout_hash, parse_key, quant_byte
+from .cache.key import (
+    Namespace,
+    common_prefix_tokens,
+    effective_fingerprint,
+    encode_tokens,
+    kv_layout_hash,
+    parse_key,
+    quant_byte,
+)
 from .cache.policy import cold_save_point, passes_gate, wants_continued
 from .cache.port import CachePort, Restore, SaveReason
 from .config import CachePolicy, ModelConfig
@@ -116,6 +124,8 @@ class ModelWorker:
         self._admitting: list[Request] = []
         self._running: dict[int, Request] = {}
         self._free_seqs: list[int] = []
+        #: Free sequences still holding their last request's KV: (token bytes, fingerprint).
+        self._live: dict[int, tuple[bytes, bytes]] = {}
         self.n_seq = config.n_seq_max
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
@@ -537,7 +547,8 @@ class ModelWorker:
         return progressed
 
     def _admit(self, req: Request) -> None:
-        req.seq = self._free_seqs.pop()
+        req.seq, req.live_len = self._pick_seq(req)
+        self._free_seqs.remove(req.seq)
         req.state = RequestState.ADMITTING
         req.admitted_at = self.last_used = time.monotonic()
         self._admitting.append(req)
@@ -547,11 +558,33 @@ class ModelWorker:
         assert self._tg is not None
         self._tg.start_soon(self._lookup, req)
 
+    def _pick_seq(self, req: Request) -> tuple[int, int]:
+        """The free sequence whose live KV shares the longest useful prefix with the prompt
+        (computed under the request's fingerprint). A prefix shorter than ``min_tokens`` is
+        not worth spoiling another prompt's live KV for: then an empty sequence is taken."""
+        prompt = encode_tokens(req.prompt) if self._live else b""
+        floor = min(self.policy.min_tokens, len(req.prompt))
+        best: tuple[int, int, int] | None = None  # (usable prefix, empty?, seq)
+        for seq in self._free_seqs:
+            live = self._live.get(seq)
+            n = 0
+            if live is not None and live[1] == req.fingerprint and self.config.keep_live_kv:
+                n = common_prefix_tokens(live[0], prompt)
+            candidate = (n if n >= floor else 0, live is None, seq)
+            if best is None or candidate[:2] > best[:2]:
+                best = candidate
+        assert best is not None
+        return best[2], best[0]
+
     async def _lookup(self, req: Request) -> None:
         """Off the model thread: find and read the best cache row while others keep ticking."""
         try:
             req.restore = await self.cache.lookup(
-                self.namespace(req.fingerprint), req.prompt, req.parent_key, self.policy
+                self.namespace(req.fingerprint),
+                req.prompt,
+                req.parent_key,
+                self.policy,
+                longer_than=req.live_len,
             )
         except Exception:
             log.exception("model %s: cache lookup failed; serving cold", self.id)
@@ -561,55 +594,73 @@ class ModelWorker:
             self._wake.set()
 
     async def _setup_sequence(self, req: Request) -> None:
-        """Restore the cache row into the request's sequence, or clear it for a cold prefill.
+        """Put the prompt's best known prefix into the request's sequence, or clear it.
 
-        States carry no logits. A partial hit needs none from the restored part: the rest of
-        the prompt is prefilled after all ``n`` restored cells, exactly as the cold run (with
-        the same chunk boundaries) would. Only an exact hit drops the last cell and decodes
-        that one token again, alone, as it was decoded when the row was made; so greedy
-        output after a restore matches the unbroken run bit for bit.
+        The prefix comes from a cache row (restored), from the sequence's own live KV kept
+        from its previous request (cells past the common prefix removed), or nowhere (cold).
+        States carry no logits. A partial hit needs none from the known part: the rest of the
+        prompt is prefilled after all its cells, exactly as the cold run (with the same chunk
+        boundaries) would. Only an exact hit drops the last cell and decodes that one token
+        again, alone, as it was decoded when the cell was first made; so greedy output after a
+        hit matches the unbroken run bit for bit.
         """
         handle = self._handle()
-        assert req.seq is not None
+        seq = req.seq
+        assert seq is not None
+        had_live = self._live.pop(seq, None) is not None
         restore: Restore | None = req.restore
         req.restore = None
-        exact = restore is not None and len(restore.tokens) == len(req.prompt)
+        n_prompt = len(req.prompt)
         if restore is not None:
+            exact = len(restore.tokens) == n_prompt
             keep = len(restore.tokens) - 1 if exact else None
             try:
-                await self._native(self._restore_native, handle, req.seq, restore.payload, keep)
+                await self._native(
+                    self._restore_native, handle, seq, restore.payload, keep, had_live
+                )
             except BackendError as exc:
                 self.cache.reject(restore, str(exc))
-                restore = None
-        if restore is None:
-            await self._native(self.backend.seq_rm, handle, req.seq, 0, None)
-            req.context = []
-            restored = 0
-            req.hit = CacheHit(kind="cold", prefix_len=0)
-        else:
-            restored = len(restore.tokens)
-            req.context = list(restore.tokens[:-1] if exact else restore.tokens)
+                restore, req.live_len = None, 0
+        if restore is not None:
+            known = len(restore.tokens)
             req.hit = CacheHit(
                 kind="exact" if exact else "partial",
-                prefix_len=restored,
+                prefix_len=known,
                 source=restore.source,
                 tier=restore.tier,
             )
+        elif req.live_len:
+            known = req.live_len
+            exact = known == n_prompt
+            await self._native(
+                self.backend.seq_rm, handle, seq, known - 1 if exact else known, None
+            )
+            req.hit = CacheHit(
+                kind="exact" if exact else "partial", prefix_len=known, source="live"
+            )
+            self.cache.note_live_hit()
+        else:
+            known, exact = 0, False
+            await self._native(self.backend.seq_rm, handle, seq, 0, None)
+            req.hit = CacheHit(kind="cold", prefix_len=0)
+        req.context = list(req.prompt[: known - 1 if exact else known])
         self.last_hit = req.hit
         rest = list(req.prompt[len(req.context) :])
-        point = cold_save_point(len(req.prompt), self.policy) if self.cache.enabled else None
-        if point is not None and point > restored:
+        point = cold_save_point(n_prompt, self.policy) if self.cache.enabled else None
+        if point is not None and point > known:
             cut = point - len(req.context)
             req.cursor, req.cold_rest = rest[:cut], rest[cut:]
         else:
             req.cursor, req.cold_rest = rest, None
-        req.last_save_at = restored
+        req.last_save_at = known
         req.state = RequestState.RUNNING
-        self._running[req.seq] = req
+        self._running[seq] = req
 
     def _restore_native(
-        self, handle: Any, seq: int, payload: bytes | bytearray, keep: int | None
+        self, handle: Any, seq: int, payload: bytes | bytearray, keep: int | None, clear: bool
     ) -> None:
+        if clear:
+            self.backend.seq_rm(handle, seq, 0, None)
         self.backend.kv_unpack(handle, seq, payload)
         if keep is not None:
             self.backend.seq_rm(handle, seq, keep, None)
@@ -733,7 +784,11 @@ class ModelWorker:
                 req.finish_key = key.hex()
         assert req.seq is not None
         self._running.pop(req.seq, None)
-        await self._native(self.backend.seq_rm, self._handle(), req.seq, 0, None)
+        if self.config.keep_live_kv:
+            # Keep the cells: the next prompt admitted here may share a prefix with them.
+            self._live[req.seq] = (encode_tokens(req.context), req.fingerprint)
+        else:
+            await self._native(self.backend.seq_rm, self._handle(), req.seq, 0, None)
         self._release_seq(req)
         await self._end_request(req, reason)
 

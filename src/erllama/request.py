@@ -70,6 +70,9 @@ class Request:
     hit: CacheHit = attrs.Factory(lambda: CacheHit(kind="cold", prefix_len=0))
     #: Cache lookup result, filled by the admission task (None = cold).
     restore: Any = None
+    #: Prompt tokens the assigned sequence's live KV (kept from its previous request)
+    #: already holds; the cache is only asked for longer rows.
+    live_len: int = 0
     lookup_done: bool = False
     created_keys: int = 0
     last_save_at: int = 0

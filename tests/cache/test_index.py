@@ -56,12 +56,33 @@ class IndexMachine(RuleBasedStateMachine):
         ns=NS_IDS,
         tokens=st.lists(st.integers(0, 2), max_size=12).map(tuple),
         max_len=st.none() | st.integers(0, 12),
+        longer_than=st.none() | st.integers(0, 12),
+        most=st.none() | st.integers(1, 4),
     )
-    def longest(self, ns: bytes, tokens: tuple[int, ...], max_len: int | None) -> None:
-        got = self.index.longest(ns, tokens, max_len)
+    def longest(
+        self,
+        ns: bytes,
+        tokens: tuple[int, ...],
+        max_len: int | None,
+        longer_than: int | None,
+        most: int | None,
+    ) -> None:
+        got = self.index.longest(ns, tokens, max_len, longer_than=longer_than, most=most)
         depths = [d for d, _ in got]
         assert depths == sorted(depths, reverse=True), "not deepest first"
-        assert sorted(got) == reference(self.model, ns, tokens, max_len)
+        expected = reference(self.model, ns, tokens, max_len)
+        if longer_than is not None:
+            expected = [(d, k) for d, k in expected if d > longer_than]
+        if most is None:
+            assert sorted(got) == expected
+        else:
+            # The ``most`` deepest rows (ties at the cut may resolve either way).
+            assert len(got) == min(most, len(expected))
+            assert set(got) <= set(expected)
+            assert (
+                sorted(depths, reverse=True)
+                == sorted((d for d, _ in expected), reverse=True)[: len(got)]
+            )
 
     @rule()
     def clear(self) -> None:

@@ -21,6 +21,14 @@ SYSTEM = (
 ) * 2
 
 
+@pytest.fixture
+def smol_config(smol_config: erllama.ModelConfig) -> erllama.ModelConfig:
+    """These tests pin the cache itself: live-KV reuse off, so every warm start is a row."""
+    import attrs
+
+    return attrs.evolve(smol_config, keep_live_kv=False)
+
+
 def cfg(tmp_path: Path, **cache: Any) -> erllama.EngineConfig:
     fields: dict[str, Any] = {"ram_file_dir": tmp_path / "shm", "disk_dir": tmp_path / "disk"}
     fields.update(cache)
@@ -140,3 +148,49 @@ async def test_a_restarted_engine_is_warm_from_disk(
         again = await engine.complete(mid, [*p, *first.token_ids], max_tokens=8)
         assert again.cache_hit_kind == "exact"
         assert engine.model_info(mid).last_cache_hit.tier == "disk"  # type: ignore[union-attr]
+
+
+async def test_live_kv_reuse_continues_like_the_unbroken_run(
+    smol_config: erllama.ModelConfig,
+) -> None:
+    import attrs
+
+    live = attrs.evolve(smol_config, keep_live_kv=True)
+    off = erllama.EngineConfig(cache=erllama.CacheConfig(enabled=False, ram_file_dir=None))
+    async with erllama.open_engine(off) as engine:
+        mid = await engine.load_model("smol", live)
+        p1 = await engine.apply_chat_template(
+            mid, [{"role": "user", "content": "When does the first ferry leave?"}], system=SYSTEM
+        )
+        r1 = await engine.complete(mid, p1, max_tokens=8)
+        follow = await engine.tokenize(
+            mid,
+            "<|im_end|>\n<|im_start|>user\nAnd the last one?<|im_end|>\n<|im_start|>assistant\n",
+            add_special=False,
+            parse_special=True,
+        )
+        r2 = await engine.complete(mid, [*p1, *r1.token_ids, *follow], max_tokens=12)
+        assert r2.cache_hit_kind == "partial" and r2.cache_delta.read == len(p1) + 8
+        assert engine.model_info(mid).last_cache_hit.source == "live"  # type: ignore[union-attr]
+    # The engine's cache is off, so p1 was prefilled in one piece: match that.
+    first, second = await anyio.to_thread.run_sync(unbroken_whole, live, p1, 8, follow, 12)
+    assert tuple(first) == r1.token_ids
+    assert r2.token_ids == tuple(second[: len(r2.token_ids)])
+
+
+def unbroken_whole(
+    config: erllama.ModelConfig, p1: list[int], n1: int, follow: list[int], n2: int
+) -> tuple[list[int], list[int]]:
+    from erllama.backends import Decode, Prefill
+    from erllama.plugins import make_backend_registry
+
+    backend = make_backend_registry().get("llama_cpp")
+    model = backend.load(config).handle
+    try:
+        backend.step(model, [Prefill(seq=0, tokens=p1, logits=True)])
+        first = [backend.step(model, [Decode(seq=0)])[0].token for _ in range(n1)]  # type: ignore[union-attr]
+        backend.step(model, [Prefill(seq=0, tokens=follow, logits=True)])
+        second = [backend.step(model, [Decode(seq=0)])[0].token for _ in range(n2)]  # type: ignore[union-attr]
+        return first, second
+    finally:
+        backend.free(model)

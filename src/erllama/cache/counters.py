@@ -16,6 +16,9 @@ class CacheCounters:
     hits_resume: int = 0
     hits_longest_prefix: int = 0
     misses: int = 0
+    #: Admissions served by a sequence's own live KV (the previous request's cells, kept):
+    #: no cache row was read. Not counted in ``hits``.
+    hits_live: int = 0
     saves_cold: int = 0
     saves_continued: int = 0
     saves_finish: int = 0

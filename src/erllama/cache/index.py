@@ -140,19 +140,27 @@ class PrefixIndex:
         return True
 
     def longest(
-        self, ns_id: bytes, tokens: Sequence[int] | bytes, max_len: int | None = None
+        self,
+        ns_id: bytes,
+        tokens: Sequence[int] | bytes,
+        max_len: int | None = None,
+        *,
+        longer_than: int | None = None,
+        most: int | None = None,
     ) -> list[tuple[int, bytes]]:
         """Every ``(prefix_length, key)`` whose row's tokens are a prefix of ``tokens`` (the
-        whole of it included) and at most ``max_len`` long, deepest first, so a caller can fall
-        back to a shorter row when the deepest one turns out unusable."""
+        whole of it included), at most ``max_len`` and more than ``longer_than`` tokens long,
+        deepest first, so a caller can fall back to a shorter row when the deepest one turns
+        out unusable. ``most`` caps how many are returned (the deepest ones)."""
         root = self._roots.get(ns_id)
         if root is None:
             return []
         t = _as_bytes(tokens)
         limit = len(t) if max_len is None else max(0, min(len(t), 4 * max_len))
+        floor = -1 if longer_than is None else 4 * longer_than
         # (byte depth, node) for every node on the path that holds keys; the answer is built
         # once at the end (a comprehension is cheaper than extending per node).
-        on_path: list[tuple[int, _Node]] = [(0, root)] if root.keys else []
+        on_path: list[tuple[int, _Node]] = [(0, root)] if root.keys and floor < 0 else []
         node, pos = root, 0
         while pos < limit:
             child = node.children.get(t[pos : pos + 4])
@@ -163,9 +171,10 @@ class PrefixIndex:
             if end > limit or not t.startswith(label, pos):
                 break
             node, pos = child, end
-            if node.keys:
+            if node.keys and pos > floor:
                 on_path.append((pos, node))
-        return [(depth >> 2, k) for depth, n in reversed(on_path) for k in reversed(n.keys)]
+        found = [(depth >> 2, k) for depth, n in reversed(on_path) for k in reversed(n.keys)]
+        return found if most is None else found[:most]
 
     def _check(self) -> None:
         """Assert the structural invariants (for tests)."""

@@ -22,6 +22,7 @@ __all__ = [
     "Namespace",
     "QUANT_CODES",
     "effective_fingerprint",
+    "common_prefix_tokens",
     "encode_tokens",
     "decode_tokens",
     "kv_layout_hash",
@@ -70,6 +71,16 @@ def decode_tokens(data: bytes | memoryview) -> tuple[int, ...]:
     if not _LITTLE:
         arr.byteswap()
     return tuple(arr)
+
+
+def common_prefix_tokens(a: bytes, b: bytes) -> int:
+    """How many leading tokens two u32 LE token byte strings share (one big-int XOR, not a
+    Python loop: prompts run to tens of thousands of tokens)."""
+    n = min(len(a), len(b))
+    diff = int.from_bytes(a[:n], "little") ^ int.from_bytes(b[:n], "little")
+    if not diff:
+        return n // 4
+    return ((diff & -diff).bit_length() - 1) // 8 // 4
 
 
 def kv_layout_hash(layout: Mapping[str, Any]) -> bytes:

@@ -148,26 +148,30 @@ class KVCache:
         tokens: Sequence[int],
         parent_key: bytes | None,
         policy: CachePolicy,
+        longer_than: int = 0,
     ) -> Restore | None:
         t0 = time.perf_counter()
         tb = encode_tokens(tokens)
         key = ns.key_of_bytes(tb)
         self.counters.bump("lookups")
         try:
-            row = self.catalog.get(key)
+            row = self.catalog.get(key) if len(tokens) > longer_than else None
             if row is not None:
                 hit = await self._try(row, tb, "exact")
                 if hit is not None:
                     self.counters.bump("hits_exact")
                     return hit
             if parent_key is not None:
-                hit = await self._resume(ns, tb, parent_key, policy)
+                hit = await self._resume(ns, tb, parent_key, policy, longer_than)
                 if hit is not None:
                     self.counters.bump("hits_resume")
                     return hit
             # Unlike the reference, a stale parent_key still falls back to the walk.
             t1 = time.perf_counter()
-            candidates = self.catalog.prefix.longest(ns.id, tb, max_len=len(tokens))
+            # A few fallbacks are plenty: each is only tried if the deeper one is damaged.
+            candidates = self.catalog.prefix.longest(
+                ns.id, tb, max_len=len(tokens), longer_than=longer_than, most=8
+            )
             self.counters.bump("lookup_s", time.perf_counter() - t1)
             for _n, k in candidates:
                 row = self.catalog.get(k)
@@ -177,13 +181,14 @@ class KVCache:
                 if hit is not None:
                     self.counters.bump("hits_longest_prefix")
                     return hit
-            self.counters.bump("misses")
+            if not longer_than:
+                self.counters.bump("misses")  # else the live KV serves it (note_live_hit)
             return None
         finally:
             self.counters.bump("load_s", time.perf_counter() - t0)
 
     async def _resume(
-        self, ns: Namespace, tb: bytes, parent_key: bytes, policy: CachePolicy
+        self, ns: Namespace, tb: bytes, parent_key: bytes, policy: CachePolicy, longer_than: int
     ) -> Restore | None:
         # In this process a finish_key always names an indexed row: it is reserved (with its
         # bytes) before the key is handed out. A key this process does not know may have been
@@ -191,7 +196,7 @@ class KVCache:
         row = self.catalog.get(parent_key)
         if row is None and self.files:
             row = await self._find_published(parent_key, policy.resume_wait_s)
-        if row is None or row.ns_id != ns.id:
+        if row is None or row.ns_id != ns.id or row.n_tokens <= longer_than:
             return None
         return await self._try(row, tb, "parent")
 
@@ -296,6 +301,9 @@ class KVCache:
 
     def note_pack(self, seconds: float) -> None:
         self.counters.bump("pack_s", seconds)
+
+    def note_live_hit(self) -> None:
+        self.counters.bump("hits_live")
 
     def save(
         self,

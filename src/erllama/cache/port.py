@@ -40,8 +40,10 @@ class CachePort(Protocol):
         tokens: Sequence[int],
         parent_key: bytes | None,
         policy: CachePolicy,
+        longer_than: int = 0,
     ) -> Restore | None:
-        """Find the best row for ``tokens``: exact, then ``parent_key`` (waiting up to
+        """Find the best row for ``tokens`` longer than ``longer_than`` tokens (what the
+        sequence's live KV already covers): exact, then ``parent_key`` (waiting up to
         ``policy.resume_wait_s`` for a row another process is still publishing), then longest
         prefix.
         Counts the hit or miss. Never raises for damaged files: they are misses."""
@@ -55,6 +57,9 @@ class CachePort(Protocol):
 
     def note_pack(self, seconds: float) -> None:
         """Account time spent packing on a model thread."""
+
+    def note_live_hit(self) -> None:
+        """Account an admission served by a sequence's own live KV."""
 
     def save(
         self, ns: Namespace, tokens: Sequence[int], payload: bytes | bytearray, reason: SaveReason
@@ -77,6 +82,7 @@ class NullCache:
         tokens: Sequence[int],
         parent_key: bytes | None,
         policy: CachePolicy,
+        longer_than: int = 0,
     ) -> Restore | None:
         return None
 
@@ -86,6 +92,9 @@ class NullCache:
         return None, False
 
     def note_pack(self, seconds: float) -> None:
+        pass
+
+    def note_live_hit(self) -> None:
         pass
 
     def save(
