@@ -195,3 +195,24 @@ async def test_multi_sequence_steps_batch_every_admitted_sequence(engine: erllam
     # Batching does not change results: each equals its solo run.
     solo = await engine.complete(mid, "first one", max_tokens=4)
     assert solo.token_ids == tuple(t.token_id for t in ta)
+
+
+async def test_a_sampled_token_streams_before_its_forward_pass_finishes(
+    engine: erllama.Engine,
+) -> None:
+    import threading
+
+    from erllama.backends.stub import StubControl
+
+    forward = threading.Event()
+    ctl = StubControl(forward_gate=forward)
+    mid = await engine.load_model("m", stub_config(control=ctl))
+    stream = await engine.infer(mid, "first token early", max_tokens=2)
+    with anyio.fail_after(5):
+        first = await stream.__anext__()
+    assert isinstance(first, Token)
+    assert ctl.active == 1  # the step that sampled it is still in its forward pass
+    forward.set()
+    _, done = await drain(stream)
+    assert done.stats.completion_tokens == 2
+    assert done.stats.time_to_first_token_s is not None

@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 import anyio
+import anyio.from_thread
 import anyio.lowlevel
 import attrs
 from anyio.abc import TaskGroup, TaskStatus
@@ -691,20 +692,40 @@ class ModelWorker:
 
     def _step_native(
         self, handle: Any, ops: Sequence[StepOp]
-    ) -> tuple[Sequence[StepResult], dict[int, bytes]]:
-        results = self.backend.step(handle, ops)
-        pieces = {
-            r.seq: self.backend.detokenize(handle, [r.token])
-            for r in results
-            if isinstance(r, Sampled)
-        }
-        return results, pieces
+    ) -> tuple[Sequence[StepResult], dict[int, bytes], set[int]]:
+        """On the model thread: one step, the text piece of every sampled token, and the
+        sequences whose token was already streamed from inside the step."""
+        pieces: dict[int, bytes] = {}
+        streamed: set[int] = set()
+
+        def on_sampled(seq: int, token: int) -> None:
+            # Called between sampling and the forward pass: hand the token to the loop now.
+            piece = self.backend.detokenize(handle, [token])
+            pieces[seq] = piece
+            if anyio.from_thread.run_sync(self._stream_early, seq, token, piece):
+                streamed.add(seq)
+
+        results = self.backend.step(handle, ops, on_sampled)
+        for r in results:
+            if isinstance(r, Sampled) and r.seq not in pieces:
+                pieces[r.seq] = self.backend.detokenize(handle, [r.token])
+        return results, pieces, streamed
+
+    def _stream_early(self, seq: int, token: int, piece: bytes) -> bool:
+        """On the loop, mid-step: stream a just-sampled token before it is decoded."""
+        req = self._running.get(seq)
+        if req is None or req.cancel_requested:
+            return False
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
+        req.emit(Token(text=req.decoder.decode(piece), token_id=token))
+        return True
 
     async def _tick(self) -> None:
         ops = self._build_ops()
         if not ops:
             return
-        results, pieces = await self._native(self._step_native, self._handle(), ops)
+        results, pieces, streamed = await self._native(self._step_native, self._handle(), ops)
         now = time.monotonic()
         sent = {op.seq: op for op in ops}
         finishing: list[tuple[Request, FinishReason]] = []
@@ -732,8 +753,9 @@ class ModelWorker:
                     req.first_token_at = now
                 if req.cancel_requested:
                     continue  # finished as cancelled between ticks; the token stays unsent
-                text = req.decoder.decode(pieces.get(res.seq, b""))
-                req.emit(Token(text=text, token_id=res.token))
+                if res.seq not in streamed:
+                    text = req.decoder.decode(pieces.get(res.seq, b""))
+                    req.emit(Token(text=text, token_id=res.token))
                 reason = self._finish_reason(req, res)
                 if reason is not None:
                     finishing.append((req, reason))

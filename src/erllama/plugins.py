@@ -105,8 +105,15 @@ class Backend:
     def detokenize(self, model: Any, tokens: Sequence[int]) -> bytes:
         return bytes(self._call("detokenize", model=model, tokens=tokens))
 
-    def step(self, model: Any, ops: Sequence[StepOp]) -> Sequence[StepResult]:
-        result: Sequence[StepResult] = self._call("step", model=model, ops=ops)
+    def step(
+        self,
+        model: Any,
+        ops: Sequence[StepOp],
+        on_sampled: Callable[[int, int], None] | None = None,
+    ) -> Sequence[StepResult]:
+        result: Sequence[StepResult] = self._call(
+            "step", model=model, ops=ops, on_sampled=on_sampled
+        )
         return result
 
     def kv_pack(self, model: Any, seq: int) -> bytes | bytearray:

@@ -215,9 +215,9 @@ class _CountingLlama:
                 setattr(self, name, fn)
 
     @erllama.backends.hookimpl
-    def step(self, model: Any, ops: Any) -> Any:
+    def step(self, model: Any, ops: Any, on_sampled: Any) -> Any:
         self.steps.append(sum(len(getattr(op, "tokens", (0,))) for op in ops))
-        return llama_plugin.step(model, ops)
+        return llama_plugin.step(model, ops, on_sampled)
 
 
 async def test_cancel_during_a_long_prefill_acts_within_one_chunk(

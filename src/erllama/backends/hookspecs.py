@@ -32,7 +32,7 @@ Optional hooks, grouped by the capability they provide (``ModelInfo.capabilities
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pluggy
@@ -99,13 +99,20 @@ class ModelBackend:
 
     @hookspec(firstresult=True)
     def step(  # type: ignore[empty-body]
-        self, model: Any, ops: Sequence[StepOp]
+        self,
+        model: Any,
+        ops: Sequence[StepOp],
+        on_sampled: Callable[[int, int], None] | None,
     ) -> Sequence[StepResult]:
         """Run one batched forward step over every admitted sequence.
 
         ``ops`` holds at most one op per sequence: ``Prefill`` slices and ``Decode`` rows.
         Return one result per op, in any order, each tagged with its ``seq``: ``Prefilled``
         for a prefill, ``Sampled`` for a decode (the sampled token is already in the KV).
+
+        ``on_sampled(seq, token)``, optional to accept and to call: call it as soon as a
+        decode row's token is sampled, before the forward pass that puts it in the KV, and the
+        engine streams that token one forward pass earlier (time to first token included).
         """
 
     @hookspec(firstresult=True)

@@ -13,7 +13,7 @@ the plugin surface. Needs the ``llama`` extra (``pip install erllama[llama]``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..config import ModelConfig
@@ -55,8 +55,10 @@ def detokenize(model: LlamaModel, tokens: Sequence[int]) -> bytes:
 
 
 @hookimpl
-def step(model: LlamaModel, ops: Sequence[StepOp]) -> list[StepResult]:
-    return model.step(ops)
+def step(
+    model: LlamaModel, ops: Sequence[StepOp], on_sampled: Callable[[int, int], None] | None
+) -> list[StepResult]:
+    return model.step(ops, on_sampled)
 
 
 @hookimpl

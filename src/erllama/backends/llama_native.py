@@ -16,7 +16,7 @@ import ctypes
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -307,7 +307,9 @@ class LlamaModel:
 
     # ---- decoding ---------------------------------------------------------------------------
 
-    def step(self, ops: Sequence[StepOp]) -> list[StepResult]:
+    def step(
+        self, ops: Sequence[StepOp], on_sampled: Callable[[int, int], None] | None = None
+    ) -> list[StepResult]:
         rows: list[tuple[int, Sequence[int], bool]] = []
         results: list[StepResult] = []
         # Sample every decoder first, from the logits of the previous batch...
@@ -320,6 +322,8 @@ class LlamaModel:
                 tok = int(L.llama_sampler_sample(sampler, self.ctx, row))
                 rows.append((op.seq, (tok,), True))
                 results.append(Sampled(seq=op.seq, token=tok, eog=tok in self.eog))
+                if on_sampled is not None:
+                    on_sampled(op.seq, tok)  # streamed now, a forward pass earlier
         for op in ops:
             if isinstance(op, Prefill):
                 self._check_tokens(op.tokens, "prompt")

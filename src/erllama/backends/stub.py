@@ -32,7 +32,7 @@ import re
 import struct
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,9 @@ class StubControl:
     gate: threading.Event | None = None
     #: When set, every step takes one permit first: the test meters steps one by one.
     permits: threading.Semaphore | None = None
+    #: When set to an Event, a decode waits for it after sampling, as if its forward pass
+    #: were running (tests watch the sampled token stream before the step returns).
+    forward_gate: threading.Event | None = None
     #: Steps currently executing (a test checks none is left running after shutdown).
     active: int = 0
     #: Set each time a step starts; tests wait on it to know the model is mid-step.
@@ -403,7 +406,9 @@ def _next_token(model: StubModel, seq: _Seq, sampler: _Sampler | None) -> int:
 
 
 @hookimpl
-def step(model: StubModel, ops: Sequence[StepOp]) -> list[StepResult]:
+def step(
+    model: StubModel, ops: Sequence[StepOp], on_sampled: Callable[[int, int], None] | None
+) -> list[StepResult]:
     control = model.control
     control.steps += 1
     control.history.append(tuple(ops))
@@ -416,12 +421,14 @@ def step(model: StubModel, ops: Sequence[StepOp]) -> list[StepResult]:
             control.permits.acquire()
         if control.step_delay_s:
             time.sleep(control.step_delay_s)
-        return _step(model, ops)
+        return _step(model, ops, on_sampled)
     finally:
         control.active -= 1
 
 
-def _step(model: StubModel, ops: Sequence[StepOp]) -> list[StepResult]:
+def _step(
+    model: StubModel, ops: Sequence[StepOp], on_sampled: Callable[[int, int], None] | None
+) -> list[StepResult]:
     control = model.control
     if control.fail_at == "step" and (
         control.fail_step is None or control.fail_step == control.steps
@@ -448,6 +455,10 @@ def _step(model: StubModel, ops: Sequence[StepOp]) -> list[StepResult]:
                 raise ValueError("context overflow")
             sampler = op.sampler if isinstance(op.sampler, _Sampler) else None
             tok = _next_token(model, seq, sampler)
+            if on_sampled is not None:
+                on_sampled(op.seq, tok)
+            if control.forward_gate is not None:
+                control.forward_gate.wait()
             if sampler is not None:
                 sampler.generated.append(tok)
             seq.append(tok)
