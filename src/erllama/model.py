@@ -519,6 +519,9 @@ class ModelWorker:
         for req in [r for r in self._admitting if r.lookup_done]:
             self._admitting.remove(req)
             if req.cancel_requested:
+                if req.restore is not None:
+                    self.cache.release(req.restore)
+                    req.restore = None
                 self._release_seq(req)
                 await self._end_request(req, "cancelled")
             else:
@@ -622,6 +625,9 @@ class ModelWorker:
             except BackendError as exc:
                 self.cache.reject(restore, str(exc))
                 restore, req.live_len = None, 0
+            finally:
+                if restore is not None:
+                    self.cache.release(restore)
         if restore is not None:
             known = len(restore.tokens)
             req.hit = CacheHit(
@@ -658,7 +664,12 @@ class ModelWorker:
         self._running[seq] = req
 
     def _restore_native(
-        self, handle: Any, seq: int, payload: bytes | bytearray, keep: int | None, clear: bool
+        self,
+        handle: Any,
+        seq: int,
+        payload: bytes | bytearray | memoryview,
+        keep: int | None,
+        clear: bool,
     ) -> None:
         if clear:
             self.backend.seq_rm(handle, seq, 0, None)

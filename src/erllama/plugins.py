@@ -121,7 +121,7 @@ class Backend:
         data = self._call("kv_pack", model=model, seq=seq)
         return data if isinstance(data, bytes | bytearray) else bytes(data)
 
-    def kv_unpack(self, model: Any, seq: int, data: bytes | bytearray) -> None:
+    def kv_unpack(self, model: Any, seq: int, data: bytes | bytearray | memoryview) -> None:
         self._call("kv_unpack", model=model, seq=seq, data=data)
 
     def seq_rm(self, model: Any, seq: int, start: int, end: int | None = None) -> None:

@@ -120,10 +120,11 @@ class ModelBackend:
         """Serialise sequence ``seq``'s KV state (every cell, no logits)."""
 
     @hookspec(firstresult=True)
-    def kv_unpack(self, model: Any, seq: int, data: bytes) -> None:
+    def kv_unpack(self, model: Any, seq: int, data: bytes | bytearray | memoryview) -> None:
         """Replace sequence ``seq``'s KV state with ``data`` from ``kv_pack`` (possibly packed
-        from another sequence or another process with the same model and layout). The
-        sequence then has no logits until the next prefill."""
+        from another sequence or another process with the same model and layout). ``data`` is
+        bytes-like (a memoryview into a reused buffer for rows read from files): use it during
+        the call, do not keep it. The sequence then has no logits until the next prefill."""
 
     @hookspec(firstresult=True)
     def seq_rm(self, model: Any, seq: int, start: int, end: int | None) -> None:

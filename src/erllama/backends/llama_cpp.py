@@ -67,7 +67,7 @@ def kv_pack(model: LlamaModel, seq: int) -> bytearray:
 
 
 @hookimpl
-def kv_unpack(model: LlamaModel, seq: int, data: bytes | bytearray) -> None:
+def kv_unpack(model: LlamaModel, seq: int, data: bytes | bytearray | memoryview) -> None:
     model.kv_unpack(seq, data)
 
 

@@ -420,10 +420,10 @@ class LlamaModel:
             del out[n:]
         return out
 
-    def kv_unpack(self, seq: int, data: bytes | bytearray) -> None:
+    def kv_unpack(self, seq: int, data: bytes | bytearray | memoryview) -> None:
         self._check_seq(seq)
         n = len(data)
-        if isinstance(data, bytearray):
+        if isinstance(data, bytearray | memoryview):
             buf: Any = (ctypes.c_uint8 * n).from_buffer(data)
         else:
             # Point at the bytes object's own buffer: no copy of a multi-MB state.

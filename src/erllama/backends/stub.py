@@ -478,8 +478,9 @@ def kv_pack(model: StubModel, seq: int) -> bytes:
 
 
 @hookimpl
-def kv_unpack(model: StubModel, seq: int, data: bytes) -> None:
+def kv_unpack(model: StubModel, seq: int, data: bytes | bytearray | memoryview) -> None:
     model.fail("unpack")
+    data = bytes(data)  # the stub's states are small; a copy keeps the parsing simple
     head = len(_STATE_MAGIC) + 12
     if len(data) < head or not data.startswith(_STATE_MAGIC):
         raise ValueError("not a stub KV state")

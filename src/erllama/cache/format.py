@@ -54,7 +54,7 @@ import os
 import stat
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
 import attrs
@@ -430,7 +430,12 @@ def read_meta(fd: int, file_size: int, expected_key: bytes | None) -> RowMeta:
     return _parse_meta(header, meta, expected_key, file_size)
 
 
-def read_row_fd(fd: int, file_size: int, expected_key: bytes | None) -> tuple[RowMeta, bytearray]:
+def read_row_fd(
+    fd: int,
+    file_size: int,
+    expected_key: bytes | None,
+    alloc: Callable[[int], bytearray | memoryview] = bytearray,
+) -> tuple[RowMeta, bytearray | memoryview]:
     """Full parse of an open row: ``read_meta`` plus the payload and its checksum.
 
     The payload is read into one preallocated bytearray (sized only after the header proved
@@ -442,8 +447,9 @@ def read_row_fd(fd: int, file_size: int, expected_key: bytes | None) -> tuple[Ro
     meta = _parse_meta(
         header, _pread_exact(fd, header.meta_len, HEADER_SIZE), expected_key, file_size
     )
-    payload = bytearray(header.payload_len)
-    view = memoryview(payload)
+    # ``alloc`` may hand out a reused buffer: a fresh multi-MB one costs page faults.
+    payload = alloc(header.payload_len)
+    view = memoryview(payload).cast("B")
     h = xxhash.xxh3_64()
     base = HEADER_SIZE + header.meta_len
     done = 0
@@ -470,6 +476,8 @@ def read_row(
     """
     fd, st = open_row(path, dir_fd=dir_fd)
     try:
-        return read_row_fd(fd, st.st_size, expected_key)
+        meta, payload = read_row_fd(fd, st.st_size, expected_key)
+        assert isinstance(payload, bytearray)  # the default allocator
+        return meta, payload
     finally:
         os.close(fd)

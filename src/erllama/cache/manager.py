@@ -28,6 +28,7 @@ from anyio.abc import TaskGroup
 
 from ..config import CacheConfig, CachePolicy
 from ..errors import CacheError
+from .buffers import BufferPool
 from .catalog import TIERS, Catalog, Row
 from .counters import CacheCounters, Counters
 from .format import CorruptRow, RowMeta, encode_row
@@ -85,6 +86,7 @@ class KVCache:
         self._spilling_bytes = 0
         self._deleting: set[bytes] = set()
         self._read_limiter = anyio.CapacityLimiter(2)
+        self._buffers = BufferPool(keep=2)
         self._write_limiter = anyio.CapacityLimiter(config.writers)
         self._tg: TaskGroup | None = None
         self._closing = False
@@ -227,7 +229,7 @@ class KVCache:
             return None
         if not row.available and row.payload is None:
             return None
-        payload: bytes | bytearray | None = row.payload
+        payload: bytes | bytearray | memoryview | None = row.payload
         if payload is None:
             row.pins += 1
             try:
@@ -247,12 +249,12 @@ class KVCache:
             tier=row.tier,
         )
 
-    async def _read_file(self, row: Row) -> bytes | bytearray | None:
+    async def _read_file(self, row: Row) -> bytes | bytearray | memoryview | None:
         tier = self.files[row.tier]
         hits = row.hits + 1
 
-        def read() -> tuple[RowMeta, bytearray]:
-            meta, payload = tier.read(row.key)
+        def read() -> tuple[RowMeta, bytearray | memoryview]:
+            meta, payload = tier.read(row.key, self._buffers.take)
             tier.touch_hits(row.key, hits)  # persisted: biases LRU order after a restart
             return meta, payload
 
@@ -270,11 +272,15 @@ class KVCache:
             log.warning("cache row %s unreadable: %s", row.key.hex(), exc)
             return None
         if meta.token_bytes != row.token_bytes:
+            self._buffers.give(payload)
             self.counters.bump("corrupt_files")
             self._forget(row)
             await anyio.to_thread.run_sync(tier.delete, row.key)
             return None
         return payload
+
+    def release(self, restore: Restore) -> None:
+        self._buffers.give(restore.payload)
 
     def reject(self, restore: Restore, why: str) -> None:
         row = self.catalog.get(restore.key)
@@ -444,14 +450,23 @@ class KVCache:
         row, tier = job.row, self.files[job.tier]
         if self.catalog.get(row.key) is not row:
             return  # evicted or dropped while queued
-        payload = job.payload
+        payload: bytes | bytearray | memoryview | None = job.payload
+        pooled = payload is None
         if payload is None:  # spilling a file row: read it back first
             payload = await self._read_file(row)
             if payload is None:
                 return
-        ns = _namespace_of(row.ns_id)
+        try:
+            await self._write(job, row, tier, payload)
+        finally:
+            if pooled:
+                self._buffers.give(payload)
 
-        data: bytes | bytearray = payload
+    async def _write(
+        self, job: _Job, row: Row, tier: FileTier, payload: bytes | bytearray | memoryview
+    ) -> None:
+        ns = _namespace_of(row.ns_id)
+        data = payload
 
         def write() -> tuple[Path, int]:
             prefix = encode_row(ns, row.token_bytes, job.reason, data)

@@ -23,7 +23,8 @@ class Restore:
     key: bytes
     #: The row's exact token list; always a prefix of (or equal to) the prompt.
     tokens: tuple[int, ...]
-    payload: bytes | bytearray
+    #: The state's bytes; for file rows a view into a reused buffer, see ``release``.
+    payload: bytes | bytearray | memoryview
     source: Literal["exact", "parent", "prefix"]
     tier: str
 
@@ -70,6 +71,9 @@ class CachePort(Protocol):
     def reject(self, restore: Restore, why: str) -> None:
         """The backend refused a restored payload: drop the row and count it corrupt."""
 
+    def release(self, restore: Restore) -> None:
+        """The payload has been unpacked (or abandoned): its buffer may be reused."""
+
 
 class NullCache:
     """The cache switched off: every lookup misses and nothing is saved."""
@@ -103,4 +107,7 @@ class NullCache:
         return None
 
     def reject(self, restore: Restore, why: str) -> None:
+        pass
+
+    def release(self, restore: Restore) -> None:
         pass

@@ -25,7 +25,7 @@ import secrets
 import stat
 import struct
 import time
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Literal, Self
@@ -264,15 +264,20 @@ class FileTier:
 
     # -- rows --------------------------------------------------------------------------------
 
-    def read(self, key: bytes) -> tuple[RowMeta, bytearray]:
-        """The row's metadata and payload, fully validated (checksums, sizes, key).
+    def read(
+        self, key: bytes, alloc: Callable[[int], bytearray | memoryview] = bytearray
+    ) -> tuple[RowMeta, bytearray | memoryview]:
+        """The row's metadata and payload, fully validated (checksums, sizes, key). The
+        payload lands in ``alloc(n)`` (a reusable buffer, say).
 
         CorruptRow: the file was damaged (or a symlink) and has been removed.
         FileNotFoundError: no such row.
         """
-        return self._read_checked(_row_name(key), key)
+        return self._read_checked(_row_name(key), key, alloc)
 
-    def _read_checked(self, name: str, key: bytes) -> tuple[RowMeta, bytearray]:
+    def _read_checked(
+        self, name: str, key: bytes, alloc: Callable[[int], bytearray | memoryview] = bytearray
+    ) -> tuple[RowMeta, bytearray | memoryview]:
         dfd = self._fd()
         try:
             fd, st = open_row(name, dir_fd=dfd)
@@ -280,7 +285,7 @@ class FileTier:
             self._remove_corrupt(name, None)
             raise
         try:
-            return read_row_fd(fd, st.st_size, key)
+            return read_row_fd(fd, st.st_size, key, alloc)
         except CorruptRow:
             self._remove_corrupt(name, st)
             raise

@@ -79,7 +79,7 @@ def kv_pack(model: ParrotModel, seq: int) -> bytes:
 
 
 @hookimpl
-def kv_unpack(model: ParrotModel, seq: int, data: bytes) -> None:
+def kv_unpack(model: ParrotModel, seq: int, data: bytes | bytearray | memoryview) -> None:
     (n,) = struct.unpack_from("<I", data)
     if len(data) != 4 + 2 * n:
         raise ValueError("bad parrot state")
