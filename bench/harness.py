@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -160,6 +161,7 @@ def run(
     t0 = time.perf_counter()
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
+    failed: list[str] = []
     with tqdm(total=1, desc="bench", unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
         ctx = Context(
             model_path=Path(model_path),
@@ -175,12 +177,25 @@ def run(
                 for name, mod in modules.items():
                     bar.set_description(name)
                     s0 = time.perf_counter()
-                    results[name] = mod.run(ctx)
+                    try:
+                        results[name] = mod.run(ctx)
+                    except Exception as exc:
+                        # One broken scenario must not throw away the others' minutes of
+                        # measurements: record it, report it, exit non-zero at the end.
+                        traceback.print_exc()
+                        results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                        failed.append(name)
                     timings[name] = round(time.perf_counter() - s0, 1)
         finally:
             ctx.cleanup()
     headline: list[dict[str, Any]] = []
     for name, mod in modules.items():
+        if name in failed:
+            headline.append(
+                {"scenario": name, "figure": "scenario failed", "value": None,
+                 "display": results[name]["error"], "target": None, "met": False}
+            )  # fmt: skip
+            continue
         for h in mod.headline(results[name]):
             headline.append({"scenario": name, **h})
     report = {
@@ -244,6 +259,8 @@ def _plots(
         return []
     names = []
     for name, mod in modules.items():
+        if "error" in report["scenarios"][name]:
+            continue
         for plot_name, fig in mod.plot(report["scenarios"][name], plt).items():
             fig.text(0.99, 0.005, _footer(report), ha="right", va="bottom", fontsize=6, alpha=0.7)
             fig.savefig(out / f"{stamp}-{plot_name}.png", dpi=110)
@@ -293,7 +310,11 @@ def markdown(report: dict[str, Any], modules: dict[str, ModuleType], pngs: list[
         _headline_table(report),
     ]
     for name, mod in modules.items():
-        parts += ["", f"## {mod.TITLE}", "", mod.markdown(report["scenarios"][name])]
+        result = report["scenarios"][name]
+        if "error" in result:
+            parts += ["", f"## {mod.TITLE}", "", f"**Failed:** `{result['error']}`"]
+            continue
+        parts += ["", f"## {mod.TITLE}", "", mod.markdown(result)]
         for png in pngs:
             if any(png.endswith(f"-{p}.png") for p in getattr(mod, "PLOTS", (name,))):
                 parts += ["", f"![{name}]({png})"]
@@ -338,7 +359,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "erllama bench") -> int:
     shown = " ".join(
         [prog, *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))]
     )
-    run(
+    report = run(
         quick=args.quick,
         only=args.only,
         out=args.out,
@@ -346,4 +367,4 @@ def main(argv: Sequence[str] | None = None, prog: str = "erllama bench") -> int:
         threads=args.threads,
         command=shown,
     )
-    return 0
+    return 1 if any(h["figure"] == "scenario failed" for h in report["headline"]) else 0

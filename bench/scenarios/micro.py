@@ -93,11 +93,11 @@ def _stub_alone(n_tokens: int) -> float:
     cfg = erllama.ModelConfig(backend="stub", n_ctx=n_tokens + 256)
     model = stub.load(cfg).handle
     prompt = stub.tokenize(model, PROMPT, True, False)
-    stub.step(model, [Prefill(seq=0, tokens=tuple(prompt), logits=True)])
+    stub.step(model, [Prefill(seq=0, tokens=tuple(prompt), logits=True)], None)
     ops = [Decode(seq=0, sampler=None)]
     t0 = time.perf_counter()
     for _ in range(n_tokens):
-        (res,) = stub.step(model, ops)
+        (res,) = stub.step(model, ops, None)
         stub.detokenize(model, [res.token])  # type: ignore[union-attr]
     return (time.perf_counter() - t0) / n_tokens * 1e6
 
