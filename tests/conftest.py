@@ -11,6 +11,8 @@ import erllama
 from erllama.backends import stub
 from erllama.plugins import BackendRegistry
 
+from .helpers import unblock_stubs
+
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
@@ -44,4 +46,7 @@ async def engine(
     registry: BackendRegistry, no_cache: erllama.EngineConfig
 ) -> AsyncIterator[erllama.Engine]:
     async with erllama.open_engine(no_cache, backends=registry) as eng:
-        yield eng
+        try:
+            yield eng
+        finally:
+            unblock_stubs(eng)

@@ -38,3 +38,19 @@ async def wait_for(predicate: object, within: float = 5.0) -> None:
     with anyio.fail_after(within):
         while not predicate():  # type: ignore[operator]  # noqa: ASYNC110
             await anyio.sleep(0.001)
+
+
+def unblock_stubs(engine: erllama.Engine) -> None:
+    """Release every stub model's gates and permits, so that a test that failed while
+    holding a model mid-step still lets the engine close (native steps are never
+    abandoned, so a step blocked forever would hang the teardown)."""
+    for worker in list(engine._models.values()):
+        loaded = worker.loaded
+        control = getattr(getattr(loaded, "handle", None), "control", None)
+        if not isinstance(control, StubControl):
+            continue
+        if control.permits is not None:
+            control.permits.release(1_000_000)
+        for gate in (control.gate, control.forward_gate):
+            if gate is not None:
+                gate.set()

@@ -17,7 +17,7 @@ from erllama.backends.stub import _word
 from erllama.cache.tiers import FileTier
 from erllama.plugins import BackendRegistry
 
-from .helpers import metered, release, wait_for
+from .helpers import metered, release, unblock_stubs, wait_for
 from .helpers import stub_config as _stub_config
 
 
@@ -56,7 +56,10 @@ def cache_cfg(tmp_path: Path, **kw: Any) -> erllama.EngineConfig:
 @pytest.fixture
 async def cached(registry: BackendRegistry, tmp_path: Path) -> AsyncIterator[erllama.Engine]:
     async with erllama.open_engine(cache_cfg(tmp_path), backends=registry) as engine:
-        yield engine
+        try:
+            yield engine
+        finally:
+            unblock_stubs(engine)
 
 
 async def cold_run(registry: BackendRegistry, prompt: Any, **kw: Any) -> erllama.Completion:
@@ -161,7 +164,7 @@ async def test_evict_saves_in_flight_sequences(cached: erllama.Engine) -> None:
     mid = await cached.load_model("m", stub_config(control=ctl))
     stream = await cached.infer(mid, words(10), max_tokens=50)
     release(ctl, 4)
-    await wait_for(lambda: ctl.steps >= 4 and ctl.active == 1)
+    await wait_for(lambda: ctl.steps == 5 and ctl.waiting == 1)  # step 5 is parked
     saved: list[int] = []
 
     async def evict() -> None:
@@ -189,7 +192,7 @@ async def test_leaving_the_engine_saves_running_requests_and_persists_ram_rows(
         mid = await engine.load_model("m", stub_config(control=ctl))
         stream = await engine.infer(mid, words(12), max_tokens=100)
         release(ctl, 5)
-        await wait_for(lambda: ctl.steps >= 5 and ctl.active == 1)
+        await wait_for(lambda: ctl.steps == 6 and ctl.waiting == 1)  # step 6 is parked
         release(ctl, 1000)
     done = [ev async for ev in stream][-1]
     assert done.finish_reason == "cancelled" and done.stats.finish_key is not None

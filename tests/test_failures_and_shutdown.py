@@ -123,7 +123,7 @@ async def test_engine_exit_with_a_blocked_step_waits_for_it_then_cleans_up(
     async with erllama.open_engine(no_cache, backends=registry) as engine:
         mid = await engine.load_model("m", stub_config(control=ctl))
         stream = await engine.infer(mid, "x", max_tokens=5)
-        await wait_for(lambda: ctl.active == 1)
+        await wait_for(lambda: ctl.waiting == 1)
         # Native calls are never abandoned mid-flight (the state would tear): release it.
         threading.Timer(0.05, gate.set).start()
     events = [ev async for ev in stream]

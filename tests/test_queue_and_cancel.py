@@ -31,7 +31,7 @@ async def test_requests_run_in_fifo_order_and_infer_returns_while_queued(
     mid = await engine.load_model("m", stub_config(control=ctl, keep_live_kv=False))
     streams = [await engine.infer(mid, f"prompt number {i}", max_tokens=2) for i in range(3)]
     # All three streams exist before a single step ran.
-    assert ctl.steps == 0 or ctl.active == 1
+    assert ctl.steps - ctl.active == 0  # no step has completed
     assert len({s.ref for s in streams}) == 3
     info = engine.model_info(mid)
     assert info.running + info.queue_len == 3
@@ -74,7 +74,7 @@ async def test_cancel_removes_a_queued_request_at_once_and_it_never_runs(
     mid = await engine.load_model("m", stub_config(control=ctl))
     first = await engine.infer(mid, "first request", max_tokens=3)
     queued = await engine.infer(mid, "second request", max_tokens=3)
-    await wait_for(lambda: ctl.active == 1)
+    await wait_for(lambda: ctl.steps == 1 and ctl.waiting == 1)
     assert engine.model_info(mid).queue_len == 1
     engine.cancel(queued.ref)
     engine.cancel(queued.ref)  # idempotent
@@ -104,7 +104,7 @@ async def test_cancel_mid_generation_stops_before_the_next_token(engine: erllama
         got.append(ev)
         if len(got) == 2:
             break
-    await wait_for(lambda: ctl.active == 1)  # the third step is waiting for its permit
+    await wait_for(lambda: ctl.steps == 4 and ctl.waiting == 1)  # step 4 waits for a permit
     stream.cancel()
     release(ctl, 100)
     rest, done = await drain(stream)
@@ -168,7 +168,7 @@ async def test_status_list_and_cancel_answer_while_a_step_is_blocked(
     mid = await engine.load_model("m", stub_config(control=ctl))
     other = await engine.load_model("other", stub_config())
     stream = await engine.infer(mid, "block here", max_tokens=5)
-    await wait_for(lambda: ctl.active == 1)
+    await wait_for(lambda: ctl.steps == 1 and ctl.waiting == 1)
     # The native step is blocked in its thread; none of these may wait for it.
     with anyio.fail_after(1):
         assert engine.status(mid) == "prefilling"
@@ -177,7 +177,7 @@ async def test_status_list_and_cancel_answer_while_a_step_is_blocked(
         engine.cancel(stream.ref)
         # Another model keeps serving meanwhile.
         assert (await engine.complete(other, "hi", max_tokens=2)).finish_reason == "length"
-    assert ctl.active == 1  # still blocked
+    assert ctl.waiting == 1  # still blocked
     release(ctl, 100)
     _, done = await drain(stream)
     assert done.finish_reason == "cancelled"
@@ -211,7 +211,7 @@ async def test_a_sampled_token_streams_before_its_forward_pass_finishes(
     with anyio.fail_after(5):
         first = await stream.__anext__()
     assert isinstance(first, Token)
-    assert ctl.active == 1  # the step that sampled it is still in its forward pass
+    assert ctl.active == 1  # its step cannot finish before forward_gate is set
     forward.set()
     _, done = await drain(stream)
     assert done.stats.completion_tokens == 2

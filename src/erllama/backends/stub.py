@@ -102,6 +102,9 @@ class StubControl:
     forward_gate: threading.Event | None = None
     #: Steps currently executing (a test checks none is left running after shutdown).
     active: int = 0
+    #: Steps currently waiting at ``gate``, for a permit, or at ``forward_gate``: tests wait
+    #: for "step N is parked" with ``steps == N and waiting == 1``.
+    waiting: int = 0
     #: Set each time a step starts; tests wait on it to know the model is mid-step.
     step_entered: threading.Event = attrs.Factory(threading.Event)
     step_delay_s: float = 0.0
@@ -416,14 +419,22 @@ def step(
     try:
         control.step_entered.set()
         if control.gate is not None:
-            control.gate.wait()
+            _park(control, control.gate.wait)
         if control.permits is not None:
-            control.permits.acquire()
+            _park(control, control.permits.acquire)
         if control.step_delay_s:
             time.sleep(control.step_delay_s)
         return _step(model, ops, on_sampled)
     finally:
         control.active -= 1
+
+
+def _park(control: StubControl, wait: Callable[[], object]) -> None:
+    control.waiting += 1
+    try:
+        wait()
+    finally:
+        control.waiting -= 1
 
 
 def _step(
@@ -458,7 +469,7 @@ def _step(
             if on_sampled is not None:
                 on_sampled(op.seq, tok)
             if control.forward_gate is not None:
-                control.forward_gate.wait()
+                _park(control, control.forward_gate.wait)
             if sampler is not None:
                 sampler.generated.append(tok)
             seq.append(tok)
