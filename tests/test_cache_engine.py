@@ -53,6 +53,19 @@ def cache_cfg(tmp_path: Path, **kw: Any) -> erllama.EngineConfig:
     return erllama.EngineConfig(cache=erllama.CacheConfig(**fields))
 
 
+def hold(monkeypatch: pytest.MonkeyPatch, method: str) -> threading.Event:
+    """Make every ``FileTier.<method>`` call wait (at most 10 s) until the event is set."""
+    gate = threading.Event()
+    original = getattr(FileTier, method)
+
+    def held(self: FileTier, *a: Any) -> Any:
+        gate.wait(10)
+        return original(self, *a)
+
+    monkeypatch.setattr(FileTier, method, held)
+    return gate
+
+
 @pytest.fixture
 async def cached(registry: BackendRegistry, tmp_path: Path) -> AsyncIterator[erllama.Engine]:
     async with erllama.open_engine(cache_cfg(tmp_path), backends=registry) as engine:
@@ -250,14 +263,7 @@ async def test_the_last_tier_evicts_least_recently_used_rows_within_budget(
 async def test_a_full_writer_pool_drops_saves_and_never_stalls_generation(
     registry: BackendRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    gate = threading.Event()
-    original = FileTier.write_tmp
-
-    def slow_write(self: FileTier, *a: Any) -> Any:
-        gate.wait(10)
-        return original(self, *a)
-
-    monkeypatch.setattr(FileTier, "write_tmp", slow_write)
+    gate = hold(monkeypatch, "write_tmp")
     cfg = cache_cfg(tmp_path, ram_bytes=0, ram_file_dir=None, writers=1, writer_queue=0)
     try:
         async with erllama.open_engine(cfg, backends=registry) as engine:
@@ -275,14 +281,7 @@ async def test_a_full_writer_pool_drops_saves_and_never_stalls_generation(
 async def test_a_parent_row_still_being_written_is_usable_at_once(
     registry: BackendRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    gate = threading.Event()
-    original = FileTier.publish
-
-    def held_publish(self: FileTier, *a: Any) -> Any:
-        gate.wait(10)
-        return original(self, *a)
-
-    monkeypatch.setattr(FileTier, "publish", held_publish)
+    gate = hold(monkeypatch, "publish")
     cfg = cache_cfg(tmp_path, ram_bytes=0, ram_file_dir=None)
     try:
         async with erllama.open_engine(cfg, backends=registry) as engine:
