@@ -727,10 +727,15 @@ class ModelWorker:
         req = self._running.get(seq)
         if req is None or req.cancel_requested:
             return False
+        self._deliver(req, token, piece)
+        return True
+
+    @staticmethod
+    def _deliver(req: Request, token: int, piece: bytes) -> None:
+        """Stream one token; the incremental decoder holds back half a character."""
         if req.first_token_at is None:
             req.first_token_at = time.monotonic()
         req.emit(Token(text=req.decoder.decode(piece), token_id=token))
-        return True
 
     async def _tick(self) -> None:
         ops = self._build_ops()
@@ -765,8 +770,7 @@ class ModelWorker:
                 if req.cancel_requested:
                     continue  # finished as cancelled between ticks; the token stays unsent
                 if res.seq not in streamed:
-                    text = req.decoder.decode(pieces.get(res.seq, b""))
-                    req.emit(Token(text=text, token_id=res.token))
+                    self._deliver(req, res.token, pieces.get(res.seq, b""))
                 reason = self._finish_reason(req, res)
                 if reason is not None:
                     finishing.append((req, reason))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .key import encode_tokens
+from .key import common_prefix_tokens, encode_tokens
 
 __all__ = ["PrefixIndex"]
 
@@ -43,13 +43,8 @@ def _as_bytes(tokens: Sequence[int] | bytes) -> bytes:
 
 def _common_bytes(label: bytes, tokens: bytes, pos: int) -> int:
     """Length in bytes (a multiple of 4) of the common prefix of ``label`` and
-    ``tokens[pos:]``, found with one XOR of two big ints instead of a Python loop."""
-    n = min(len(label), len(tokens) - pos)
-    diff = int.from_bytes(label[:n], "little") ^ int.from_bytes(tokens[pos : pos + n], "little")
-    if not diff:
-        return n
-    first_bad_byte = ((diff & -diff).bit_length() - 1) // 8
-    return first_bad_byte - first_bad_byte % 4
+    ``tokens[pos:]``."""
+    return 4 * common_prefix_tokens(label, tokens[pos : pos + len(label)])
 
 
 class PrefixIndex:
