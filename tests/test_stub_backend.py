@@ -126,17 +126,21 @@ async def test_an_adapter_change_waits_for_running_requests(
 ) -> None:
     ctl = metered()
     mid = await engine.load_model("m", stub_config(control=ctl))
-    release(ctl, 100)
+    release(ctl, 7)  # one prefill step, then six decodes
     base = await engine.complete(mid, "keep my adapters", max_tokens=6)
     running = await engine.infer(mid, "keep my adapters", max_tokens=6)
-    await wait_for(lambda: ctl.active == 1 or engine.status(mid) != "idle")
+    await wait_for(lambda: ctl.steps == 8 and ctl.waiting == 1)  # its first step is parked
     handle: list[int] = []
 
     async def attach() -> None:
         handle.append(await engine.load_adapter(mid, _adapter(tmp_path, "late")))
 
+    sched = engine._models[mid].thread.sched
+    assert sched is not None
     async with anyio.create_task_group() as tg:
         tg.start_soon(attach)
+        await wait_for(lambda: len(sched.queue) == 1)  # the change waits behind the request
+        release(ctl, 100)
         tokens = [ev.token_id async for ev in running if isinstance(ev, Token)]
     # The request admitted before the change ran entirely with the old adapter set.
     assert tuple(tokens) == base.token_ids

@@ -26,6 +26,7 @@ from .errors import ModelFailed as ModelFailed
 from .errors import ModelNotFound as ModelNotFound
 from .errors import NotSupported as NotSupported
 from .errors import QueueFull as QueueFull
+from .errors import SessionBusy as SessionBusy
 from .events import AdapterInfo as AdapterInfo
 from .events import CacheDelta as CacheDelta
 from .events import CacheHit as CacheHit
@@ -40,8 +41,8 @@ from .pressure import PressureResult as PressureResult
 from .pressure import PressureSample as PressureSample
 from .pressure import PressureStatus as PressureStatus
 from .pressure import make_pressure_registry as make_pressure_registry
-from .request import InferStream as InferStream
 from .sampling import SamplerParams as SamplerParams
+from .stream import InferStream as InferStream
 
 __all__ = [
     "AdapterInfo",
@@ -73,6 +74,7 @@ __all__ = [
     "PressureStatus",
     "QueueFull",
     "SamplerParams",
+    "SessionBusy",
     "Stats",
     "Token",
     "__version__",

@@ -19,11 +19,12 @@ from .config import EngineConfig, ModelConfig, load_config, structure_config
 from .errors import ConfigError, InvalidRequest, ModelAlreadyLoaded, ModelNotFound
 from .events import AdapterInfo, Completion, ModelInfo, ModelStatus
 from .model import ModelWorker
+from .model.request import Request
 from .plugins import BackendRegistry, make_backend_registry
 from .pressure import PressureResult, PressureStatus
 from .pressure.registry import PressureSourceRegistry, make_pressure_registry
 from .pressure.scheduler import PressureScheduler
-from .request import InferStream, Request
+from .stream import InferStream
 
 __all__ = ["Engine", "open_engine"]
 
@@ -187,7 +188,7 @@ class Engine:
             self._entering[model_id] -= 1
             if not self._entering[model_id]:
                 del self._entering[model_id]
-        if req.state.value != "done":
+        if not req.finished.is_set():
             self._inflight[req.ref] = (worker, req)
         return stream
 
@@ -207,8 +208,13 @@ class Engine:
         """Cancel a request by ``stream.ref``. Idempotent; silent for unknown or finished refs.
 
         A queued request ends at once (its stream gets ``Done("cancelled")``, it never runs);
-        a running one stops before its next token.
+        a running one stops before its next token. ``ref`` that is not a string (a stream
+        passed by mistake, say) raises TypeError.
         """
+        if not isinstance(ref, str):
+            raise TypeError(
+                f"cancel() takes a request ref (stream.ref, a str), not {type(ref).__name__}"
+            )
         entry = self._inflight.get(ref)
         if entry is None:
             return
@@ -309,8 +315,7 @@ class _PressureModels:
         return (
             worker is not None
             and not eng._closed
-            and worker.status == "idle"
-            and not worker._queue  # no queued request, nor a queued adapter change
+            and worker.idle  # nothing admitted or queued, no adapter change waiting
             and not eng._entering[model_id]
         )
 

@@ -8,6 +8,7 @@ The hierarchy::
     ├── ModelAlreadyLoaded        load_model() with an id that is already taken
     ├── NotSupported              the model's backend does not implement a capability
     ├── QueueFull                 the model's request queue is at ModelConfig.max_queue
+    ├── SessionBusy               a request for a session that already has one queued or running
     ├── InvalidRequest            a request argument is out of range (names the parameter)
     ├── BackendError              the backend failed (load, step, pack, ...); ``__cause__`` kept
     │   └── ModelFailed           the model failed earlier and serves nothing until reloaded
@@ -33,6 +34,7 @@ __all__ = [
     "ModelNotFound",
     "NotSupported",
     "QueueFull",
+    "SessionBusy",
 ]
 
 
@@ -90,6 +92,16 @@ class QueueFull(ErllamaError):
         self.model_id = model_id
         self.limit = limit
         super().__init__(f"model {model_id!r} has {limit} requests queued (max_queue)")
+
+
+class SessionBusy(ErllamaError):
+    """Session ``session_id`` of model ``model_id`` already has a request queued or running;
+    a session serves one request at a time."""
+
+    def __init__(self, model_id: str, session_id: object) -> None:
+        self.model_id = model_id
+        self.session_id = session_id
+        super().__init__(f"session {session_id!r} of model {model_id!r} is busy")
 
 
 class InvalidRequest(ErllamaError, ValueError):

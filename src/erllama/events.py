@@ -14,6 +14,7 @@ __all__ = [
     "CacheHitKind",
     "Completion",
     "Done",
+    "Event",
     "FinishReason",
     "ModelInfo",
     "ModelStatus",
@@ -103,6 +104,19 @@ class Completion:
     cache_delta: CacheDelta
     stats: Stats
 
+    @classmethod
+    def build(cls, done: Done, text: str, token_ids: tuple[int, ...]) -> Completion:
+        st = done.stats
+        return cls(
+            text=text,
+            token_ids=token_ids,
+            finish_reason=done.finish_reason,
+            finish_key=st.finish_key,
+            cache_hit_kind=st.cache_hit_kind,
+            cache_delta=st.cache_delta,
+            stats=st,
+        )
+
     @property
     def reply(self) -> str:
         """Alias of ``text`` (the reference library's name)."""
@@ -112,6 +126,10 @@ class Completion:
     def generated(self) -> tuple[int, ...]:
         """Alias of ``token_ids``."""
         return self.token_ids
+
+
+#: What a stream yields.
+Event = Token | Done
 
 
 @attrs.frozen(kw_only=True)

@@ -60,6 +60,9 @@ class Backend:
             for cap, hooks in hookspecs.OPTIONAL_CAPABILITIES.items()
             if all(self._implemented(h) for h in hooks)
         )
+        # The per-step hooks skip pluggy's dispatch: each has exactly one implementation.
+        self._step_fn = _direct(self._pm, "step", ("model", "ops", "on_sampled"))
+        self._detokenize_fn = _direct(self._pm, "detokenize", ("model", "tokens"))
 
     def _implemented(self, hook: str) -> bool:
         return bool(getattr(self._pm.hook, hook).get_hookimpls())
@@ -78,6 +81,32 @@ class Backend:
             raise
         except Exception as exc:
             raise BackendError(self.name, operation, f"{type(exc).__name__}: {exc}") from exc
+
+    # The hot path: called once per step / per new token, without hook dispatch -----------
+
+    def direct_step(
+        self,
+        model: Any,
+        ops: Sequence[StepOp],
+        on_sampled: Callable[[int, int], None] | None,
+    ) -> Sequence[StepResult]:
+        """:meth:`step`, calling the implementation directly."""
+        try:
+            result: Sequence[StepResult] = self._step_fn(model, ops, on_sampled)
+        except ErllamaError:
+            raise
+        except Exception as exc:
+            raise BackendError(self.name, "step", f"{type(exc).__name__}: {exc}") from exc
+        return result
+
+    def direct_detokenize(self, model: Any, tokens: Sequence[int]) -> bytes:
+        """:meth:`detokenize`, calling the implementation directly."""
+        try:
+            return bytes(self._detokenize_fn(model, tokens))
+        except ErllamaError:
+            raise
+        except Exception as exc:
+            raise BackendError(self.name, "detokenize", f"{type(exc).__name__}: {exc}") from exc
 
     # Required hooks -------------------------------------------------------------------------
 
@@ -177,6 +206,21 @@ class Backend:
         if not self.supports("metadata"):
             return {}
         return dict(self._call("metadata", model=model) or {})
+
+
+def _direct(pm: pluggy.PluginManager, hook: str, params: tuple[str, ...]) -> Callable[..., Any]:
+    """The one implementation of ``hook``, callable with ``params`` positionally.
+
+    pluggy lets an implementation take a subset of a hook's arguments, in any order, by name:
+    adapt such a one once here instead of on every call.
+    """
+    (impl,) = getattr(pm.hook, hook).get_hookimpls()
+    fn: Callable[..., Any] = impl.function
+    names = tuple(impl.argnames)
+    if names == params:
+        return fn
+    order = [params.index(n) for n in names]
+    return lambda *args: fn(*[args[i] for i in order])
 
 
 class EntryPointRegistry(Generic[P]):

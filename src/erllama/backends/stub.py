@@ -20,7 +20,7 @@ really constrains output, and adapters that change output unless their scale is 
 Test controls, given in ``ModelConfig.options``: ``n_vocab``, ``n_ctx`` (else the config's),
 ``eog_every`` (end generation when the context hash says so, on average every N tokens;
 0 = never), ``step_delay_s`` (sleep in the worker thread each step), ``fail_at``
-(``"load"``, ``"step"``, ``"pack"``, ``"unpack"``), ``fail_step`` (with ``fail_at="step"``:
+(``"load"``, ``"step"``, ``"pack"``, ``"unpack"``, ``"seq_rm"``), ``fail_step`` (with ``fail_at="step"``:
 fail on that step number, counting from 1), ``embed_dim``, and ``control``: a
 :class:`StubControl` whose ``gate`` event, when given, blocks every step until it is set.
 """
@@ -43,7 +43,17 @@ from ..config import ModelConfig
 from ..errors import InvalidRequest
 from ..sampling import SamplerParams
 from .hookspecs import hookimpl
-from .types import ChatMessage, Decode, LoadedModel, Prefill, Prefilled, Sampled, StepOp, StepResult
+from .types import (
+    ChatMessage,
+    Decode,
+    LoadedModel,
+    Prefill,
+    Prefilled,
+    Sampled,
+    SeqFailed,
+    StepOp,
+    StepResult,
+)
 
 UNK, BOS, EOS, PAD = 0, 1, 2, 3
 BYTE_BASE = 4
@@ -465,7 +475,12 @@ def _step(
             if len(seq.tokens) >= model.n_ctx:
                 raise ValueError("context overflow")
             sampler = op.sampler if isinstance(op.sampler, _Sampler) else None
-            tok = _next_token(model, seq, sampler)
+            try:
+                tok = _next_token(model, seq, sampler)
+            except (ArithmeticError, ValueError) as exc:
+                # Sampling touches no KV: only this request fails.
+                results.append(SeqFailed(seq=op.seq, error=exc))
+                continue
             if on_sampled is not None:
                 on_sampled(op.seq, tok)
             if control.forward_gate is not None:
@@ -510,6 +525,7 @@ def kv_unpack(model: StubModel, seq: int, data: bytes | bytearray | memoryview) 
 
 @hookimpl
 def seq_rm(model: StubModel, seq: int, start: int, end: int | None) -> None:
+    model.fail("seq_rm")
     s = model.seq(seq)
     if end is not None and end < len(s.tokens):
         raise ValueError("the stub only removes a sequence's tail")

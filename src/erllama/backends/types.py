@@ -14,6 +14,7 @@ __all__ = [
     "Prefill",
     "Prefilled",
     "Sampled",
+    "SeqFailed",
     "StepOp",
     "StepResult",
 ]
@@ -89,4 +90,15 @@ class Sampled:
     eog: bool
 
 
-StepResult = Prefilled | Sampled
+@attrs.frozen(kw_only=True)
+class SeqFailed:
+    """The op of ``seq`` failed for a reason of its own (its sampler could not compute a
+    token, say) and left every sequence's KV as it was before the step: the engine ends
+    that one request with ``error`` and the model carries on. A failure that may have
+    changed any KV must be raised from ``step`` instead (the model is then failed)."""
+
+    seq: int
+    error: BaseException
+
+
+StepResult = Prefilled | Sampled | SeqFailed

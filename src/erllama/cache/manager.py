@@ -305,8 +305,14 @@ class KVCache:
             return None, False
         return key, True
 
+    def holds(self, key: bytes) -> bool:
+        return key in self.catalog.rows
+
     def note_pack(self, seconds: float) -> None:
         self.counters.bump("pack_s", seconds)
+
+    def note_dropped(self) -> None:
+        self.counters.bump("saves_dropped")
 
     def note_live_hit(self) -> None:
         self.counters.bump("hits_live")

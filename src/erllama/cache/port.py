@@ -56,8 +56,16 @@ class CachePort(Protocol):
         ``(key, True)`` go ahead; ``(key, False)`` the row already exists (the key is valid,
         nothing to write); ``(None, False)`` the cache will not take it."""
 
+    def holds(self, key: bytes) -> bool:
+        """Whether a row with ``key`` is indexed. Safe to call from a model thread (a plain
+        dict membership read): a stale answer costs one redundant pack, or one skipped save
+        that :meth:`save` then reports as dropped."""
+
     def note_pack(self, seconds: float) -> None:
         """Account time spent packing on a model thread."""
+
+    def note_dropped(self) -> None:
+        """Account a save lost before it reached the cache (its pack failed)."""
 
     def note_live_hit(self) -> None:
         """Account an admission served by a sequence's own live KV."""
@@ -95,7 +103,13 @@ class NullCache:
     ) -> tuple[bytes | None, bool]:
         return None, False
 
+    def holds(self, key: bytes) -> bool:
+        return False
+
     def note_pack(self, seconds: float) -> None:
+        pass
+
+    def note_dropped(self) -> None:
         pass
 
     def note_live_hit(self) -> None:

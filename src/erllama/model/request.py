@@ -1,0 +1,90 @@
+"""One request inside a model: what was asked, and the parts that track it.
+
+A :class:`Request` is an aggregate of single-purpose parts, each with one owner:
+
+* ``spec``: what the caller asked for (frozen, built by intake on the event loop);
+* ``job``: its scheduling state (:mod:`.scheduler`; model thread, under the worker lock);
+* ``kv``: its cache bookkeeping (:mod:`.kv`; model thread);
+* ``output``: turns its tokens into events (:mod:`.output`; model thread);
+* ``clock``: timestamps for its :class:`~erllama.events.Stats` (model thread);
+* ``channel``, ``scope``, ``finished``: its stream and cancel scope (event loop).
+
+The loop reads thread-owned parts only after the request has ended (the terminal event is
+handed over after the thread's last write to them).
+"""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import attrs
+
+from ..events import CacheDelta, FinishReason, Stats
+from ..sampling import SamplerParams
+from ..stream import Channel
+from .kv import KVTrack
+from .output import Output
+from .scheduler import Job
+
+__all__ = ["Clock", "Request", "RequestSpec"]
+
+
+@attrs.frozen(kw_only=True)
+class RequestSpec:
+    """What the caller asked for, validated."""
+
+    prompt: tuple[int, ...]
+    params: SamplerParams
+    max_tokens: int | None
+    parent_key: bytes | None
+
+
+@attrs.define(eq=False)
+class Clock:
+    """Monotonic timestamps of one request's life."""
+
+    queued: float = attrs.Factory(time.monotonic)
+    admitted: float | None = None
+    prefill_done: float | None = None
+    first_token: float | None = None
+
+    def stats(self, spec: RequestSpec, job: Job, kv: KVTrack, reason: FinishReason) -> Stats:
+        now = time.monotonic()
+        admitted = self.admitted if self.admitted is not None else now
+        prefill_end = self.prefill_done or now
+        gen_s = max(0.0, now - prefill_end) if self.prefill_done else 0.0
+        n = job.n_generated
+        return Stats(
+            prompt_tokens=len(spec.prompt),
+            completion_tokens=n,
+            cache_hit_kind=kv.hit.kind,
+            cache_delta=CacheDelta(read=kv.hit.prefix_len, created=kv.created),
+            finish_reason=reason,
+            finish_key=kv.finish_key,
+            time_to_first_token_s=(
+                self.first_token - admitted if self.first_token is not None else None
+            ),
+            queued_s=admitted - self.queued,
+            prefill_s=max(0.0, prefill_end - admitted) if self.admitted else 0.0,
+            generation_s=gen_s,
+            tokens_per_s=(n / gen_s) if n and gen_s > 0 else None,
+            context_tokens=len(kv.context),
+        )
+
+
+@attrs.define(eq=False)
+class Request:
+    """See the module docstring."""
+
+    ref: str
+    spec: RequestSpec
+    job: Job
+    kv: KVTrack
+    output: Output
+    #: The backend sampler built at intake (None: greedy), freed when the request ends.
+    sampler: object = None
+    clock: Clock = attrs.Factory(Clock)
+    channel: Channel = attrs.Factory(Channel)
+    scope: anyio.CancelScope = attrs.Factory(anyio.CancelScope)
+    finished: anyio.Event = attrs.Factory(anyio.Event)
