@@ -12,11 +12,13 @@ a decode that asks for logits that do not exist is refused instead of reading ga
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
+import tempfile
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ import llama_cpp as L
 from ..config import ModelConfig
 from ..errors import ConfigError, InvalidRequest
 from ..sampling import SamplerParams
-from .types import Decode, Prefill, Prefilled, Sampled, StepOp, StepResult
+from .types import Decode, Prefill, Prefilled, Sampled, SeqFailed, StepOp, StepResult
 
 log = logging.getLogger("erllama.llama_cpp")
 
@@ -88,15 +90,80 @@ def _meta(model: Any, key: str) -> str | None:
         size = n + 1
 
 
+_INT_TYPES = (
+    ctypes.c_int, ctypes.c_int8, ctypes.c_int16, ctypes.c_int32, ctypes.c_int64,
+    ctypes.c_uint, ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64,
+)  # fmt: skip
+_FLOAT_TYPES = (ctypes.c_float, ctypes.c_double)
+
+
+def _coerce(key: str, ctype: Any, value: Any) -> Any:
+    """``value`` checked against the C type of the field it sets (a wrong type would be
+    silently truncated by ctypes, or raise deep inside the load)."""
+    if ctype is ctypes.c_bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError([(f"options.{key}", f"must be a bool, got {value!r}")])
+    if ctype in _INT_TYPES:
+        if isinstance(value, int) and not isinstance(value, bool):
+            bits = ctypes.sizeof(ctype) * 8
+            signed = ctype(-1).value == -1
+            lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+            if lo <= value <= hi:
+                return value
+            raise ConfigError([(f"options.{key}", f"must be in [{lo}, {hi}], got {value}")])
+        raise ConfigError([(f"options.{key}", f"must be an integer, got {value!r}")])
+    if ctype in _FLOAT_TYPES:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError([(f"options.{key}", f"must be a number, got {value!r}")])
+    raise ConfigError(
+        [(f"options.{key}", "is a pointer or structure field; it cannot be set from options")]
+    )
+
+
 def _set_fields(struct: Any, options: Mapping[str, Any]) -> dict[str, Any]:
     """Apply pass-through options that name fields of ``struct``; return those applied."""
-    names = {f[0] for f in struct._fields_}
+    types = {f[0]: f[1] for f in struct._fields_}
     applied = {}
+    problems: list[tuple[str, str]] = []
     for key, value in options.items():
-        if key in names and key not in OWN_OPTIONS:
+        if key in types and key not in OWN_OPTIONS:
+            try:
+                value = _coerce(key, types[key], value)
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+                continue
             setattr(struct, key, value)
             applied[key] = value
+    if problems:
+        raise ConfigError(problems)
     return applied
+
+
+_stderr_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[Callable[[], str]]:
+    """Capture what native code writes to fd 2 during the block (llama.cpp's grammar parser
+    prints its errors there): the caller puts it in a typed error instead. Process-wide, so
+    held only around one short native call."""
+    with _stderr_lock, tempfile.TemporaryFile() as tmp:
+        saved = os.dup(2)
+        try:
+            os.dup2(tmp.fileno(), 2)
+            text = ""
+
+            def said() -> str:
+                return text
+
+            yield said
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        tmp.seek(0)
+        text = tmp.read().decode("utf-8", errors="replace")
 
 
 class Sampler:
@@ -151,11 +218,16 @@ class LlamaModel:
         self, config: ModelConfig, options: dict[str, Any], model_applied: Mapping[str, Any]
     ) -> None:
         self.vocab = L.llama_model_get_vocab(self.model)
+        self._piece_buf = ctypes.create_string_buffer(64)
         self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
         if self.n_vocab <= 0:
             raise ValueError("model has an empty vocabulary")
         cparams = L.llama_context_default_params()
-        cparams.n_ctx = config.n_ctx
+        # ModelConfig.n_ctx is per sequence. Each sequence gets its own KV cells
+        # (kv_unified off): measured on CPU, 4 sequences decode 1.35-1.4x faster per step
+        # that way than in one shared pool, and a sequence can never be starved of cells.
+        cparams.n_ctx = config.n_ctx * config.n_seq_max
+        cparams.kv_unified = False
         cparams.n_batch = config.n_batch
         cparams.n_ubatch = config.n_ubatch or min(config.n_batch, 512)
         cparams.n_seq_max = config.n_seq_max
@@ -253,10 +325,11 @@ class LlamaModel:
             cap = -n
 
     def piece(self, token: int) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = L.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        # One buffer per model, reused (pieces are short; a longer one grows it for good).
+        buf = self._piece_buf
+        n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         if n < 0:
-            buf = ctypes.create_string_buffer(-n)
+            buf = self._piece_buf = ctypes.create_string_buffer(-n)
             n = L.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
         return buf.raw[:n]
 
@@ -320,6 +393,12 @@ class LlamaModel:
                     raise RuntimeError(f"sequence {op.seq} has no logits to sample from")
                 sampler = op.sampler.ptr if isinstance(op.sampler, Sampler) else self.greedy
                 tok = int(L.llama_sampler_sample(sampler, self.ctx, row))
+                if not 0 <= tok < self.n_vocab:
+                    # Sampling touched no KV: only this request fails (a grammar with no
+                    # allowed token left, say).
+                    err = RuntimeError(f"the sampler returned no valid token ({tok})")
+                    results.append(SeqFailed(seq=op.seq, error=err))
+                    continue
                 rows.append((op.seq, (tok,), True))
                 results.append(Sampled(seq=op.seq, token=tok, eog=tok in self.eog))
                 if on_sampled is not None:
@@ -379,9 +458,11 @@ class LlamaModel:
         sampler = Sampler(chain)
         try:
             if params.grammar is not None:
-                g = L.llama_sampler_init_grammar(self.vocab, params.grammar.encode(), b"root")
+                with _stderr_captured() as said:
+                    g = L.llama_sampler_init_grammar(self.vocab, params.grammar.encode(), b"root")
                 if not g:
-                    raise InvalidRequest("grammar", "llama.cpp could not parse the GBNF grammar")
+                    detail = " ".join(said().split()) or "llama.cpp could not parse it"
+                    raise InvalidRequest("grammar", f"GBNF does not parse: {detail}")
                 L.llama_sampler_chain_add(chain, g)
             if params.repetition_penalty != 1.0:
                 L.llama_sampler_chain_add(
