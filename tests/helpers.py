@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import anyio
 
 import erllama
-from erllama.backends.stub import StubControl
+from erllama.backends.stub import StubControl, _word
+from erllama.plugins import BackendRegistry
 
 
 def stub_config(**options: object) -> erllama.ModelConfig:
@@ -54,3 +56,18 @@ def unblock_stubs(engine: erllama.Engine) -> None:
         for gate in (control.gate, control.forward_gate):
             if gate is not None:
                 gate.set()
+
+
+def words(n: int, start: int = 0) -> str:
+    """``n`` stub vocabulary words: exactly one token each."""
+    return " ".join(_word(start + i) for i in range(n))
+
+
+async def cold_run(
+    registry: BackendRegistry, prompt: str | list[int], **kw: Any
+) -> erllama.Completion:
+    """What the stub answers with no cache at all (the reference every warm run must equal)."""
+    cfg = erllama.EngineConfig(cache=erllama.CacheConfig(enabled=False, ram_file_dir=None))
+    async with erllama.open_engine(cfg, backends=registry) as engine:
+        mid = await engine.load_model("m", stub_config())
+        return await engine.complete(mid, prompt, **kw)
