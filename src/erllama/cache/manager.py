@@ -31,6 +31,7 @@ from ..errors import CacheError
 from .buffers import BufferPool
 from .catalog import TIERS, Catalog, Row
 from .counters import CacheCounters, Counters
+from .faults import WriteFailures
 from .format import CorruptRow, RowMeta, encode_row
 from .key import Namespace, decode_tokens, encode_tokens
 from .port import Restore, SaveReason
@@ -42,6 +43,8 @@ log = logging.getLogger("erllama.cache")
 
 #: Leaving the engine waits at most this long for writers to finish.
 DRAIN_TIMEOUT_S = 30.0
+#: After the first failed write (logged in full), failures are summarised at most this often.
+WRITE_FAILURE_LOG_INTERVAL_S = 60.0
 
 
 @attrs.define(eq=False)
@@ -90,6 +93,7 @@ class KVCache:
         self._write_limiter = anyio.CapacityLimiter(config.writers)
         self._tg: TaskGroup | None = None
         self._closing = False
+        self._write_failures = WriteFailures(log, WRITE_FAILURE_LOG_INTERVAL_S)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -131,6 +135,7 @@ class KVCache:
             await self.drain()
         if scope.cancelled_caught:
             log.error("cache writers did not drain within %.0f s", DRAIN_TIMEOUT_S)
+        self._write_failures.flush(anyio.current_time())
         for tier in self.files.values():
             tier.close()
 
@@ -432,8 +437,12 @@ class KVCache:
             self._active_jobs += 1
             try:
                 await self._run(job)
-            except Exception:
-                log.exception("cache writer failed on row %s", job.row.key.hex())
+            except Exception as exc:
+                # ENOSPC, EIO, EACCES, a name occupied by a directory...: the row is dropped
+                # (a save) or stays where it is (a spill); generation never notices.
+                self.counters.bump("save_errors")
+                what = f"{job.kind} of row {job.row.key.hex()} to {job.tier}"
+                self._write_failures.note(exc, what, anyio.current_time())
                 self._abandon(job)
             finally:
                 self._active_jobs -= 1
