@@ -15,8 +15,7 @@ import erllama
 from erllama.cache.tiers import FileTier
 from erllama.plugins import BackendRegistry
 
-from ..conftest import FullDisk
-from ..helpers import cold_run, stub_config, words
+from ..helpers import SmallDisk, cold_run, stub_config, words
 
 pytestmark = pytest.mark.anyio
 
@@ -76,11 +75,12 @@ async def test_failing_writes_are_counted_and_logged_once_then_summarised(
 
 
 async def test_a_full_filesystem_is_survived_the_same_way(
-    registry: BackendRegistry, full_disk: FullDisk, caplog: pytest.LogCaptureFixture
+    registry: BackendRegistry, small_disk: SmallDisk, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with erllama.open_engine(disk_only(full_disk.path), backends=registry) as engine:
+    small_disk.fill()
+    async with erllama.open_engine(disk_only(small_disk.path), backends=registry) as engine:
         await run_requests(engine, registry)
         c = engine.cache_counters()
         assert c.save_errors == c.saves_dropped == N_REQUESTS
     assert_logged_once_then_summarised(cache_errors(caplog))
-    assert list(full_disk.path.iterdir()) == []  # no temp left behind
+    assert list(small_disk.path.iterdir()) == []  # no temp left behind
