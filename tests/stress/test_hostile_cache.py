@@ -297,6 +297,7 @@ async def test_unreadable_rows_and_a_directory_locked_mid_run(
             # Unreadable rows are not corrupt: skipped (left alone), so a miss.
             counted(engine, 0)
             await harness.serve(engine, queries(metas[:4], {m.key for m in locked}))
+            await engine._cache.drain()  # type: ignore[attr-defined]
             disk.chmod(0)  # every read and write in the tier now fails with EACCES
             await harness.serve(engine, queries(metas[4:6], {m.key for m in metas[4:6]}))
             await engine._cache.drain()  # type: ignore[attr-defined]
@@ -362,6 +363,7 @@ async def test_a_disk_that_fills_up_and_frees_mid_run(
     metas = await make_rows(registry, small_disk.path)
     async with harness.opened(disk_cfg(small_disk.path)) as engine:
         await harness.serve(engine, queries(metas[:3], set()))
+        await engine._cache.drain()  # type: ignore[attr-defined]  # those saves went through
         small_disk.fill()
         await harness.serve(engine, queries(metas[3:6], set()))  # rows still read
         await engine._cache.drain()  # type: ignore[attr-defined]
