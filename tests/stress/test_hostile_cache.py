@@ -106,9 +106,10 @@ class Harness:
             yield engine
             record(f"{FILE}: corrupt files counted", engine.cache_counters().corrupt_files)
         # The cache caught every damaged row itself: none reached the backend (whose refusal
-        # KVCache.reject would log as "backend refused cache row ...").
-        refused = [r for r in self.caplog.records if "backend refused" in r.getMessage()]
-        assert refused == []
+        # KVCache.reject would log as "backend refused cache row ..."), and no lookup raised
+        # (the model would log "cache lookup failed" and serve cold).
+        for what in ("backend refused", "cache lookup failed"):
+            assert [r for r in self.caplog.records if what in r.getMessage()] == []
 
     async def serve(self, engine: erllama.Engine, queries: Sequence[Query]) -> None:
         await self.references([p for p, _ in queries])
@@ -294,9 +295,14 @@ async def test_unreadable_rows_and_a_directory_locked_mid_run(
     planted(len(locked) + 1)
     try:
         async with harness.opened(disk_cfg(disk)) as engine:
-            # Unreadable rows are not corrupt: skipped (left alone), so a miss.
+            # Unreadable rows are not corrupt: skipped (left alone), so a miss, even when a
+            # request names one as its parent (it is then looked for on disk).
             counted(engine, 0)
             await harness.serve(engine, queries(metas[:4], {m.key for m in locked}))
+            parent = await engine.complete(
+                "m", list(locked[0].tokens), max_tokens=MAX_TOKENS, parent_key=locked[0].key.hex()
+            )
+            assert (parent.text, tuple(parent.token_ids)) == harness.cold[locked[0].tokens]
             await engine._cache.drain()  # type: ignore[attr-defined]
             disk.chmod(0)  # every read and write in the tier now fails with EACCES
             await harness.serve(engine, queries(metas[4:6], {m.key for m in metas[4:6]}))

@@ -219,9 +219,15 @@ class KVCache:
         while True:
             writing = False
             for name, tier in self.files.items():
-                meta, busy = await anyio.to_thread.run_sync(
-                    tier.probe, key, limiter=self._read_limiter
-                )
+                try:
+                    meta, busy = await anyio.to_thread.run_sync(
+                        tier.probe, key, limiter=self._read_limiter
+                    )
+                except OSError as exc:
+                    # EACCES, EIO: that tier cannot answer; a miss there, never a failed
+                    # lookup (the request would still run, but cold, with a traceback).
+                    log.debug("cache probe of %s in %s failed: %s", key.hex(), name, exc)
+                    continue
                 if meta is not None:
                     self._adopt(name, meta, count=True)
                     return self.catalog.get(key)
