@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +11,7 @@ import erllama
 from erllama.backends import stub
 from erllama.plugins import BackendRegistry
 
-from .helpers import unblock_stubs
+from .helpers import SmallDisk, unblock_stubs
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -50,3 +50,10 @@ async def engine(
             yield eng
         finally:
             unblock_stubs(eng)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SmallDisk]:
+    """A 1 MiB filesystem for a disk tier, made full by ``fill()``; see :class:`SmallDisk`."""
+    with SmallDisk.mounted(tmp_path / "fs", monkeypatch) as disk:
+        yield disk

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import subprocess
 import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import anyio
+import attrs
+import pytest
 
 import erllama
-from erllama.backends.stub import StubControl
+from erllama.backends.stub import StubControl, _word
+from erllama.cache.tiers import FileTier
+from erllama.plugins import BackendRegistry
 
 
 def stub_config(**options: object) -> erllama.ModelConfig:
@@ -54,3 +64,82 @@ def unblock_stubs(engine: erllama.Engine) -> None:
         for gate in (control.gate, control.forward_gate):
             if gate is not None:
                 gate.set()
+
+
+def words(n: int, start: int = 0) -> str:
+    """``n`` stub vocabulary words: exactly one token each."""
+    return " ".join(_word(start + i) for i in range(n))
+
+
+async def cold_run(
+    registry: BackendRegistry, prompt: str | list[int], **kw: Any
+) -> erllama.Completion:
+    """What the stub answers with no cache at all (the reference every warm run must equal)."""
+    cfg = erllama.EngineConfig(cache=erllama.CacheConfig(enabled=False, ram_file_dir=None))
+    async with erllama.open_engine(cfg, backends=registry) as engine:
+        mid = await engine.load_model("m", stub_config())
+        return await engine.complete(mid, prompt, **kw)
+
+
+@attrs.define(eq=False)
+class SmallDisk:
+    """A directory on a 1 MiB tmpfs that ``fill()`` makes full (every write then fails with
+    ENOSPC) and ``free()`` empties again.
+
+    Where mount is not permitted, ``real`` is False and a full disk is imitated instead:
+    ``fill()`` patches ``FileTier.write_tmp`` to fail with ENOSPC, ``free()`` undoes it.
+    """
+
+    #: The directory to give as ``disk_dir``: it exists (0700).
+    path: Path
+    real: bool
+    _monkeypatch: pytest.MonkeyPatch
+
+    @classmethod
+    @contextlib.contextmanager
+    def mounted(cls, at: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SmallDisk]:
+        at.mkdir()
+        try:
+            done = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(at)],
+                capture_output=True,
+                check=False,
+            )
+            real = done.returncode == 0
+        except OSError:  # no mount(8) at all
+            real = False
+        try:
+            (at / "rows").mkdir(mode=0o700)  # before filling: a full tmpfs may refuse mkdir
+            yield cls(at / "rows", real, monkeypatch)
+        finally:
+            # Lazily if still busy (a failed test may leave an fd open): never leave a mount.
+            if real and subprocess.run(["umount", str(at)], check=False).returncode:
+                subprocess.run(["umount", "-l", str(at)], check=False)
+
+    _write_tmp: Any = None
+
+    def fill(self) -> None:
+        if not self.real:
+            self._write_tmp = FileTier.write_tmp
+            self._monkeypatch.setattr(FileTier, "write_tmp", _no_space)
+            return
+        chunk = b"\0" * 4096
+        with open(self.path.parent / "ballast", "ab", buffering=0) as f:
+            while True:
+                try:
+                    f.write(chunk)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    return
+
+    def free(self) -> None:
+        if not self.real:
+            if self._write_tmp is not None:
+                self._monkeypatch.setattr(FileTier, "write_tmp", self._write_tmp)
+            return
+        (self.path.parent / "ballast").unlink(missing_ok=True)
+
+
+def _no_space(self: FileTier, *a: object) -> Path:
+    raise OSError(errno.ENOSPC, "No space left on device")

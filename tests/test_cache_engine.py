@@ -13,11 +13,10 @@ import attrs
 import pytest
 
 import erllama
-from erllama.backends.stub import _word
 from erllama.cache.tiers import FileTier
 from erllama.plugins import BackendRegistry
 
-from .helpers import metered, release, unblock_stubs, wait_for
+from .helpers import cold_run, metered, release, unblock_stubs, wait_for, words
 from .helpers import stub_config as _stub_config
 
 
@@ -35,11 +34,6 @@ POLICY = erllama.CachePolicy(
     boundary_align_tokens=8,
     continued_interval=1000,
 )
-
-
-def words(n: int, start: int = 0) -> str:
-    """``n`` stub vocabulary words: exactly one token each."""
-    return " ".join(_word(start + i) for i in range(n))
 
 
 def cache_cfg(tmp_path: Path, **kw: Any) -> erllama.EngineConfig:
@@ -73,13 +67,6 @@ async def cached(registry: BackendRegistry, tmp_path: Path) -> AsyncIterator[erl
             yield engine
         finally:
             unblock_stubs(engine)
-
-
-async def cold_run(registry: BackendRegistry, prompt: Any, **kw: Any) -> erllama.Completion:
-    cfg = erllama.EngineConfig(cache=erllama.CacheConfig(enabled=False, ram_file_dir=None))
-    async with erllama.open_engine(cfg, backends=registry) as engine:
-        mid = await engine.load_model("m", stub_config())
-        return await engine.complete(mid, prompt, **kw)
 
 
 async def test_resending_a_conversation_hits_exactly_and_continues_identically(

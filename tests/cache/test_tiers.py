@@ -393,3 +393,10 @@ def test_scan_unknown_skips_known_rows(tier: FileTier) -> None:
     tier.path_for(known).write_bytes(b"damaged, but known: not re-read here")
     metas, corrupt = tier.scan_unknown({known}, 3600)
     assert ([m.key for m in metas], corrupt) == ([other], 0)
+
+
+def test_row_keys_lists_names_like_rows_and_nothing_else(tier: FileTier) -> None:
+    a, b = save(tier, [1]), save(tier, [2])
+    (tier.directory / "notes.kvc").write_text("not a row name")
+    (tier.directory / f"{a.hex()}.kvc.1.ab.tmp").write_text("a temp")
+    assert tier.row_keys() == {a, b}

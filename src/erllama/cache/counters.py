@@ -24,8 +24,14 @@ class CacheCounters:
     saves_finish: int = 0
     saves_evict: int = 0
     saves_shutdown: int = 0
-    #: Saves refused because the writers were busy or no tier had room (never waited for).
+    #: Saves refused because the writers were busy or no tier had room (never waited for),
+    #: or lost because their write failed.
     saves_dropped: int = 0
+    #: Writes to a file tier that failed with an error (a full disk, EIO, EACCES ...), saves
+    #: and spills alike. A failed save is also in ``saves_dropped``; a failed spill leaves its
+    #: row where it was. The first failure is logged with its cause, later ones in a
+    #: rate-limited summary.
+    save_errors: int = 0
     #: Saves of a row that already existed (not written again; the key is still valid).
     duplicate_saves: int = 0
     #: Rows deleted to make room (budgets, pressure, gc).

@@ -31,6 +31,7 @@ from ..errors import CacheError
 from .buffers import BufferPool
 from .catalog import TIERS, Catalog, Row
 from .counters import CacheCounters, Counters
+from .faults import WriteFailures
 from .format import CorruptRow, RowMeta, encode_row
 from .key import Namespace, decode_tokens, encode_tokens
 from .port import Restore, SaveReason
@@ -42,6 +43,8 @@ log = logging.getLogger("erllama.cache")
 
 #: Leaving the engine waits at most this long for writers to finish.
 DRAIN_TIMEOUT_S = 30.0
+#: After the first failed write (logged in full), failures are summarised at most this often.
+WRITE_FAILURE_LOG_INTERVAL_S = 60.0
 
 
 @attrs.define(eq=False)
@@ -90,27 +93,33 @@ class KVCache:
         self._write_limiter = anyio.CapacityLimiter(config.writers)
         self._tg: TaskGroup | None = None
         self._closing = False
+        self._write_failures = WriteFailures(log, WRITE_FAILURE_LOG_INTERVAL_S)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
     async def start(self, tg: TaskGroup) -> None:
         """Open the file tiers, rebuild the index from their files, start writers and sweeper."""
-        found: list[tuple[str, RowMeta]] = []
+        # Set first: trimming a tier found over budget below deletes files from tasks in it.
+        self._tg = tg
         for name, tier in self.files.items():
             await anyio.to_thread.run_sync(tier.open)
             metas, corrupt = await anyio.to_thread.run_sync(
                 tier.scan, self.config.reservation_ttl_s
             )
             self.counters.bump("corrupt_files", corrupt)
-            found.extend((name, m) for m in metas)
-        # Popular rows survive the first LRU walk after a restart: each recorded hit counts
-        # as one second of recency on top of the creation time.
-        found.sort(key=lambda tm: tm[1].created_ns / 1e9 + tm[1].hits)
-        for name, meta in found:
-            self._adopt(name, meta, count=False)
+            self._adopt_all(name, metas, count=False)
         for name in self.files:
+            if self.catalog.bytes[name] > self.budget[name]:
+                # A lowered budget, or a directory another engine fills: not an error. The
+                # trim deletes (or spills) in the background; the engine serves meanwhile.
+                log.info(
+                    "cache tier %s holds %d bytes, over its budget of %d: trimming it,"
+                    " least valuable rows first",
+                    name,
+                    self.catalog.bytes[name],
+                    self.budget[name],
+                )
             await self._enforce_budget(name)
-        self._tg = tg
         for _ in range(self.config.writers):
             tg.start_soon(self._writer)
         tg.start_soon(self._sweeper)
@@ -126,6 +135,7 @@ class KVCache:
             await self.drain()
         if scope.cancelled_caught:
             log.error("cache writers did not drain within %.0f s", DRAIN_TIMEOUT_S)
+        self._write_failures.flush(anyio.current_time())
         for tier in self.files.values():
             tier.close()
 
@@ -209,9 +219,15 @@ class KVCache:
         while True:
             writing = False
             for name, tier in self.files.items():
-                meta, busy = await anyio.to_thread.run_sync(
-                    tier.probe, key, limiter=self._read_limiter
-                )
+                try:
+                    meta, busy = await anyio.to_thread.run_sync(
+                        tier.probe, key, limiter=self._read_limiter
+                    )
+                except OSError as exc:
+                    # EACCES, EIO: that tier cannot answer; a miss there, never a failed
+                    # lookup (the request would still run, but cold, with a traceback).
+                    log.debug("cache probe of %s in %s failed: %s", key.hex(), name, exc)
+                    continue
                 if meta is not None:
                     self._adopt(name, meta, count=True)
                     return self.catalog.get(key)
@@ -397,8 +413,10 @@ class KVCache:
         """Forget a row and delete its bytes (file deletion happens off the loop)."""
         self._forget(row)
         if row.tier in self.files:
+            tier, tg = self.files[row.tier], self._tg
+            # Checked before _deleting grows: a key left there would hang drain() forever.
+            assert tg is not None, "start() sets the task group before any row can be dropped"
             self._deleting.add(row.key)
-            tier = self.files[row.tier]
 
             async def delete() -> None:
                 try:
@@ -407,8 +425,7 @@ class KVCache:
                     self._deleting.discard(row.key)
                     self._idle.set()
 
-            assert self._tg is not None
-            self._tg.start_soon(delete)
+            tg.start_soon(delete)
 
     def _forget(self, row: Row) -> None:
         if self.catalog.get(row.key) is row:
@@ -432,8 +449,12 @@ class KVCache:
             self._active_jobs += 1
             try:
                 await self._run(job)
-            except Exception:
-                log.exception("cache writer failed on row %s", job.row.key.hex())
+            except Exception as exc:
+                # ENOSPC, EIO, EACCES, a name occupied by a directory...: the row is dropped
+                # (a save) or stays where it is (a spill); generation never notices.
+                self.counters.bump("save_errors")
+                what = f"{job.kind} of row {job.row.key.hex()} to {job.tier}"
+                self._write_failures.note(exc, what, anyio.current_time())
                 self._abandon(job)
             finally:
                 self._active_jobs -= 1
@@ -540,14 +561,39 @@ class KVCache:
                 self._forget(row)
         for name, tier in self.files.items():
             await anyio.to_thread.run_sync(tier.sweep_tmps, ttl)
+            await self._forget_vanished(name, tier)
             known = set(self.catalog.lru[name]) | {
                 r.key for r in self.catalog.rows.values() if not r.available
             }
             metas, corrupt = await anyio.to_thread.run_sync(tier.scan_unknown, known, ttl)
             self.counters.bump("corrupt_files", corrupt)
-            for meta in metas:
-                self._adopt(name, meta, count=True)
+            self._adopt_all(name, metas, count=True)
             await self._enforce_budget(name)
+
+    async def _forget_vanished(self, name: str, tier: FileTier) -> None:
+        """Forget indexed rows whose file is gone (deleted by another engine sharing the
+        directory, say one with a smaller budget, or by an operator), so that the tier's byte
+        total stays true and budgets are not enforced against phantom rows."""
+        # Only rows already published before the listing: one published while the directory
+        # is being listed may be missing from the listing, yet is there.
+        before = [r for k in self.catalog.lru[name] if (r := self.catalog.rows[k]).available]
+        present = await anyio.to_thread.run_sync(tier.row_keys)
+        for row in before:
+            if (
+                row.key not in present
+                and self.catalog.get(row.key) is row
+                and row.tier == name
+                and not row.pins
+                and not row.spilling
+            ):
+                self._forget(row)
+
+    def _adopt_all(self, tier: str, metas: Sequence[RowMeta], *, count: bool) -> None:
+        """Index rows found in ``tier``'s files, in eviction order: popular rows survive the
+        first LRU walk after a restart (or an adoption), since each recorded hit counts as one
+        second of recency on top of the creation time."""
+        for meta in sorted(metas, key=lambda m: m.created_ns / 1e9 + m.hits):
+            self._adopt(tier, meta, count=count)
 
     def _adopt(self, tier: str, meta: RowMeta, *, count: bool) -> None:
         existing = self.catalog.get(meta.key)

@@ -443,6 +443,15 @@ class FileTier:
                 os.close(fd)
         return metas, corrupt
 
+    def row_keys(self) -> set[bytes]:
+        """Keys of the entries named like rows (one listing; nothing is opened or checked)."""
+        with os.scandir(self._fd()) as it:
+            return {
+                bytes.fromhex(e.name[: -len(_ROW_SUFFIX)])
+                for e in it
+                if _ROW_NAME.fullmatch(e.name)
+            }
+
     def sweep_tmps(self, max_age_s: float) -> int:
         """Delete ``*.tmp`` files last modified ``max_age_s`` or more ago; returns how many.
 
