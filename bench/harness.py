@@ -130,6 +130,15 @@ def _quiet_logs() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def results_dir(out: Path | None, *, quick: bool) -> Path:
+    """Where a run writes: ``--out`` when given, else bench/results/ for a full run and
+    bench/results/quick/ for ``--quick``, so a smoke run never replaces the committed full
+    results (bench/results/latest.*)."""
+    if out is not None:
+        return Path(out)
+    return BENCH_DIR / "results" / "quick" if quick else BENCH_DIR / "results"
+
+
 def run(
     *,
     quick: bool = False,
@@ -152,7 +161,7 @@ def run(
     model_path = model or bundled_model_path()
     if model_path is None:
         raise SystemExit(f"the bundled SmolLM2 model is not installed: {INSTALL_HINT}")
-    out_dir = Path(out) if out else BENCH_DIR / "results"
+    out_dir = results_dir(out, quick=quick)
     out_dir.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(BENCH_DIR))
     modules = {n: _scenario(n) for n in names}
@@ -348,7 +357,12 @@ def parser(prog: str = "erllama bench") -> argparse.ArgumentParser:
         metavar="SCENARIO",
         help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}",
     )
-    p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default bench/results, or bench/results/quick with --quick)",
+    )
     p.add_argument("--model", type=Path, default=None, help="GGUF file (default: bundled SmolLM2)")
     p.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
     return p

@@ -108,3 +108,49 @@ def test_custom_pressure_callable_may_be_named_by_import_path() -> None:
     import os
 
     assert cfg.custom is os.getpid
+
+
+def test_every_bad_key_of_a_class_is_reported_with_nested_ones() -> None:
+    # Three bad values of one class (a type error, two range errors) and an unknown key,
+    # beside bad keys of nested classes: one ConfigError names all of them.
+    data = {
+        "cache": {
+            "ram_bytes": -1,
+            "writers": 0,
+            "sweep_interval_s": "often",
+            "ram_bytez": 1,
+            "policy": {"min_tokens": 0},
+        },
+        "models": {"m": {"n_ctx": 0, "n_batch": "big", "type_k": "q9"}},
+        "pressure": {"custom": "no_such_module_xyz:f", "interval_s": 0},
+    }
+    with pytest.raises(erllama.ConfigError) as exc:
+        erllama.load_config(data)
+    assert sorted(exc.value.paths) == [
+        "cache.policy.min_tokens",
+        "cache.ram_bytes",
+        "cache.ram_bytez",
+        "cache.sweep_interval_s",
+        "cache.writers",
+        "models.m.n_batch",
+        "models.m.n_ctx",
+        "models.m.type_k",
+        "pressure.custom",
+        "pressure.interval_s",
+    ]
+    for path in exc.value.paths:
+        assert path in str(exc.value)
+
+
+def test_direct_construction_reports_every_bad_field() -> None:
+    with pytest.raises(erllama.ConfigError) as exc:
+        erllama.ModelConfig(n_ctx=0, n_batch=0, type_k="q9", fingerprint="abc")
+    assert exc.value.paths == ["n_ctx", "n_batch", "type_k", "fingerprint"]
+    # A field that fails its type check is not also compared (no TypeError from "x" >= 1),
+    # and a cross-field rule waits for its fields to be valid.
+    with pytest.raises(erllama.ConfigError) as exc:
+        erllama.CachePolicy(cold_min_tokens="x", cold_max_tokens=1, min_tokens=0)  # type: ignore[arg-type]
+    assert exc.value.paths == ["min_tokens", "cold_min_tokens"]
+    with pytest.raises(erllama.ConfigError) as exc:
+        erllama.PressureConfig(high_watermark=0.5, low_watermark=0.7, interval_s=0)
+    assert sorted(exc.value.paths) == ["interval_s", "low_watermark"]

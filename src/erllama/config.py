@@ -48,39 +48,98 @@ KV_TYPES = frozenset({"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q
 CACHE_TIERS = ("ram", "ram_file", "disk")
 
 
-def _check(cond: bool, field: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError([(field, msg)])
+#: A field's checks live in its metadata under this key: functions of the value returning a
+#: problem message or None. They are not attrs validators because attrs stops at the first
+#: validator that raises, and a config should name every bad key at once.
+_CHECKS = "erllama_checks"
+_Check = Callable[[Any], "str | None"]
 
 
-def _at_least(n: float) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
-    def check(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
-        if value is not None:
-            _check(value >= n, attr.name, f"must be >= {n}, got {value!r}")
+def _checked(*checks: _Check, **kw: Any) -> Any:
+    return attrs.field(metadata={_CHECKS: checks}, **kw)
+
+
+def _at_least(n: float) -> _Check:
+    def check(value: Any) -> str | None:
+        return None if value is None or value >= n else f"must be >= {n}, got {value!r}"
 
     return check
 
 
-def _is_int(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
+def _is_int(value: Any) -> str | None:
     # bool is an int subclass; a config that says n_ctx = true is a mistake worth naming.
-    if value is not None:
-        _check(
-            isinstance(value, int) and not isinstance(value, bool),
-            attr.name,
-            f"must be an integer, got {value!r}",
-        )
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return None
+    return f"must be an integer, got {value!r}"
 
 
-def _is_number(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
-    _check(
-        isinstance(value, int | float) and not isinstance(value, bool),
-        attr.name,
-        f"must be a number, got {value!r}",
-    )
+def _is_number(value: Any) -> str | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return None
+    return f"must be a number, got {value!r}"
+
+
+def _kv_type(value: Any) -> str | None:
+    return None if value in KV_TYPES else f"must be one of {sorted(KV_TYPES)}, got {value!r}"
+
+
+def _sha256_hex(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and len(value) == 64:
+        try:
+            bytes.fromhex(value)
+            return None
+        except ValueError:
+            pass
+    return "must be 64 hex digits (a SHA-256)"
 
 
 def _int_field(default: int | None, minimum: int) -> Any:
-    return attrs.field(default=default, validator=[_is_int, _at_least(minimum)])
+    # _is_int first: once a check fails the field's later checks are skipped, so ">= n" never
+    # compares a string.
+    return _checked(_is_int, _at_least(minimum), default=default)
+
+
+def _number_field(default: float, minimum: float | None = None) -> Any:
+    checks = (_is_number,) if minimum is None else (_is_number, _at_least(minimum))
+    return _checked(*checks, default=default)
+
+
+def _field_problems(cls: type, values: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Run the checks of every field of ``cls`` present in ``values``; one problem per field."""
+    problems = []
+    for field in attrs.fields(cls):
+        if field.name not in values:
+            continue
+        for check in field.metadata.get(_CHECKS, ()):
+            message = check(values[field.name])
+            if message is not None:
+                problems.append((field.name, message))
+                break
+    return problems
+
+
+class _Problems:
+    """Every problem of one config object, gathered before anything is raised."""
+
+    def __init__(self, inst: Any) -> None:
+        cls = type(inst)
+        self.items = _field_problems(
+            cls, {f.name: getattr(inst, f.name) for f in attrs.fields(cls)}
+        )
+
+    def valid(self, *names: str) -> bool:
+        """Whether these fields passed their own checks (a cross-field rule needs that)."""
+        return not any(path in names for path, _ in self.items)
+
+    def check(self, cond: bool, field: str, msg: str) -> None:
+        if not cond:
+            self.items.append((field, msg))
+
+    def raise_any(self) -> None:
+        if self.items:
+            raise ConfigError(self.items)
 
 
 def _opt_path(value: str | os.PathLike[str] | None) -> Path | None:
@@ -114,16 +173,19 @@ class CachePolicy:
     #: The cold save point is a multiple of this many tokens.
     boundary_align_tokens: int = _int_field(64, 1)
     #: How long a ``parent_key`` lookup waits for a row another process is still publishing.
-    resume_wait_s: float = attrs.field(default=0.5, validator=[_is_number, _at_least(0)])
+    resume_wait_s: float = _number_field(0.5, 0)
     #: Save at the end of every request (gives ``finish_key``).
     save_finish: bool = True
 
     def __attrs_post_init__(self) -> None:
-        _check(
-            self.cold_max_tokens >= self.cold_min_tokens,
-            "cold_max_tokens",
-            f"must be >= cold_min_tokens ({self.cold_min_tokens})",
-        )
+        problems = _Problems(self)
+        if problems.valid("cold_min_tokens", "cold_max_tokens"):
+            problems.check(
+                self.cold_max_tokens >= self.cold_min_tokens,
+                "cold_max_tokens",
+                f"must be >= cold_min_tokens ({self.cold_min_tokens})",
+            )
+        problems.raise_any()
 
 
 @attrs.frozen(kw_only=True)
@@ -144,9 +206,12 @@ class CacheConfig:
     #: Saves that may wait for a writer; one more is dropped and counted, never waited for.
     writer_queue: int = _int_field(8, 0)
     #: A reservation not published within this time is treated as abandoned by the sweeper.
-    reservation_ttl_s: float = attrs.field(default=60.0, validator=[_is_number, _at_least(0.01)])
-    sweep_interval_s: float = attrs.field(default=30.0, validator=[_is_number, _at_least(0.01)])
+    reservation_ttl_s: float = _number_field(60.0, 0.01)
+    sweep_interval_s: float = _number_field(30.0, 0.01)
     policy: CachePolicy = attrs.field(factory=CachePolicy)
+
+    def __attrs_post_init__(self) -> None:
+        _Problems(self).raise_any()
 
 
 @attrs.frozen(kw_only=True)
@@ -165,8 +230,8 @@ class ModelConfig:
     n_threads_batch: int | None = _int_field(None, 1)
     #: Layers offloaded to the GPU; -1 means all.
     n_gpu_layers: int = _int_field(0, -1)
-    type_k: str = attrs.field(default="f16")
-    type_v: str = attrs.field(default="f16")
+    type_k: str = _checked(_kv_type, default="f16")
+    type_v: str = _checked(_kv_type, default="f16")
     #: None lets llama.cpp decide.
     flash_attn: bool | None = None
     #: Default sampler seed when a request gives none.
@@ -182,7 +247,7 @@ class ModelConfig:
     #: Longest prompt slice prefilled per tick (default n_batch); cancel acts between slices.
     prefill_chunk: int | None = _int_field(None, 1)
     #: Cache identity override (hex SHA-256); default: SHA-256 of the GGUF file.
-    fingerprint: str | None = attrs.field(default=None)
+    fingerprint: str | None = _checked(_sha256_hex, default=None)
     #: Quantisation label override for the cache key; default: read from the model.
     quant: str | None = None
     #: Per-model override of the engine's cache policy.
@@ -190,25 +255,23 @@ class ModelConfig:
     #: Backend-specific settings passed through untouched.
     options: Mapping[str, Any] = attrs.field(factory=dict)
 
-    @type_k.validator
-    @type_v.validator
-    def _kv_type(self, attr: attrs.Attribute[str], value: str) -> None:
-        _check(value in KV_TYPES, attr.name, f"must be one of {sorted(KV_TYPES)}, got {value!r}")
-
-    @fingerprint.validator
-    def _fp(self, attr: attrs.Attribute[str | None], value: str | None) -> None:
-        if value is None:
-            return
-        ok = isinstance(value, str) and len(value) == 64
-        try:
-            bytes.fromhex(value) if ok else None
-        except ValueError:
-            ok = False
-        _check(ok, attr.name, "must be 64 hex digits (a SHA-256)")
+    def __attrs_post_init__(self) -> None:
+        _Problems(self).raise_any()
 
     @property
     def effective_prefill_chunk(self) -> int:
         return min(self.prefill_chunk or self.n_batch, self.n_batch)
+
+
+@attrs.frozen
+class _Unresolved:
+    """What ``custom`` holds when its value names no callable; its check reports ``reason``.
+
+    The converter cannot raise: a converter runs before any check, so raising there would
+    hide every other bad key of the config."""
+
+    value: Any
+    reason: str
 
 
 def _resolve_callable(value: Any) -> Any:
@@ -220,10 +283,14 @@ def _resolve_callable(value: Any) -> Any:
         try:
             obj = getattr(importlib.import_module(mod), name)
         except (ImportError, AttributeError) as exc:
-            raise ConfigError([("custom", f"cannot import {value!r}: {exc}")]) from exc
+            return _Unresolved(value, f"cannot import {value!r}: {exc}")
         if callable(obj):
             return obj
-    raise ConfigError([("custom", f"must be a callable or 'module:function', got {value!r}")])
+    return _Unresolved(value, f"must be a callable or 'module:function', got {value!r}")
+
+
+def _resolved(value: Any) -> str | None:
+    return value.reason if isinstance(value, _Unresolved) else None
 
 
 @attrs.frozen(kw_only=True)
@@ -240,12 +307,14 @@ class PressureConfig:
     #: Registered pressure source name: ``psutil``, ``nvidia_smi``, ``custom`` or a plugin's.
     source: str = "psutil"
     #: For ``source="custom"``: a sync or async callable returning ``(used_bytes, total_bytes)``.
-    custom: Callable[[], Any] | None = attrs.field(default=None, converter=_resolve_callable)
-    interval_s: float = attrs.field(default=5.0, validator=[_is_number, _at_least(0.001)])
+    custom: Callable[[], Any] | None = attrs.field(
+        default=None, converter=_resolve_callable, metadata={_CHECKS: (_resolved,)}
+    )
+    interval_s: float = _number_field(5.0, 0.001)
     #: A reading that takes longer than this is unavailable (a hung ``nvidia-smi`` is killed).
-    sample_timeout_s: float = attrs.field(default=10.0, validator=[_is_number, _at_least(0.001)])
-    high_watermark: float = attrs.field(default=0.85, validator=_is_number)
-    low_watermark: float = attrs.field(default=0.75, validator=_is_number)
+    sample_timeout_s: float = _number_field(10.0, 0.001)
+    high_watermark: float = _number_field(0.85)
+    low_watermark: float = _number_field(0.75)
     #: Each round frees at least this much when above the high watermark.
     min_evict_bytes: int = _int_field(1 * MIB, 0)
     #: Cache tiers the poller may evict from, in this order.
@@ -254,24 +323,28 @@ class PressureConfig:
     unload_idle_models: bool = True
 
     def __attrs_post_init__(self) -> None:
-        _check(
-            0 <= self.low_watermark < self.high_watermark <= 1,
-            "low_watermark",
-            "watermarks must satisfy 0 <= low_watermark < high_watermark <= 1, got "
-            f"low={self.low_watermark}, high={self.high_watermark}",
-        )
-        for tier in self.evict_tiers:
-            _check(tier in CACHE_TIERS, "evict_tiers", f"unknown tier {tier!r}")
-        _check(
+        problems = _Problems(self)
+        if problems.valid("low_watermark", "high_watermark"):
+            problems.check(
+                0 <= self.low_watermark < self.high_watermark <= 1,
+                "low_watermark",
+                "watermarks must satisfy 0 <= low_watermark < high_watermark <= 1, got "
+                f"low={self.low_watermark}, high={self.high_watermark}",
+            )
+        unknown = [t for t in self.evict_tiers if t not in CACHE_TIERS]
+        problems.check(not unknown, "evict_tiers", f"unknown tier {', '.join(map(repr, unknown))}")
+        problems.check(
             isinstance(self.source, str) and bool(self.source),
             "source",
             f"must be a registered pressure source name, got {self.source!r}",
         )
-        _check(
-            self.source != "custom" or self.custom is not None,
-            "custom",
-            "source='custom' needs a callable in 'custom'",
-        )
+        if problems.valid("source", "custom"):
+            problems.check(
+                self.source != "custom" or self.custom is not None,
+                "custom",
+                "source='custom' needs a callable in 'custom'",
+            )
+        problems.raise_any()
 
 
 @attrs.frozen(kw_only=True)
@@ -306,6 +379,42 @@ converter.register_structure_hook(Path, lambda v, _t: Path(v))
 converter.register_structure_hook(Path | None, lambda v, _t: None if v is None else Path(v))
 converter.register_structure_hook(Callable[[], Any] | None, lambda v, _t: v)
 converter.register_unstructure_hook(Path, str)
+
+
+def _structure_fields(data: Any, cls: type[Any]) -> Any:
+    """Build one config class from a mapping, reporting every bad key of it at once.
+
+    cattrs' generated hook gives up before construction when any field fails to structure, so
+    the checks of the fields that did structure would never run; this one structures field by
+    field, checks what structured, and raises all of it together. Nested config classes come
+    back through this hook, so their problems arrive with their own paths."""
+    if not isinstance(data, Mapping):
+        raise ConfigError([("", f"expected a table/mapping, got {type(data).__name__}")])
+    fields = {f.alias: f for f in attrs.fields(cls)}
+    problems = [(str(k), "unknown key") for k in data if k not in fields]
+    values: dict[str, Any] = {}
+    for key, field in fields.items():
+        if key not in data:
+            if field.default is attrs.NOTHING:
+                problems.append((key, "required key missing"))
+            continue
+        try:
+            values[key] = converter.structure(data[key], field.type)
+        except (BaseValidationError, ValueError, TypeError) as exc:
+            problems.extend(_problems(exc, key))
+    if problems:
+        structured = {
+            fields[k].name: fields[k].converter(v) if callable(fields[k].converter) else v
+            for k, v in values.items()
+        }
+        problems += _field_problems(cls, structured)
+        raise ConfigError(problems)
+    return cls(**values)
+
+
+for _cls in (CachePolicy, CacheConfig, ModelConfig, PressureConfig, EngineConfig):
+    attrs.resolve_types(_cls)
+    converter.register_structure_hook(_cls, _structure_fields)
 
 
 def _join(path: str, sub: str | int) -> str:

@@ -16,22 +16,27 @@ Subclass :class:`BackendConformance` in a test module and provide two fixtures::
 The suite needs pytest and anyio's pytest plugin (it runs on whatever ``anyio_backend``
 your tests parametrise). It checks the required hooks through the real engine, that greedy
 decoding is deterministic (set ``deterministic = False`` to skip that promise), that a packed
-state restored into a fresh sequence continues exactly like the unbroken run, that bad
-input gets typed errors, and that every optional capability the backend does not declare
-raises :class:`~erllama.errors.NotSupported` naming the backend and capability.
+state restored into a fresh sequence continues exactly like the unbroken run, that a state
+saved into each cache tier (``ram``, ``ram_file``, ``disk``; the file tiers in ``tmp_path``)
+comes back as a warm hit with the cold run's output (the file tiers in a restarted engine,
+whose ``kv_unpack`` then gets a ``memoryview``), that bad input gets typed errors, and that
+every optional capability the backend does not declare raises
+:class:`~erllama.errors.NotSupported` naming the backend and capability.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import pytest
 
 from ..backends.types import Decode, Prefill, Sampled
-from ..config import CacheConfig, EngineConfig, ModelConfig
+from ..config import CacheConfig, CachePolicy, EngineConfig, ModelConfig
 from ..engine import Engine, open_engine
 from ..errors import InvalidRequest, NotSupported
 from ..plugins import Backend, make_backend_registry
@@ -39,6 +44,22 @@ from ..plugins import Backend, make_backend_registry
 __all__ = ["BackendConformance"]
 
 NAME = "under_test"
+
+#: Saves even a short prompt: a cold save one token short of the prompt (trim 1, align 1), so
+#: the next request restores all but its last token from the row.
+SAVE_EARLY = CachePolicy(
+    min_tokens=1, cold_min_tokens=2, boundary_trim_tokens=1, boundary_align_tokens=1
+)
+
+
+def _tier_only(tier: str, root: Path) -> CacheConfig:
+    """A cache whose saves land in ``tier`` and nowhere else (never the real /dev/shm)."""
+    return CacheConfig(
+        ram_bytes=64 << 20 if tier == "ram" else 0,
+        ram_file_dir=root / "ram_file" if tier == "ram_file" else None,
+        disk_dir=root / "disk" if tier == "disk" else None,
+        policy=SAVE_EARLY,
+    )
 
 
 class BackendConformance:
@@ -65,8 +86,6 @@ class BackendConformance:
     async def conformance_engine(
         self, backend_plugin: Any, model_config: ModelConfig
     ) -> AsyncIterator[tuple[Engine, str]]:
-        import attrs
-
         registry = make_backend_registry({NAME: backend_plugin}, autoload=False)
         config = EngineConfig(cache=CacheConfig(enabled=False, ram_file_dir=None))
         async with open_engine(config, backends=registry) as engine:
@@ -137,6 +156,43 @@ class BackendConformance:
         (res,) = backend.step(model, [Decode(seq=0, sampler=None)])
         assert isinstance(res, Sampled) and res.seq == 0
         return res.token
+
+    @pytest.mark.parametrize("tier", ["ram", "ram_file", "disk"])
+    async def test_a_saved_state_restores_warm_from_each_cache_tier(
+        self, backend_plugin: Any, model_config: ModelConfig, tmp_path: Path, tier: str
+    ) -> None:
+        """Save a row into one tier, then serve the same prompt from it.
+
+        File tiers hand ``kv_unpack`` a ``memoryview`` into a reused buffer, not ``bytes``; a
+        backend that assumes ``bytes`` there has every restore refused (counted in
+        ``corrupt_files``), and every request then runs cold. File tiers are checked by a
+        restarted engine, which can only find the row in the file."""
+        registry = make_backend_registry({NAME: backend_plugin}, autoload=False)
+        config = EngineConfig(cache=_tier_only(tier, tmp_path))
+        # No live KV: the second request must come from the cache, not from the sequence.
+        model = attrs.evolve(model_config, backend=NAME, keep_live_kv=False)
+        async with open_engine(config, backends=registry) as engine:
+            mid = await engine.load_model("m", model)
+            cold = await engine.complete(mid, self.prompt, max_tokens=4)
+            assert cold.cache_hit_kind == "cold"
+            if tier == "ram":
+                warm = await engine.complete(mid, self.prompt, max_tokens=4)
+                hit, counters = engine.model_info(mid).last_cache_hit, engine.cache_counters()
+        if tier != "ram":
+            # Leaving the engine drained the writers: the row is a published file.
+            async with open_engine(config, backends=registry) as engine:
+                mid = await engine.load_model("m", model)
+                warm = await engine.complete(mid, self.prompt, max_tokens=4)
+                hit, counters = engine.model_info(mid).last_cache_hit, engine.cache_counters()
+        assert counters.corrupt_files == 0, (
+            f"the backend refused the state the {tier} tier handed kv_unpack: it must accept "
+            "bytes, bytearray and memoryview"
+        )
+        assert warm.cache_hit_kind in ("exact", "partial"), f"not restored from {tier}"
+        assert counters.hits >= 1
+        assert hit is not None and hit.tier == tier
+        if self.deterministic:
+            assert warm.token_ids == cold.token_ids
 
     async def test_bad_prompts_get_invalid_request(
         self, conformance_engine: tuple[Engine, str]

@@ -80,6 +80,8 @@ def kv_pack(model: ParrotModel, seq: int) -> bytes:
 
 @hookimpl
 def kv_unpack(model: ParrotModel, seq: int, data: bytes | bytearray | memoryview) -> None:
+    # File tiers hand a memoryview into a buffer they reuse: struct reads any of the three
+    # types in place, and the list below copies the tokens out before the call returns.
     (n,) = struct.unpack_from("<I", data)
     if len(data) != 4 + 2 * n:
         raise ValueError("bad parrot state")

@@ -1,0 +1,239 @@
+"""The command line's options and every check made on them before a model loads."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+from .._version import __version__
+from ._demo import DEMO_TURNS
+
+__all__ = ["Parser", "build_parser"]
+
+DESCRIPTION = (
+    "Run GGUF models through llama.cpp with erllama's token-exact KV cache: complete a "
+    "prompt, chat, watch the cache at work (demo), inspect a model (info), or run the "
+    "benchmarks (bench). Without --model, the bundled SmolLM2-135M-Instruct is used."
+)
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, exit status 2: what is wrong and where to
+    read more, rather than a usage dump that pushes the problem off the screen."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+def _number(
+    low: float, high: float | None = None, *, above: bool = False
+) -> Callable[[str], float]:
+    """A finite float >= low (> low with ``above``), and <= high when given."""
+    if high is None:
+        bounds = f"{'>' if above else '>='} {low}"
+    else:
+        bounds = f"in {'(' if above else '['}{low}, {high}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        in_range = (value > low if above else value >= low) and (high is None or value <= high)
+        if not (math.isfinite(value) and in_range):
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+
+    return parse
+
+
+def _model_file(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a GGUF file")
+    return path
+
+
+def _cache_dir(text: str) -> Path:
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+    return path
+
+
+def _prompt(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the prompt is empty")
+    return text
+
+
+def _common(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--model",
+        type=_model_file,
+        metavar="PATH",
+        help="GGUF model file (default: the bundled SmolLM2-135M-Instruct)",
+    )
+    sp.add_argument(
+        "--n-ctx",
+        type=_integer(8),
+        default=2048,
+        metavar="N",
+        help="context size in tokens (default %(default)s)",
+    )
+    sp.add_argument(
+        "--threads",
+        type=_integer(1),
+        default=None,
+        metavar="N",
+        help="CPU threads llama.cpp uses (default: all cores)",
+    )
+    sp.add_argument(
+        "--gpu-layers",
+        type=_integer(-1),
+        default=0,
+        metavar="N",
+        help="layers to offload to the GPU, -1 for all (default %(default)s)",
+    )
+    sp.add_argument(
+        "--loop",
+        choices=("asyncio", "trio"),
+        default="asyncio",
+        help="event loop to run on (default %(default)s)",
+    )
+
+
+def _sampling(sp: argparse.ArgumentParser, max_tokens: int) -> None:
+    sp.add_argument(
+        "--max-tokens",
+        type=_integer(1),
+        default=max_tokens,
+        metavar="N",
+        help="most tokens to generate per reply (default %(default)s)",
+    )
+    sp.add_argument(
+        "--temperature",
+        type=_number(0),
+        default=0.0,
+        metavar="T",
+        help="sampling temperature; 0 picks the likeliest token every time (default 0)",
+    )
+    sp.add_argument(
+        "--top-k",
+        type=_integer(0),
+        default=0,
+        metavar="K",
+        help="sample only from the K likeliest tokens; 0 is off (default 0)",
+    )
+    sp.add_argument(
+        "--top-p",
+        type=_number(0, 1, above=True),
+        default=1.0,
+        metavar="P",
+        help="sample only from the likeliest tokens whose probabilities add up to P, "
+        "in (0, 1]; 1 is off (default 1)",
+    )
+    sp.add_argument(
+        "--seed",
+        type=_integer(0, 2**32 - 1),
+        default=0,
+        metavar="N",
+        help="sampler seed, for temperature > 0 (default 0)",
+    )
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="erllama", description=DESCRIPTION)
+    p.add_argument(
+        "--version",
+        action="version",
+        version=f"erllama {__version__}",
+        help="print the version and exit",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser(
+        "complete",
+        help="stream a completion of PROMPT",
+        description="Stream the model's continuation of PROMPT to stdout; timings go to stderr.",
+    )
+    _common(c)
+    _sampling(c, 128)
+    c.add_argument("prompt", type=_prompt, metavar="PROMPT", help="the text to continue")
+
+    ch = sub.add_parser(
+        "chat",
+        help="chat on stdin with the model's chat template",
+        description="Chat with the model, one line per message. An empty line or Ctrl-D ends "
+        "the chat; Ctrl-C stops a reply, and at the prompt ends the chat. Replies go to "
+        "stdout, the prompt and per-turn cache statistics to stderr.",
+    )
+    _common(ch)
+    _sampling(ch, 256)
+    ch.add_argument("--system", default=None, metavar="TEXT", help="system message")
+    ch.add_argument(
+        "--cache-dir",
+        type=_cache_dir,
+        default=None,
+        metavar="DIR",
+        help="keep the KV cache in DIR (created if missing), so a later chat that starts "
+        "the same way is warm; without it the cache lives in memory and is gone when the "
+        "chat ends",
+    )
+
+    d = sub.add_parser(
+        "demo",
+        help="multi-turn chat showing cold vs warm time to first token",
+        description="Ask the model a few questions about a bookshop, twice per turn: on an "
+        "engine with the KV cache and on one without, and compare time to first token. "
+        "Installs the bundled SmolLM2 if it is missing.",
+    )
+    _common(d)
+    d.add_argument(
+        "--turns",
+        type=_integer(1, len(DEMO_TURNS)),
+        default=len(DEMO_TURNS),
+        metavar="N",
+        help=f"questions to ask, 1 to {len(DEMO_TURNS)} (default %(default)s)",
+    )
+    d.add_argument(
+        "--max-tokens",
+        type=_integer(1),
+        default=48,
+        metavar="N",
+        help="most tokens per answer (default %(default)s)",
+    )
+
+    i = sub.add_parser(
+        "info",
+        help="load a model and print what erllama knows of it",
+        description="Load the model and print its identity, size, capabilities and metadata.",
+    )
+    _common(i)
+    # Listed for --help only: main() hands everything after "bench" to the harness's own
+    # parser (bench/harness.py), which has its own --help.
+    sub.add_parser(
+        "bench",
+        help="run the benchmark harness in bench/ (see bench/README.md; --help for options)",
+        add_help=False,
+    )
+    return p
