@@ -88,6 +88,10 @@ class KVCache:
         self._idle.set()
         self._spilling_bytes = 0
         self._deleting: set[bytes] = set()
+        #: Files to delete, handed to the deleter task (``_drop`` runs in plain loop
+        #: callbacks too, where no task can be started).
+        self._deletions: deque[tuple[FileTier, bytes]] = deque()
+        self._deletions_ready = anyio.Event()
         self._read_limiter = anyio.CapacityLimiter(2)
         self._buffers = BufferPool(keep=2)
         self._write_limiter = anyio.CapacityLimiter(config.writers)
@@ -99,8 +103,9 @@ class KVCache:
 
     async def start(self, tg: TaskGroup) -> None:
         """Open the file tiers, rebuild the index from their files, start writers and sweeper."""
-        # Set first: trimming a tier found over budget below deletes files from tasks in it.
         self._tg = tg
+        # First: trimming a tier found over budget below deletes files through it.
+        tg.start_soon(self._deleter)
         for name, tier in self.files.items():
             await anyio.to_thread.run_sync(tier.open)
             metas, corrupt = await anyio.to_thread.run_sync(
@@ -413,19 +418,32 @@ class KVCache:
         """Forget a row and delete its bytes (file deletion happens off the loop)."""
         self._forget(row)
         if row.tier in self.files:
-            tier, tg = self.files[row.tier], self._tg
-            # Checked before _deleting grows: a key left there would hang drain() forever.
-            assert tg is not None, "start() sets the task group before any row can be dropped"
             self._deleting.add(row.key)
+            self._deletions.append((self.files[row.tier], row.key))
+            self._deletions_ready.set()
 
-            async def delete() -> None:
-                try:
-                    await anyio.to_thread.run_sync(tier.delete, row.key)
-                finally:
-                    self._deleting.discard(row.key)
-                    self._idle.set()
+    async def _deleter(self) -> None:
+        """Deletes dropped rows' files, a batch per worker-thread hop."""
+        while True:
+            while not self._deletions:
+                self._deletions_ready = anyio.Event()
+                await self._deletions_ready.wait()
+            batch = list(self._deletions)
+            self._deletions.clear()
 
-            tg.start_soon(delete)
+            def delete_all(batch: list[tuple[FileTier, bytes]] = batch) -> None:
+                for tier, key in batch:
+                    try:
+                        tier.delete(key)
+                    except OSError as exc:
+                        log.warning("cache row %s could not be deleted: %s", key.hex(), exc)
+
+            try:
+                await anyio.to_thread.run_sync(delete_all)
+            finally:
+                for _, key in batch:
+                    self._deleting.discard(key)
+                self._idle.set()
 
     def _forget(self, row: Row) -> None:
         if self.catalog.get(row.key) is row:
