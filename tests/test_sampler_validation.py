@@ -19,6 +19,8 @@ pytestmark = pytest.mark.anyio
         ("temperature", -0.1),
         ("temperature", math.nan),
         ("temperature", "hot"),
+        ("temperature", 1e308),  # passes a plain "finite" check, overflows a sampler
+        ("repetition_penalty", 1e308),
         ("top_k", -1),
         ("top_k", 2.5),
         ("top_p", 0.0),

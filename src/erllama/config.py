@@ -221,10 +221,15 @@ class ModelConfig:
     #: Entry-point name of the backend plugin (``llama_cpp``, ``stub``, or a third party's).
     backend: str = "llama_cpp"
     model_path: Path | None = attrs.field(default=None, converter=_opt_path)
+    #: Context cells of each sequence: the longest prompt plus reply one request can have.
+    #: A model serving ``n_seq_max`` sequences holds ``n_ctx * n_seq_max`` cells.
     n_ctx: int = _int_field(4096, 8)
+    #: Most tokens one step decodes (every running sequence's next token plus prefill
+    #: slices); at least ``n_seq_max``.
     n_batch: int = _int_field(512, 1)
     n_ubatch: int | None = _int_field(None, 1)
-    #: Sequences served at once (1 = one request at a time, the rest queue).
+    #: Sequences served at once, batched into one step (1 = one request at a time, the rest
+    #: queue).
     n_seq_max: int = _int_field(1, 1)
     n_threads: int | None = _int_field(None, 1)
     n_threads_batch: int | None = _int_field(None, 1)
@@ -244,7 +249,9 @@ class ModelConfig:
     keep_live_kv: bool = True
     #: Requests that may wait behind the running ones; one more raises QueueFull.
     max_queue: int = _int_field(64, 0)
-    #: Longest prompt slice prefilled per tick (default n_batch); cancel acts between slices.
+    #: Longest prompt slice one request prefills per step. Default ``max(64, n_batch // 4)``:
+    #: a short request arriving while a long prompt prefills gets its first token after one
+    #: chunk, not after the whole prompt; cancellation also acts between chunks.
     prefill_chunk: int | None = _int_field(None, 1)
     #: Cache identity override (hex SHA-256); default: SHA-256 of the GGUF file.
     fingerprint: str | None = _checked(_sha256_hex, default=None)
@@ -256,11 +263,20 @@ class ModelConfig:
     options: Mapping[str, Any] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
-        _Problems(self).raise_any()
+        problems = _Problems(self)
+        if problems.valid("n_batch", "n_seq_max"):
+            # Every running sequence decodes one token per step, in one batch.
+            problems.check(
+                self.n_batch >= self.n_seq_max,
+                "n_batch",
+                f"must be >= n_seq_max ({self.n_seq_max}), got {self.n_batch}",
+            )
+        problems.raise_any()
 
     @property
     def effective_prefill_chunk(self) -> int:
-        return min(self.prefill_chunk or self.n_batch, self.n_batch)
+        chunk = self.prefill_chunk or max(64, self.n_batch // 4)
+        return min(chunk, self.n_batch)
 
 
 @attrs.frozen

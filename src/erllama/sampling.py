@@ -12,6 +12,10 @@ from .errors import InvalidRequest
 __all__ = ["SamplerParams", "validate_max_tokens"]
 
 _U32_MAX = 2**32 - 1
+#: Past these the distribution is already flat (or the penalty total): larger values are
+#: refused here, so no backend has to compute with them (1e308 overflows a sampler).
+MAX_TEMPERATURE = 100.0
+MAX_PENALTY = 100.0
 
 
 def _finite(name: str, value: Any) -> float:
@@ -36,7 +40,8 @@ class SamplerParams:
     (temperature > 0 ? temperature -> draw seeded with ``seed`` : greedy).
 
     Neutral values switch a stage off: top_k 0, top_p 1, min_p 0, repetition_penalty 1,
-    temperature 0 (greedy; the seed is then irrelevant).
+    temperature 0 (greedy; the seed is then irrelevant). Ranges: temperature [0, 100],
+    top_k >= 0, top_p (0, 1], min_p [0, 1], repetition_penalty (0, 100], seed [0, 2**32 - 1].
     """
 
     temperature: float = 0.0
@@ -62,8 +67,10 @@ class SamplerParams:
     ) -> SamplerParams:
         """Validate caller values; an out-of-range one raises InvalidRequest naming it."""
         t = _finite("temperature", temperature)
-        if t < 0:
-            raise InvalidRequest("temperature", f"must be >= 0, got {temperature!r}")
+        if not 0 <= t <= MAX_TEMPERATURE:
+            raise InvalidRequest(
+                "temperature", f"must be in [0, {MAX_TEMPERATURE}], got {temperature!r}"
+            )
         k = _integer("top_k", top_k)
         if k < 0:
             raise InvalidRequest("top_k", f"must be >= 0 (0 = off), got {top_k!r}")
@@ -74,8 +81,10 @@ class SamplerParams:
         if not 0 <= mp <= 1:
             raise InvalidRequest("min_p", f"must be in [0, 1], got {min_p!r}")
         rp = _finite("repetition_penalty", repetition_penalty)
-        if rp <= 0:
-            raise InvalidRequest("repetition_penalty", f"must be > 0, got {repetition_penalty!r}")
+        if not 0 < rp <= MAX_PENALTY:
+            raise InvalidRequest(
+                "repetition_penalty", f"must be in (0, {MAX_PENALTY}], got {repetition_penalty!r}"
+            )
         s = _integer("seed", seed)
         if not 0 <= s <= _U32_MAX:
             raise InvalidRequest("seed", f"must be in [0, 2**32 - 1], got {seed!r}")

@@ -19,10 +19,12 @@ really constrains output, and adapters that change output unless their scale is 
 
 Test controls, given in ``ModelConfig.options``: ``n_vocab``, ``n_ctx`` (else the config's),
 ``eog_every`` (end generation when the context hash says so, on average every N tokens;
-0 = never), ``step_delay_s`` (sleep in the worker thread each step), ``fail_at``
-(``"load"``, ``"step"``, ``"pack"``, ``"unpack"``, ``"seq_rm"``), ``fail_step`` (with ``fail_at="step"``:
-fail on that step number, counting from 1), ``embed_dim``, and ``control``: a
-:class:`StubControl` whose ``gate`` event, when given, blocks every step until it is set.
+0 = never), ``step_delay_s`` (sleep in the model thread each step), ``fail_at``
+(``"load"``, ``"step"``, ``"pack"``, ``"unpack"``, ``"seq_rm"``, ``"sample"``), ``fail_step``
+(with ``fail_at="step"``: fail on that step number, counting from 1), ``fail_seed`` (with
+``fail_at="sample"``: sampling fails for requests with that seed; the others carry on),
+``embed_dim``, and ``control``: a :class:`StubControl` whose gates, permits and counters let
+a test hold and watch the model thread.
 """
 
 from __future__ import annotations
@@ -120,6 +122,11 @@ class StubControl:
     step_delay_s: float = 0.0
     fail_at: str | None = None
     fail_step: int | None = None
+    #: With ``fail_at="sample"``: sampling for a request with this seed raises, as a sampler
+    #: that overflows would (that request fails; the model serves on).
+    fail_seed: int | None = None
+    #: When set to an Event, ``kv_pack`` waits for it (tests hold a save mid-flight).
+    pack_gate: threading.Event | None = None
     steps: int = 0
     #: Every step's ops, for tests that check batching.
     history: list[tuple[StepOp, ...]] = attrs.Factory(list)
@@ -305,7 +312,7 @@ def _control(options: Mapping[str, Any]) -> StubControl:
         control = StubControl()
     elif not isinstance(control, StubControl):
         raise TypeError("options['control'] must be a StubControl")
-    for key in ("step_delay_s", "fail_at", "fail_step"):
+    for key in ("step_delay_s", "fail_at", "fail_step", "fail_seed"):
         if key in options:
             setattr(control, key, options[key])
     return control
@@ -404,6 +411,9 @@ def _next_token(model: StubModel, seq: _Seq, sampler: _Sampler | None) -> int:
         return EOS
     span = model.n_vocab - WORD_BASE
     params = sampler.params if sampler is not None else None
+    control = model.control
+    if control.fail_at == "sample" and params is not None and params.seed == control.fail_seed:
+        raise OverflowError("stub: injected sampler overflow")
     if params is None or params.temperature == 0:
         return WORD_BASE + h % span
     pool = params.top_k or 64
@@ -497,6 +507,9 @@ def _step(
 @hookimpl
 def kv_pack(model: StubModel, seq: int) -> bytes:
     model.fail("pack")
+    control = model.control
+    if control.pack_gate is not None:
+        _park(control, control.pack_gate.wait)
     tokens = model.seq(seq).tokens
     body = struct.pack(f"<{len(tokens)}I", *tokens)
     digest = hashlib.blake2b(body, digest_size=8).digest()
