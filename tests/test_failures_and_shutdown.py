@@ -127,7 +127,7 @@ async def test_engine_exit_with_a_blocked_step_waits_for_it_then_cleans_up(
         # Native calls are never abandoned mid-flight (the state would tear): release it.
         threading.Timer(0.05, gate.set).start()
     events = [ev async for ev in stream]
-    assert events[-1] == Done(finish_reason="cancelled", stats=events[-1].stats)
+    assert isinstance(events[-1], Done) and events[-1].finish_reason == "cancelled"
     assert ctl.active == 0
 
 

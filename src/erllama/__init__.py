@@ -13,6 +13,8 @@ from .config import CachePolicy as CachePolicy
 from .config import EngineConfig as EngineConfig
 from .config import ModelConfig as ModelConfig
 from .config import PressureConfig as PressureConfig
+from .config import ThinkingMarkers as ThinkingMarkers
+from .config import ToolCallMarkers as ToolCallMarkers
 from .config import load_config as load_config
 from .engine import Engine as Engine
 from .engine import open_engine as open_engine
@@ -33,8 +35,13 @@ from .events import CacheHit as CacheHit
 from .events import Completion as Completion
 from .events import Done as Done
 from .events import ModelInfo as ModelInfo
+from .events import SessionInfo as SessionInfo
 from .events import Stats as Stats
+from .events import ThinkingDelta as ThinkingDelta
+from .events import ThinkingEnd as ThinkingEnd
 from .events import Token as Token
+from .events import ToolCallDelta as ToolCallDelta
+from .events import ToolCallEnd as ToolCallEnd
 from .plugins import make_backend_registry as make_backend_registry
 from .pressure import DeviceMemory as DeviceMemory
 from .pressure import PressureResult as PressureResult
@@ -75,8 +82,15 @@ __all__ = [
     "QueueFull",
     "SamplerParams",
     "SessionBusy",
+    "SessionInfo",
     "Stats",
+    "ThinkingDelta",
+    "ThinkingEnd",
+    "ThinkingMarkers",
     "Token",
+    "ToolCallDelta",
+    "ToolCallEnd",
+    "ToolCallMarkers",
     "__version__",
     "load_config",
     "make_backend_registry",

@@ -33,6 +33,8 @@ __all__ = [
     "EngineConfig",
     "ModelConfig",
     "PressureConfig",
+    "ThinkingMarkers",
+    "ToolCallMarkers",
     "converter",
     "load_config",
     "structure_config",
@@ -214,6 +216,48 @@ class CacheConfig:
         _Problems(self).raise_any()
 
 
+def _marker(value: Any) -> str | None:
+    if isinstance(value, str) and value.strip():
+        return None
+    return f"must be a non-empty string, got {value!r}"
+
+
+def _opt_marker(value: Any) -> str | None:
+    return None if value is None else _marker(value)
+
+
+@attrs.frozen(kw_only=True)
+class ThinkingMarkers:
+    """The text that opens and closes a model's thinking span (``<think>``, ``</think>``)."""
+
+    start: str = _checked(_marker)
+    end: str = _checked(_marker)
+
+    def __attrs_post_init__(self) -> None:
+        _Problems(self).raise_any()
+
+
+@attrs.frozen(kw_only=True)
+class ToolCallMarkers:
+    """The text around a model's tool calls (``<tool_call>``, ``</tool_call>``), and
+    optionally around the free-form payload inside one (sampled with the request's own
+    sampler; the rest of the call is sampled greedily)."""
+
+    start: str = _checked(_marker)
+    end: str = _checked(_marker)
+    payload_start: str | None = _checked(_opt_marker, default=None)
+    payload_end: str | None = _checked(_opt_marker, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        problems = _Problems(self)
+        problems.check(
+            (self.payload_start is None) == (self.payload_end is None),
+            "payload_start",
+            "payload_start and payload_end go together",
+        )
+        problems.raise_any()
+
+
 @attrs.frozen(kw_only=True)
 class ModelConfig:
     """How to load and serve one model. Backend-specific extras go in ``options``."""
@@ -239,8 +283,9 @@ class ModelConfig:
     type_v: str = _checked(_kv_type, default="f16")
     #: None lets llama.cpp decide.
     flash_attn: bool | None = None
-    #: Default sampler seed when a request gives none.
-    seed: int = _int_field(0, 0)
+    #: Sampler seed of requests that give none; None draws a fresh one per request (every
+    #: request reports its seed in ``Stats.seed``, so a run can be replayed).
+    seed: int | None = _int_field(None, 0)
     use_mmap: bool = True
     #: Allow ``embed`` (it uses its own small context, created on first use).
     embeddings: bool = True
@@ -259,6 +304,16 @@ class ModelConfig:
     quant: str | None = None
     #: Per-model override of the engine's cache policy.
     policy: CachePolicy | None = None
+    #: The model's thinking span markers. None: read from its chat template when it names a
+    #: known pair (``<think>``/``</think>``), unless ``detect_markers`` is off.
+    thinking_markers: ThinkingMarkers | None = None
+    #: The model's tool-call markers. None: read from its chat template when it names a
+    #: known pair (``<tool_call>``/``</tool_call>``), unless ``detect_markers`` is off.
+    tool_call_markers: ToolCallMarkers | None = None
+    detect_markers: bool = True
+    #: A session's sequence idle this long is released (after an evict save), so a
+    #: forgotten session never holds a sequence for good.
+    session_ttl_s: float = _number_field(600.0, 0.001)
     #: Backend-specific settings passed through untouched.
     options: Mapping[str, Any] = attrs.field(factory=dict)
 
@@ -370,6 +425,9 @@ class EngineConfig:
     cache: CacheConfig = attrs.field(factory=CacheConfig)
     pressure: PressureConfig = attrs.field(factory=PressureConfig)
     models: Mapping[str, ModelConfig] = attrs.field(factory=dict)
+    #: Key for the HMAC-SHA256 signatures of thinking spans (``ThinkingEnd.signature``);
+    #: None: spans are not signed.
+    thinking_signing_key: str | None = None
 
 
 def _strict(kind: type, *, allow: tuple[type, ...] = ()) -> Callable[[Any, Any], Any]:
@@ -428,7 +486,15 @@ def _structure_fields(data: Any, cls: type[Any]) -> Any:
     return cls(**values)
 
 
-for _cls in (CachePolicy, CacheConfig, ModelConfig, PressureConfig, EngineConfig):
+for _cls in (
+    CachePolicy,
+    CacheConfig,
+    ThinkingMarkers,
+    ToolCallMarkers,
+    ModelConfig,
+    PressureConfig,
+    EngineConfig,
+):
     attrs.resolve_types(_cls)
     converter.register_structure_hook(_cls, _structure_fields)
 

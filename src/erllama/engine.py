@@ -7,7 +7,7 @@ import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Unpack
 
 import anyio
 from anyio.abc import TaskGroup
@@ -17,11 +17,15 @@ from .cache.manager import KVCache
 from .cache.port import CachePort, NullCache
 from .config import EngineConfig, ModelConfig, load_config, structure_config
 from .errors import ConfigError, InvalidRequest, ModelAlreadyLoaded, ModelNotFound
-from .events import AdapterInfo, Completion, ModelInfo, ModelStatus
+from .events import AdapterInfo, CachedPrefix, Completion, ModelInfo, ModelStatus
+from .grammar import response_format_grammar
 from .model import ModelWorker
+from .model.output import Signer
 from .model.request import Request
+from .options import RequestOptions, SamplingOptions
 from .plugins import BackendRegistry, make_backend_registry
-from .pressure import PressureResult, PressureStatus
+from .pressure import DeviceMemory, PressureResult, PressureStatus
+from .pressure.nvidia_smi import gpu_memory
 from .pressure.registry import PressureSourceRegistry, make_pressure_registry
 from .pressure.scheduler import PressureScheduler
 from .stream import InferStream
@@ -51,6 +55,8 @@ class Engine:
         self._models: dict[str, ModelWorker] = {}
         self._inflight: dict[str, tuple[ModelWorker, Request]] = {}
         self._auto_ids = itertools.count(1)
+        key = config.thinking_signing_key
+        self._signer = Signer(key.encode("utf-8")) if key else None
         self._closed = False
         #: Requests per model between ``infer`` being called and being queued (tokenising):
         #: the pressure scheduler never unloads a model with one of these.
@@ -87,7 +93,13 @@ class Engine:
             raise ModelAlreadyLoaded(model_id)
         backend = self._backends.get(config.backend)
         worker = ModelWorker(
-            model_id, config, backend, self._cache, self.config.cache.policy, self._request_done
+            model_id,
+            config,
+            backend,
+            self._cache,
+            self.config.cache.policy,
+            self._request_done,
+            signer=self._signer,
         )
         # Registered while loading so a concurrent load of the same id is refused.
         self._models[model_id] = worker
@@ -154,17 +166,31 @@ class Engine:
         repetition_penalty: float = 1.0,
         seed: int | None = None,
         grammar: str | None = None,
+        stop: str | Sequence[str] | None = None,
+        thinking: bool = False,
+        thinking_budget_tokens: int | None = None,
+        session_id: str | None = None,
         parent_key: str | bytes | None = None,
         add_special: bool = True,
     ) -> InferStream:
         """Queue a request and return its stream at once (before it runs).
 
-        ``prompt`` is text (tokenised with BOS when ``add_special``) or token ids. Sampler
-        arguments are validated here: a bad value raises InvalidRequest naming it, a bad
-        grammar too, before anything runs. ``parent_key`` is a previous ``finish_key``.
-        ``max_tokens=None`` generates until end of generation or a full context.
+        ``prompt`` is text (tokenised with BOS when ``add_special``) or token ids. Every
+        argument is checked here: a bad value raises InvalidRequest naming it (a grammar
+        that does not parse too), before anything runs.
+
+        - ``max_tokens=None`` generates until end of generation or a full context.
+        - ``seed=None`` draws a fresh seed (reported in ``Stats.seed``) unless
+          ``ModelConfig.seed`` sets one.
+        - ``stop``: up to 16 strings (256 bytes each); the request ends at the earliest
+          match, which is never streamed (``finish_reason="stop"``, ``Stats.stop_sequence``).
+        - ``thinking=True`` on a model with thinking markers streams the thinking span as
+          ``ThinkingDelta`` events and a ``ThinkingEnd``; ``thinking_budget_tokens`` caps
+          it (the engine then closes the span in the model's context).
+        - ``session_id`` keeps the request's sequence for the session's next request
+          (``SessionBusy`` while one is queued or running; see ``end_session``).
+        - ``parent_key`` is a previous ``finish_key`` to resume from.
         """
-        worker = self._worker(model_id)
         params = {
             "temperature": temperature,
             "top_k": top_k,
@@ -174,16 +200,24 @@ class Engine:
             "seed": seed,
             "grammar": grammar,
         }
+        return await self._infer(
+            model_id,
+            prompt,
+            max_tokens=max_tokens,
+            params=params,
+            parent_key=parent_key,
+            add_special=add_special,
+            stop=stop,
+            thinking=thinking,
+            thinking_budget_tokens=thinking_budget_tokens,
+            session_id=session_id,
+        )
+
+    async def _infer(self, model_id: str, prompt: str | Sequence[int], **kw: Any) -> InferStream:
+        worker = self._worker(model_id)
         self._entering[model_id] += 1
         try:
-            req, stream = await worker.infer(
-                prompt,
-                max_tokens=max_tokens,
-                params=params,
-                parent_key=parent_key,
-                add_special=add_special,
-                cancel=self.cancel,
-            )
+            req, stream = await worker.infer(prompt, cancel=self.cancel, **kw)
         finally:
             self._entering[model_id] -= 1
             if not self._entering[model_id]:
@@ -196,13 +230,75 @@ class Engine:
         self,
         model_id: str,
         prompt: str | Sequence[int],
-        **kwargs: Any,
+        **kwargs: Unpack[RequestOptions],
     ) -> Completion:
         """Run a request to the end and return its :class:`Completion`. Takes the keyword
         arguments of :meth:`infer`. Cancelling the caller cancels the request in the model."""
         stream = await self.infer(model_id, prompt, **kwargs)
         async with stream:
             return await stream.collect()
+
+    async def chat(
+        self,
+        model_id: str,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        system: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        response_format: Mapping[str, Any] | None = None,
+        **kwargs: Unpack[SamplingOptions],
+    ) -> InferStream:
+        """Render ``messages`` with the model's chat template and run them; returns the
+        stream of typed events (``Token`` text, ``ThinkingDelta``/``ThinkingEnd``,
+        ``ToolCallDelta``/``ToolCallEnd``, then ``Done``).
+
+        ``tools`` go to the template (or, for a template that knows no tools, into the
+        system prompt). ``response_format`` constrains the answer through a grammar:
+        ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {"schema":
+        ...}}``. Takes the keyword arguments of :meth:`infer`. Replay a tool call's exact
+        ``ToolCallEnd.text`` as the assistant's content next turn, so the cached prefix
+        keeps matching.
+        """
+        grammar = response_format_grammar(response_format)
+        if grammar is not None:
+            if kwargs.get("grammar") is not None:
+                raise InvalidRequest("grammar", "give grammar or response_format, not both")
+            kwargs["grammar"] = grammar
+        prompt = await self.apply_chat_template(model_id, messages, system, tools)
+        return await self.infer(model_id, prompt, **kwargs)
+
+    async def prefill_only(
+        self,
+        model_id: str,
+        prompt: str | Sequence[int],
+        *,
+        parent_key: str | bytes | None = None,
+        session_id: str | None = None,
+        add_special: bool = True,
+    ) -> str | None:
+        """Put ``prompt`` into the KV without generating, save it (whatever the policy's
+        minimum length) and return its key (hex): a later request (or ``parent_key``)
+        starting with these tokens restores them. None when the cache is off or dropped
+        the save (its writers were full)."""
+        stream = await self._infer(
+            model_id,
+            prompt,
+            max_tokens=None,
+            params={},
+            parent_key=parent_key,
+            add_special=add_special,
+            session_id=session_id,
+            prefill_only=True,
+        )
+        async with stream:
+            done = (await stream.collect()).stats
+        return done.finish_key
+
+    async def end_session(self, model_id: str, session_id: str) -> None:
+        """Release a session's sequence (after an evict save, so the session comes back
+        warm from the cache). Idempotent: an unknown session is ignored; a session whose
+        request is still running is released when that request ends."""
+        await self._worker(model_id).end_session(session_id)
 
     def cancel(self, ref: str) -> None:
         """Cancel a request by ``stream.ref``. Idempotent; silent for unknown or finished refs.
@@ -270,6 +366,63 @@ class Engine:
 
     def list_adapters(self, model_id: str) -> list[AdapterInfo]:
         return list(self._worker(model_id).list_adapters())
+
+    # ---- routing queries ----------------------------------------------------------------------
+
+    async def longest_cached_prefix(
+        self, model_id: str, prompt: str | Sequence[int], *, add_special: bool = True
+    ) -> CachedPrefix:
+        """How many leading tokens of ``prompt`` a request would not prefill on this model
+        now, and from where (a cache tier, or a sequence's live KV). Loads nothing and counts
+        no hit: for routers placing requests."""
+        worker = self._worker(model_id)
+        tokens = (
+            await self.tokenize(model_id, prompt, add_special=add_special)
+            if isinstance(prompt, str)
+            else list(prompt)
+        )
+        return worker.cached_prefix(tokens)
+
+    def list_cached_prefixes(self, model_id: str) -> list[CachedPrefix]:
+        """Every cache row of the model under its current adapter set, newest first."""
+        return self._worker(model_id).cached_prefixes()
+
+    def queue_depth(self, model_id: str | None = None) -> int:
+        """Requests queued or running, on one model or on all of them."""
+        workers = [self._worker(model_id)] if model_id is not None else self._models.values()
+        return sum(w.queue_len + w.info().running for w in workers if w.state in ("idle", "failed"))
+
+    async def vram_info(self) -> list[DeviceMemory]:
+        """Memory of each visible NVIDIA GPU (through nvidia-smi); empty without one."""
+        return await gpu_memory()
+
+    # ---- operator calls -----------------------------------------------------------------------
+
+    def reset_counters(self) -> None:
+        """Set the cache's tallies back to zero (byte and row totals stay current)."""
+        if isinstance(self._cache, KVCache):
+            self._cache.reset_counters()
+
+    def gc(self) -> int:
+        """Drop every cache row not being read or written; returns how many."""
+        return self._cache.gc() if isinstance(self._cache, KVCache) else 0
+
+    def evict_bytes(
+        self, n_bytes: int, tiers: Sequence[str] = ("ram", "ram_file", "disk")
+    ) -> tuple[int, int]:
+        """Free at least ``n_bytes`` of cache rows from ``tiers`` (in order), least recently
+        used first; returns (rows, bytes) freed."""
+        if isinstance(n_bytes, bool) or not isinstance(n_bytes, int) or n_bytes < 0:
+            raise InvalidRequest("n_bytes", f"must be an integer >= 0, got {n_bytes!r}")
+        if not isinstance(self._cache, KVCache):
+            return 0, 0
+        return self._cache.evict_bytes(n_bytes, tiers)
+
+    async def save_all(self, model_id: str) -> int:
+        """Save every sequence of the model that holds state (running requests, sessions,
+        idle sequences' live KV) with reason ``evict``; returns how many sequences' states
+        the cache now holds (a row it held already is not written again)."""
+        return await self._worker(model_id).save_all()
 
     # ---- observability ----------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import attrs
 __all__ = [
     "AdapterInfo",
     "CacheDelta",
+    "CachedPrefix",
     "CacheHit",
     "CacheHitKind",
     "Completion",
@@ -18,12 +19,18 @@ __all__ = [
     "FinishReason",
     "ModelInfo",
     "ModelStatus",
+    "SessionInfo",
     "Stats",
+    "ThinkingDelta",
+    "ThinkingEnd",
     "Token",
+    "ToolCallDelta",
+    "ToolCallEnd",
 ]
 
-#: Why generation ended: an end-of-generation token or stop sequence, the max_tokens budget,
-#: or cancellation (cancel(), a closed stream, or the caller's scope).
+#: Why generation ended: ``stop`` (an end-of-generation token, or one of the request's stop
+#: strings: ``Stats.stop_sequence`` says which), ``length`` (``max_tokens`` or a full
+#: context), or ``cancelled`` (cancel(), a closed stream, or the caller's scope).
 FinishReason = Literal["stop", "length", "cancelled"]
 #: How much of the prompt came from the KV cache: all of it, a prefix, or nothing.
 CacheHitKind = Literal["exact", "partial", "cold"]
@@ -32,11 +39,48 @@ ModelStatus = Literal["loading", "idle", "prefilling", "generating", "failed", "
 
 @attrs.frozen(kw_only=True)
 class Token:
-    """One generated token. ``text`` may be empty while a multi-byte character is incomplete;
-    the bytes then arrive with a later token, never broken."""
+    """One generated answer token and the text released with it.
+
+    Text is never broken: a character split across tokens, or text that could still be the
+    start of a stop string, is held and released with a later token (so ``text`` may be
+    empty); what is still held when generation ends comes with the last event before
+    ``Done``. The end-of-generation token itself is never streamed.
+    """
 
     text: str
     token_id: int
+
+
+@attrs.frozen(kw_only=True)
+class ThinkingDelta:
+    """Text inside the model's thinking span (requests with ``thinking=True`` on a model
+    with thinking markers). The markers themselves are not included."""
+
+    text: str
+
+
+@attrs.frozen(kw_only=True)
+class ThinkingEnd:
+    """The thinking span closed (by the model, or by the engine when the request's
+    ``thinking_budget_tokens`` ran out). ``signature``: hex HMAC-SHA256 of the span's bytes
+    under ``EngineConfig.thinking_signing_key``; None without a key."""
+
+    signature: str | None
+
+
+@attrs.frozen(kw_only=True)
+class ToolCallDelta:
+    """A piece of a tool call's text, markers included."""
+
+    text: str
+
+
+@attrs.frozen(kw_only=True)
+class ToolCallEnd:
+    """A tool call closed. ``text`` is the exact concatenation of its deltas: the bytes to
+    replay verbatim in the next turn's prompt so the cached prefix keeps matching."""
+
+    text: str
 
 
 @attrs.frozen(kw_only=True)
@@ -55,8 +99,9 @@ class CacheHit:
     #: Tokens restored from the cache (0 when cold).
     prefix_len: int
     #: Which lookup found it: exact, parent_key, longest_prefix, the sequence's own live KV
-    #: kept from the previous request ("live"), or None when cold.
-    source: Literal["exact", "parent", "prefix", "live"] | None = None
+    #: kept from the previous request ("live"), the request's pinned session ("session"),
+    #: or None when cold.
+    source: Literal["exact", "parent", "prefix", "live", "session"] | None = None
     #: The tier the row came from (None for live reuse).
     tier: str | None = None
 
@@ -80,8 +125,21 @@ class Stats:
     generation_s: float
     #: Generated tokens per second of generation time.
     tokens_per_s: float | None
-    #: Tokens in the sequence's KV at the end (restored + prefilled + generated).
+    #: Tokens in the sequence's KV at the end (restored + prefilled + generated): what the
+    #: finish row and ``finish_key`` cover.
     context_tokens: int
+    #: The sampler seed the request ran with (drawn fresh when the request gave none), so
+    #: the run can be replayed.
+    seed: int = 0
+    #: The stop string that ended the request, if one did.
+    stop_sequence: str | None = None
+    #: The request was cancelled (``finish_reason == "cancelled"``).
+    cancelled: bool = False
+
+    @property
+    def committed_tokens(self) -> int:
+        """Alias of ``context_tokens`` (the reference's name)."""
+        return self.context_tokens
 
 
 @attrs.frozen(kw_only=True)
@@ -90,31 +148,58 @@ class Done:
 
     finish_reason: FinishReason
     stats: Stats
+    #: Every token the model generated for this request (thinking and tool calls included,
+    #: the end-of-generation token not).
+    token_ids: tuple[int, ...] = ()
+    #: The token ids now in the sequence's KV (prompt, thinking, tool calls, answer and the
+    #: end-of-generation token): the finish row's exact key.
+    context: tuple[int, ...] = ()
 
 
 @attrs.frozen(kw_only=True)
 class Completion:
     """The result of ``Engine.complete``."""
 
+    #: The answer text (stop string trimmed; thinking and tool calls not included).
     text: str
+    #: Every token the model generated (see ``Done.token_ids``).
     token_ids: tuple[int, ...]
     finish_reason: FinishReason
     finish_key: str | None
     cache_hit_kind: CacheHitKind
     cache_delta: CacheDelta
     stats: Stats
+    #: The token ids in the sequence's KV at the end (see ``Done.context``).
+    context_tokens: tuple[int, ...] = ()
+    #: The thinking text (``thinking=True``), and its signature.
+    thinking: str = ""
+    thinking_signature: str | None = None
+    #: Each tool call's exact text, markers included, in order.
+    tool_calls: tuple[str, ...] = ()
 
     @classmethod
-    def build(cls, done: Done, text: str, token_ids: tuple[int, ...]) -> Completion:
+    def build(
+        cls,
+        done: Done,
+        text: str,
+        *,
+        thinking: str = "",
+        thinking_signature: str | None = None,
+        tool_calls: tuple[str, ...] = (),
+    ) -> Completion:
         st = done.stats
         return cls(
             text=text,
-            token_ids=token_ids,
+            token_ids=done.token_ids,
             finish_reason=done.finish_reason,
             finish_key=st.finish_key,
             cache_hit_kind=st.cache_hit_kind,
             cache_delta=st.cache_delta,
             stats=st,
+            context_tokens=done.context,
+            thinking=thinking,
+            thinking_signature=thinking_signature,
+            tool_calls=tool_calls,
         )
 
     @property
@@ -127,9 +212,22 @@ class Completion:
         """Alias of ``token_ids``."""
         return self.token_ids
 
+    @property
+    def committed_tokens(self) -> int:
+        """Tokens in the sequence's KV at the end."""
+        return self.stats.context_tokens
+
+    @property
+    def stop_sequence(self) -> str | None:
+        return self.stats.stop_sequence
+
+    @property
+    def cancelled(self) -> bool:
+        return self.stats.cancelled
+
 
 #: What a stream yields.
-Event = Token | Done
+Event = Token | ThinkingDelta | ThinkingEnd | ToolCallDelta | ToolCallEnd | Done
 
 
 @attrs.frozen(kw_only=True)
@@ -140,6 +238,30 @@ class AdapterInfo:
     path: str
     scale: float
     sha256: str
+
+
+@attrs.frozen(kw_only=True)
+class CachedPrefix:
+    """A prefix a model could serve without prefilling it."""
+
+    #: Its length in tokens (0: nothing cached).
+    tokens: int
+    #: Where it is: ``ram``, ``ram_file``, ``disk`` (a cache row, restored at admission) or
+    #: ``live`` (a sequence's own KV); None when nothing is cached.
+    tier: str | None
+    #: The row's key (hex), for rows listed by ``list_cached_prefixes``.
+    key: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class SessionInfo:
+    """A session pinned to one of a model's sequences."""
+
+    id: str
+    #: Tokens its sequence's KV holds.
+    tokens: int
+    #: Monotonic time its last request ended; None while one runs.
+    idle_since: float | None
 
 
 @attrs.frozen(kw_only=True)
@@ -169,6 +291,8 @@ class ModelInfo:
     loaded_at: float
     last_used: float
     adapters: tuple[AdapterInfo, ...] = ()
+    #: Sessions pinned to a sequence (they count against ``n_seq_max``).
+    sessions: tuple[SessionInfo, ...] = ()
     #: Why the model failed, when status is "failed".
     error: str | None = None
     metadata: Mapping[str, str] = attrs.field(factory=dict)

@@ -165,6 +165,7 @@ class Backend:
         system: str | None,
         tools: Sequence[Mapping[str, Any]] | None,
         add_generation_prompt: bool = True,
+        verbatim: Sequence[tuple[str, Sequence[int]]] = (),
     ) -> list[int]:
         self.require("chat_template")
         return list(
@@ -175,6 +176,7 @@ class Backend:
                 system=system,
                 tools=tools,
                 add_generation_prompt=add_generation_prompt,
+                verbatim=verbatim,
             )
         )
 

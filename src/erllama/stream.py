@@ -11,7 +11,7 @@ import anyio
 import anyio.lowlevel
 import attrs
 
-from .events import Completion, Done, Event, Token
+from .events import Completion, Done, Event, ThinkingDelta, ThinkingEnd, Token, ToolCallEnd
 
 __all__ = ["Channel", "Failure", "InferStream"]
 
@@ -146,8 +146,10 @@ class InferStream:
 
     async def collect(self) -> Completion:
         """Read to the end and assemble a :class:`Completion`."""
-        parts: list[str] = []
-        ids: list[int] = []
+        text: list[str] = []
+        thinking: list[str] = []
+        signature: str | None = None
+        tool_calls: list[str] = []
         try:
             while True:
                 try:
@@ -155,15 +157,26 @@ class InferStream:
                 except StopAsyncIteration:
                     break
                 if isinstance(event, Token):
-                    parts.append(event.text)
-                    ids.append(event.token_id)
+                    text.append(event.text)
+                elif isinstance(event, ThinkingDelta):
+                    thinking.append(event.text)
+                elif isinstance(event, ThinkingEnd):
+                    signature = event.signature
+                elif isinstance(event, ToolCallEnd):
+                    tool_calls.append(event.text)
         finally:
             # Leaving early (the caller's scope was cancelled, say) cancels the request.
             if not self.ended:
                 self._cancel()
         done = self.done
         assert done is not None, "a stream ends with Done or raises"
-        return Completion.build(done, "".join(parts), tuple(ids))
+        return Completion.build(
+            done,
+            "".join(text),
+            thinking="".join(thinking),
+            thinking_signature=signature,
+            tool_calls=tuple(tool_calls),
+        )
 
 
 class _Reader:

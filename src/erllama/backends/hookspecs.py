@@ -10,9 +10,13 @@ Each backend gets its own plugin manager, so a hook always has at most one imple
 "does this backend support X" is "does a hookimpl for X exist" (pluggy drops ``None`` results,
 so a ``None`` return can never mean "unsupported").
 
-Threading: the engine calls every hook that takes ``model`` from that model's worker thread,
-one call at a time per model, never concurrently with another call on the same model. Hooks
-may block; they must not touch the event loop. ``load`` runs on the same worker thread.
+Threading: each loaded model has one native thread. ``load``, ``step``, ``kv_pack``,
+``kv_unpack``, ``seq_rm``, ``embed``, ``sampler_free``, the adapter hooks and ``free`` run
+on it, one call at a time, never concurrently with each other. ``tokenize``,
+``detokenize``, ``apply_chat_template``, ``sampler_new`` and ``metadata`` read only the
+vocabulary and the template: the engine calls them from worker threads, concurrently with
+the model thread's hooks and with each other, so they must not touch sequence state.
+Hooks may block; they must not touch the event loop.
 
 Errors: raise anything; the engine wraps foreign exceptions in ``BackendError`` with the
 original as ``__cause__``. Raise :class:`~erllama.errors.InvalidRequest` for bad caller input
@@ -142,9 +146,16 @@ class ModelBackend:
         system: str | None,
         tools: Sequence[Mapping[str, Any]] | None,
         add_generation_prompt: bool,
+        verbatim: Sequence[tuple[str, Sequence[int]]],
     ) -> Sequence[int]:
         """Render a conversation with the model's chat template and tokenise it (special
-        tokens parsed). Capability ``chat_template``."""
+        tokens parsed). Capability ``chat_template``.
+
+        ``verbatim``, optional to accept: ``(text, token ids)`` of replies this model
+        generated. Where the rendered text holds one of these texts, use its token ids
+        instead of tokenizing it (tokenize only the text around it): a reply replayed in the
+        next turn's prompt then matches the KV the model produced, token for token, even
+        where the model's tokens were not what the tokenizer would make of the text."""
 
     @hookspec(firstresult=True)
     def embed(self, model: Any, tokens: Sequence[int]) -> Sequence[float]:  # type: ignore[empty-body]

@@ -11,7 +11,7 @@ import datetime
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["render_chat_template"]
+__all__ = ["render_chat_template", "split_verbatim"]
 
 
 def _raise(message: str) -> None:
@@ -68,3 +68,29 @@ def render_chat_template(
         )
     except TemplateError as exc:
         raise ValueError(f"chat template failed to render: {exc}") from exc
+
+
+def split_verbatim(
+    text: str, verbatim: Sequence[tuple[str, Sequence[int]]]
+) -> list[str | list[int]]:
+    """``text`` cut around the occurrences of each verbatim text, in order: text pieces to
+    tokenize, and the verbatim token ids in their place. Each verbatim text is taken at its
+    first occurrence after the previous cut; one that is absent is skipped."""
+    out: list[str | list[int]] = []
+    pos = 0
+    found = []
+    for reply, ids in verbatim:
+        at = text.find(reply, pos) if reply else -1
+        if at >= 0:
+            found.append((at, reply, ids))
+    found.sort(key=lambda f: f[0])
+    for at, reply, ids in found:
+        if at < pos:
+            continue  # overlaps an earlier one
+        if at > pos:
+            out.append(text[pos:at])
+        out.append(list(ids))
+        pos = at + len(reply)
+    if pos < len(text):
+        out.append(text[pos:])
+    return out

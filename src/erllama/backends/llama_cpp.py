@@ -36,6 +36,7 @@ def load(config: ModelConfig) -> LoadedModel:
         kv_layout=model.kv_layout,
         eog_tokens=model.eog,
         metadata=model.metadata,
+        chat_template=model.chat_template,
     )
 
 
@@ -83,8 +84,9 @@ def apply_chat_template(
     system: str | None,
     tools: Sequence[Mapping[str, Any]] | None,
     add_generation_prompt: bool,
+    verbatim: Sequence[tuple[str, Sequence[int]]],
 ) -> list[int]:
-    return model.chat_tokens(messages, system, tools, add_generation_prompt)
+    return model.chat_tokens(messages, system, tools, add_generation_prompt, verbatim)
 
 
 @hookimpl

@@ -167,15 +167,33 @@ def _stderr_captured() -> Iterator[Callable[[], str]]:
 
 
 class Sampler:
-    """A per-request llama.cpp sampler chain (owned; freed with ``free``)."""
+    """A per-request llama.cpp sampler chain (owned; freed with ``free``).
 
-    def __init__(self, ptr: Any) -> None:
+    A request that draws (temperature > 0) also gets a greedy twin: the same grammar and
+    penalties, then argmax. ``Decode(greedy=True)`` samples with the twin; whichever chain
+    picks, the other accepts the token, so their grammar states and penalty windows never
+    drift apart."""
+
+    def __init__(self, ptr: Any, greedy_ptr: Any = None) -> None:
         self.ptr = ptr
+        self.greedy_ptr = greedy_ptr
+
+    def sample(self, ctx: Any, row: int, greedy: bool) -> int:
+        if greedy and self.greedy_ptr:
+            tok = int(L.llama_sampler_sample(self.greedy_ptr, ctx, row))
+            L.llama_sampler_accept(self.ptr, tok)
+            return tok
+        tok = int(L.llama_sampler_sample(self.ptr, ctx, row))
+        if self.greedy_ptr:
+            L.llama_sampler_accept(self.greedy_ptr, tok)
+        return tok
 
     def free(self) -> None:
-        if self.ptr:
-            L.llama_sampler_free(self.ptr)
-            self.ptr = None
+        for name in ("ptr", "greedy_ptr"):
+            ptr = getattr(self, name)
+            if ptr:
+                L.llama_sampler_free(ptr)
+                setattr(self, name, None)
 
 
 class LlamaModel:
@@ -218,7 +236,7 @@ class LlamaModel:
         self, config: ModelConfig, options: dict[str, Any], model_applied: Mapping[str, Any]
     ) -> None:
         self.vocab = L.llama_model_get_vocab(self.model)
-        self._piece_buf = ctypes.create_string_buffer(64)
+        self._tls = threading.local()
         self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
         if self.n_vocab <= 0:
             raise ValueError("model has an empty vocabulary")
@@ -325,11 +343,15 @@ class LlamaModel:
             cap = -n
 
     def piece(self, token: int) -> bytes:
-        # One buffer per model, reused (pieces are short; a longer one grows it for good).
-        buf = self._piece_buf
+        # One buffer per thread, reused (pieces are short; a longer one grows it for good).
+        # Per thread: detokenize may run on worker threads beside the model thread.
+        tls = self._tls
+        buf = getattr(tls, "buf", None)
+        if buf is None:
+            buf = tls.buf = ctypes.create_string_buffer(64)
         n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         if n < 0:
-            buf = self._piece_buf = ctypes.create_string_buffer(-n)
+            buf = tls.buf = ctypes.create_string_buffer(-n)
             n = L.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
         return buf.raw[:n]
 
@@ -350,8 +372,9 @@ class LlamaModel:
         system: str | None,
         tools: Sequence[Mapping[str, Any]] | None,
         add_generation_prompt: bool,
+        verbatim: Sequence[tuple[str, Sequence[int]]] = (),
     ) -> list[int]:
-        from .llama_chat import render_chat_template
+        from .llama_chat import render_chat_template, split_verbatim
 
         if self.chat_template is None:
             raise InvalidRequest("messages", "the model's GGUF has no tokenizer.chat_template")
@@ -364,7 +387,13 @@ class LlamaModel:
             )  # fmt: skip
         except ValueError as exc:
             raise InvalidRequest("messages", str(exc)) from exc
-        tokens = self.tokenize(text, add_special=False, parse_special=True)
+        tokens: list[int] = []
+        for part in split_verbatim(text, verbatim):
+            if isinstance(part, str):
+                tokens += self.tokenize(part, add_special=False, parse_special=True)
+            else:
+                self._check_tokens(part, "verbatim")
+                tokens += part
         bos_id = int(L.llama_vocab_bos(self.vocab))
         wants_bos = bool(L.llama_vocab_get_add_bos(self.vocab))
         if wants_bos and bos_id >= 0 and (not tokens or tokens[0] != bos_id):
@@ -391,8 +420,10 @@ class LlamaModel:
                 row = self.logits_row.get(op.seq, -1)
                 if row < 0:
                     raise RuntimeError(f"sequence {op.seq} has no logits to sample from")
-                sampler = op.sampler.ptr if isinstance(op.sampler, Sampler) else self.greedy
-                tok = int(L.llama_sampler_sample(sampler, self.ctx, row))
+                if isinstance(op.sampler, Sampler):
+                    tok = op.sampler.sample(self.ctx, row, op.greedy)
+                else:
+                    tok = int(L.llama_sampler_sample(self.greedy, self.ctx, row))
                 if not 0 <= tok < self.n_vocab:
                     # Sampling touched no KV: only this request fails (a grammar with no
                     # allowed token left, say).
@@ -454,8 +485,19 @@ class LlamaModel:
         self.logits_row.update(new_rows)
 
     def sampler_new(self, params: SamplerParams) -> Sampler:
+        sampler = Sampler(self._chain(params, greedy=params.temperature <= 0))
+        try:
+            if params.temperature > 0:
+                sampler.greedy_ptr = self._chain(params, greedy=True)
+        except BaseException:
+            sampler.free()
+            raise
+        return sampler
+
+    def _chain(self, params: SamplerParams, *, greedy: bool) -> Any:
+        """grammar -> repetition penalty -> (greedy: argmax | top-k -> top-p -> min-p ->
+        temperature -> seeded draw)."""
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-        sampler = Sampler(chain)
         try:
             if params.grammar is not None:
                 with _stderr_captured() as said:
@@ -468,21 +510,22 @@ class LlamaModel:
                 L.llama_sampler_chain_add(
                     chain, L.llama_sampler_init_penalties(64, params.repetition_penalty, 0.0, 0.0)
                 )
+            if greedy:
+                # top-k/p and min-p never change the most likely token.
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+                return chain
             if params.top_k > 0:
                 L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(params.top_k))
             if params.top_p < 1.0:
                 L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(params.top_p, 1))
             if params.min_p > 0.0:
                 L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(params.min_p, 1))
-            if params.temperature > 0:
-                L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))
-                L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(params.seed))
-            else:
-                L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(params.seed))
         except BaseException:
-            sampler.free()
+            L.llama_sampler_free(chain)
             raise
-        return sampler
+        return chain
 
     # ---- sequence state -------------------------------------------------------------------
 

@@ -23,8 +23,11 @@ Test controls, given in ``ModelConfig.options``: ``n_vocab``, ``n_ctx`` (else th
 (``"load"``, ``"step"``, ``"pack"``, ``"unpack"``, ``"seq_rm"``, ``"sample"``), ``fail_step``
 (with ``fail_at="step"``: fail on that step number, counting from 1), ``fail_seed`` (with
 ``fail_at="sample"``: sampling fails for requests with that seed; the others carry on),
-``embed_dim``, and ``control``: a :class:`StubControl` whose gates, permits and counters let
-a test hold and watch the model thread.
+``embed_dim``, ``script`` (text or token ids every request emits in order, whatever its
+sampler, then end of generation: for markers and stop strings split across tokens),
+``chat_template`` (a template source the stub reports, for marker detection; it renders
+its own simple format), and ``control``: a :class:`StubControl` whose gates, permits and
+counters let a test hold and watch the model thread.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from ..config import ModelConfig
 from ..errors import InvalidRequest
 from ..sampling import SamplerParams
 from .hookspecs import hookimpl
+from .llama_chat import split_verbatim
 from .types import (
     ChatMessage,
     Decode,
@@ -137,6 +141,9 @@ class _Seq:
     tokens: list[int] = attrs.Factory(list)
     rolling: list[int] = attrs.Factory(lambda: [0])  # rolling[i] = hash of tokens[:i]
     has_logits: bool = False
+    #: With a script: how many of its tokens this sequence has emitted since it was last
+    #: cleared, trimmed or restored (a new request starts the script again).
+    script_pos: int = 0
 
     def append(self, tok: int) -> None:
         self.tokens.append(tok)
@@ -145,6 +152,7 @@ class _Seq:
     def truncate(self, n: int) -> None:
         del self.tokens[n:]
         del self.rolling[n + 1 :]
+        self.script_pos = 0
 
 
 @attrs.define(eq=False)
@@ -163,6 +171,9 @@ class StubModel:
     eog_every: int
     embed_dim: int
     control: StubControl
+    #: Scripted output: every request's decodes emit these tokens in order (whatever the
+    #: sampler), then the end-of-generation token.
+    script: tuple[int, ...] | None = None
     seqs: dict[int, _Seq] = attrs.Factory(dict)
     adapters: dict[int, bytes] = attrs.Factory(dict)
     active: tuple[tuple[int, float], ...] = ()
@@ -342,6 +353,11 @@ def load(config: ModelConfig) -> LoadedModel:
         embed_dim=int(opts.get("embed_dim", 32)),
         control=control,
     )
+    script = opts.get("script")
+    if script is not None:
+        if isinstance(script, str):
+            script = tokenize(model, script, add_special=False, parse_special=True)
+        model.script = tuple(int(t) for t in script)
     return LoadedModel(
         handle=model,
         n_ctx=n_ctx,
@@ -352,6 +368,7 @@ def load(config: ModelConfig) -> LoadedModel:
         kv_layout={"backend": "stub", "version": __version__, "n_ctx": n_ctx},
         eog_tokens=frozenset({EOS}),
         metadata={"architecture": "stub", "n_vocab": str(n_vocab)},
+        chat_template=opts.get("chat_template"),
     )
 
 
@@ -397,7 +414,7 @@ def detokenize(model: StubModel, tokens: Sequence[int]) -> bytes:
     return b"".join(_piece(t) for t in tokens)
 
 
-def _next_token(model: StubModel, seq: _Seq, sampler: _Sampler | None) -> int:
+def _next_token(model: StubModel, seq: _Seq, sampler: _Sampler | None, greedy: bool = False) -> int:
     h = _mix(seq.rolling[-1], model.adapter_mix())
     if sampler is not None and sampler.allowed is not None:
         done = tuple(sampler.generated)
@@ -414,7 +431,7 @@ def _next_token(model: StubModel, seq: _Seq, sampler: _Sampler | None) -> int:
     control = model.control
     if control.fail_at == "sample" and params is not None and params.seed == control.fail_seed:
         raise OverflowError("stub: injected sampler overflow")
-    if params is None or params.temperature == 0:
+    if params is None or params.temperature == 0 or greedy:
         return WORD_BASE + h % span
     pool = params.top_k or 64
     salt = _mix(
@@ -486,7 +503,12 @@ def _step(
                 raise ValueError("context overflow")
             sampler = op.sampler if isinstance(op.sampler, _Sampler) else None
             try:
-                tok = _next_token(model, seq, sampler)
+                if model.script is not None:
+                    pos = seq.script_pos
+                    tok = model.script[pos] if pos < len(model.script) else EOS
+                    seq.script_pos = pos + 1
+                else:
+                    tok = _next_token(model, seq, sampler, greedy=op.greedy)
             except (ArithmeticError, ValueError) as exc:
                 # Sampling touches no KV: only this request fails.
                 results.append(SeqFailed(seq=op.seq, error=exc))
@@ -532,6 +554,7 @@ def kv_unpack(model: StubModel, seq: int, data: bytes | bytearray | memoryview) 
     s = _Seq()
     for t in struct.unpack(f"<{n}I", body):
         s.append(t)
+    s.script_pos = 0
     model.seq(seq)  # range check
     model.seqs[seq] = s
 
@@ -553,6 +576,7 @@ def apply_chat_template(
     system: str | None,
     tools: Sequence[Mapping[str, Any]] | None,
     add_generation_prompt: bool,
+    verbatim: Sequence[tuple[str, Sequence[int]]],
 ) -> list[int]:
     parts = []
     if system or tools:
@@ -569,7 +593,13 @@ def apply_chat_template(
         parts.append(f"{role}: {content} </s>")
     if add_generation_prompt:
         parts.append("assistant:")
-    return tokenize(model, " ".join(parts), add_special=True, parse_special=True)
+    tokens = [BOS]
+    for part in split_verbatim(" ".join(parts), verbatim):
+        if isinstance(part, str):
+            tokens += tokenize(model, part, add_special=False, parse_special=True)
+        else:
+            tokens += part
+    return tokens
 
 
 @hookimpl

@@ -45,6 +45,10 @@ class LoadedModel:
     eog_tokens: frozenset[int] = frozenset()
     #: Free-form facts for ``ModelInfo.metadata``.
     metadata: Mapping[str, str] = attrs.field(factory=dict)
+    #: The model's chat template source, when it has one: the engine reads thinking and
+    #: tool-call markers from it (``<think>``, ``<tool_call>`` ...) unless the config names
+    #: them.
+    chat_template: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -71,6 +75,11 @@ class Decode:
 
     seq: int
     sampler: Any = None
+    #: Pick the most likely token (after the sampler's grammar and penalties) instead of
+    #: drawing from its distribution: the engine asks for it inside a tool call's syntax,
+    #: so the call's bytes are deterministic. The sampler must still account the token
+    #: (grammar state, penalty window) as if it had drawn it.
+    greedy: bool = False
 
 
 StepOp = Prefill | Decode

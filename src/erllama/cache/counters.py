@@ -81,5 +81,9 @@ class Counters:
     def bump(self, name: str, by: float = 1) -> None:
         self.values[name] += by
 
+    def reset(self) -> None:
+        """Every tally back to zero (byte and row totals are current values, not tallies)."""
+        self.values = {f.name: f.default for f in attrs.fields(CacheCounters)}  # type: ignore[misc]
+
     def snapshot(self, **current: int) -> CacheCounters:
         return CacheCounters(**{**self.values, **current})  # type: ignore[arg-type]

@@ -632,6 +632,37 @@ class KVCache:
         if count:
             self.counters.bump("adopted")
 
+    # ---- queries and operator calls -------------------------------------------------------------
+
+    def peek_longest(self, ns: Namespace, tokens: Sequence[int]) -> tuple[int, str] | None:
+        """The longest available row that is a prefix of ``tokens`` (length, tier), read
+        from the index alone: nothing is loaded and no hit is counted."""
+        tb = encode_tokens(tokens)
+        for n, key in self.catalog.prefix.longest(ns.id, tb, max_len=len(tokens)):
+            row = self.catalog.get(key)
+            if row is not None and (row.available or row.payload is not None):
+                return n, row.tier
+        return None
+
+    def rows_of(self, ns: Namespace) -> list[Row]:
+        """Every row of one namespace (one model identity), newest first."""
+        rows = [r for r in self.catalog.rows.values() if r.ns_id == ns.id]
+        rows.sort(key=lambda r: r.last_used, reverse=True)
+        return rows
+
+    def reset_counters(self) -> None:
+        self.counters.reset()
+
+    def gc(self) -> int:
+        """Drop every row that is not being read or written; returns how many."""
+        dropped = 0
+        for row in list(self.catalog.rows.values()):
+            if row.available and not row.pins and not row.spilling:
+                self.counters.bump("evictions")
+                self._drop(row)
+                dropped += 1
+        return dropped
+
     # ---- pressure ------------------------------------------------------------------------------
 
     def evict_bytes(self, target: int, tiers: Sequence[str]) -> tuple[int, int]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import attrs
 
@@ -64,6 +64,12 @@ class CachePort(Protocol):
     def note_pack(self, seconds: float) -> None:
         """Account time spent packing on a model thread."""
 
+    def peek_longest(self, ns: Namespace, tokens: Sequence[int]) -> tuple[int, str] | None:
+        """The longest cached prefix of ``tokens`` (length, tier), loading nothing."""
+
+    def rows_of(self, ns: Namespace) -> list[Any]:
+        """Every row of one namespace, newest first."""
+
     def note_dropped(self) -> None:
         """Account a save lost before it reached the cache (its pack failed)."""
 
@@ -105,6 +111,12 @@ class NullCache:
 
     def holds(self, key: bytes) -> bool:
         return False
+
+    def peek_longest(self, ns: Namespace, tokens: Sequence[int]) -> tuple[int, str] | None:
+        return None
+
+    def rows_of(self, ns: Namespace) -> list[Any]:
+        return []
 
     def note_pack(self, seconds: float) -> None:
         pass

@@ -14,7 +14,17 @@ from typing import Any
 from ..cache.key import parse_key
 from ..errors import InvalidRequest
 
-__all__ = ["check_prompt_length", "check_token_ids", "parse_parent_key", "prompt_kind"]
+__all__ = [
+    "check_budget",
+    "check_prompt_length",
+    "check_session",
+    "check_token_ids",
+    "parse_parent_key",
+    "prompt_kind",
+]
+
+#: Longest session id accepted (ids are kept in memory for the session's life).
+MAX_SESSION_ID = 256
 
 
 def prompt_kind(prompt: object) -> str:
@@ -80,3 +90,21 @@ def parse_parent_key(parent_key: str | bytes | None) -> bytes | None:
         return parse_key(parent_key)
     except (ValueError, TypeError) as exc:
         raise InvalidRequest("parent_key", str(exc)) from None
+
+
+def check_budget(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequest("thinking_budget_tokens", f"must be an integer >= 1, got {value!r}")
+    return value
+
+
+def check_session(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > MAX_SESSION_ID:
+        raise InvalidRequest(
+            "session_id", f"must be a non-empty string of at most {MAX_SESSION_ID} characters"
+        )
+    return value

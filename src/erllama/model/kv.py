@@ -20,7 +20,7 @@ from typing import Any
 
 import attrs
 
-from ..cache.key import Namespace, common_prefix_tokens, encode_tokens
+from ..cache.key import Namespace, common_prefix_tokens, decode_tokens, encode_tokens
 from ..cache.policy import cold_save_point, passes_gate, wants_continued
 from ..cache.port import CachePort, Restore, SaveReason
 from ..config import CachePolicy
@@ -51,6 +51,8 @@ class KVTrack:
     hit: CacheHit = COLD
     #: Prompt tokens the sequence's live KV already held at admission.
     live_len: int = 0
+    #: The sequence is the request's own session's (its live KV is the session context).
+    session: bool = False
     last_save_at: int = 0
     #: Tokens this request newly saved beyond what it read.
     created: int = 0
@@ -123,6 +125,16 @@ class SequenceKV:
         track.live_len = best[0]
         return best[2]
 
+    def match(self, track: KVTrack, seq: int, *, session: bool = False) -> None:
+        """Set ``track.live_len`` to the prompt prefix ``seq``'s live KV holds (a session's
+        own sequence: any length is worth keeping)."""
+        live = self.live.get(seq)
+        n = 0
+        if live is not None and live[1] == track.fingerprint:
+            n = common_prefix_tokens(live[0], encode_tokens(track.prompt))
+        track.live_len = n
+        track.session = session
+
     def setup(self, track: KVTrack, seq: int, restore: Restore | None) -> Setup:
         """Put the prompt's best known prefix into ``seq``, or clear it.
 
@@ -164,7 +176,9 @@ class SequenceKV:
             exact = known == n_prompt
             backend.seq_rm(handle, seq, known - 1 if exact else known, None)
             track.hit = CacheHit(
-                kind="exact" if exact else "partial", prefix_len=known, source="live"
+                kind="exact" if exact else "partial",
+                prefix_len=known,
+                source="session" if track.session else "live",
             )
             self._post(self.cache.note_live_hit)
         else:
@@ -188,17 +202,37 @@ class SequenceKV:
             len(track.context), track.last_save_at, self.policy
         )
 
-    def save(self, track: KVTrack, seq: int, reason: SaveReason) -> SaveOrder | None:
-        """Pack ``seq`` for a save of ``track.context`` if the policy and the cache want it.
+    def save(
+        self, track: KVTrack, seq: int, reason: SaveReason, *, force: bool = False
+    ) -> SaveOrder | None:
+        """Pack ``seq`` for a save of ``track.context`` if the policy and the cache want it
+        (``force``: whatever the policy's minimum length, as ``prefill_only`` asks).
 
         A row the cache already holds is not packed again (the order then carries only its
         key). A failing pack loses this save only: the KV is untouched, so the model serves
         on; it is logged and counted as dropped.
         """
         tokens = tuple(track.context)
-        if not self.cache.enabled or not passes_gate(len(tokens), reason, self.policy):
+        if not self.cache.enabled or not tokens:
             return None
-        ns = self.namespace(track.fingerprint)
+        if not force and not passes_gate(len(tokens), reason, self.policy):
+            return None
+        order = self._pack(seq, tokens, track.fingerprint, reason)
+        if order is not None:
+            track.last_save_at = len(tokens)
+        return order
+
+    def save_live(self, seq: int, reason: SaveReason) -> SaveOrder | None:
+        """Save the live KV a free or pinned sequence holds (unconditionally)."""
+        live = self.live.get(seq)
+        if live is None or not self.cache.enabled:
+            return None
+        return self._pack(seq, decode_tokens(live[0]), live[1], reason)
+
+    def _pack(
+        self, seq: int, tokens: tuple[int, ...], fingerprint: bytes, reason: SaveReason
+    ) -> SaveOrder | None:
+        ns = self.namespace(fingerprint)
         key = ns.key(tokens)
         payload: bytes | bytearray | None = None
         if not self.cache.holds(key):
@@ -210,12 +244,12 @@ class SequenceKV:
                 self._post(self.cache.note_dropped)
                 return None
             self._post(self.cache.note_pack, time.perf_counter() - t0)
-        track.last_save_at = len(tokens)
         return SaveOrder(ns=ns, tokens=tokens, payload=payload, reason=reason, key=key)
 
-    def release(self, track: KVTrack, seq: int) -> None:
-        """The request on ``seq`` ended: keep its cells for the next prompt, or clear them."""
-        if self.keep_live:
+    def release(self, track: KVTrack, seq: int, *, keep: bool = False) -> None:
+        """The request on ``seq`` ended: keep its cells for the next prompt (always for a
+        session's pinned sequence), or clear them."""
+        if keep or self.keep_live:
             self.live[seq] = (encode_tokens(track.context), track.fingerprint)
         else:
             self.backend.seq_rm(self.handle, seq, 0, None)

@@ -1,17 +1,26 @@
-"""What a request streams: sampled tokens turned into events, on the model thread.
+"""What a request streams: its sampled tokens turned into events, on the model thread.
 
-Text is decoded incrementally (a character split across tokens is held until complete) and
-the end-of-generation token is never streamed (it is still in the KV and in the context).
+Per token: the span tracker (:mod:`.spans`) says whether it is answer text, thinking or part
+of a tool call; answer text goes through the stop strings (:mod:`.stops`); each kind has its
+own incremental UTF-8 decoder, so a character split across tokens is never emitted broken.
+The end-of-generation token is never streamed (it is still in the KV and the context).
+
+The tracker and the stop matcher hold back only what could still become a marker or a stop
+string; what is held when the request ends is released by :meth:`Output.finish`.
 """
 
 from __future__ import annotations
 
 import codecs
-from collections.abc import Callable
+import hashlib
+import hmac
+from collections.abc import Callable, Iterable
 
-from ..events import Event, Token
+from ..events import Event, ThinkingDelta, ThinkingEnd, Token, ToolCallDelta, ToolCallEnd
+from .spans import Markers, Span, SpanTracker
+from .stops import StopMatcher
 
-__all__ = ["Output", "PieceCache"]
+__all__ = ["Output", "PieceCache", "Signer"]
 
 
 class PieceCache:
@@ -35,17 +44,166 @@ class PieceCache:
         return piece
 
 
+class Signer:
+    """Signs thinking text: hex HMAC-SHA256 under the engine's key."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def __call__(self, data: bytes) -> str:
+        return hmac.new(self._key, data, hashlib.sha256).hexdigest()
+
+
+def _decoder() -> Callable[..., str]:
+    return codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+
+
 class Output:
-    """Turns one request's sampled tokens into stream events."""
+    """One request's events (see the module docstring)."""
 
-    __slots__ = ("_decode", "_pieces")
-
-    def __init__(self, pieces: PieceCache) -> None:
+    def __init__(
+        self,
+        pieces: PieceCache,
+        *,
+        stops: Iterable[str] = (),
+        markers: Markers | None = None,
+        thinking: bool = False,
+        thinking_budget: int | None = None,
+        signer: Signer | None = None,
+        start: Span = "text",
+    ) -> None:
         self._pieces = pieces
-        self._decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+        self._text = _decoder()
+        stops = tuple(stops)
+        self._stops = StopMatcher(stops) if stops else None
+        wants_spans = markers is not None and (markers.tools or (thinking and markers.thinking))
+        self._spans = (
+            SpanTracker(markers, thinking=thinking, start=start)
+            if wants_spans and markers is not None
+            else None
+        )
+        self._markers = markers
+        self._think = _decoder()
+        self._think_bytes = bytearray()
+        self._thought = 0
+        self._budget = thinking_budget
+        self._signer = signer
+        self._tool = _decoder()
+        self._tool_parts: list[str] = []
+        self._last_text_id: int | None = None
+        #: The stop string that matched (the request must end now).
+        self.stop_sequence: str | None = None
+        #: Tokens the engine must feed into the sequence before it decodes again: a thinking
+        #: span's end marker, when the budget ran out. Taken by the driver.
+        self.insert: tuple[int, ...] = ()
 
-    def token(self, token: int, eog: bool, out: list[Event]) -> None:
-        """Append the events for one sampled token to ``out``."""
+    @property
+    def greedy(self) -> bool:
+        """Inside a tool call's syntax (not its payload): sample greedily, so the call's
+        bytes are deterministic from a given prefix and replay to the same tokens."""
+        return self._spans is not None and self._spans.span == "tool"
+
+    def token(self, token: int, eog: bool, out: list[Event]) -> bool:
+        """Append the events for one sampled token to ``out``; True when a stop string
+        matched (the request ends here)."""
         if eog:
+            return False
+        piece = self._pieces(token)
+        if self._spans is None:
+            return self._answer(piece, token, out)
+        text = bytearray()
+        thought = False
+        for what, span, data in self._spans.feed(piece):
+            if what == "content" and span == "text":
+                text += data
+            elif what == "content" and span == "think":
+                self._thinking(data, out)
+                thought = True
+            else:
+                self._other(what, span, data, out)
+        if thought:
+            self._count_thought(out)
+        return bool(text) and self._answer(bytes(text), token, out)
+
+    def finish(self, out: list[Event]) -> None:
+        """The request ended: release what is held; close an open span."""
+        if self.stop_sequence is not None:
             return
-        out.append(Token(text=self._decode(self._pieces(token)), token_id=token))
+        if self._spans is not None:
+            for what, span, data in self._spans.close():
+                if what == "content" and span == "text":
+                    self._answer(data, self._last_text_id, out)
+                elif what == "content" and span == "think":
+                    self._thinking(data, out)
+                else:
+                    self._other(what, span, data, out)
+        if self._stops is not None:
+            tail = self._text(self._stops.flush())
+            if tail and self._last_text_id is not None:
+                out.append(Token(text=tail, token_id=self._last_text_id))
+
+    # ---- the three kinds of output -------------------------------------------------------
+
+    def _answer(self, data: bytes, token: int | None, out: list[Event]) -> bool:
+        if token is None:
+            return False
+        self._last_text_id = token
+        stops = self._stops
+        if stops is not None:
+            data = stops.feed(data)
+            if stops.matched is not None:
+                self.stop_sequence = stops.matched
+                out.append(Token(text=self._text(data), token_id=token))
+                return True
+        out.append(Token(text=self._text(data), token_id=token))
+        return False
+
+    def _thinking(self, data: bytes, out: list[Event]) -> None:
+        self._think_bytes += data
+        text = self._think(data)
+        if text:
+            out.append(ThinkingDelta(text=text))
+
+    def _count_thought(self, out: list[Event]) -> None:
+        self._thought += 1
+        spans = self._spans
+        if self._budget is None or self._thought < self._budget or spans is None:
+            return
+        if spans.span != "think":
+            return
+        # Close the span in the model's own context: the driver feeds the end marker, so the
+        # model goes on with an answer instead of thinking on as "answer" text.
+        for what, span, data in spans.force_close_thinking():
+            if what == "content":
+                self._thinking(data, out)
+            else:
+                self._other(what, span, data, out)
+        assert self._markers is not None
+        self.insert = self._markers.think_end_tokens
+
+    def _other(self, what: str, span: Span, data: bytes, out: list[Event]) -> None:
+        """Tool-call content and markers, and spans opening and closing."""
+        if what in ("content", "marker"):
+            if span in ("tool", "payload"):
+                text = self._tool(data)
+                if text:
+                    self._tool_parts.append(text)
+                    out.append(ToolCallDelta(text=text))
+        elif what == "open":
+            if span == "think":
+                self._think_bytes.clear()
+            else:
+                self._tool_parts.clear()
+        elif span == "think":
+            rest = self._think(b"", final=True)
+            if rest:
+                out.append(ThinkingDelta(text=rest))
+            sig = self._signer(bytes(self._think_bytes)) if self._signer is not None else None
+            out.append(ThinkingEnd(signature=sig))
+        else:
+            rest = self._tool(b"", final=True)
+            if rest:
+                self._tool_parts.append(rest)
+                out.append(ToolCallDelta(text=rest))
+            out.append(ToolCallEnd(text="".join(self._tool_parts)))
+            self._tool_parts.clear()

@@ -36,8 +36,13 @@ class RequestSpec:
 
     prompt: tuple[int, ...]
     params: SamplerParams
+    #: None: until end of generation or a full context; 0: prefill only.
     max_tokens: int | None
     parent_key: bytes | None
+    stop: tuple[str, ...] = ()
+    thinking: bool = False
+    thinking_budget: int | None = None
+    session: str | None = None
 
 
 @attrs.define(eq=False)
@@ -49,7 +54,14 @@ class Clock:
     prefill_done: float | None = None
     first_token: float | None = None
 
-    def stats(self, spec: RequestSpec, job: Job, kv: KVTrack, reason: FinishReason) -> Stats:
+    def stats(
+        self,
+        spec: RequestSpec,
+        job: Job,
+        kv: KVTrack,
+        reason: FinishReason,
+        stop_sequence: str | None = None,
+    ) -> Stats:
         now = time.monotonic()
         admitted = self.admitted if self.admitted is not None else now
         prefill_end = self.prefill_done or now
@@ -70,6 +82,9 @@ class Clock:
             generation_s=gen_s,
             tokens_per_s=(n / gen_s) if n and gen_s > 0 else None,
             context_tokens=len(kv.context),
+            seed=spec.params.seed,
+            stop_sequence=stop_sequence,
+            cancelled=reason == "cancelled",
         )
 
 
@@ -84,6 +99,10 @@ class Request:
     output: Output
     #: The backend sampler built at intake (None: greedy), freed when the request ends.
     sampler: object = None
+    #: Every token the model generated for it (not the end-of-generation token), and their
+    #: exact text once it ended (None when it is not valid UTF-8: cut mid-character).
+    generated: list[int] = attrs.Factory(list)
+    reply_text: str | None = None
     clock: Clock = attrs.Factory(Clock)
     channel: Channel = attrs.Factory(Channel)
     scope: anyio.CancelScope = attrs.Factory(anyio.CancelScope)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import attrs
@@ -55,7 +55,7 @@ class Job:
     #: (prefill only: the job ends when its prompt is in the KV).
     max_tokens: int | None
     #: Pins the sequence across requests (see :meth:`Scheduler.pin`).
-    session: Hashable | None = None
+    session: str | None = None
     #: The request this job schedules; opaque here.
     owner: Any = None
     state: JobState = JobState.QUEUED
@@ -68,8 +68,10 @@ class Job:
     #: Tokens now in the sequence's KV (restored + fed + generated).
     n_context: int = 0
     n_generated: int = 0
-    #: The sampler the next decode uses (opaque; None = greedy).
+    #: The sampler the next decode uses (opaque; None = greedy), and whether it should pick
+    #: greedily this time (inside a tool call's syntax).
     sampler: Any = None
+    greedy: bool = False
     cancel_requested: bool = False
     #: How it ended: a finish reason, or the exception that failed it.
     outcome: FinishReason | BaseException | None = None
@@ -136,8 +138,8 @@ class Scheduler:
         self.free: list[int] = list(range(n_seq))[::-1]
         self.admitted: dict[int, Job] = {}
         #: Session id -> its pinned sequence, and the reverse.
-        self.pins: dict[Hashable, int] = {}
-        self.pinned_seq: dict[int, Hashable] = {}
+        self.pins: dict[str, int] = {}
+        self.pinned_seq: dict[int, str] = {}
         self.barrier: Barrier | None = None
         #: Jobs that reached DONE since the driver last took them.
         self.ended: list[Job] = []
@@ -153,7 +155,8 @@ class Scheduler:
         its session already has a job queued or admitted)."""
         if job.session is not None and self._session_busy(job.session):
             raise SessionBusy(self.model_id, job.session)
-        self.check_room()
+        if job.session not in self.pins:  # a pinned session's job needs no free sequence
+            self.check_room()
         self.queue.append(job)
 
     def check_room(self) -> None:
@@ -185,7 +188,7 @@ class Scheduler:
         job.cancel_requested = True
         return False
 
-    def _session_busy(self, session: Hashable) -> bool:
+    def _session_busy(self, session: str) -> bool:
         return any(
             j.session == session for j in (*self.admitted.values(), *self.queue)
             if isinstance(j, Job)
@@ -222,6 +225,7 @@ class Scheduler:
             if self._head_barrier_before(item):
                 break
             self.queue.remove(item)
+            assert item.session is not None
             seq = self.pins[item.session]
             self._take(item, seq)
             taken.append(item)
@@ -271,16 +275,20 @@ class Scheduler:
         job.cursor = list(cursor)
         job.pause_at = pause_at if pause_at is not None and pause_at > n_context else None
 
-    def insert(self, job: Job, tokens: Sequence[int]) -> None:
+    def insert(self, job: Job, tokens: Sequence[int]) -> bool:
         """Feed ``tokens`` into ``job``'s sequence before it decodes again (they are not
-        sampled: a thinking span's end marker, say)."""
+        sampled: a thinking span's end marker, say). False, and nothing fed, when they and
+        one more token would not fit the context."""
+        if job.n_context + len(job.cursor) + len(tokens) + 1 > self.n_ctx:
+            return False
         job.cursor.extend(tokens)
+        return True
 
     def plan(self) -> list[StepOp]:
         """The next step's ops: every decoding job gets one token; feeding jobs share what is
-        left of ``n_batch`` in admission order, each at most ``prefill_chunk`` tokens (so a
-        long prompt never starves decoders or a short prompt behind it) and never past its
-        pause point."""
+        left of ``n_batch``, shortest remaining first, each at most ``prefill_chunk`` tokens
+        (so a long prompt never starves decoders or a short prompt beside it) and never past
+        its pause point."""
         budget = self.n_batch
         ops: list[StepOp] = []
         feeders: list[Job] = []
@@ -290,8 +298,13 @@ class Scheduler:
             if job.cursor:
                 feeders.append(job)
             elif job.max_tokens != 0:
-                ops.append(Decode(seq=seq, sampler=job.sampler))
+                ops.append(Decode(seq=seq, sampler=job.sampler, greedy=job.greedy))
                 budget -= 1
+        # Shortest remaining first: a short prompt that arrives while a long one prefills is
+        # fed whole at once (and samples next step) instead of waiting for the long prompt's
+        # slices to end; the long one takes what is left, and it always gets the rest of the
+        # batch, since feeders are at most n_seq and each takes at most prefill_chunk.
+        feeders.sort(key=lambda j: len(j.cursor))
         for job in feeders:
             if budget <= 0:
                 break
@@ -379,13 +392,16 @@ class Scheduler:
         self.queue.clear()
         return barriers
 
-    def unpin(self, session: Hashable) -> int | None:
-        """Release a session's pinned sequence; returns it, or None when there was none.
-        The caller clears or reuses the sequence's KV."""
-        seq = self.pins.pop(session, None)
-        if seq is not None:
-            del self.pinned_seq[seq]
-            self.free.append(seq)
+    def unpin(self, session: str) -> int | None:
+        """Release an idle session's pinned sequence; returns it, or None when there was
+        none. A session whose job is admitted on it stays pinned (None): the caller ends
+        the session when that job finishes. The caller clears or reuses the sequence's KV."""
+        seq = self.pins.get(session)
+        if seq is None or seq in self.admitted:
+            return None
+        del self.pins[session]
+        del self.pinned_seq[seq]
+        self.free.append(seq)
         return seq
 
     def take_ended(self) -> list[Job]:

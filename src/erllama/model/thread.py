@@ -38,6 +38,8 @@ from .kv import SaveOrder, SequenceKV
 from .output import PieceCache
 from .request import Request
 from .scheduler import Barrier, FinishReason, Job, JobState, Scheduler
+from .sessions import Sessions
+from .spans import Markers, detect_markers
 
 if TYPE_CHECKING:
     from .worker import ModelWorker
@@ -69,6 +71,8 @@ class ModelThread:
         self.adapters: AdapterSet | None = None
         self.pieces: PieceCache | None = None
         self.eog: frozenset[int] = frozenset()
+        self.markers = Markers()
+        self.sessions = Sessions()
         self.stopping = False
         #: Set under the lock when the thread no longer takes calls.
         self.closed = False
@@ -139,6 +143,11 @@ class ModelThread:
                 return
             self.loaded, self.handle = loaded, loaded.handle
             self.eog = loaded.eog_tokens
+            try:
+                self.markers = self._marker_tokens(loaded)
+            except BaseException as exc:
+                self.post(self.w.on_loaded, None, exc)
+                return
             self.post(self.w.on_loaded, loaded, None)
             self.flush()
             self._serve()
@@ -146,6 +155,41 @@ class ModelThread:
             self._fail(exc)
         finally:
             self._teardown()
+
+    def _marker_tokens(self, loaded: LoadedModel) -> Markers:
+        """The model's thinking and tool-call markers: the config's, else the pairs its chat
+        template names. Matched on text; the thinking markers' tokens are kept too (the
+        engine feeds the end marker when a budget runs out, and spots a prompt that opens
+        the span)."""
+        cfg = self.w.config
+        think = (
+            (cfg.thinking_markers.start, cfg.thinking_markers.end) if cfg.thinking_markers else None
+        )
+        tool = cfg.tool_call_markers
+        tool_pair = (tool.start, tool.end) if tool else None
+        if cfg.detect_markers and loaded.chat_template:
+            found_think, found_tool = detect_markers(loaded.chat_template)
+            think = think or found_think
+            tool_pair = tool_pair or found_tool
+
+        def ids(text: str) -> tuple[int, ...]:
+            return tuple(
+                self.backend.tokenize(self.handle, text, add_special=False, parse_special=True)
+            )
+
+        def raw(text: str | None) -> bytes:
+            return text.encode("utf-8") if text else b""
+
+        return Markers(
+            think_start=raw(think[0]) if think else b"",
+            think_end=raw(think[1]) if think else b"",
+            tool_start=raw(tool_pair[0]) if tool_pair else b"",
+            tool_end=raw(tool_pair[1]) if tool_pair else b"",
+            payload_start=raw(tool.payload_start) if tool else b"",
+            payload_end=raw(tool.payload_end) if tool else b"",
+            think_start_tokens=ids(think[0]) if think else (),
+            think_end_tokens=ids(think[1]) if think else (),
+        )
 
     def begin(self, fingerprint: bytes, n_seq: int) -> None:
         """Called on the loop once the model's identity is known: build what the thread
@@ -197,6 +241,9 @@ class ModelThread:
             self.flush()
             if self.stopping and not sched.admitted:
                 self._drop_queue(sched)
+                for session in self.sessions.idle():
+                    self.release_session(session, "shutdown")
+                self.flush()
                 return
             if not (ops or progressed or ran):
                 self.wake.wait()
@@ -241,6 +288,7 @@ class ModelThread:
                 progressed = True
         if self.stopping:
             return progressed
+        self._yield_sessions(sched)
         with self.lock:
             taken = sched.admit(self._choose)
         for item in taken:
@@ -264,6 +312,12 @@ class ModelThread:
         req.clock.admitted = time.monotonic()
         self.w.last_used = req.clock.admitted
         job.sampler = req.sampler
+        if job.session is not None and job.session in self.sessions:
+            # Onto the session's own sequence: its live cells are the session's context.
+            assert self.kv is not None and self.adapters is not None and job.seq is not None
+            req.kv.fingerprint = self.adapters.fingerprint
+            self.kv.match(req.kv, job.seq, session=True)
+            self.sessions.running(job.session)
         if self.w.cache.enabled:
             # The loop reads the best row (file reads off the loop and off this thread),
             # then answers with ``restored``; meanwhile this thread keeps stepping others.
@@ -315,8 +369,22 @@ class ModelThread:
             self.flush()
 
     def _emit(self, req: Request, token: int, eog: bool) -> None:
+        """One sampled token of ``req``: its events, and what it changes for the next step
+        (a stop string matched, a thinking span's end to feed, greedy tool-call syntax)."""
+        if not eog:
+            req.generated.append(token)
         events: list[Event] = []
-        req.output.token(token, eog, events)
+        output = req.output
+        output.token(token, eog, events)
+        job = req.job
+        if output.insert:
+            tokens, output.insert = output.insert, ()
+            assert self.sched is not None
+            self.sched.insert(job, tokens)  # no room left: the request ends by length anyway
+        job.greedy = output.greedy
+        self._push(req, events)
+
+    def _push(self, req: Request, events: list[Event]) -> None:
         if events:
             if req.clock.first_token is None:
                 req.clock.first_token = time.monotonic()
@@ -345,7 +413,8 @@ class ModelThread:
                 continue  # finished as cancelled between steps; the token stays unsent
             if job.seq not in self._early:
                 self._emit(req, s.token, eog)
-            reason = sched.natural_finish(s, is_eog=eog)
+            reason: FinishReason | None = "stop" if req.output.stop_sequence else None
+            reason = reason or sched.natural_finish(s, is_eog=eog)
             if reason is not None:
                 self._finish(sched, job, reason)
             elif self.kv is not None and self.kv.wants_continued(req.kv):
@@ -353,9 +422,11 @@ class ModelThread:
 
     # ---- ending requests -------------------------------------------------------------------
 
-    def _save(self, req: Request, job: Job, reason: SaveReason) -> SaveOrder | None:
+    def _save(
+        self, req: Request, job: Job, reason: SaveReason, *, force: bool = False
+    ) -> SaveOrder | None:
         assert self.kv is not None and job.seq is not None
-        order = self.kv.save(req.kv, job.seq, reason)
+        order = self.kv.save(req.kv, job.seq, reason, force=force)
         if order is not None and reason != "finish" and reason != "shutdown":
             self.post(self.w.save, req, order)
         return order
@@ -365,16 +436,38 @@ class ModelThread:
         sampler freed, then its terminal event (the loop writes the save first, so the
         ``finish_key`` in ``Done`` is already reserved)."""
         req: Request = job.owner
+        events: list[Event] = []
+        req.output.finish(events)
+        self._push(req, events)
+        if req.generated and self.pieces is not None:
+            pieces = self.pieces
+            try:
+                req.reply_text = b"".join(pieces(t) for t in req.generated).decode("utf-8")
+            except UnicodeDecodeError:
+                req.reply_text = None
         order = None
-        if job.state is JobState.RUNNING and req.kv.context:
-            order = self._save(req, job, "shutdown" if self.stopping else "finish")
-        if job.state is JobState.RUNNING:
+        running = job.state is JobState.RUNNING
+        if running and req.kv.context:
+            order = self._save(
+                req,
+                job,
+                "shutdown" if self.stopping else "finish",
+                force=job.max_tokens == 0,  # prefill_only: the caller asked for this row
+            )
+        session = job.session
+        pin = running and session is not None and session not in self.sessions.ending
+        if running:
             assert self.kv is not None and job.seq is not None
-            self.kv.release(req.kv, job.seq)
+            self.kv.release(req.kv, job.seq, keep=pin)
         self._free_sampler(req)
         with self.lock:
-            sched.finish(job, reason)
+            sched.finish(job, reason, pin=pin)
             sched.take_ended()
+        if pin:
+            assert session is not None and job.seq is not None
+            self.sessions.pinned(session, job.seq, len(req.kv.context))
+        elif session is not None:
+            self.sessions.dropped(session)
         self.post(self.w.finished, req, reason, order)
 
     def _fail_request(self, sched: Scheduler, job: Job, error: BaseException) -> None:
@@ -394,6 +487,8 @@ class ModelThread:
         with self.lock:
             sched.fail(job, err)
             sched.take_ended()
+        if job.session is not None:
+            self.sessions.dropped(job.session)
         self.post(self.w.failed, req, err)
 
     def _free_sampler(self, req: Request) -> None:
@@ -410,6 +505,47 @@ class ModelThread:
             self.backend.sampler_free(self.handle, sampler)
         except ErllamaError:
             log.warning("model %s: freeing a sampler failed", self.w.id, exc_info=True)
+
+    # ---- sessions ---------------------------------------------------------------------------
+
+    def release_session(self, session: str, reason: SaveReason = "evict") -> SaveOrder | None:
+        """Unpin an idle session's sequence after saving it (its cells stay live, so the
+        session's next request may still find them). Running: released when it ends."""
+        sched, kv = self.sched, self.kv
+        assert sched is not None and kv is not None
+        seq = sched.pins.get(session)
+        if seq is None:
+            self.sessions.dropped(session)
+            return None
+        if seq in sched.admitted:
+            self.sessions.ending.add(session)
+            return None
+        order = kv.save_live(seq, reason)
+        if order is not None:
+            self.post(self.w.save_order, order)
+        with self.lock:
+            sched.unpin(session)
+        self.sessions.dropped(session)
+        return order
+
+    def _yield_sessions(self, sched: Scheduler) -> None:
+        """A request waits for a sequence and only idle sessions hold the rest: the least
+        recently used session gives its sequence up (saved first, so it comes back warm)."""
+        if sched.free or not sched.pins or sched.barrier is not None:
+            return
+        with self.lock:
+            waiting = next(
+                (j for j in sched.queue if isinstance(j, Job) and j.session not in sched.pins),
+                None,
+            )
+        if waiting is None:
+            return
+        idle = self.sessions.idle()
+        if idle:
+            log.info(
+                "model %s: session %r yields its sequence to a waiting request", self.w.id, idle[0]
+            )
+            self.release_session(idle[0])
 
     def _drop_queue(self, sched: Scheduler) -> None:
         """Stopping: whatever is still queued ends cancelled without running."""

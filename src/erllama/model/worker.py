@@ -23,6 +23,7 @@ import hashlib
 import itertools
 import logging
 import math
+import secrets
 import stat
 import threading
 import time
@@ -36,11 +37,25 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from .._loop import LoopHandoff
 from ..backends.types import LoadedModel
-from ..cache.key import Namespace, kv_layout_hash, quant_byte
+from ..cache.key import (
+    Namespace,
+    common_prefix_tokens,
+    encode_tokens,
+    kv_layout_hash,
+    quant_byte,
+)
 from ..cache.port import CachePort
 from ..config import CachePolicy, ModelConfig
 from ..errors import ConfigError, InvalidRequest, ModelFailed, ModelNotFound, NotSupported
-from ..events import AdapterInfo, CacheHit, Done, FinishReason, ModelInfo, ModelStatus
+from ..events import (
+    AdapterInfo,
+    CachedPrefix,
+    CacheHit,
+    Done,
+    FinishReason,
+    ModelInfo,
+    ModelStatus,
+)
 from ..fingerprint import file_sha256
 from ..plugins import Backend
 from ..sampling import SamplerParams, validate_max_tokens
@@ -48,9 +63,11 @@ from ..stream import Failure, InferStream
 from . import intake
 from .calls import Call
 from .kv import KVTrack, SaveOrder
-from .output import Output
+from .output import Output, Signer
+from .replay import ReplayMemory
 from .request import Request, RequestSpec
 from .scheduler import Barrier, Job, JobState
+from .stops import check_stops
 from .thread import ModelThread
 
 __all__ = ["ModelWorker"]
@@ -70,12 +87,15 @@ class ModelWorker:
         cache: CachePort,
         policy: CachePolicy,
         on_request_done: Callable[[Request], None],
+        signer: Signer | None = None,
     ) -> None:
         self.id = model_id
         self.config = config
         self.backend = backend
         self.cache = cache
         self.policy = config.policy or policy
+        self.signer = signer
+        self.replies = ReplayMemory()
         self._on_request_done = on_request_done
         #: Guards the scheduler (and call states) between the loop and the model thread.
         self.lock = threading.Lock()
@@ -125,6 +145,7 @@ class ModelWorker:
                 self._tg = tg
                 if self.cache.enabled:
                     tg.start_soon(self._dispatch_lookups, tg)
+                tg.start_soon(self._expire_sessions)
                 task_status.started()
                 await self._exited.wait()
                 tg.cancel_scope.cancel()  # lookups still in flight
@@ -253,9 +274,22 @@ class ModelWorker:
             key = self.save(req, order)
             if key is not None:
                 req.kv.finish_key = key.hex()
-        stats = req.clock.stats(req.spec, req.job, req.kv, reason)
-        req.channel.push(Done(finish_reason=reason, stats=stats))
+        if req.reply_text:
+            self.replies.remember(req.reply_text, req.generated)
+        stats = req.clock.stats(req.spec, req.job, req.kv, reason, req.output.stop_sequence)
+        req.channel.push(
+            Done(
+                finish_reason=reason,
+                stats=stats,
+                token_ids=tuple(req.generated),
+                context=tuple(req.kv.context),
+            )
+        )
         self._ended(req)
+
+    def save_order(self, order: SaveOrder) -> None:
+        """A save that belongs to no request (a released session's sequence)."""
+        self._accept(order)
 
     def failed(self, req: Request, error: BaseException) -> None:
         req.channel.push(Failure(error))
@@ -283,6 +317,15 @@ class ModelWorker:
             return 0
         with self.lock:
             return sched.waiting
+
+    @property
+    def load(self) -> int:
+        """Requests queued or admitted."""
+        sched = self.thread.sched
+        if sched is None:
+            return 0
+        with self.lock:
+            return sched.waiting + len(sched.admitted)
 
     @property
     def idle(self) -> bool:
@@ -319,6 +362,7 @@ class ModelWorker:
             loaded_at=self.loaded_at,
             last_used=self.last_used,
             adapters=self.list_adapters(),
+            sessions=self.thread.sessions.info,
             error=str(self.error) if self.error is not None else None,
             metadata=dict(loaded.metadata) if loaded else {},
         )
@@ -385,16 +429,27 @@ class ModelWorker:
         parent_key: str | bytes | None,
         add_special: bool,
         cancel: Callable[[str], None],
+        stop: Any = None,
+        thinking: Any = False,
+        thinking_budget_tokens: Any = None,
+        session_id: Any = None,
+        prefill_only: bool = False,
     ) -> tuple[Request, InferStream]:
         self.check_serving()
         loaded = self.loaded
         sched = self.thread.sched
         assert loaded is not None and sched is not None
         if params.get("seed") is None:
-            params = {**params, "seed": self.config.seed}
+            seed = self.config.seed if self.config.seed is not None else secrets.randbits(32)
+            params = {**params, "seed": seed}
         sp = SamplerParams.build(**params)
-        limit = validate_max_tokens(max_tokens)
+        limit = 0 if prefill_only else validate_max_tokens(max_tokens)
         parent = intake.parse_parent_key(parent_key)
+        stops = check_stops(stop)
+        if not isinstance(thinking, bool):
+            raise InvalidRequest("thinking", f"must be True or False, got {thinking!r}")
+        budget = intake.check_budget(thinking_budget_tokens)
+        session = intake.check_session(session_id)
         intake.prompt_kind(prompt)
         needs_sampler = not sp.is_greedy_default
         if needs_sampler and not self.backend.supports("sampler"):
@@ -407,7 +462,7 @@ class ModelWorker:
         sampler: Any = None
         if tokens is None or needs_sampler:
             text = prompt if isinstance(prompt, str) else None
-            prepared: tuple[list[int] | None, Any] = await self.call(
+            prepared: tuple[list[int] | None, Any] = await self._vocab_call(
                 functools.partial(self._prepare, text, add_special, sp if needs_sampler else None)
             )
             sampler = prepared[1]
@@ -420,13 +475,28 @@ class ModelWorker:
                     if sampler is not None:
                         self._free_sampler_later(sampler)
                     raise
-        spec = RequestSpec(prompt=tuple(tokens), params=sp, max_tokens=limit, parent_key=parent)
+        spec = RequestSpec(
+            prompt=tuple(tokens),
+            params=sp,
+            max_tokens=limit,
+            parent_key=parent,
+            stop=stops,
+            thinking=thinking,
+            thinking_budget=budget,
+            session=session,
+        )
         return self._submit(spec, sampler, cancel)
+
+    async def _vocab_call(self, fn: Callable[[], T]) -> T:
+        """Run a vocabulary-only hook (tokenize, detokenize, chat template, sampler_new) on a
+        worker thread. They read nothing a step writes (llama.cpp's server tokenizes on its
+        HTTP threads the same way), so they never wait for, nor stall, the model thread."""
+        return await anyio.to_thread.run_sync(fn)
 
     def _prepare(
         self, text: str | None, add_special: bool, sp: SamplerParams | None
     ) -> tuple[list[int] | None, Any]:
-        """On the model thread: tokenize the prompt and build its sampler, in one visit."""
+        """Tokenize the prompt and build its sampler (a worker thread)."""
         handle = self.thread.handle
         tokens = None
         if text is not None:
@@ -446,13 +516,29 @@ class ModelWorker:
         sched = self.thread.sched
         assert sched is not None and self.thread.pieces is not None
         ref = f"{self.id}#{next(self._refs)}"
-        job = Job(max_tokens=spec.max_tokens)
+        job = Job(max_tokens=spec.max_tokens, session=spec.session)
+        markers = self.thread.markers
+        # A template that opens the thinking span itself (the prompt ends with its start
+        # marker): the model's first tokens are thinking.
+        starts_thinking = (
+            spec.thinking
+            and markers.thinking
+            and spec.prompt[-len(markers.think_start_tokens) :] == markers.think_start_tokens
+        )
         req = Request(
             ref=ref,
             spec=spec,
             job=job,
             kv=KVTrack(prompt=spec.prompt, parent_key=spec.parent_key),
-            output=Output(self.thread.pieces),
+            output=Output(
+                self.thread.pieces,
+                stops=spec.stop,
+                markers=markers,
+                thinking=spec.thinking,
+                thinking_budget=spec.thinking_budget,
+                signer=self.signer,
+                start="think" if starts_thinking else "text",
+            ),
             sampler=sampler,
         )
         job.owner = req
@@ -542,6 +628,103 @@ class ModelWorker:
 
         return await self.call(pack, finish=store)
 
+    async def save_all(self) -> int:
+        """Save every sequence that holds state now (reason ``evict``): running requests,
+        pinned sessions and the live KV of idle sequences. Returns how many sequences'
+        states the cache now holds."""
+
+        def pack() -> list[tuple[Request | None, SaveOrder]]:
+            sched, kv = self.thread.sched, self.thread.kv
+            assert sched is not None and kv is not None
+            out: list[tuple[Request | None, SaveOrder]] = []
+            for seq in range(sched.n_seq):
+                job = sched.admitted.get(seq)
+                order = None
+                if job is not None:
+                    req: Request = job.owner
+                    if job.state is JobState.RUNNING and req.kv.context:
+                        order = kv.save(req.kv, seq, "evict")
+                        if order is not None:
+                            out.append((req, order))
+                elif seq in kv.live:
+                    order = kv.save_live(seq, "evict")
+                    if order is not None:
+                        out.append((None, order))
+            return out
+
+        def store(orders: list[tuple[Request | None, SaveOrder]]) -> int:
+            saved = 0
+            for req, order in orders:
+                key = self.save(req, order) if req is not None else self._accept(order)
+                saved += key is not None
+            return saved
+
+        return await self.call(pack, finish=store)
+
+    # ---- sessions -------------------------------------------------------------------------------
+
+    async def end_session(self, session_id: str) -> None:
+        """Release a session's sequence (after an evict save). Idempotent; a session whose
+        request is running is released when that request ends."""
+        self.check_serving()
+        session = intake.check_session(session_id)
+        assert session is not None
+
+        def run() -> None:
+            self.thread.release_session(session)
+
+        await self.call(run)
+
+    async def _expire_sessions(self) -> None:
+        ttl = self.config.session_ttl_s
+        while True:
+            await anyio.sleep(min(ttl / 2, 30.0))
+            if not self.thread.sessions.info or self.state != "idle":
+                continue
+
+            def expire() -> None:
+                for session in self.thread.sessions.idle(older_than=ttl):
+                    log.info(
+                        "model %s: session %r idle for %.0f s; released", self.id, session, ttl
+                    )
+                    self.thread.release_session(session)
+
+            with contextlib.suppress(ModelNotFound):
+                await self.call(expire)
+
+    # ---- routing queries (never wait on the thread) ------------------------------------------------
+
+    def cached_prefix(self, tokens: Sequence[int]) -> CachedPrefix:
+        """How many leading tokens of ``tokens`` a request would not have to prefill, and
+        where they would come from: a cache tier, or a sequence's live KV."""
+        adapters, kv = self.thread.adapters, self.thread.kv
+        assert adapters is not None and kv is not None
+        fp = adapters.fingerprint
+        best = CachedPrefix(tokens=0, tier=None)
+        if self.cache.enabled:
+            found = self.cache.peek_longest(self.namespace(fp), tokens)
+            if found is not None:
+                best = CachedPrefix(tokens=found[0], tier=found[1])
+        live = dict(kv.live)  # one C-level copy: the thread may change it meanwhile
+        if live:
+            encoded = encode_tokens(tokens)
+            for held, held_fp in live.values():
+                if held_fp == fp:
+                    n = common_prefix_tokens(held, encoded)
+                    if n > best.tokens:
+                        best = CachedPrefix(tokens=n, tier="live")
+        return best
+
+    def cached_prefixes(self) -> list[CachedPrefix]:
+        """Every cache row of this model (its current adapter set), newest first."""
+        adapters = self.thread.adapters
+        if not self.cache.enabled or adapters is None:
+            return []
+        return [
+            CachedPrefix(tokens=r.n_tokens, tier=r.tier, key=r.key.hex())
+            for r in self.cache.rows_of(self.namespace(adapters.fingerprint))
+        ]
+
     # ---- text utilities -----------------------------------------------------------------------
 
     async def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
@@ -555,13 +738,13 @@ class ModelWorker:
             add_special=add_special,
             parse_special=parse_special,
         )
-        return await self.call(fn)
+        return await self._vocab_call(fn)
 
     async def detokenize(self, tokens: Sequence[int]) -> str:
         self.check_serving()
         assert self.loaded is not None
         ids = intake.check_token_ids(tokens, self.loaded.n_vocab, "tokens")
-        raw: bytes = await self.call(
+        raw: bytes = await self._vocab_call(
             functools.partial(self.backend.detokenize, self.thread.handle, ids)
         )
         return raw.decode("utf-8", errors="replace")
@@ -585,7 +768,7 @@ class ModelWorker:
                 or not isinstance(m.get("content"), str)
             ):
                 raise InvalidRequest(f"messages[{i}]", "needs string 'role' and 'content'")
-        return await self.call(
+        return await self._vocab_call(
             functools.partial(
                 self.backend.apply_chat_template,
                 self.thread.handle,
@@ -593,6 +776,7 @@ class ModelWorker:
                 system,
                 list(tools) if tools is not None else None,
                 add_generation_prompt,
+                self.replies.for_messages(messages),
             )
         )
 

@@ -93,3 +93,13 @@ async def sample(config: PressureConfig) -> PressureSample | tuple[DeviceMemory,
         return parse_output(proc.stdout.decode("utf-8", errors="replace"))
     except ValueError as exc:
         return PressureSample.unavailable(f"unparsable nvidia-smi output: {exc}")
+
+
+async def gpu_memory(timeout_s: float = 10.0) -> list[DeviceMemory]:
+    """Memory of each visible GPU, for ``Engine.vram_info``: empty when nvidia-smi is
+    missing, fails, hangs past ``timeout_s`` or prints nothing usable (never a guess)."""
+    with anyio.move_on_after(timeout_s):
+        found = await sample(PressureConfig(source="nvidia_smi"))
+        if isinstance(found, tuple):
+            return list(found)
+    return []
