@@ -18,6 +18,7 @@ from erllama.fingerprint import clear_memo
 from erllama.testing import BackendConformance
 
 from ..helpers import wait_for
+from .recording import RecordingLlama
 
 pytestmark = pytest.mark.anyio
 
@@ -273,19 +274,29 @@ async def test_bad_input_gets_typed_errors_and_the_engine_keeps_serving(
 
 
 async def test_two_sequences_batch_together_and_match_their_solo_runs(
-    llama_engine: erllama.Engine, smol_config: erllama.ModelConfig
+    no_cache: erllama.EngineConfig, smol_config: erllama.ModelConfig
 ) -> None:
-    mid = await llama_engine.load_model("duo", attrs.evolve(smol_config, n_ctx=2048, n_seq_max=2))
-    assert llama_engine.model_info(mid).n_seq_max == 2
+    # The batched runs and their references share no KV: the batch runs in a fresh engine,
+    # each reference alone on a model (own context) of its own in another fresh engine.
     prompts = ["The capital of France is", "Water boils at"]
+    spy = RecordingLlama()
     together: dict[str, erllama.Completion] = {}
+    async with erllama.open_engine(no_cache, backends=spy.registry()) as engine:
+        mid = await engine.load_model("duo", attrs.evolve(smol_config, backend="spy", n_seq_max=2))
+        assert engine.model_info(mid).n_seq_max == 2
 
-    async def run(p: str) -> None:
-        together[p] = await llama_engine.complete(mid, p, max_tokens=12)
+        async def run(p: str) -> None:
+            together[p] = await engine.complete(mid, p, max_tokens=12)
 
-    async with anyio.create_task_group() as tg:
-        for p in prompts:
-            tg.start_soon(run, p)
-    for p in prompts:
-        solo = await llama_engine.complete(mid, p, max_tokens=12)
-        assert together[p].token_ids == solo.token_ids
+        async with anyio.create_task_group() as tg:
+            for p in prompts:
+                tg.start_soon(run, p)
+    assert spy.most_decoding() == 2  # they really shared steps
+    solo_config = attrs.evolve(smol_config, keep_live_kv=False)
+    async with erllama.open_engine(no_cache) as engine:
+        for i, p in enumerate(prompts):
+            solo_mid = await engine.load_model(f"solo{i}", solo_config)
+            solo = await engine.complete(solo_mid, p, max_tokens=12)
+            assert together[p].cache_hit_kind == solo.cache_hit_kind == "cold"
+            assert together[p].token_ids == solo.token_ids
+            await engine.unload_model(solo_mid)
