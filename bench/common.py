@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,13 +28,14 @@ GIB = 1 << 30
 
 
 def model_config(
-    path: Path, *, threads: int = N_THREADS, live: bool = True, **kw: Any
+    path: Path, *, threads: int = N_THREADS, live: bool = True, n_ctx: int = N_CTX, **kw: Any
 ) -> erllama.ModelConfig:
     """``live=False`` turns off reuse of a sequence's own KV between requests: for cold
-    baselines and for measuring a cache tier (otherwise the live cells would serve it)."""
+    baselines and for measuring a cache tier (otherwise the live cells would serve it).
+    ``n_ctx`` is per sequence."""
     return erllama.ModelConfig(
         model_path=path,
-        n_ctx=N_CTX,
+        n_ctx=n_ctx,
         n_batch=N_BATCH,
         n_threads=threads,
         flash_attn=FLASH_ATTN,
@@ -63,6 +65,33 @@ def cache_config(tier: str | None, scratch: Path | None = None, **kw: Any) -> er
             ram_bytes=0, ram_file_dir=None, disk_dir=scratch, disk_bytes=16 * GIB, **kw
         )
     raise ValueError(tier)
+
+
+def on_own_thread(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    """Run ``fn`` on a fresh thread and return its result (or raise its exception).
+
+    Every peer that computes in this process (the plain loop, ``llama_cpp.Llama``) does so
+    through this. llama.cpp is built with OpenMP here, and libgomp keeps one thread team per
+    thread that ever ran a parallel region; once the teams' threads outnumber the cores, it
+    throttles every team's spin-waits to a few hundred iterations, so each barrier of a
+    decode sleeps and wakes. A peer computing on the main thread would leave its team behind
+    and slow whatever runs next (measured: erllama at ~60% of its own speed). A team dies
+    with its thread, so each system is measured with no other team alive.
+    """
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn(*args, **kw)
+        except BaseException as exc:
+            box["error"] = exc
+
+    t = threading.Thread(target=run, name="bench-peer")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def median(values: Sequence[float]) -> float:

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common import FLASH_ATTN, GIB, N_BATCH, N_CTX
+from common import FLASH_ATTN, GIB, N_BATCH, N_CTX, on_own_thread
 
 
 class LlamaPeer:
@@ -77,7 +77,12 @@ class LlamaPeer:
         return best - 1 if best == len(prompt) else best
 
     def complete(self, prompt: Sequence[int], *, max_tokens: int) -> dict[str, Any]:
-        """Stream one completion; time to first chunk and to the end (cache save included)."""
+        """Stream one completion; time to first chunk and to the end (cache save included).
+        Computed on a thread of its own (see ``common.on_own_thread``)."""
+        result: dict[str, Any] = on_own_thread(self._complete, prompt, max_tokens=max_tokens)
+        return result
+
+    def _complete(self, prompt: Sequence[int], *, max_tokens: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         first = None
         n = 0

@@ -445,6 +445,10 @@ class LlamaModel:
         return results
 
     def _decode(self, rows: Sequence[tuple[int, Sequence[int], bool]]) -> None:
+        # In sequence order: with per-sequence KV, llama.cpp splits a batch whose rows are
+        # out of sequence order into one micro-batch per sequence, one graph run each
+        # (measured: 4 decode rows took 25.6 ms out of order, 19.5 ms in order).
+        rows = sorted(rows, key=lambda r: r[0])
         total = sum(len(toks) for _, toks, _ in rows)
         if total == 0:
             return
