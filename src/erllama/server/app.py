@@ -1,0 +1,107 @@
+"""The ASGI app: Starlette routes over one engine.
+
+The app has no lifespan of its own: whoever serves it opens the engine around the server
+(see run.py) and hands it in, so the engine lives exactly as long as the serving does, and
+an engine failure stops the server the same way on asyncio and trio (docs/server.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ..engine import Engine
+from ..errors import ErllamaError
+from . import admin, anthropic, openai
+from .auth import Gate
+from .config import ServeConfig
+from .errors import ApiError, Dialect, dialect_of, error_response, from_engine, json_response
+from .state import ServerState
+
+__all__ = ["build_app"]
+
+log = logging.getLogger("erllama.server")
+
+Handler = Callable[[Request, ServerState], Awaitable[Response]]
+
+
+def _endpoint(handler: Handler, dialect: Dialect) -> Callable[[Request], Awaitable[Response]]:
+    """A route: the handler with the app's state, every failure rendered in ``dialect``'s
+    error shape. Anything unexpected is logged and is a 500."""
+
+    async def run(request: Request) -> Response:
+        state: ServerState = request.app.state.erllama
+        try:
+            return await handler(request, state)
+        except ApiError as err:
+            return error_response(err, dialect)
+        except ErllamaError as exc:
+            return error_response(from_engine(exc), dialect)
+        except ClientDisconnect:
+            return Response(status_code=499)  # nobody is there to read it
+        except Exception:
+            log.exception("%s %s failed", request.method, request.url.path)
+            return error_response(ApiError(500, "internal", "internal error"), dialect)
+
+    run.__name__ = handler.__name__
+    return run
+
+
+async def health(request: Request, state: ServerState) -> Response:
+    failed = [m.id for m in state.engine.list_models() if m.status == "failed"]
+    return json_response({"status": "degraded" if failed else "ok"})
+
+
+async def metrics(request: Request, state: ServerState) -> Response:
+    body, content_type = state.metrics.exposition(request.headers.get("accept", ""))
+    return Response(body, headers={"content-type": content_type})
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kind = "not_found" if exc.status_code == 404 else "invalid_request"
+    err = ApiError(exc.status_code, kind, str(exc.detail))  # type: ignore[arg-type]
+    return error_response(err, dialect_of(request.url.path))
+
+
+def build_app(engine: Engine, config: ServeConfig | None = None) -> Starlette:
+    """The ASGI app serving ``engine`` (which the caller keeps open while it serves)."""
+    config = config or ServeConfig()
+    state = ServerState.create(engine, config)
+    oa: Dialect = "openai"
+    an: Dialect = "anthropic"
+    routes = [
+        Route("/health", _endpoint(health, oa), methods=["GET"]),
+        Route("/metrics", _endpoint(metrics, oa), methods=["GET"]),
+        Route("/v1/models", _endpoint(openai.list_models, oa), methods=["GET"]),
+        Route("/v1/models/{model_id:path}", _endpoint(openai.get_model, oa), methods=["GET"]),
+        Route("/v1/chat/completions", _endpoint(openai.chat_completions, oa), methods=["POST"]),
+        Route("/v1/completions", _endpoint(openai.completions, oa), methods=["POST"]),
+        Route("/v1/embeddings", _endpoint(openai.embeddings, oa), methods=["POST"]),
+        Route("/v1/messages", _endpoint(anthropic.messages, an), methods=["POST"]),
+        Route("/v1/messages/count_tokens", _endpoint(anthropic.count_tokens, an), methods=["POST"]),
+    ]
+    if config.server.admin:
+        routes += [
+            Route("/admin/models", _endpoint(admin.list_models, oa), methods=["GET"]),
+            Route("/admin/models", _endpoint(admin.load_model, oa), methods=["POST"]),
+            Route(
+                "/admin/models/{model_id:path}",
+                _endpoint(admin.unload_model, oa),
+                methods=["DELETE"],
+            ),
+        ]
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(Gate, state=state)],
+        exception_handlers={HTTPException: _http_error},
+    )
+    app.state.erllama = state
+    return app

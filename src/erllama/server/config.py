@@ -1,0 +1,168 @@
+"""``erllama serve``'s configuration: the engine's settings plus a ``[server]`` table.
+
+One TOML file names everything (see docs/server.md)::
+
+    thinking_signing_key = "change me"     # optional
+
+    [server]
+    host = "127.0.0.1"
+    port = 8000
+    max_tokens = 4096                      # cap on a request's max_tokens
+    models_dir = "/srv/models"             # admin loads may name GGUF files under here
+
+    [cache]                                # erllama.CacheConfig
+    disk_dir = "/var/cache/erllama"
+
+    [models.smol]                          # erllama.ModelConfig, by model id
+    model_path = "/srv/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    n_ctx = 2048
+
+It is read through erllama's one cattrs converter, so an unknown key or a bad value is a
+``ConfigError`` naming every bad key path (``server.port``, ``models.smol.n_ctx``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from ..config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    PressureConfig,
+    _checked,
+    _int_field,
+    _number_field,
+    _Problems,
+    _structure_fields,
+    converter,
+    structure_config,
+)
+from ..errors import ConfigError
+
+__all__ = ["API_KEY_ENV", "ServeConfig", "ServerConfig", "load_serve_config"]
+
+#: The environment variable holding an API key (added to ``server.api_keys``).
+API_KEY_ENV = "ERLLAMA_API_KEY"
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+def _host(value: Any) -> str | None:
+    if isinstance(value, str) and value and not any(c.isspace() for c in value):
+        return None
+    return f"must be a host name or address, got {value!r}"
+
+
+def _port(value: Any) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 65535:
+        return None
+    return f"must be an integer in [0, 65535] (0: any free port), got {value!r}"
+
+
+def _keys(value: Any) -> str | None:
+    for key in value:
+        if not isinstance(key, str) or len(key) < 8 or any(c.isspace() for c in key):
+            return "every key must be a string of at least 8 characters without whitespace"
+    return None
+
+
+def _paths(value: Any) -> tuple[Path, ...]:
+    return tuple(Path(v) for v in value)
+
+
+def _opt_path(value: Any) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def _backends(value: Any) -> str | None:
+    if all(isinstance(v, str) and v for v in value):
+        return None
+    return "must be backend names"
+
+
+@attrs.frozen(kw_only=True)
+class ServerConfig:
+    """The ``[server]`` table: where to listen, who may call, and the limits of a request."""
+
+    host: str = _checked(_host, default="127.0.0.1")
+    port: int = _checked(_port, default=8000)
+    #: Keys a client must send (``Authorization: Bearer KEY`` or ``x-api-key: KEY``) on
+    #: every route but ``/health``; empty: no key needed. ``--api-key`` and the
+    #: ``ERLLAMA_API_KEY`` environment variable add to these.
+    api_keys: tuple[str, ...] = _checked(_keys, default=(), converter=tuple)
+    #: The most tokens one request may generate; also the default when a request names none.
+    max_tokens: int = _int_field(4096, 1)
+    #: The largest request body accepted (413 beyond).
+    max_body_bytes: int = _int_field(4 * MIB, 1024)
+    #: Tool-call ids remembered with the exact reply they came from (least recently used
+    #: dropped first).
+    tool_call_ids: int = _int_field(4096, 0)
+    #: Temperature of a request that names none (both APIs document 1.0).
+    default_temperature: float = _number_field(1.0, 0)
+    #: Serve the admin routes (``/admin/models``); they need the API key when one is set.
+    admin: bool = True
+    #: Admin loads may name a GGUF file under this directory (symbolic links resolved) ...
+    models_dir: Path | None = attrs.field(default=None, converter=_opt_path)
+    #: ... or one of these files, or a file a model in the config was loaded from.
+    model_paths: tuple[Path, ...] = attrs.field(default=(), converter=_paths)
+    #: Backends an admin load may name (``backend`` in its body).
+    admin_backends: tuple[str, ...] = _checked(_backends, default=("llama_cpp",), converter=tuple)
+    #: How long in-flight requests get to finish when the server stops, in seconds.
+    graceful_timeout_s: float = _number_field(5.0, 0)
+
+    def __attrs_post_init__(self) -> None:
+        _Problems(self).raise_any()
+
+
+@attrs.frozen(kw_only=True)
+class ServeConfig:
+    """Everything ``erllama serve`` runs with: the ``[server]`` table and the engine's own
+    keys (``cache``, ``pressure``, ``models``, ``thinking_signing_key``) beside it."""
+
+    server: ServerConfig = attrs.field(factory=ServerConfig)
+    cache: CacheConfig = attrs.field(factory=CacheConfig)
+    pressure: PressureConfig = attrs.field(factory=PressureConfig)
+    models: Mapping[str, ModelConfig] = attrs.field(factory=dict)
+    thinking_signing_key: str | None = None
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            cache=self.cache,
+            pressure=self.pressure,
+            models=dict(self.models),
+            thinking_signing_key=self.thinking_signing_key,
+        )
+
+    def with_server(self, **changes: Any) -> ServeConfig:
+        """A copy with some ``[server]`` values replaced (command-line options)."""
+        return attrs.evolve(self, server=attrs.evolve(self.server, **changes))
+
+
+for _cls in (ServerConfig, ServeConfig):
+    attrs.resolve_types(_cls)
+    converter.register_structure_hook(_cls, _structure_fields)
+
+
+def load_serve_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> ServeConfig:
+    """Read a :class:`ServeConfig` from a TOML file path or a mapping (ConfigError naming
+    every bad key path)."""
+    if isinstance(source, Mapping):
+        return structure_config(source, ServeConfig)
+    path = Path(source)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError([("", f"cannot read {path}: {exc.strerror}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([("", f"{path} is not UTF-8 text: {exc}")]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([("", f"{path} is not valid TOML: {exc}")]) from exc
+    return structure_config(data, ServeConfig)

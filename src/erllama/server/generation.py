@@ -1,0 +1,314 @@
+"""What both APIs share: a chat request in neutral form, started on the engine, and its
+events as API-neutral pieces.
+
+Each API module parses its own wire shape into a :class:`ChatJob`, calls :func:`start`,
+and turns :func:`pieces` (or :func:`collect`) into its own responses. Here the engine's
+events become text, thinking and parsed tool calls with minted ids, and, when a reply held
+calls, its exact text is stored under their ids (see toolcalls.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Literal
+
+import attrs
+from starlette.requests import Request
+
+from ..errors import ErllamaError
+from ..events import Done, ThinkingDelta, ThinkingEnd, Token, ToolCallDelta, ToolCallEnd
+from ..grammar import response_format_grammar
+from ..stream import InferStream
+from .errors import ApiError, from_engine
+from .metrics import Track
+from .sse import unless_disconnected
+from .state import ServerState
+from .toolcalls import check_schema, forced_call_grammar, mint_id, parse_call
+
+__all__ = [
+    "Call",
+    "ChatJob",
+    "End",
+    "Finish",
+    "Piece",
+    "Reply",
+    "Started",
+    "Text",
+    "Thinking",
+    "ThinkingStop",
+    "cancelled_error",
+    "close",
+    "collect",
+    "extension",
+    "pieces",
+    "reply_unless_disconnected",
+    "start",
+    "stream_error",
+]
+
+log = logging.getLogger("erllama.server")
+
+Finish = Literal["stop", "length", "tool_calls", "cancelled"]
+
+
+@attrs.frozen(kw_only=True)
+class ChatJob:
+    """One chat request, whichever API it came through."""
+
+    model: str
+    #: ``{"role", "content"}`` with string content, ready for the chat template.
+    messages: list[dict[str, str]]
+    #: OpenAI-style function specs for the template (None: no tools).
+    tools: list[dict[str, Any]] | None = None
+    #: Each tool's parameters schema, by name.
+    functions: Mapping[str, Mapping[str, Any] | None] = attrs.field(factory=dict)
+    #: ``none`` (calls come back as text), ``auto``, or ``required`` (with ``forced``:
+    #: that function).
+    choice: Literal["none", "auto", "required"] = "auto"
+    forced: str | None = None
+    response_format: Mapping[str, Any] | None = None
+    #: Engine keywords: max_tokens, temperature, top_p, top_k, seed, stop, thinking ...
+    options: dict[str, Any] = attrs.field(factory=dict)
+    #: API parameter names for the engine's (``prompt`` -> ``messages``).
+    renames: Mapping[str, str] = attrs.field(factory=dict)
+
+    @property
+    def parses_calls(self) -> bool:
+        return self.tools is not None and self.choice != "none"
+
+
+@attrs.define(eq=False)
+class Started:
+    job: ChatJob
+    stream: InferStream
+    prompt_tokens: int
+    track: Track
+
+
+@attrs.frozen
+class Text:
+    text: str
+
+
+@attrs.frozen
+class Thinking:
+    text: str
+
+
+@attrs.frozen
+class ThinkingStop:
+    signature: str | None
+
+
+@attrs.frozen
+class Call:
+    id: str
+    name: str
+    arguments: Mapping[str, Any]
+    arguments_json: str
+
+
+@attrs.frozen
+class End:
+    done: Done
+    finish: Finish
+
+
+Piece = Text | Thinking | ThinkingStop | Call | End
+
+
+def _grammar(state: ServerState, job: ChatJob) -> str | None:
+    if job.choice == "required" and job.tools is not None:
+        if job.response_format is not None and job.response_format.get("type") != "text":
+            raise ApiError.bad_param(
+                "tool_choice", "a forced tool call cannot be combined with response_format"
+            )
+        names = [job.forced] if job.forced is not None else list(job.functions)
+        tools = [(n, job.functions.get(n)) for n in names]
+        return forced_call_grammar(state.markers(job.model), tools)
+    rf = job.response_format
+    if rf is not None:
+        spec = rf.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, Mapping) else rf.get("schema")
+        if schema is not None:
+            check_schema(schema, job.renames.get("response_format", "response_format"))
+        return response_format_grammar(rf)
+    return None
+
+
+async def start(state: ServerState, job: ChatJob, track: Track) -> Started:
+    """Render the prompt and queue the request; ApiError (404, 429, 503, 400 naming the
+    parameter) before anything runs."""
+    state.check_model(job.model)
+    engine = state.engine
+    try:
+        grammar = _grammar(state, job)
+        prompt = await engine.apply_chat_template(job.model, job.messages, None, job.tools)
+        stream = await engine.infer(job.model, prompt, grammar=grammar, **job.options)
+    except ErllamaError as exc:
+        raise from_engine(exc, job.renames) from exc
+    return Started(job=job, stream=stream, prompt_tokens=len(prompt), track=track)
+
+
+async def pieces(state: ServerState, started: Started, call_prefix: str) -> AsyncIterator[Piece]:
+    """The request's events as pieces, ending with :class:`End`. Tool calls come whole,
+    when they close. A backend failure raises ApiError (503)."""
+    job, stream, track = started.job, started.stream, started.track
+    raw: list[str] = []  # the reply as generated, for replies the engine cannot give back
+    calls: list[str] = []
+    try:
+        async for ev in stream:
+            if isinstance(ev, Token):
+                raw.append(ev.text)
+                if ev.text:
+                    track.first_token()
+                    yield Text(ev.text)
+            elif isinstance(ev, ThinkingDelta):
+                track.first_token()
+                yield Thinking(ev.text)
+            elif isinstance(ev, ThinkingEnd):
+                yield ThinkingStop(ev.signature)
+            elif isinstance(ev, ToolCallDelta):
+                raw.append(ev.text)
+                track.first_token()
+            elif isinstance(ev, ToolCallEnd):
+                parsed = parse_call(ev.text) if job.parses_calls else None
+                if parsed is None:
+                    yield Text(ev.text)
+                    continue
+                call_id = mint_id(call_prefix)
+                calls.append(call_id)
+                yield Call(call_id, parsed.name, parsed.arguments, parsed.arguments_json)
+            elif isinstance(ev, Done):
+                if calls:
+                    reply = await _reply_text(state, job.model, ev, raw)
+                    state.store.remember(job.model, calls, reply)
+                finish: Finish
+                if ev.finish_reason == "cancelled":
+                    finish = "cancelled"
+                elif calls and ev.finish_reason == "stop":
+                    finish = "tool_calls"
+                else:
+                    finish = ev.finish_reason
+                track.finished(finish, ev.stats)
+                yield End(ev, finish)
+                return
+    except ErllamaError as exc:
+        raise from_engine(exc, job.renames) from exc
+
+
+async def _reply_text(state: ServerState, model: str, done: Done, raw: list[str]) -> str:
+    """The reply exactly as the model generated it: the text of its token ids (thinking,
+    markers and any stop string included), which is what the engine remembers for exact
+    replay. If the model went away meanwhile, the streamed text in order."""
+    try:
+        return await state.engine.detokenize(model, done.token_ids)
+    except ErllamaError:
+        return "".join(raw)
+
+
+@attrs.define
+class Reply:
+    """A whole reply, for non-streaming responses: pieces in order (text merged)."""
+
+    blocks: list[Text | Thinking | Call] = attrs.Factory(list)
+    signature: str | None = None
+    end: End | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(b.text for b in self.blocks if isinstance(b, Text))
+
+    @property
+    def thinking(self) -> str:
+        return "".join(b.text for b in self.blocks if isinstance(b, Thinking))
+
+    @property
+    def calls(self) -> list[Call]:
+        return [b for b in self.blocks if isinstance(b, Call)]
+
+
+async def collect(state: ServerState, started: Started, call_prefix: str) -> Reply:
+    reply = Reply()
+    async for piece in pieces(state, started, call_prefix):
+        if isinstance(piece, End):
+            reply.end = piece
+        elif isinstance(piece, ThinkingStop):
+            reply.signature = piece.signature
+        elif isinstance(piece, Text) and reply.blocks and isinstance(reply.blocks[-1], Text):
+            reply.blocks[-1] = Text(reply.blocks[-1].text + piece.text)
+        elif (
+            isinstance(piece, Thinking) and reply.blocks and isinstance(reply.blocks[-1], Thinking)
+        ):
+            reply.blocks[-1] = Thinking(reply.blocks[-1].text + piece.text)
+        else:
+            reply.blocks.append(piece)
+    return reply
+
+
+def extension(done: Done) -> dict[str, Any]:
+    """erllama's own facts about a finished request (the ``erllama`` response field)."""
+    st = done.stats
+    return {
+        "cache": {
+            "hit_kind": st.cache_hit_kind,
+            "tokens_restored": st.cache_delta.read,
+            "tokens_saved": st.cache_delta.created,
+        },
+        "finish_key": st.finish_key,
+        "seed": st.seed,
+        "stop_sequence": st.stop_sequence,
+        "time_to_first_token_s": st.time_to_first_token_s,
+    }
+
+
+def cancelled_error() -> ApiError:
+    """A request the engine ended before it finished (its model was unloaded, or the
+    server is stopping)."""
+    return ApiError(
+        503,
+        "unavailable",
+        "the request was cancelled: its model was unloaded or the server is stopping",
+        code="cancelled",
+    )
+
+
+async def close(started: Started) -> None:
+    await started.stream.aclose()
+    started.track.end_with(None)
+
+
+async def reply_unless_disconnected(
+    request: Request, state: ServerState, started: Started, call_prefix: str
+) -> Reply | None:
+    """The whole reply, or None when the client went away first (the request is then
+    cancelled in the model). A reply the engine cancelled is a 503."""
+
+    async def work() -> Reply:
+        async with started.stream:
+            return await collect(state, started, call_prefix)
+
+    try:
+        reply = await unless_disconnected(request, work)
+    except BaseException as exc:
+        started.track.end_midway(exc)
+        raise
+    if reply is None:
+        started.track.end("disconnected")
+        return None
+    assert reply.end is not None
+    if reply.end.finish == "cancelled":
+        raise cancelled_error()
+    return reply
+
+
+def stream_error(exc: Exception, started: Started) -> ApiError:
+    """The error event for a failure after the response began (its status is sent)."""
+    started.track.end_midway(exc)
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ErllamaError):
+        return from_engine(exc, started.job.renames)
+    log.exception("request failed while streaming", exc_info=exc)
+    return ApiError(500, "internal", "internal error")

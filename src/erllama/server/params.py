@@ -1,0 +1,104 @@
+"""Request fields both APIs take the same way: sampling, ``max_tokens``, the ``erllama``
+extension object, and tool definitions once parsed."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .body import Fields
+from .errors import ApiError
+from .state import ServerState
+from .toolcalls import NAME_RE, check_schema
+
+__all__ = ["extension_options", "max_tokens", "sampling", "tool_spec"]
+
+
+def max_tokens(
+    body: Fields, state: ServerState, names: Sequence[str], default: int | None
+) -> tuple[int, str]:
+    """The request's token limit (the first of ``names`` given), at most the server's cap;
+    ``default`` (or the cap) when none is given. Returns it with the field's name."""
+    cap = state.config.server.max_tokens
+    for name in names:
+        value = body.integer(name, minimum=1)
+        if value is not None:
+            if value > cap:
+                raise body.bad(name, f"must be <= {cap} (this server's cap), got {value}")
+            return value, name
+    return min(default or cap, cap), names[0]
+
+
+def sampling(body: Fields, state: ServerState) -> dict[str, Any]:
+    """temperature, top_p, seed, and llama.cpp-style extras (top_k, min_p,
+    repetition_penalty) given at the top level, as OpenAI clients' ``extra_body`` sends
+    them. Ranges beyond these types are checked by the engine, which names the field."""
+    out: dict[str, Any] = {}
+    temperature = body.number("temperature", minimum=0, maximum=2)
+    out["temperature"] = (
+        temperature if temperature is not None else state.config.server.default_temperature
+    )
+    for name in ("top_p", "min_p", "repetition_penalty"):
+        value = body.number(name)
+        if value is not None:
+            out[name] = value
+    top_k = body.integer("top_k", minimum=0)
+    if top_k is not None:
+        out["top_k"] = top_k
+    seed = body.integer("seed")
+    if seed is not None:
+        out["seed"] = seed
+    return out
+
+
+def extension_options(body: Fields) -> dict[str, Any]:
+    """The ``erllama`` object: ``session_id`` and ``parent_key``."""
+    ext = body.obj("erllama")
+    if ext is None:
+        return {}
+    out: dict[str, Any] = {}
+    for name in ("session_id", "parent_key"):
+        value = ext.text(name, empty=False)
+        if value is not None:
+            out[name] = value
+    unknown = sorted(set(ext.data) - {"session_id", "parent_key"})
+    if unknown:
+        raise ext.bad(unknown[0], "unknown field (erllama takes session_id, parent_key)")
+    return out
+
+
+#: The engine's names for fields of the ``erllama`` object.
+EXTENSION_RENAMES = {"session_id": "erllama.session_id", "parent_key": "erllama.parent_key"}
+
+
+def tool_spec(
+    f: Fields, name_field: str, description_field: str, params_field: str
+) -> tuple[str, dict[str, Any]]:
+    """One tool as the chat template takes it (OpenAI's function spec), and its name."""
+    name = f.req_text(name_field)
+    if not NAME_RE.fullmatch(name):
+        raise f.bad(name_field, "must be 1 to 128 letters, digits, '_', '-', '.' or ':'")
+    spec: dict[str, Any] = {"name": name}
+    description = f.text(description_field)
+    if description:
+        spec["description"] = description
+    params = f.obj(params_field)
+    if params is not None:
+        kind = params.data.get("type")
+        if kind is not None and kind != "object":
+            raise f.bad(params_field, "must be a JSON schema of type object")
+        check_schema(params.data, f.name(params_field))
+        spec["parameters"] = dict(params.data)
+    return name, {"type": "function", "function": spec}
+
+
+def functions_of(tools: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any] | None]:
+    return {t["function"]["name"]: t["function"].get("parameters") for t in tools}
+
+
+def unique(names: Sequence[str], field: str) -> None:
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            raise ApiError.bad_param(f"{field}[{i}]", f"a second tool named {name!r}")
+        seen.add(name)

@@ -1,0 +1,98 @@
+"""What every route shares: the engine, the config, the tool-call store and the metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import attrs
+
+from .._version import __version__
+from ..config import ModelConfig, ToolCallMarkers
+from ..engine import Engine
+from ..errors import ModelNotFound
+from .config import ServeConfig
+from .errors import RETRY_AFTER_S, ApiError
+from .metrics import Metrics
+from .toolcalls import DEFAULT_MARKERS, ToolCallStore
+
+__all__ = ["ServerState"]
+
+
+@attrs.define(eq=False)
+class ServerState:
+    """One app's shared state. Event loop only."""
+
+    engine: Engine
+    config: ServeConfig
+    metrics: Metrics
+    store: ToolCallStore
+    #: The config each model was loaded with (from the config file or an admin load), for
+    #: its tool-call markers.
+    model_configs: dict[str, ModelConfig] = attrs.Factory(dict)
+    #: Models an admin load is loading now: requests for them get 503 and Retry-After.
+    loading: set[str] = attrs.Factory(set)
+    #: Unix time the server started (the ``created`` of every model it lists).
+    started: int = attrs.Factory(lambda: int(time.time()))
+    fingerprint: str = f"erllama-{__version__}"
+
+    @classmethod
+    def create(cls, engine: Engine, config: ServeConfig) -> ServerState:
+        return cls(
+            engine=engine,
+            config=config,
+            metrics=Metrics(engine),
+            store=ToolCallStore(config.server.tool_call_ids),
+            model_configs=dict(config.models),
+        )
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return self.config.server.api_keys
+
+    def markers(self, model_id: str) -> ToolCallMarkers:
+        config = self.model_configs.get(model_id)
+        if config is not None and config.tool_call_markers is not None:
+            return config.tool_call_markers
+        return DEFAULT_MARKERS
+
+    def check_model(self, model_id: str) -> None:
+        """ApiError unless the model is loaded and serving: 404 unknown, 503 loading or
+        failed."""
+        if model_id in self.loading:
+            raise ApiError(
+                503,
+                "unavailable",
+                f"model {model_id!r} is loading; retry shortly",
+                code="model_loading",
+                retry=RETRY_AFTER_S,
+            )
+        try:
+            info = self.engine.model_info(model_id)
+        except ModelNotFound:
+            raise ApiError(
+                404,
+                "not_found",
+                f"the model {model_id!r} does not exist",
+                param="model",
+                code="model_not_found",
+            ) from None
+        if info.status == "failed":
+            raise ApiError(
+                503,
+                "unavailable",
+                f"model {model_id!r} has failed ({info.error}); an operator must unload "
+                "and reload it",
+                code="model_failed",
+                retryable=False,
+            )
+
+    def model_label(self, model_id: object) -> str:
+        """The ``model`` label of a request's metrics: its model when loaded (so a client
+        cannot grow the label set with made-up names), else ``unknown``."""
+        if isinstance(model_id, str) and any(m.id == model_id for m in self.engine.list_models()):
+            return model_id
+        return "unknown"
+
+    def remember_configs(self, configs: Mapping[str, ModelConfig]) -> None:
+        self.model_configs.update(configs)

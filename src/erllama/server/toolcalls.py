@@ -1,0 +1,220 @@
+"""Tool calls over HTTP: minted ids, the exact replies they came from, parsing, forcing.
+
+An agent sends its history back every turn, the model's tool calls included, as structured
+data (OpenAI ``tool_calls``, Anthropic ``tool_use`` blocks). Re-serialising that data would
+not give back the bytes the model generated, and the cached prefix would stop matching
+there. So the server mints an id for every call and keeps, per id, the exact text of the
+whole reply that held it (:class:`ToolCallStore`); when a later request's assistant message
+names known ids, that text is rendered instead, and the engine splices the reply's own
+token ids back in (see docs/tool-calls.md). Unknown ids (another server, a restart) get
+:func:`fallback_text`: the same Hermes format, deterministic.
+
+A request that must call a tool (``tool_choice`` ``required``, a named function, Anthropic's
+``any``/``tool``) gets a grammar that admits exactly one call in the Hermes format,
+``<tool_call>{"name":"<fn>","arguments":<JSON object>}</tool_call>``, its arguments
+constrained by the function's JSON schema (:func:`forced_call_grammar`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import re
+import secrets
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from ..config import ToolCallMarkers
+from ..errors import InvalidRequest, NotSupported
+
+__all__ = [
+    "DEFAULT_MARKERS",
+    "ParsedCall",
+    "ToolCallStore",
+    "check_schema",
+    "fallback_text",
+    "forced_call_grammar",
+    "mint_id",
+    "parse_call",
+]
+
+#: Hermes-style markers, for models whose config names none.
+DEFAULT_MARKERS = ToolCallMarkers(start="<tool_call>", end="</tool_call>")
+#: Function names both APIs accept.
+NAME_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+#: Limits on a JSON schema turned into a grammar: the converter writes a bounded repetition
+#: out in full (``maxItems: 10**9`` would never finish), and walks every node.
+MAX_SCHEMA_NODES = 4096
+MAX_SCHEMA_DEPTH = 64
+MAX_REPEAT = 512
+_REPEAT_KEYS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties")
+_PATTERN_REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
+
+
+def mint_id(prefix: str) -> str:
+    """A fresh, unguessable tool-call id (``call_...`` for OpenAI, ``toolu_...`` for
+    Anthropic)."""
+    return prefix + secrets.token_urlsafe(18)
+
+
+class ToolCallStore:
+    """Tool-call id -> the exact text of the reply that made it, at most ``entries`` ids,
+    least recently used dropped first. Every call of one reply maps to the same text.
+    Event loop only."""
+
+    def __init__(self, entries: int, longest: int = 256 * 1024) -> None:
+        self._entries = entries
+        self._longest = longest
+        self._replies: OrderedDict[str, tuple[str, str]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._replies)
+
+    def remember(self, model_id: str, ids: Iterable[str], reply: str) -> None:
+        if len(reply) > self._longest:
+            return
+        for call_id in ids:
+            self._replies[call_id] = (model_id, reply)
+            self._replies.move_to_end(call_id)
+        while len(self._replies) > self._entries:
+            self._replies.popitem(last=False)
+
+    def reply_for(self, model_id: str, ids: Sequence[str]) -> str | None:
+        """The reply text when every id is known, for this model, and all came from one
+        reply; else None (render the fallback)."""
+        if not ids:
+            return None
+        found = {self._replies.get(i) for i in ids}
+        if len(found) != 1:
+            return None
+        (entry,) = found
+        if entry is None or entry[0] != model_id:
+            return None
+        for call_id in ids:
+            self._replies.move_to_end(call_id)
+        return entry[1]
+
+
+@attrs.frozen(kw_only=True)
+class ParsedCall:
+    name: str
+    #: The arguments as a JSON object.
+    arguments: Mapping[str, Any]
+
+    @property
+    def arguments_json(self) -> str:
+        return json.dumps(self.arguments, ensure_ascii=False)
+
+
+def parse_call(text: str) -> ParsedCall | None:
+    """The call in one ``ToolCallEnd`` text (markers included): the JSON object between
+    the markers, with ``name`` and ``arguments`` (or ``parameters``). None when it is not
+    one; the server then returns the text as answer text."""
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end < start:
+        return None
+    try:
+        data = json.loads(text[start : end + 1])
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    name = data.get("name")
+    args = data.get("arguments", data.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except (ValueError, RecursionError):
+            return None
+    if not isinstance(name, str) or not name or not isinstance(args, dict):
+        return None
+    return ParsedCall(name=name, arguments=args)
+
+
+def fallback_text(markers: ToolCallMarkers, name: str, arguments: Any) -> str:
+    """How a call whose exact reply is unknown is rendered: the forced grammar's format,
+    compact JSON (``arguments`` given as a JSON string is parsed first when it can be)."""
+    if isinstance(arguments, str):
+        with contextlib.suppress(ValueError, RecursionError):
+            arguments = json.loads(arguments)
+    body = json.dumps(
+        {"name": name, "arguments": arguments}, ensure_ascii=False, separators=(",", ":")
+    )
+    return f"{markers.start}{body}{markers.end}"
+
+
+def check_schema(schema: Any, param: str) -> None:
+    """Refuse a JSON schema the grammar converter would choke on (InvalidRequest naming
+    ``param``): too many nodes, too deep, a repetition bound above ``MAX_REPEAT``, or a
+    ``$ref`` outside the schema (remote schemas are never fetched)."""
+    count = 0
+    stack: list[tuple[Any, int]] = [(schema, 0)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_SCHEMA_NODES:
+            raise InvalidRequest(param, f"has more than {MAX_SCHEMA_NODES} nodes")
+        if depth > MAX_SCHEMA_DEPTH:
+            raise InvalidRequest(param, f"is nested deeper than {MAX_SCHEMA_DEPTH}")
+        if isinstance(node, dict):
+            for key in _REPEAT_KEYS:
+                value = node.get(key)
+                if isinstance(value, int | float) and value > MAX_REPEAT:
+                    raise InvalidRequest(param, f"{key} above {MAX_REPEAT} is not supported")
+            pattern = node.get("pattern")
+            if isinstance(pattern, str):
+                for m in _PATTERN_REPEAT.finditer(pattern):
+                    if any(g and int(g) > MAX_REPEAT for g in m.groups()):
+                        raise InvalidRequest(
+                            param, f"pattern repetitions above {MAX_REPEAT} are not supported"
+                        )
+            ref = node.get("$ref")
+            if ref is not None and not (isinstance(ref, str) and ref.startswith("#/")):
+                raise InvalidRequest(param, "only local $ref ('#/...') is supported")
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+
+
+def _literal(text: str) -> str:
+    # JSON string escapes (\", \\, \n, \uXXXX) are GBNF literal escapes too.
+    return json.dumps(text, ensure_ascii=False)
+
+
+def forced_call_grammar(
+    markers: ToolCallMarkers, tools: Sequence[tuple[str, Mapping[str, Any] | None]]
+) -> str:
+    """GBNF admitting exactly one call of one of ``tools`` (name, parameters schema):
+    ``<start>{"name":"<fn>","arguments":<object>}<end>``. Schemas were checked with
+    :func:`check_schema`; one the converter cannot express raises InvalidRequest."""
+    try:
+        from llama_cpp import llama_grammar
+    except ImportError:
+        raise NotSupported("engine", "tool_choice (install erllama[llama])") from None
+    grammar_module: Any = llama_grammar  # untyped
+    conv = grammar_module.SchemaConverter(
+        prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False
+    )
+    alternatives = []
+    for i, (name, params) in enumerate(tools):
+        schema: Any = copy.deepcopy(dict(params)) if params else {"type": "object"}
+        if schema.get("type") is None and "properties" in schema:
+            schema["type"] = "object"
+        try:
+            # A per-tool url keeps two tools' local $refs apart.
+            schema = conv.resolve_refs(schema, f"tool{i}")
+            args_rule = conv.visit(schema, f"tool{i}-arguments")
+        except Exception as exc:  # the converter asserts on schemas it cannot express
+            raise InvalidRequest(
+                "tools", f"the parameters of {name!r} cannot be turned into a grammar: {exc}"
+            ) from exc
+        head = _literal('{"name":' + json.dumps(name, ensure_ascii=False) + ',"arguments":')
+        alternatives.append(f'{head} {args_rule} "}}"')
+    call = " | ".join(f"( {a} )" for a in alternatives)
+    root = f"root ::= {_literal(markers.start)} ( {call} ) {_literal(markers.end)}"
+    return root + "\n" + str(conv.format_grammar())
