@@ -1,0 +1,198 @@
+"""The server under test: the real Hypercorn server on a free loopback port, in the test's
+own event loop (asyncio and trio), over an engine of stub models.
+
+One server per test module and loop (``anyio_backend`` is module-scoped here), so a module
+pays for one engine; tests that need a model of their own (held by a gate, metered step by
+step, made to fail) load one into it under a fresh id and unload it after.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import attrs
+import httpx
+import pytest
+
+import erllama
+from erllama.backends import stub
+from erllama.backends.stub import StubControl
+from erllama.plugins import BackendRegistry
+from erllama.server import RunningServer, ServeConfig, ServerConfig, open_server
+from erllama.server.state import ServerState
+
+from ..helpers import stub_config, unblock_stubs
+
+KEY = "sk-test-0123456789"
+SIGNING_KEY = "thinking-signing-key"
+TOOL_MARKERS = erllama.ToolCallMarkers(start="<tool_call>", end="</tool_call>")
+THINK_MARKERS = erllama.ThinkingMarkers(start="<think>", end="</think>")
+
+#: What the scripted stub models say, whatever they are asked.
+PLAIN_SCRIPT = "kabo rite sanu mila tove"
+CALL_JSON = '{"name":"get_weather","arguments":{"city":"Paris"}}'
+TOOL_SCRIPT = f"Let me check. <tool_call> {CALL_JSON} </tool_call>"
+THINK_SCRIPT = "<think> kabo rite </think> sanu mila"
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 24}},
+            "required": ["city"],
+        },
+    },
+}
+ANTHROPIC_WEATHER_TOOL = {
+    "name": "get_weather",
+    "description": "Current weather in a city",
+    "input_schema": WEATHER_TOOL["function"]["parameters"],  # type: ignore[index]
+}
+
+
+@pytest.fixture(scope="module", params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def stub_registry() -> BackendRegistry:
+    return erllama.make_backend_registry({"stub": stub}, autoload=False)
+
+
+def stub_models() -> dict[str, erllama.ModelConfig]:
+    return {
+        "plain": stub_config(script=PLAIN_SCRIPT),
+        "tools": attrs.evolve(stub_config(script=TOOL_SCRIPT), tool_call_markers=TOOL_MARKERS),
+        "thinker": attrs.evolve(stub_config(script=THINK_SCRIPT), thinking_markers=THINK_MARKERS),
+        "free": stub_config(eog_every=0),
+    }
+
+
+def serve_config(**server: Any) -> ServeConfig:
+    settings: dict[str, Any] = {
+        "port": 0,
+        "graceful_timeout_s": 0.5,
+        "max_tokens": 256,
+        "max_body_bytes": 64 * 1024,
+        "admin_backends": ("stub",),
+    }
+    settings.update(server)
+    return ServeConfig(
+        server=ServerConfig(**settings),
+        cache=erllama.CacheConfig(enabled=False, ram_file_dir=None),
+        models=stub_models(),
+        thinking_signing_key=SIGNING_KEY,
+    )
+
+
+@attrs.frozen
+class Server:
+    """A running server, and the engine behind it (tests look at the models directly)."""
+
+    running: RunningServer
+    engine: erllama.Engine
+
+    @property
+    def url(self) -> str:
+        return self.running.url
+
+    @property
+    def state(self) -> ServerState:
+        return self.running.state
+
+    def http(self, **kw: Any) -> httpx.AsyncClient:
+        """A raw HTTP client for this server (127.0.0.1 only)."""
+        return httpx.AsyncClient(base_url=self.url, timeout=30, **kw)
+
+
+@asynccontextmanager
+async def running_server(config: ServeConfig, registry: BackendRegistry) -> AsyncIterator[Server]:
+    async with erllama.open_engine(config.engine_config(), backends=registry) as engine:
+        try:
+            async with open_server(engine, config) as running:
+                assert running.url.startswith("http://127.0.0.1:")
+                yield Server(running, engine)
+        finally:
+            unblock_stubs(engine)
+
+
+@pytest.fixture(scope="module")
+async def server(stub_registry: BackendRegistry) -> AsyncIterator[Server]:
+    """The module's server: stub models, no API key."""
+    async with running_server(serve_config(), stub_registry) as srv:
+        yield srv
+
+
+_ids = itertools.count()
+
+
+@asynccontextmanager
+async def own_model(server: Server, **options: Any) -> AsyncIterator[tuple[str, StubControl]]:
+    """A stub model of the test's own in the shared server (options as in stub_config),
+    unloaded after; its control is returned to hold or meter it."""
+    control = options.pop("control", None) or StubControl()
+    markers = options.pop("tool_call_markers", None)
+    config = stub_config(control=control, **options)
+    if markers is not None:
+        config = attrs.evolve(config, tool_call_markers=markers)
+    model_id = f"own-{next(_ids)}"
+    await server.engine.load_model(model_id, config)
+    try:
+        yield model_id, control
+    finally:
+        release_all(control)
+        await server.engine.unload(model_id)
+
+
+def release_all(control: StubControl) -> None:
+    if control.permits is not None:
+        control.permits.release(1_000_000)
+    for gate in (control.gate, control.forward_gate):
+        if gate is not None:
+            gate.set()
+
+
+def gated() -> StubControl:
+    """Every step waits until the test sets ``control.gate``."""
+    return StubControl(gate=threading.Event())
+
+
+def metered() -> StubControl:
+    return StubControl(permits=threading.Semaphore(0))
+
+
+async def wait_for(predicate: Any, within: float = 10.0, what: str = "a condition") -> None:
+    """Poll a fact every few milliseconds, for at most ``within`` seconds."""
+    with anyio.fail_after(within):
+        while not predicate():  # noqa: ASYNC110 - facts set by other threads and tasks
+            await anyio.sleep(0.002)
+
+
+def chat_body(model: str = "plain", content: str = "hello", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
+
+
+def messages_body(model: str = "plain", content: str = "hello", **extra: Any) -> dict[str, Any]:
+    return {
+        "model": model,
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": content}],
+        **extra,
+    }
+
+
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients must reach 127.0.0.1 directly, whatever the environment says."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
