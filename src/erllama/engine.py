@@ -139,7 +139,7 @@ class Engine:
     async def evict(self, model_id: str) -> int:
         """Save every in-flight sequence of the model now (reason ``evict``); returns how many
         rows were saved. Generation continues."""
-        return await self._worker(model_id).evict()
+        return await self._worker(model_id).ops.evict()
 
     def status(self, model_id: str) -> ModelStatus:
         """idle, prefilling, generating, failed (or loading/unloading); never waits."""
@@ -298,7 +298,7 @@ class Engine:
         """Release a session's sequence (after an evict save, so the session comes back
         warm from the cache). Idempotent: an unknown session is ignored; a session whose
         request is still running is released when that request ends."""
-        await self._worker(model_id).end_session(session_id)
+        await self._worker(model_id).ops.end_session(session_id)
 
     def cancel(self, ref: str) -> None:
         """Cancel a request by ``stream.ref``. Idempotent; silent for unknown or finished refs.
@@ -326,10 +326,10 @@ class Engine:
     async def tokenize(
         self, model_id: str, text: str, *, add_special: bool = True, parse_special: bool = False
     ) -> list[int]:
-        return await self._worker(model_id).tokenize(text, add_special, parse_special)
+        return await self._worker(model_id).text.tokenize(text, add_special, parse_special)
 
     async def detokenize(self, model_id: str, tokens: Sequence[int]) -> str:
-        return await self._worker(model_id).detokenize(tokens)
+        return await self._worker(model_id).text.detokenize(tokens)
 
     async def apply_chat_template(
         self,
@@ -342,30 +342,30 @@ class Engine:
     ) -> list[int]:
         """Render ``messages`` with the model's chat template; returns token ids ready for
         :meth:`infer`. NotSupported when the backend has no chat template."""
-        return await self._worker(model_id).apply_chat_template(
+        return await self._worker(model_id).text.apply_chat_template(
             messages, system, tools, add_generation_prompt
         )
 
     async def embed(self, model_id: str, prompt: str | Sequence[int]) -> list[float]:
         """A pooled embedding vector. NotSupported when the backend has none."""
-        return await self._worker(model_id).embed(prompt)
+        return await self._worker(model_id).text.embed(prompt)
 
     # ---- adapters ---------------------------------------------------------------------------
 
     async def load_adapter(self, model_id: str, path: str) -> int:
         """Attach a LoRA adapter at scale 1.0; returns its handle. Waits until no request of
         the model is running; requests queued later use the new adapter set."""
-        return await self._worker(model_id).load_adapter(str(path))
+        return await self._worker(model_id).adapters.load_adapter(str(path))
 
     async def unload_adapter(self, model_id: str, handle: int) -> None:
         """Detach an adapter (idempotent for unknown handles)."""
-        await self._worker(model_id).unload_adapter(handle)
+        await self._worker(model_id).adapters.unload_adapter(handle)
 
     async def set_adapter_scale(self, model_id: str, handle: int, scale: float) -> None:
-        await self._worker(model_id).set_adapter_scale(handle, scale)
+        await self._worker(model_id).adapters.set_adapter_scale(handle, scale)
 
     def list_adapters(self, model_id: str) -> list[AdapterInfo]:
-        return list(self._worker(model_id).list_adapters())
+        return list(self._worker(model_id).adapters.list_adapters())
 
     # ---- routing queries ----------------------------------------------------------------------
 
@@ -381,11 +381,11 @@ class Engine:
             if isinstance(prompt, str)
             else list(prompt)
         )
-        return worker.cached_prefix(tokens)
+        return worker.ops.cached_prefix(tokens)
 
     def list_cached_prefixes(self, model_id: str) -> list[CachedPrefix]:
         """Every cache row of the model under its current adapter set, newest first."""
-        return self._worker(model_id).cached_prefixes()
+        return self._worker(model_id).ops.cached_prefixes()
 
     def queue_depth(self, model_id: str | None = None) -> int:
         """Requests queued or running, on one model or on all of them."""
@@ -422,7 +422,7 @@ class Engine:
         """Save every sequence of the model that holds state (running requests, sessions,
         idle sequences' live KV) with reason ``evict``; returns how many sequences' states
         the cache now holds (a row it held already is not written again)."""
-        return await self._worker(model_id).save_all()
+        return await self._worker(model_id).ops.save_all()
 
     # ---- observability ----------------------------------------------------------------------
 

@@ -19,7 +19,8 @@ from typing import Any
 from ..config import ModelConfig
 from ..sampling import SamplerParams
 from .hookspecs import hookimpl
-from .llama_native import LlamaModel, Sampler
+from .llama_native import LlamaModel
+from .llama_sampling import Sampler
 from .types import ChatMessage, LoadedModel, StepOp, StepResult
 
 

@@ -12,13 +12,11 @@ a decode that asks for logits that do not exist is refused instead of reading ga
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
-import tempfile
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ import llama_cpp as L
 from ..config import ModelConfig
 from ..errors import ConfigError, InvalidRequest
 from ..sampling import SamplerParams
+from .llama_sampling import Sampler, new_sampler
 from .types import Decode, Prefill, Prefilled, Sampled, SeqFailed, StepOp, StepResult
 
 log = logging.getLogger("erllama.llama_cpp")
@@ -76,6 +75,15 @@ def ensure_backend() -> None:
             L.llama_log_set(_log_callback, ctypes.c_void_p(0))
             L.llama_backend_init()
             _initialised = True
+
+
+def _usable_cores() -> int:
+    """Logical cores this process may run on (its affinity mask, as a container limits
+    it), not every core of the host."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _meta(model: Any, key: str) -> str | None:
@@ -141,61 +149,6 @@ def _set_fields(struct: Any, options: Mapping[str, Any]) -> dict[str, Any]:
     return applied
 
 
-_stderr_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _stderr_captured() -> Iterator[Callable[[], str]]:
-    """Capture what native code writes to fd 2 during the block (llama.cpp's grammar parser
-    prints its errors there): the caller puts it in a typed error instead. Process-wide, so
-    held only around one short native call."""
-    with _stderr_lock, tempfile.TemporaryFile() as tmp:
-        saved = os.dup(2)
-        try:
-            os.dup2(tmp.fileno(), 2)
-            text = ""
-
-            def said() -> str:
-                return text
-
-            yield said
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        tmp.seek(0)
-        text = tmp.read().decode("utf-8", errors="replace")
-
-
-class Sampler:
-    """A per-request llama.cpp sampler chain (owned; freed with ``free``).
-
-    A request that draws (temperature > 0) also gets a greedy twin: the same grammar and
-    penalties, then argmax. ``Decode(greedy=True)`` samples with the twin; whichever chain
-    picks, the other accepts the token, so their grammar states and penalty windows never
-    drift apart."""
-
-    def __init__(self, ptr: Any, greedy_ptr: Any = None) -> None:
-        self.ptr = ptr
-        self.greedy_ptr = greedy_ptr
-
-    def sample(self, ctx: Any, row: int, greedy: bool) -> int:
-        if greedy and self.greedy_ptr:
-            tok = int(L.llama_sampler_sample(self.greedy_ptr, ctx, row))
-            L.llama_sampler_accept(self.ptr, tok)
-            return tok
-        tok = int(L.llama_sampler_sample(self.ptr, ctx, row))
-        if self.greedy_ptr:
-            L.llama_sampler_accept(self.greedy_ptr, tok)
-        return tok
-
-    def free(self) -> None:
-        for name in ("ptr", "greedy_ptr"):
-            ptr = getattr(self, name)
-            if ptr:
-                L.llama_sampler_free(ptr)
-                setattr(self, name, None)
-
-
 class LlamaModel:
     """A loaded GGUF and its contexts. Not thread-safe: the engine serialises calls."""
 
@@ -249,9 +202,15 @@ class LlamaModel:
         cparams.n_batch = config.n_batch
         cparams.n_ubatch = config.n_ubatch or min(config.n_batch, 512)
         cparams.n_seq_max = config.n_seq_max
-        threads = config.n_threads or os.cpu_count() or 1
-        cparams.n_threads = threads
-        cparams.n_threads_batch = config.n_threads_batch or threads
+        cores = _usable_cores()
+        # Measured (erllama bench --only threads, 2-core VM): decoding one token is memory
+        # bound, equal on 1 and 2 threads idle, and on a loaded machine all-core decoding
+        # collapsed (38 vs 129 tok/s: llama.cpp's threads meet at a barrier after every op,
+        # and one that loses its core stalls the rest); prefilling is compute bound, 1.8x
+        # faster on both cores idle. So: half the cores to decode, all of them to prefill
+        # (llama-cpp-python's defaults too).
+        cparams.n_threads = config.n_threads or max(1, cores // 2)
+        cparams.n_threads_batch = config.n_threads_batch or config.n_threads or cores
         cparams.type_k = GGML_TYPES[config.type_k]
         cparams.type_v = GGML_TYPES[config.type_v]
         cparams.flash_attn_type = {
@@ -489,47 +448,7 @@ class LlamaModel:
         self.logits_row.update(new_rows)
 
     def sampler_new(self, params: SamplerParams) -> Sampler:
-        sampler = Sampler(self._chain(params, greedy=params.temperature <= 0))
-        try:
-            if params.temperature > 0:
-                sampler.greedy_ptr = self._chain(params, greedy=True)
-        except BaseException:
-            sampler.free()
-            raise
-        return sampler
-
-    def _chain(self, params: SamplerParams, *, greedy: bool) -> Any:
-        """grammar -> repetition penalty -> (greedy: argmax | top-k -> top-p -> min-p ->
-        temperature -> seeded draw)."""
-        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-        try:
-            if params.grammar is not None:
-                with _stderr_captured() as said:
-                    g = L.llama_sampler_init_grammar(self.vocab, params.grammar.encode(), b"root")
-                if not g:
-                    detail = " ".join(said().split()) or "llama.cpp could not parse it"
-                    raise InvalidRequest("grammar", f"GBNF does not parse: {detail}")
-                L.llama_sampler_chain_add(chain, g)
-            if params.repetition_penalty != 1.0:
-                L.llama_sampler_chain_add(
-                    chain, L.llama_sampler_init_penalties(64, params.repetition_penalty, 0.0, 0.0)
-                )
-            if greedy:
-                # top-k/p and min-p never change the most likely token.
-                L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
-                return chain
-            if params.top_k > 0:
-                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(params.top_k))
-            if params.top_p < 1.0:
-                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(params.top_p, 1))
-            if params.min_p > 0.0:
-                L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(params.min_p, 1))
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(params.seed))
-        except BaseException:
-            L.llama_sampler_free(chain)
-            raise
-        return chain
+        return new_sampler(self.vocab, params)
 
     # ---- sequence state -------------------------------------------------------------------
 

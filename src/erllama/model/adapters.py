@@ -9,16 +9,22 @@ replaced whole, never mutated.
 from __future__ import annotations
 
 import itertools
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any
 
+import anyio
 import attrs
 
 from ..cache.key import effective_fingerprint
 from ..errors import InvalidRequest
 from ..events import AdapterInfo
+from ..fingerprint import file_sha256
 from ..plugins import Backend
 
-__all__ = ["AdapterSet"]
+if TYPE_CHECKING:
+    from .worker import ModelWorker
+
+__all__ = ["AdapterCalls", "AdapterSet"]
 
 
 @attrs.define(eq=False)
@@ -88,3 +94,57 @@ class AdapterSet:
             AdapterInfo(handle=a.handle, path=a.path, scale=a.scale, sha256=a.sha256.hex())
             for a in ads
         )
+
+
+class AdapterCalls:
+    """The loop's side of a model's adapters: each change is an exclusive call, queued FIFO
+    with requests and run on the model thread while none is admitted."""
+
+    def __init__(self, worker: ModelWorker) -> None:
+        self.w = worker
+
+    def list_adapters(self) -> tuple[AdapterInfo, ...]:
+        adapters = self.w.thread.adapters
+        return adapters.info if adapters is not None else ()
+
+    async def load_adapter(self, path: str) -> int:
+        self.w.check_serving()
+        self.w.backend.require("adapters")
+        if not isinstance(path, str) or not path:
+            raise InvalidRequest("path", "must be a file path")
+        try:
+            sha = bytes.fromhex(await anyio.to_thread.run_sync(file_sha256, path))
+        except OSError as exc:
+            raise InvalidRequest("path", f"cannot read adapter {path!r}: {exc.strerror}") from exc
+
+        def run() -> int:
+            assert self.w.thread.adapters is not None
+            return self.w.thread.adapters.load(self.w.thread.handle, path, sha)
+
+        return await self.w.call(run, exclusive=True)
+
+    async def unload_adapter(self, handle: int) -> None:
+        self.w.check_serving()
+        self.w.backend.require("adapters")
+
+        def run() -> None:
+            assert self.w.thread.adapters is not None
+            self.w.thread.adapters.unload(self.w.thread.handle, handle)
+
+        await self.w.call(run, exclusive=True)
+
+    async def set_adapter_scale(self, handle: int, scale: float) -> None:
+        self.w.check_serving()
+        self.w.backend.require("adapters")
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, int | float)
+            or not math.isfinite(scale)
+        ):
+            raise InvalidRequest("scale", f"must be a finite number, got {scale!r}")
+
+        def run() -> None:
+            assert self.w.thread.adapters is not None
+            self.w.thread.adapters.set_scale(self.w.thread.handle, handle, float(scale))
+
+        await self.w.call(run, exclusive=True)

@@ -12,12 +12,15 @@ current span. Marker text never leaks into the answer.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Literal
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import attrs
 
-__all__ = ["Markers", "Span", "SpanTracker", "detect_markers"]
+if TYPE_CHECKING:
+    from ..config import ModelConfig
+
+__all__ = ["Markers", "Span", "SpanTracker", "detect_markers", "markers_for"]
 
 Span = Literal["text", "think", "tool", "payload"]
 
@@ -158,3 +161,34 @@ def detect_markers(template: str) -> tuple[tuple[str, str] | None, tuple[str, st
     think = next((p for p in KNOWN_THINKING if p[0] in template and p[1] in template), None)
     tool = next((p for p in KNOWN_TOOL_CALLS if p[0] in template and p[1] in template), None)
     return think, tool
+
+
+def markers_for(
+    config: ModelConfig,
+    chat_template: str | None,
+    tokenize: Callable[[str], Sequence[int]],
+) -> Markers:
+    """A model's thinking and tool-call markers: the config's, else the pairs its chat
+    template names. Matched on text; the thinking markers' tokens are kept too (the engine
+    feeds the end marker when a budget runs out, and spots a prompt that opens the span)."""
+    tm, tc = config.thinking_markers, config.tool_call_markers
+    think = (tm.start, tm.end) if tm else None
+    tool = (tc.start, tc.end) if tc else None
+    if config.detect_markers and chat_template:
+        found_think, found_tool = detect_markers(chat_template)
+        think = think or found_think
+        tool = tool or found_tool
+
+    def raw(text: str | None) -> bytes:
+        return text.encode("utf-8") if text else b""
+
+    return Markers(
+        think_start=raw(think[0]) if think else b"",
+        think_end=raw(think[1]) if think else b"",
+        tool_start=raw(tool[0]) if tool else b"",
+        tool_end=raw(tool[1]) if tool else b"",
+        payload_start=raw(tc.payload_start) if tc else b"",
+        payload_end=raw(tc.payload_end) if tc else b"",
+        think_start_tokens=tuple(tokenize(think[0])) if think else (),
+        think_end_tokens=tuple(tokenize(think[1])) if think else (),
+    )

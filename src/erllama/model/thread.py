@@ -39,7 +39,7 @@ from .output import PieceCache
 from .request import Request
 from .scheduler import Barrier, FinishReason, Job, JobState, Scheduler
 from .sessions import Sessions
-from .spans import Markers, detect_markers
+from .spans import Markers, markers_for
 
 if TYPE_CHECKING:
     from .worker import ModelWorker
@@ -144,7 +144,13 @@ class ModelThread:
             self.loaded, self.handle = loaded, loaded.handle
             self.eog = loaded.eog_tokens
             try:
-                self.markers = self._marker_tokens(loaded)
+                self.markers = markers_for(
+                    self.w.config,
+                    loaded.chat_template,
+                    lambda text: self.backend.tokenize(
+                        self.handle, text, add_special=False, parse_special=True
+                    ),
+                )
             except BaseException as exc:
                 self.post(self.w.on_loaded, None, exc)
                 return
@@ -155,41 +161,6 @@ class ModelThread:
             self._fail(exc)
         finally:
             self._teardown()
-
-    def _marker_tokens(self, loaded: LoadedModel) -> Markers:
-        """The model's thinking and tool-call markers: the config's, else the pairs its chat
-        template names. Matched on text; the thinking markers' tokens are kept too (the
-        engine feeds the end marker when a budget runs out, and spots a prompt that opens
-        the span)."""
-        cfg = self.w.config
-        think = (
-            (cfg.thinking_markers.start, cfg.thinking_markers.end) if cfg.thinking_markers else None
-        )
-        tool = cfg.tool_call_markers
-        tool_pair = (tool.start, tool.end) if tool else None
-        if cfg.detect_markers and loaded.chat_template:
-            found_think, found_tool = detect_markers(loaded.chat_template)
-            think = think or found_think
-            tool_pair = tool_pair or found_tool
-
-        def ids(text: str) -> tuple[int, ...]:
-            return tuple(
-                self.backend.tokenize(self.handle, text, add_special=False, parse_special=True)
-            )
-
-        def raw(text: str | None) -> bytes:
-            return text.encode("utf-8") if text else b""
-
-        return Markers(
-            think_start=raw(think[0]) if think else b"",
-            think_end=raw(think[1]) if think else b"",
-            tool_start=raw(tool_pair[0]) if tool_pair else b"",
-            tool_end=raw(tool_pair[1]) if tool_pair else b"",
-            payload_start=raw(tool.payload_start) if tool else b"",
-            payload_end=raw(tool.payload_end) if tool else b"",
-            think_start_tokens=ids(think[0]) if think else (),
-            think_end_tokens=ids(think[1]) if think else (),
-        )
 
     def begin(self, fingerprint: bytes, n_seq: int) -> None:
         """Called on the loop once the model's identity is known: build what the thread

@@ -22,7 +22,6 @@ import functools
 import hashlib
 import itertools
 import logging
-import math
 import secrets
 import stat
 import threading
@@ -39,8 +38,6 @@ from .._loop import LoopHandoff
 from ..backends.types import LoadedModel
 from ..cache.key import (
     Namespace,
-    common_prefix_tokens,
-    encode_tokens,
     kv_layout_hash,
     quant_byte,
 )
@@ -48,8 +45,6 @@ from ..cache.port import CachePort
 from ..config import CachePolicy, ModelConfig
 from ..errors import ConfigError, InvalidRequest, ModelFailed, ModelNotFound, NotSupported
 from ..events import (
-    AdapterInfo,
-    CachedPrefix,
     CacheHit,
     Done,
     FinishReason,
@@ -61,13 +56,17 @@ from ..plugins import Backend
 from ..sampling import SamplerParams, validate_max_tokens
 from ..stream import Failure, InferStream
 from . import intake
+from .adapters import AdapterCalls
 from .calls import Call
 from .kv import KVTrack, SaveOrder
+from .operations import Operations
 from .output import Output, Signer
 from .replay import ReplayMemory
 from .request import Request, RequestSpec
-from .scheduler import Barrier, Job, JobState
+from .scheduler import Barrier, Job
+from .status import StatusView
 from .stops import check_stops
+from .text import TextCalls
 from .thread import ModelThread
 
 __all__ = ["ModelWorker"]
@@ -96,6 +95,10 @@ class ModelWorker:
         self.policy = config.policy or policy
         self.signer = signer
         self.replies = ReplayMemory()
+        self.view = StatusView(self)
+        self.text = TextCalls(self)
+        self.ops = Operations(self)
+        self.adapters = AdapterCalls(self)
         self._on_request_done = on_request_done
         #: Guards the scheduler (and call states) between the loop and the model thread.
         self.lock = threading.Lock()
@@ -145,7 +148,7 @@ class ModelWorker:
                 self._tg = tg
                 if self.cache.enabled:
                     tg.start_soon(self._dispatch_lookups, tg)
-                tg.start_soon(self._expire_sessions)
+                tg.start_soon(self.ops.expire_sessions)
                 task_status.started()
                 await self._exited.wait()
                 tg.cancel_scope.cancel()  # lookups still in flight
@@ -256,13 +259,13 @@ class ModelWorker:
                 self.cache.release(restore)
 
     def save(self, req: Request, order: SaveOrder) -> bytes | None:
-        key = self._accept(order)
+        key = self.accept(order)
         if key is not None:
             kv = req.kv
             kv.created = max(kv.created, len(order.tokens) - kv.hit.prefix_len)
         return key
 
-    def _accept(self, order: SaveOrder) -> bytes | None:
+    def accept(self, order: SaveOrder) -> bytes | None:
         if order.payload is None:
             return order.key if self.cache.holds(order.key) else None
         return self.cache.save(order.ns, order.tokens, order.payload, order.reason)
@@ -289,7 +292,7 @@ class ModelWorker:
 
     def save_order(self, order: SaveOrder) -> None:
         """A save that belongs to no request (a released session's sequence)."""
-        self._accept(order)
+        self.accept(order)
 
     def failed(self, req: Request, error: BaseException) -> None:
         req.channel.push(Failure(error))
@@ -300,74 +303,28 @@ class ModelWorker:
         req.finished.set()
         self._on_request_done(req)
 
-    # ---- observability (never waits on the thread) -------------------------------------------
+    # ---- views (never wait on the thread) -------------------------------------------------------
 
     @property
     def status(self) -> ModelStatus:
-        sched = self.thread.sched
-        if self.state != "idle" or sched is None:
-            return self.state
-        with self.lock:
-            return sched.phase
+        return self.view.status
 
     @property
     def queue_len(self) -> int:
-        sched = self.thread.sched
-        if sched is None:
-            return 0
-        with self.lock:
-            return sched.waiting
+        return self.view.queue_len
 
     @property
     def load(self) -> int:
-        """Requests queued or admitted."""
-        sched = self.thread.sched
-        if sched is None:
-            return 0
-        with self.lock:
-            return sched.waiting + len(sched.admitted)
+        return self.view.load
 
     @property
     def idle(self) -> bool:
-        """Nothing admitted, queued, or being changed: safe to unload under pressure."""
-        sched = self.thread.sched
-        if sched is None or self.state != "idle":
-            return False
-        with self.lock:
-            return not sched.busy
+        return self.view.idle
 
     def info(self) -> ModelInfo:
-        loaded = self.loaded
-        sched = self.thread.sched
-        adapters = self.thread.adapters
-        with self.lock:
-            running = len(sched.admitted) if sched is not None else 0
-            queued = sched.waiting if sched is not None else 0
-            n_seq = sched.n_seq if sched is not None else self.config.n_seq_max
-        return ModelInfo(
-            id=self.id,
-            backend=self.backend.name,
-            status=self.status,
-            model_path=str(self.config.model_path) if self.config.model_path else None,
-            capabilities=self.backend.capabilities,
-            n_ctx=loaded.n_ctx if loaded else 0,
-            n_seq_max=n_seq,
-            n_vocab=loaded.n_vocab if loaded else 0,
-            queue_len=queued,
-            running=running,
-            fingerprint=self.fingerprint.hex(),
-            effective_fingerprint=(adapters.fingerprint if adapters else self.fingerprint).hex(),
-            quant=self._quant_label(),
-            last_cache_hit=self.last_hit,
-            loaded_at=self.loaded_at,
-            last_used=self.last_used,
-            adapters=self.list_adapters(),
-            sessions=self.thread.sessions.info,
-            error=str(self.error) if self.error is not None else None,
-            metadata=dict(loaded.metadata) if loaded else {},
-        )
+        return self.view.info()
 
-    def _quant_label(self) -> str:
+    def quant_label(self) -> str:
         if self.config.quant is not None:
             return self.config.quant
         return self.loaded.quant if self.loaded else "unknown"
@@ -379,7 +336,7 @@ class ModelWorker:
         if ns is None:
             assert self.loaded is not None
             ns = Namespace(
-                fingerprint, quant_byte(self._quant_label()), kv_layout_hash(self.loaded.kv_layout)
+                fingerprint, quant_byte(self.quant_label()), kv_layout_hash(self.loaded.kv_layout)
             )
             self._namespaces[fingerprint] = ns
         return ns
@@ -462,8 +419,8 @@ class ModelWorker:
         sampler: Any = None
         if tokens is None or needs_sampler:
             text = prompt if isinstance(prompt, str) else None
-            prepared: tuple[list[int] | None, Any] = await self._vocab_call(
-                functools.partial(self._prepare, text, add_special, sp if needs_sampler else None)
+            prepared: tuple[list[int] | None, Any] = await self.vocab_call(
+                functools.partial(self.prepare, text, add_special, sp if needs_sampler else None)
             )
             sampler = prepared[1]
             if tokens is None:
@@ -487,13 +444,13 @@ class ModelWorker:
         )
         return self._submit(spec, sampler, cancel)
 
-    async def _vocab_call(self, fn: Callable[[], T]) -> T:
+    async def vocab_call(self, fn: Callable[[], T]) -> T:
         """Run a vocabulary-only hook (tokenize, detokenize, chat template, sampler_new) on a
         worker thread. They read nothing a step writes (llama.cpp's server tokenizes on its
         HTTP threads the same way), so they never wait for, nor stall, the model thread."""
         return await anyio.to_thread.run_sync(fn)
 
-    def _prepare(
+    def prepare(
         self, text: str | None, add_special: bool, sp: SamplerParams | None
     ) -> tuple[list[int] | None, Any]:
         """Tokenize the prompt and build its sampler (a worker thread)."""
@@ -607,250 +564,6 @@ class ModelWorker:
             reqs = [j.owner for j in (*sched.queue, *sched.admitted.values()) if isinstance(j, Job)]
         for req in reqs:
             self.cancel(req)
-
-    async def evict(self) -> int:
-        """Evict-save every admitted sequence now (between steps); returns rows saved."""
-
-        def pack() -> list[tuple[Request, SaveOrder]]:
-            sched, kv = self.thread.sched, self.thread.kv
-            assert sched is not None and kv is not None
-            out = []
-            for job in list(sched.admitted.values()):
-                req: Request = job.owner
-                if job.state is JobState.RUNNING and req.kv.context and job.seq is not None:
-                    order = kv.save(req.kv, job.seq, "evict")
-                    if order is not None:
-                        out.append((req, order))
-            return out
-
-        def store(orders: list[tuple[Request, SaveOrder]]) -> int:
-            return sum(1 for req, order in orders if self.save(req, order) is not None)
-
-        return await self.call(pack, finish=store)
-
-    async def save_all(self) -> int:
-        """Save every sequence that holds state now (reason ``evict``): running requests,
-        pinned sessions and the live KV of idle sequences. Returns how many sequences'
-        states the cache now holds."""
-
-        def pack() -> list[tuple[Request | None, SaveOrder]]:
-            sched, kv = self.thread.sched, self.thread.kv
-            assert sched is not None and kv is not None
-            out: list[tuple[Request | None, SaveOrder]] = []
-            for seq in range(sched.n_seq):
-                job = sched.admitted.get(seq)
-                order = None
-                if job is not None:
-                    req: Request = job.owner
-                    if job.state is JobState.RUNNING and req.kv.context:
-                        order = kv.save(req.kv, seq, "evict")
-                        if order is not None:
-                            out.append((req, order))
-                elif seq in kv.live:
-                    order = kv.save_live(seq, "evict")
-                    if order is not None:
-                        out.append((None, order))
-            return out
-
-        def store(orders: list[tuple[Request | None, SaveOrder]]) -> int:
-            saved = 0
-            for req, order in orders:
-                key = self.save(req, order) if req is not None else self._accept(order)
-                saved += key is not None
-            return saved
-
-        return await self.call(pack, finish=store)
-
-    # ---- sessions -------------------------------------------------------------------------------
-
-    async def end_session(self, session_id: str) -> None:
-        """Release a session's sequence (after an evict save). Idempotent; a session whose
-        request is running is released when that request ends."""
-        self.check_serving()
-        session = intake.check_session(session_id)
-        assert session is not None
-
-        def run() -> None:
-            self.thread.release_session(session)
-
-        await self.call(run)
-
-    async def _expire_sessions(self) -> None:
-        ttl = self.config.session_ttl_s
-        while True:
-            await anyio.sleep(min(ttl / 2, 30.0))
-            if not self.thread.sessions.info or self.state != "idle":
-                continue
-
-            def expire() -> None:
-                for session in self.thread.sessions.idle(older_than=ttl):
-                    log.info(
-                        "model %s: session %r idle for %.0f s; released", self.id, session, ttl
-                    )
-                    self.thread.release_session(session)
-
-            with contextlib.suppress(ModelNotFound):
-                await self.call(expire)
-
-    # ---- routing queries (never wait on the thread) ------------------------------------------------
-
-    def cached_prefix(self, tokens: Sequence[int]) -> CachedPrefix:
-        """How many leading tokens of ``tokens`` a request would not have to prefill, and
-        where they would come from: a cache tier, or a sequence's live KV."""
-        adapters, kv = self.thread.adapters, self.thread.kv
-        assert adapters is not None and kv is not None
-        fp = adapters.fingerprint
-        best = CachedPrefix(tokens=0, tier=None)
-        if self.cache.enabled:
-            found = self.cache.peek_longest(self.namespace(fp), tokens)
-            if found is not None:
-                best = CachedPrefix(tokens=found[0], tier=found[1])
-        live = dict(kv.live)  # one C-level copy: the thread may change it meanwhile
-        if live:
-            encoded = encode_tokens(tokens)
-            for held, held_fp in live.values():
-                if held_fp == fp:
-                    n = common_prefix_tokens(held, encoded)
-                    if n > best.tokens:
-                        best = CachedPrefix(tokens=n, tier="live")
-        return best
-
-    def cached_prefixes(self) -> list[CachedPrefix]:
-        """Every cache row of this model (its current adapter set), newest first."""
-        adapters = self.thread.adapters
-        if not self.cache.enabled or adapters is None:
-            return []
-        return [
-            CachedPrefix(tokens=r.n_tokens, tier=r.tier, key=r.key.hex())
-            for r in self.cache.rows_of(self.namespace(adapters.fingerprint))
-        ]
-
-    # ---- text utilities -----------------------------------------------------------------------
-
-    async def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
-        self.check_serving()
-        if not isinstance(text, str):
-            raise InvalidRequest("text", "must be a string")
-        fn = functools.partial(
-            self.backend.tokenize,
-            self.thread.handle,
-            text,
-            add_special=add_special,
-            parse_special=parse_special,
-        )
-        return await self._vocab_call(fn)
-
-    async def detokenize(self, tokens: Sequence[int]) -> str:
-        self.check_serving()
-        assert self.loaded is not None
-        ids = intake.check_token_ids(tokens, self.loaded.n_vocab, "tokens")
-        raw: bytes = await self._vocab_call(
-            functools.partial(self.backend.detokenize, self.thread.handle, ids)
-        )
-        return raw.decode("utf-8", errors="replace")
-
-    async def apply_chat_template(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        system: str | None,
-        tools: Sequence[Mapping[str, Any]] | None,
-        add_generation_prompt: bool,
-    ) -> list[int]:
-        self.check_serving()
-        self.backend.require("chat_template")
-        given: object = messages
-        if not isinstance(given, list | tuple):
-            raise InvalidRequest("messages", "must be a list of {'role', 'content'} mappings")
-        for i, m in enumerate(messages):
-            if (
-                not isinstance(m, Mapping)
-                or not isinstance(m.get("role"), str)
-                or not isinstance(m.get("content"), str)
-            ):
-                raise InvalidRequest(f"messages[{i}]", "needs string 'role' and 'content'")
-        return await self._vocab_call(
-            functools.partial(
-                self.backend.apply_chat_template,
-                self.thread.handle,
-                list(messages),
-                system,
-                list(tools) if tools is not None else None,
-                add_generation_prompt,
-                self.replies.for_messages(messages),
-            )
-        )
-
-    async def embed(self, prompt: str | Sequence[int]) -> list[float]:
-        self.check_serving()
-        self.backend.require("embed")
-        if not self.config.embeddings:
-            raise NotSupported(self.backend.name, "embed (ModelConfig.embeddings is off)")
-        assert self.loaded is not None
-        kind = intake.prompt_kind(prompt)
-        n_vocab = self.loaded.n_vocab
-        ids = None
-        if kind == "ids":
-            ids = intake.check_token_ids(prompt, n_vocab, "prompt")  # type: ignore[arg-type]
-            if not ids:
-                raise InvalidRequest("prompt", "is empty")
-
-        def run() -> list[float]:
-            tokens = ids
-            if tokens is None:
-                tokens = self._prepare(prompt, True, None)[0]  # type: ignore[arg-type]
-                if not tokens:
-                    raise InvalidRequest("prompt", "is empty")
-            return self.backend.embed(self.thread.handle, tokens)
-
-        return await self.call(run)
-
-    # ---- adapters -------------------------------------------------------------------------------
-
-    def list_adapters(self) -> tuple[AdapterInfo, ...]:
-        adapters = self.thread.adapters
-        return adapters.info if adapters is not None else ()
-
-    async def load_adapter(self, path: str) -> int:
-        self.check_serving()
-        self.backend.require("adapters")
-        if not isinstance(path, str) or not path:
-            raise InvalidRequest("path", "must be a file path")
-        try:
-            sha = bytes.fromhex(await anyio.to_thread.run_sync(file_sha256, path))
-        except OSError as exc:
-            raise InvalidRequest("path", f"cannot read adapter {path!r}: {exc.strerror}") from exc
-
-        def run() -> int:
-            assert self.thread.adapters is not None
-            return self.thread.adapters.load(self.thread.handle, path, sha)
-
-        return await self.call(run, exclusive=True)
-
-    async def unload_adapter(self, handle: int) -> None:
-        self.check_serving()
-        self.backend.require("adapters")
-
-        def run() -> None:
-            assert self.thread.adapters is not None
-            self.thread.adapters.unload(self.thread.handle, handle)
-
-        await self.call(run, exclusive=True)
-
-    async def set_adapter_scale(self, handle: int, scale: float) -> None:
-        self.check_serving()
-        self.backend.require("adapters")
-        if (
-            isinstance(scale, bool)
-            or not isinstance(scale, int | float)
-            or not math.isfinite(scale)
-        ):
-            raise InvalidRequest("scale", f"must be a finite number, got {scale!r}")
-
-        def run() -> None:
-            assert self.thread.adapters is not None
-            self.thread.adapters.set_scale(self.thread.handle, handle, float(scale))
-
-        await self.call(run, exclusive=True)
 
 
 def _ignore(_: object) -> None:

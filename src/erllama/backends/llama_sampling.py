@@ -1,0 +1,122 @@
+"""llama.cpp sampler chains for requests, and grammar errors carried in the typed error.
+
+Chain order: grammar -> repetition penalty -> top-k -> top-p -> min-p -> temperature ->
+seeded draw, or greedy. A request that draws also gets a greedy twin for tool-call syntax.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import llama_cpp as L
+
+from ..errors import InvalidRequest
+from ..sampling import SamplerParams
+
+__all__ = ["Sampler", "new_sampler"]
+
+
+_stderr_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[Callable[[], str]]:
+    """Capture what native code writes to fd 2 during the block (llama.cpp's grammar parser
+    prints its errors there): the caller puts it in a typed error instead. Process-wide, so
+    held only around one short native call."""
+    with _stderr_lock, tempfile.TemporaryFile() as tmp:
+        saved = os.dup(2)
+        try:
+            os.dup2(tmp.fileno(), 2)
+            text = ""
+
+            def said() -> str:
+                return text
+
+            yield said
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        tmp.seek(0)
+        text = tmp.read().decode("utf-8", errors="replace")
+
+
+class Sampler:
+    """A per-request llama.cpp sampler chain (owned; freed with ``free``).
+
+    A request that draws (temperature > 0) also gets a greedy twin: the same grammar and
+    penalties, then argmax. ``Decode(greedy=True)`` samples with the twin; whichever chain
+    picks, the other accepts the token, so their grammar states and penalty windows never
+    drift apart."""
+
+    def __init__(self, ptr: Any, greedy_ptr: Any = None) -> None:
+        self.ptr = ptr
+        self.greedy_ptr = greedy_ptr
+
+    def sample(self, ctx: Any, row: int, greedy: bool) -> int:
+        if greedy and self.greedy_ptr:
+            tok = int(L.llama_sampler_sample(self.greedy_ptr, ctx, row))
+            L.llama_sampler_accept(self.ptr, tok)
+            return tok
+        tok = int(L.llama_sampler_sample(self.ptr, ctx, row))
+        if self.greedy_ptr:
+            L.llama_sampler_accept(self.greedy_ptr, tok)
+        return tok
+
+    def free(self) -> None:
+        for name in ("ptr", "greedy_ptr"):
+            ptr = getattr(self, name)
+            if ptr:
+                L.llama_sampler_free(ptr)
+                setattr(self, name, None)
+
+
+def new_sampler(vocab: Any, params: SamplerParams) -> Sampler:
+    """A request's sampler chain, and its greedy twin when it draws (temperature > 0)."""
+    sampler = Sampler(_chain(vocab, params, greedy=params.temperature <= 0))
+    try:
+        if params.temperature > 0:
+            sampler.greedy_ptr = _chain(vocab, params, greedy=True)
+    except BaseException:
+        sampler.free()
+        raise
+    return sampler
+
+
+def _chain(vocab: Any, params: SamplerParams, *, greedy: bool) -> Any:
+    """grammar -> repetition penalty -> (greedy: argmax | top-k -> top-p -> min-p ->
+    temperature -> seeded draw)."""
+    chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+    try:
+        if params.grammar is not None:
+            with _stderr_captured() as said:
+                g = L.llama_sampler_init_grammar(vocab, params.grammar.encode(), b"root")
+            if not g:
+                detail = " ".join(said().split()) or "llama.cpp could not parse it"
+                raise InvalidRequest("grammar", f"GBNF does not parse: {detail}")
+            L.llama_sampler_chain_add(chain, g)
+        if params.repetition_penalty != 1.0:
+            L.llama_sampler_chain_add(
+                chain, L.llama_sampler_init_penalties(64, params.repetition_penalty, 0.0, 0.0)
+            )
+        if greedy:
+            # top-k/p and min-p never change the most likely token.
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+            return chain
+        if params.top_k > 0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(params.top_p, 1))
+        if params.min_p > 0.0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(params.min_p, 1))
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(params.seed))
+    except BaseException:
+        L.llama_sampler_free(chain)
+        raise
+    return chain

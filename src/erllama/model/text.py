@@ -1,0 +1,102 @@
+"""Text calls on one model: tokenize, detokenize, the chat template, embeddings.
+
+The first three read only the vocabulary and the template, so they run on worker threads and
+never wait for a step (see ``ModelWorker.vocab_call``); an embedding computes, so it runs on
+the model thread between steps.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..errors import InvalidRequest, NotSupported
+from . import intake
+
+if TYPE_CHECKING:
+    from .worker import ModelWorker
+
+__all__ = ["TextCalls"]
+
+
+class TextCalls:
+    def __init__(self, worker: ModelWorker) -> None:
+        self.w = worker
+
+    async def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        self.w.check_serving()
+        if not isinstance(text, str):
+            raise InvalidRequest("text", "must be a string")
+        fn = functools.partial(
+            self.w.backend.tokenize,
+            self.w.thread.handle,
+            text,
+            add_special=add_special,
+            parse_special=parse_special,
+        )
+        return await self.w.vocab_call(fn)
+
+    async def detokenize(self, tokens: Sequence[int]) -> str:
+        self.w.check_serving()
+        assert self.w.loaded is not None
+        ids = intake.check_token_ids(tokens, self.w.loaded.n_vocab, "tokens")
+        raw: bytes = await self.w.vocab_call(
+            functools.partial(self.w.backend.detokenize, self.w.thread.handle, ids)
+        )
+        return raw.decode("utf-8", errors="replace")
+
+    async def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        system: str | None,
+        tools: Sequence[Mapping[str, Any]] | None,
+        add_generation_prompt: bool,
+    ) -> list[int]:
+        self.w.check_serving()
+        self.w.backend.require("chat_template")
+        given: object = messages
+        if not isinstance(given, list | tuple):
+            raise InvalidRequest("messages", "must be a list of {'role', 'content'} mappings")
+        for i, m in enumerate(messages):
+            if (
+                not isinstance(m, Mapping)
+                or not isinstance(m.get("role"), str)
+                or not isinstance(m.get("content"), str)
+            ):
+                raise InvalidRequest(f"messages[{i}]", "needs string 'role' and 'content'")
+        return await self.w.vocab_call(
+            functools.partial(
+                self.w.backend.apply_chat_template,
+                self.w.thread.handle,
+                list(messages),
+                system,
+                list(tools) if tools is not None else None,
+                add_generation_prompt,
+                self.w.replies.for_messages(messages),
+            )
+        )
+
+    async def embed(self, prompt: str | Sequence[int]) -> list[float]:
+        self.w.check_serving()
+        self.w.backend.require("embed")
+        if not self.w.config.embeddings:
+            raise NotSupported(self.w.backend.name, "embed (ModelConfig.embeddings is off)")
+        assert self.w.loaded is not None
+        kind = intake.prompt_kind(prompt)
+        n_vocab = self.w.loaded.n_vocab
+        ids = None
+        if kind == "ids":
+            ids = intake.check_token_ids(prompt, n_vocab, "prompt")  # type: ignore[arg-type]
+            if not ids:
+                raise InvalidRequest("prompt", "is empty")
+
+        def run() -> list[float]:
+            tokens = ids
+            if tokens is None:
+                tokens = self.w.prepare(prompt, True, None)[0]  # type: ignore[arg-type]
+                if not tokens:
+                    raise InvalidRequest("prompt", "is empty")
+            return self.w.backend.embed(self.w.thread.handle, tokens)
+
+        return await self.w.call(run)
