@@ -506,35 +506,57 @@ async def open_engine(
     if config.pressure.enabled:
         sources = pressure_sources if pressure_sources is not None else make_pressure_registry()
         source = sources.get(config.pressure.source)
-    body_error: Exception | None = None
-    async with anyio.create_task_group() as tg:
-        cache: CachePort = NullCache()
-        kv: KVCache | None = None
-        engine = Engine(config, tg, registry, cache)
-        try:
-            if config.cache.enabled:
-                cache = kv = KVCache(config.cache)
-                await kv.start(tg)
-                engine._cache = cache
-            for model_id, model_config in config.models.items():
-                await engine.load_model(model_id, model_config)
-            engine._pressure = PressureScheduler(
-                config.pressure, source, cache=kv, models=_PressureModels(engine)
-            )
-            if config.pressure.enabled:
-                await tg.start(engine._pressure.run)
-            yield engine
-        except Exception as exc:
-            # Re-raised below, outside the task group, so callers see their own exception
-            # (or a start-up CacheError) rather than an ExceptionGroup.
-            body_error = exc
-        finally:
-            with anyio.move_on_after(SHUTDOWN_TIMEOUT_S, shield=True) as scope:
-                await engine._aclose()
-                if kv is not None:
-                    await kv.close()
-            if scope.cancelled_caught:
-                log.error("engine shutdown timed out after %.0f s", SHUTDOWN_TIMEOUT_S)
-            tg.cancel_scope.cancel()
+    body_error: BaseException | None = None
+    try:
+        async with anyio.create_task_group() as tg:
+            cache: CachePort = NullCache()
+            kv: KVCache | None = None
+            engine = Engine(config, tg, registry, cache)
+            try:
+                if config.cache.enabled:
+                    cache = kv = KVCache(config.cache)
+                    await kv.start(tg)
+                    engine._cache = cache
+                for model_id, model_config in config.models.items():
+                    await engine.load_model(model_id, model_config)
+                engine._pressure = PressureScheduler(
+                    config.pressure, source, cache=kv, models=_PressureModels(engine)
+                )
+                if config.pressure.enabled:
+                    await tg.start(engine._pressure.run)
+                yield engine
+            except anyio.get_cancelled_exc_class():
+                raise  # belongs to the scope that cancelled: it must pass through
+            except BaseException as exc:
+                # Re-raised below, outside the task group, so callers see their own
+                # exception (SystemExit, KeyboardInterrupt, a start-up CacheError ...) rather
+                # than an exception group around it.
+                body_error = exc
+            finally:
+                with anyio.move_on_after(SHUTDOWN_TIMEOUT_S, shield=True) as scope:
+                    await engine._aclose()
+                    if kv is not None:
+                        await kv.close()
+                if scope.cancelled_caught:
+                    log.error("engine shutdown timed out after %.0f s", SHUTDOWN_TIMEOUT_S)
+                tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # Ctrl-C on trio lands in whichever task runs at that moment, an engine task
+        # included: the user gets their KeyboardInterrupt (or SystemExit), not the group.
+        interrupt = _first_interrupt(group)
+        if interrupt is None:
+            raise
+        raise interrupt from None
     if body_error is not None:
         raise body_error
+
+
+def _first_interrupt(group: BaseExceptionGroup) -> BaseException | None:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_interrupt(exc)
+            if found is not None:
+                return found
+        elif isinstance(exc, KeyboardInterrupt | SystemExit):
+            return exc
+    return None
