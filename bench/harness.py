@@ -30,7 +30,7 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 SCHEMA_VERSION = 1
 #: Run order; the names are what ``--only`` takes.
-SCENARIOS = ("cold_warm", "agents", "interleaved", "engine_overhead", "streams", "micro")
+SCENARIOS = ("cold_warm", "agents", "interleaved", "engine_overhead", "streams", "threads", "micro")
 
 
 def _scenario(name: str) -> ModuleType:

@@ -275,6 +275,8 @@ class ModelConfig:
     #: Sequences served at once, batched into one step (1 = one request at a time, the rest
     #: queue).
     n_seq_max: int = _int_field(1, 1)
+    #: Threads that decode (default: half the usable cores) and that prefill (default:
+    #: ``n_threads`` when given, else all usable cores); see docs/loading.md#threads.
     n_threads: int | None = _int_field(None, 1)
     n_threads_batch: int | None = _int_field(None, 1)
     #: Layers offloaded to the GPU; -1 means all.
