@@ -64,3 +64,28 @@ async def test_prompt_problems_are_invalid_requests(engine: erllama.Engine) -> N
         with pytest.raises(erllama.InvalidRequest) as exc:
             await engine.infer(mid, prompt)  # type: ignore[arg-type]
         assert exc.value.param == "prompt"
+
+
+@pytest.mark.parametrize(
+    ("call", "param"),
+    [
+        (lambda e, m: e.infer(m, "bad \ud800 text"), "prompt"),
+        (lambda e, m: e.tokenize(m, "bad \ud800 text"), "text"),
+        (
+            lambda e, m: e.apply_chat_template(m, [{"role": "user", "content": "x \ud800"}]),
+            "messages[0].content",
+        ),
+        (
+            lambda e, m: e.apply_chat_template(m, [{"role": "user", "content": "x"}], "\udfff"),
+            "system",
+        ),
+    ],
+)
+async def test_text_that_is_not_valid_unicode_is_a_bad_request(
+    engine: erllama.Engine, call: object, param: str
+) -> None:
+    mid = await engine.load_model("m", stub_config())
+    with pytest.raises(erllama.InvalidRequest) as exc:
+        await call(engine, mid)  # type: ignore[operator]
+    assert exc.value.param == param
+    assert (await engine.complete(mid, "still serving", max_tokens=2)).token_ids

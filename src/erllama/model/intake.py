@@ -18,6 +18,7 @@ __all__ = [
     "check_budget",
     "check_prompt_length",
     "check_session",
+    "check_text",
     "check_token_ids",
     "parse_parent_key",
     "prompt_kind",
@@ -48,6 +49,18 @@ def prompt_kind(prompt: object) -> str:
     raise InvalidRequest(
         "prompt", f"must be text or a sequence of token ids, not {type(prompt).__name__}"
     )
+
+
+def check_text(text: str, param: str) -> None:
+    """Text that cannot be encoded (a lone surrogate) is the caller's mistake, not the
+    backend's: InvalidRequest naming ``param``. Runs off the loop: it is proportional to
+    the text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(
+            param, f"is not valid text ({exc.reason} at position {exc.start})"
+        ) from None
 
 
 def check_prompt_length(n: int, n_ctx: int) -> None:

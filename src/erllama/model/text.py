@@ -28,14 +28,15 @@ class TextCalls:
         self.w.check_serving()
         if not isinstance(text, str):
             raise InvalidRequest("text", "must be a string")
-        fn = functools.partial(
-            self.w.backend.tokenize,
-            self.w.thread.handle,
-            text,
-            add_special=add_special,
-            parse_special=parse_special,
-        )
-        return await self.w.vocab_call(fn)
+        backend, handle = self.w.backend, self.w.thread.handle
+
+        def run() -> list[int]:
+            intake.check_text(text, "text")
+            return backend.tokenize(
+                handle, text, add_special=add_special, parse_special=parse_special
+            )
+
+        return await self.w.vocab_call(run)
 
     async def detokenize(self, tokens: Sequence[int]) -> str:
         self.w.check_serving()
@@ -65,17 +66,30 @@ class TextCalls:
                 or not isinstance(m.get("content"), str)
             ):
                 raise InvalidRequest(f"messages[{i}]", "needs string 'role' and 'content'")
-        return await self.w.vocab_call(
-            functools.partial(
-                self.w.backend.apply_chat_template,
-                self.w.thread.handle,
+        if system is not None and not isinstance(system, str):
+            raise InvalidRequest("system", "must be a string")
+        if tools is not None and (
+            not isinstance(tools, list | tuple) or not all(isinstance(t, Mapping) for t in tools)
+        ):
+            raise InvalidRequest("tools", "must be a list of tool (function) mappings")
+        backend, handle = self.w.backend, self.w.thread.handle
+        verbatim = self.w.replies.for_messages(messages)
+
+        def run() -> list[int]:
+            for i, m in enumerate(messages):
+                intake.check_text(m["content"], f"messages[{i}].content")
+            if system is not None:
+                intake.check_text(system, "system")
+            return backend.apply_chat_template(
+                handle,
                 list(messages),
                 system,
                 list(tools) if tools is not None else None,
                 add_generation_prompt,
-                self.w.replies.for_messages(messages),
+                verbatim,
             )
-        )
+
+        return await self.w.vocab_call(run)
 
     async def embed(self, prompt: str | Sequence[int]) -> list[float]:
         self.w.check_serving()

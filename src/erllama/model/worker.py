@@ -457,12 +457,7 @@ class ModelWorker:
         handle = self.thread.handle
         tokens = None
         if text is not None:
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise InvalidRequest(
-                    "prompt", f"is not valid text ({exc.reason} at position {exc.start})"
-                ) from None
+            intake.check_text(text, "prompt")
             tokens = self.backend.tokenize(handle, text, add_special=add_special)
         sampler = self.backend.sampler_new(handle, sp) if sp is not None else None
         return tokens, sampler
