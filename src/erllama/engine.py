@@ -15,6 +15,7 @@ from anyio.abc import TaskGroup
 from .cache.counters import CacheCounters
 from .cache.manager import KVCache
 from .cache.port import CachePort, NullCache
+from .cluster.prefixes import BLOCK, PrefixSummary
 from .config import EngineConfig, ModelConfig, load_config, structure_config
 from .errors import ConfigError, InvalidRequest, ModelAlreadyLoaded, ModelNotFound
 from .events import AdapterInfo, CachedPrefix, Completion, ModelInfo, ModelStatus
@@ -386,6 +387,16 @@ class Engine:
     def list_cached_prefixes(self, model_id: str) -> list[CachedPrefix]:
         """Every cache row of the model under its current adapter set, newest first."""
         return self._worker(model_id).ops.cached_prefixes()
+
+    def prefix_summary(
+        self, model_id: str, *, block: int = BLOCK, limit: int = 65_536
+    ) -> PrefixSummary:
+        """Every whole-block token prefix the model holds (cache rows and live KV), as
+        chain hashes with their tier: what a replica reports so that a router can match a
+        prompt's prefix exactly without seeing any tokens (see ``erllama.cluster``)."""
+        if block < 1 or limit < 1:
+            raise InvalidRequest("block" if block < 1 else "limit", "must be >= 1")
+        return self._worker(model_id).ops.prefix_summary(block, limit)
 
     def queue_depth(self, model_id: str | None = None) -> int:
         """Requests queued or running, on one model or on all of them."""

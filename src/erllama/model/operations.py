@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from ..cache.key import common_prefix_tokens, encode_tokens
+from ..cluster.prefixes import PrefixSummary, chain_hashes
 from ..errors import ModelNotFound
 from ..events import CachedPrefix
 from . import intake
@@ -33,6 +34,8 @@ log = logging.getLogger("erllama.model")
 class Operations:
     def __init__(self, worker: ModelWorker) -> None:
         self.w = worker
+        #: Row key -> chain hashes, for prefix summaries.
+        self._chains: dict[bytes, list[int]] = {}
 
     async def evict(self) -> int:
         """Evict-save every admitted sequence now (between steps); returns rows saved."""
@@ -137,6 +140,29 @@ class Operations:
                     if n > best.tokens:
                         best = CachedPrefix(tokens=n, tier="live")
         return best
+
+    def prefix_summary(self, block: int, limit: int) -> PrefixSummary:
+        """What this model holds, as chain hashes of whole blocks (``erllama.cluster``): its
+        cache rows, oldest first, then its sequences' live KV. A row's chain is computed once
+        and remembered by key."""
+        summary = PrefixSummary(block=block, limit=limit)
+        adapters, kv = self.w.thread.adapters, self.w.thread.kv
+        if adapters is None or kv is None:
+            return summary
+        fp = adapters.fingerprint
+        if self.w.cache.enabled:
+            seen: dict[bytes, list[int]] = {}
+            for row in reversed(self.w.cache.rows_of(self.w.namespace(fp))):
+                chain = self._chains.get(row.key)
+                if chain is None:
+                    chain = chain_hashes(row.token_bytes, block)
+                seen[row.key] = chain
+                summary.add_chain(chain, row.tier)
+            self._chains = seen  # forget rows that are gone
+        for held, held_fp in dict(kv.live).values():
+            if held_fp == fp:
+                summary.add(held, "live")
+        return summary
 
     def cached_prefixes(self) -> list[CachedPrefix]:
         """Every cache row of this model (its current adapter set), newest first."""
