@@ -18,6 +18,7 @@ import anyio
 import attrs
 import httpx
 import pytest
+import sniffio
 
 import erllama
 from erllama.backends import stub
@@ -100,9 +101,14 @@ class Server:
 
     running: RunningServer
     engine: erllama.Engine
+    #: The event loop serving it: every test must drive it from that loop.
+    loop: str
 
     @property
     def url(self) -> str:
+        """The base URL; asserts the caller runs on the server's loop (a module-scoped
+        fixture that forgot ``anyio_backend`` would serve trio tests from asyncio)."""
+        assert sniffio.current_async_library() == self.loop, "test and server loops differ"
         return self.running.url
 
     @property
@@ -120,14 +126,16 @@ async def running_server(config: ServeConfig, registry: BackendRegistry) -> Asyn
         try:
             async with open_server(engine, config) as running:
                 assert running.url.startswith("http://127.0.0.1:")
-                yield Server(running, engine)
+                yield Server(running, engine, sniffio.current_async_library())
         finally:
             unblock_stubs(engine)
 
 
 @pytest.fixture(scope="module")
-async def server(stub_registry: BackendRegistry) -> AsyncIterator[Server]:
-    """The module's server: stub models, no API key."""
+async def server(anyio_backend: str, stub_registry: BackendRegistry) -> AsyncIterator[Server]:
+    """The module's server: stub models, no API key. (Every module-scoped async fixture
+    names ``anyio_backend``: one that does not is kept from the asyncio run, and the trio
+    tests would silently run on asyncio.)"""
     async with running_server(serve_config(), stub_registry) as srv:
         yield srv
 

@@ -192,8 +192,10 @@ async def test_models_list_through_the_anthropic_client(server: Server) -> None:
 
 
 async def test_the_sync_client_works_from_a_worker_thread(server: Server) -> None:
+    url = server.url  # read on the loop; the client runs in a worker thread
+
     def run() -> tuple[str, str]:
-        with anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0) as c:
+        with anthropic.Anthropic(base_url=url, api_key=KEY, max_retries=0) as c:
             m = c.messages.create(model="plain", max_tokens=32, messages=user())
             with c.messages.stream(model="plain", max_tokens=32, messages=user()) as s:
                 streamed = "".join(s.text_stream)

@@ -170,7 +170,7 @@ async def test_an_oversize_body_is_a_413_in_each_shape(server: Server, chunked: 
 
 
 @pytest.fixture(scope="module")
-async def keyed(stub_registry: BackendRegistry) -> AsyncIterator[Server]:
+async def keyed(anyio_backend: str, stub_registry: BackendRegistry) -> AsyncIterator[Server]:
     async with running_server(serve_config(api_keys=(KEY,)), stub_registry) as srv:
         yield srv
 
@@ -313,13 +313,15 @@ PATHS = [
 
 
 async def test_bad_input_never_gives_a_500(server: Server) -> None:
+    url = server.url  # read on the loop; hypothesis runs in a worker thread
+
     @settings(
         max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None
     )
     @given(body=bodies(), path=st.sampled_from(PATHS))
     def check(body: dict[str, Any], path: str) -> None:
         raw = json.dumps(body, allow_nan=True)  # NaN and Infinity too: Python's json reads them
-        with httpx.Client(base_url=server.url, timeout=30) as h:
+        with httpx.Client(base_url=url, timeout=30) as h:
             r = h.post(path, content=raw)
         assert r.status_code < 500 or r.status_code == 503, (path, raw, r.text)
         assert r.headers["content-type"].startswith(("application/json", "text/event-stream"))

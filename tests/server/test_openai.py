@@ -21,8 +21,8 @@ def client(server: Server) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
 
 
-def sync_client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+def sync_client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=30)
 
 
 def user(text: str = "hello") -> list[Any]:
@@ -102,8 +102,10 @@ async def test_a_streamed_chat_completion_with_usage(server: Server) -> None:
 
 
 async def test_the_sync_client_works_from_a_worker_thread(server: Server) -> None:
+    url = server.url  # read on the loop; the client runs in a worker thread
+
     def run() -> tuple[str, str]:
-        with sync_client(server) as c:
+        with sync_client(url) as c:
             r = c.chat.completions.create(model="plain", messages=user(), max_tokens=32)
             stream = c.chat.completions.create(
                 model="plain", messages=user(), max_tokens=32, stream=True

@@ -1,0 +1,148 @@
+"""A client that goes away cancels its request inside the model within one step; the model
+is idle after and serves the next request.
+
+The stub model is metered: each step needs a permit the test hands out, so "within one
+step" is counted, not timed."""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import httpx
+import pytest
+
+from erllama.backends.stub import StubControl
+from erllama.plugins import BackendRegistry
+
+from ..helpers import stub_config
+from .conftest import (
+    Server,
+    chat_body,
+    messages_body,
+    metered,
+    own_model,
+    release_all,
+    running_server,
+    serve_config,
+    wait_for,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def in_flight(server: Server, api: str) -> float:
+    return server.state.metrics.in_flight.labels(api)._value.get()
+
+
+def outcomes(server: Server, api: str, model: str, outcome: str) -> float:
+    return server.state.metrics.requests.labels(api, model, outcome)._value.get()
+
+
+async def steps_until_idle(server: Server, model: str, control: StubControl) -> int:
+    """Hand out permits one at a time until the model is idle; how many it took."""
+    assert control.permits is not None
+
+    def idle() -> bool:
+        return server.engine.status(model) == "idle"
+
+    for given in range(5):
+        if idle():
+            return given
+        control.permits.release(1)
+        # Then the model either goes idle or parks at its next step.
+        await wait_for(lambda: idle() or (control.waiting == 1 and control.permits._value == 0))  # type: ignore[union-attr]
+    return 99
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", chat_body("", stream=True, max_tokens=200)),
+    ("/v1/messages", messages_body("", stream=True, max_tokens=200)),
+])  # fmt: skip
+async def test_a_stream_the_client_leaves_is_cancelled_within_one_step(
+    server: Server, path: str, body: dict[str, object]
+) -> None:
+    api = "anthropic" if path == "/v1/messages" else "openai"
+    async with own_model(server, control=metered()) as (mid, control):
+        before = outcomes(server, api, mid, "disconnected")
+        assert control.permits is not None
+        control.permits.release(3)  # prefill and two tokens; the model then waits
+        async with server.http() as h, h.stream("POST", path, json={**body, "model": mid}) as r:
+            assert r.status_code == 200
+            data_lines = 0
+            async for line in r.aiter_lines():
+                data_lines += line.startswith("data:")
+                if data_lines == 3:  # some tokens arrived
+                    break
+        # Leaving the block closed the connection mid-stream.
+        await wait_for(lambda: control.waiting == 1)  # the model is parked at its next step
+        await wait_for(lambda: in_flight(server, api) == 0)  # the server closed the stream
+        assert await steps_until_idle(server, mid, control) <= 1
+        assert outcomes(server, api, mid, "disconnected") == before + 1
+        # The model serves the next request.
+        release_all(control)
+        async with server.http() as h:
+            r = await h.post("/v1/chat/completions", json=chat_body(mid, max_tokens=3))
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+
+
+async def test_a_non_streaming_request_the_client_leaves_is_cancelled(server: Server) -> None:
+    async with own_model(server, control=metered()) as (mid, control):
+        assert control.permits is not None
+        async with server.http() as h, anyio.create_task_group() as tg:
+
+            async def ask() -> None:
+                await h.post("/v1/chat/completions", json=chat_body(mid, max_tokens=200))
+
+            tg.start_soon(ask)
+            control.permits.release(2)
+            await wait_for(lambda: control.steps >= 3 and control.waiting == 1)
+            tg.cancel_scope.cancel()  # the client gives up: httpx closes the connection
+        await wait_for(lambda: in_flight(server, "openai") == 0)
+        assert await steps_until_idle(server, mid, control) <= 1
+        assert outcomes(server, "openai", mid, "disconnected") >= 1
+
+
+async def test_the_sse_wire_format(server: Server) -> None:
+    """What a hand-rolled client sees: data lines ending in [DONE]; named Anthropic events."""
+    async with server.http() as h:
+        r = await h.post("/v1/chat/completions", json=chat_body(stream=True, max_tokens=3))
+        a = await h.post("/v1/messages", json=messages_body(stream=True, max_tokens=3))
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["cache-control"] == "no-cache"
+    lines = [line for line in r.text.split("\n\n") if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    json.loads(lines[0][6:])
+    events = [block.split("\n") for block in a.text.split("\n\n") if block]
+    assert all(e[0].startswith("event: ") and e[1].startswith("data: ") for e in events)
+    names = [e[0][7:] for e in events]
+    assert names[0] == "message_start" and names[-1] == "message_stop"
+
+
+async def test_the_server_stops_while_a_stream_is_open(stub_registry: BackendRegistry) -> None:
+    """Leaving open_server with a client mid-stream ends within the graceful timeout: the
+    stream is cut (no [DONE]), the request cancelled, the engine closes."""
+    rest: list[str] = []
+    with anyio.fail_after(20):
+        async with running_server(serve_config(), stub_registry) as srv:
+            control = metered()
+            assert control.permits is not None
+            await srv.engine.load_model("held", stub_config(control=control))
+            control.permits.release(2)
+            h = httpx.AsyncClient(base_url=srv.url, timeout=30)
+            request = h.build_request(
+                "POST", "/v1/chat/completions", json=chat_body("held", stream=True)
+            )
+            r = await h.send(request, stream=True)
+            assert r.status_code == 200
+            lines = r.aiter_lines()
+            await lines.__anext__()
+        try:
+            async for line in lines:
+                rest.append(line)
+        except httpx.HTTPError:
+            pass  # the connection was cut mid-body
+        await r.aclose()
+        await h.aclose()
+    assert "data: [DONE]" not in rest
