@@ -99,7 +99,11 @@ def nothing_runs(monkeypatch: pytest.MonkeyPatch) -> None:
         (["chat", "--cache-dir", "{tmp}/file"], "--cache-dir: "),
         (["complete"], "required: PROMPT"),
         ([], "required: COMMAND"),
-        (["serve"], "invalid choice"),
+        (["serve", "--port", "70000"], "--port: must be between 0 and 65535"),
+        (["serve", "--config", "{tmp}/missing.toml"], "--config: no such file"),
+        (["serve", "--config", "{tmp}/file", "--n-ctx", "512"], "--n-ctx: set the model in"),
+        (["serve", "--max-tokens", "0"], "--max-tokens"),
+        (["nonsense"], "invalid choice"),
     ],
 )
 def test_bad_arguments_get_one_line_and_status_2_before_anything_loads(

