@@ -7,12 +7,24 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from erllama.plugins import BackendRegistry
 
-from .conftest import Server, chat_body, messages_body, running_server, serve_config
+from ..helpers import stub_config
+from .conftest import (
+    Server,
+    chat_body,
+    gated,
+    messages_body,
+    release_all,
+    running_server,
+    serve_config,
+    wait_for,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -130,6 +142,9 @@ async def test_admin_lists_loads_and_unloads_models(admin_server: Server) -> Non
 async def test_admin_reloads_a_configured_model_by_id(admin_server: Server) -> None:
     async with admin_server.http() as h:
         assert (await h.delete("/admin/models/plain")).status_code == 200
+        unloaded = await h.post("/v1/chat/completions", json=chat_body())
+        assert unloaded.status_code == 503
+        assert unloaded.json()["error"]["code"] == "model_not_loaded"
         r = await h.post("/admin/models", json={"id": "plain"})
         assert r.status_code == 201, r.text
         ok = await h.post("/v1/chat/completions", json=chat_body(max_tokens=32))
@@ -164,3 +179,25 @@ async def test_admin_loads_only_what_the_config_allows(
 async def test_admin_routes_can_be_turned_off(stub_registry: BackendRegistry) -> None:
     async with running_server(serve_config(admin=False), stub_registry) as srv, srv.http() as h:
         assert (await h.get("/admin/models")).status_code == 404
+
+
+async def test_unloading_a_model_mid_request_ends_it_with_a_503(admin_server: Server) -> None:
+    control = gated()
+    await admin_server.engine.load_model("doomed", stub_config(control=control))
+    async with admin_server.http() as h, anyio.create_task_group() as tg:
+        answers: list[httpx.Response] = []
+
+        async def ask() -> None:
+            answers.append(await h.post("/v1/chat/completions", json=chat_body("doomed")))
+
+        tg.start_soon(ask)
+        try:
+            await wait_for(lambda: control.waiting == 1)
+            async with anyio.create_task_group() as unloading:
+                unloading.start_soon(h.delete, "/admin/models/doomed")
+                await wait_for(lambda: admin_server.engine.status("doomed") == "unloading")
+                release_all(control)
+        finally:
+            release_all(control)
+    (answer,) = answers
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "cancelled"

@@ -142,12 +142,15 @@ async def start(state: ServerState, job: ChatJob, track: Track) -> Started:
     parameter) before anything runs."""
     state.check_model(job.model)
     engine = state.engine
+    renames = dict(job.renames)
+    if job.choice == "required" and job.tools is not None:
+        renames["grammar"] = "tool_choice"  # the grammar is the forced call's
     try:
         grammar = _grammar(state, job)
         prompt = await engine.apply_chat_template(job.model, job.messages, None, job.tools)
         stream = await engine.infer(job.model, prompt, grammar=grammar, **job.options)
     except ErllamaError as exc:
-        raise from_engine(exc, job.renames) from exc
+        raise from_engine(exc, renames) from exc
     return Started(job=job, stream=stream, prompt_tokens=len(prompt), track=track)
 
 

@@ -57,8 +57,8 @@ class ServerState:
         return DEFAULT_MARKERS
 
     def check_model(self, model_id: str) -> None:
-        """ApiError unless the model is loaded and serving: 404 unknown, 503 loading or
-        failed."""
+        """ApiError unless the model is loaded and serving: 404 unknown, 503 loading,
+        failed, or configured but unloaded."""
         if model_id in self.loading:
             raise ApiError(
                 503,
@@ -70,6 +70,15 @@ class ServerState:
         try:
             info = self.engine.model_info(model_id)
         except ModelNotFound:
+            if model_id in self.config.models:
+                raise ApiError(
+                    503,
+                    "unavailable",
+                    f"model {model_id!r} is configured but not loaded (unloaded by an admin "
+                    "or under memory pressure); load it with POST /admin/models",
+                    code="model_not_loaded",
+                    retryable=False,
+                ) from None
             raise ApiError(
                 404,
                 "not_found",
