@@ -110,9 +110,10 @@ async def test_cancel_mid_generation_stops_before_the_next_token(engine: erllama
     stream.cancel()
     release(ctl, 100)
     rest, done = await drain(stream)
-    assert rest == []  # the in-flight step's token is never delivered
+    assert rest == []  # the in-flight step's token is never delivered ...
     assert done.finish_reason == "cancelled"
-    assert done.stats.completion_tokens == 3
+    assert done.stats.completion_tokens == 2  # ... nor counted
+    assert done.stats.context_tokens == done.stats.prompt_tokens + 3  # though in the KV
     await wait_for(lambda: engine.status(mid) == "idle")
     steps = ctl.steps
     await anyio.sleep(0.05)

@@ -398,12 +398,16 @@ class PressureConfig:
     def __attrs_post_init__(self) -> None:
         problems = _Problems(self)
         if problems.valid("low_watermark", "high_watermark"):
-            problems.check(
-                0 <= self.low_watermark < self.high_watermark <= 1,
-                "low_watermark",
-                "watermarks must satisfy 0 <= low_watermark < high_watermark <= 1, got "
-                f"low={self.low_watermark}, high={self.high_watermark}",
-            )
+            low, high = self.low_watermark, self.high_watermark
+            # Each bound names its own key; only their order names both.
+            problems.check(0 < high <= 1, "high_watermark", f"must be in (0, 1], got {high}")
+            problems.check(0 <= low < 1, "low_watermark", f"must be in [0, 1), got {low}")
+            if 0 < high <= 1 and 0 <= low < 1:
+                problems.check(
+                    low < high,
+                    "low_watermark",
+                    f"must be below high_watermark ({high}), got {low}",
+                )
         unknown = [t for t in self.evict_tiers if t not in CACHE_TIERS]
         problems.check(not unknown, "evict_tiers", f"unknown tier {', '.join(map(repr, unknown))}")
         problems.check(

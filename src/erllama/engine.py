@@ -16,11 +16,11 @@ from .cache.counters import CacheCounters
 from .cache.manager import KVCache
 from .cache.port import CachePort, NullCache
 from .cluster.prefixes import BLOCK, PrefixSummary
-from .config import EngineConfig, ModelConfig, load_config, structure_config
+from .config import CACHE_TIERS, EngineConfig, ModelConfig, load_config, structure_config
 from .errors import ConfigError, InvalidRequest, ModelAlreadyLoaded, ModelNotFound
 from .events import AdapterInfo, CachedPrefix, Completion, ModelInfo, ModelStatus
 from .grammar import response_format_grammar
-from .model import ModelWorker
+from .model import ModelWorker, intake
 from .model.output import Signer
 from .model.request import Request
 from .options import RequestOptions, SamplingOptions
@@ -84,6 +84,10 @@ class Engine:
             raise ConfigError([("config", "load_model needs a ModelConfig")])
         if isinstance(config, Mapping):
             config = structure_config(config, ModelConfig)
+        if not isinstance(config, ModelConfig):
+            raise ConfigError(
+                [("config", f"must be a ModelConfig or a mapping, not {type(config).__name__}")]
+            )
         if model_id is None:
             model_id = self._next_id()
         elif not isinstance(model_id, str) or not model_id:
@@ -377,11 +381,11 @@ class Engine:
         now, and from where (a cache tier, or a sequence's live KV). Loads nothing and counts
         no hit: for routers placing requests."""
         worker = self._worker(model_id)
-        tokens = (
-            await self.tokenize(model_id, prompt, add_special=add_special)
-            if isinstance(prompt, str)
-            else list(prompt)
-        )
+        if intake.prompt_kind(prompt) == "text":
+            tokens = await self.tokenize(model_id, prompt, add_special=add_special)  # type: ignore[arg-type]
+        else:
+            assert worker.loaded is not None
+            tokens = intake.check_token_ids(prompt, worker.loaded.n_vocab, "prompt")  # type: ignore[arg-type]
         return worker.ops.cached_prefix(tokens)
 
     def list_cached_prefixes(self, model_id: str) -> list[CachedPrefix]:
@@ -425,6 +429,10 @@ class Engine:
         used first; returns (rows, bytes) freed."""
         if isinstance(n_bytes, bool) or not isinstance(n_bytes, int) or n_bytes < 0:
             raise InvalidRequest("n_bytes", f"must be an integer >= 0, got {n_bytes!r}")
+        if isinstance(tiers, str) or not all(t in CACHE_TIERS for t in tiers):
+            raise InvalidRequest(
+                "tiers", f"must be a sequence of tier names from {CACHE_TIERS}, got {tiers!r}"
+            )
         if not isinstance(self._cache, KVCache):
             return 0, 0
         return self._cache.evict_bytes(n_bytes, tiers)

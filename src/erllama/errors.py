@@ -79,10 +79,12 @@ class ModelAlreadyLoaded(ErllamaError):
 class NotSupported(ErllamaError):
     """The backend serving a model does not implement ``capability``."""
 
-    def __init__(self, backend: str, capability: str) -> None:
+    def __init__(self, backend: str, capability: str, reason: str = "") -> None:
         self.backend = backend
         self.capability = capability
-        super().__init__(f"backend {backend!r} does not support {capability!r}")
+        self.reason = reason
+        msg = f"backend {backend!r} does not support {capability!r}"
+        super().__init__(f"{msg} ({reason})" if reason else msg)
 
 
 class QueueFull(ErllamaError):

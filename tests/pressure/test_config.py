@@ -29,9 +29,9 @@ def test_defaults_are_off_and_match_the_documented_values() -> None:
     [
         ({"high_watermark": 0.5, "low_watermark": 0.5}, "pressure.low_watermark"),
         ({"high_watermark": 0.5, "low_watermark": 0.7}, "pressure.low_watermark"),
-        ({"high_watermark": 1.1}, "pressure.low_watermark"),
+        ({"high_watermark": 1.1}, "pressure.high_watermark"),
         ({"low_watermark": -0.1}, "pressure.low_watermark"),
-        ({"high_watermark": math.nan}, "pressure.low_watermark"),
+        ({"high_watermark": math.nan}, "pressure.high_watermark"),
         ({"high_watermark": True}, "pressure.high_watermark"),
         ({"interval_s": 0}, "pressure.interval_s"),
         ({"sample_timeout_s": -1}, "pressure.sample_timeout_s"),

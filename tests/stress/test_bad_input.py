@@ -180,7 +180,7 @@ for case_id, stop, param in [
     ("bytes", b"x", "stop"),
     ("a-mapping", {"x": 1}, "stop"),
     ("17-strings", [f"s{i}" for i in range(17)], "stop"),
-    ("empty-string", "", "stop[0]"),
+    ("empty-string", "", "stop"),
     ("empty-string-in-list", ["ok", ""], "stop[1]"),
     ("300-bytes", ["x" * 300], "stop[0]"),
     ("258-bytes-in-129-characters", ["é" * 129], "stop[0]"),

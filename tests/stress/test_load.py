@@ -174,11 +174,12 @@ def check_answer(p: Planned) -> None:
         assert done.context[len(done.context) - n :] == ids
     else:
         # Only the models told to end generation now and then stop before max_tokens; the
-        # end-of-generation token is in the KV and counted, but never streamed.
+        # end-of-generation token is in the KV, but neither streamed nor counted.
         assert done.finish_reason == "stop" and eog_model, done
-        assert n < p.max_tokens and st.completion_tokens == n + 1
+        assert n < p.max_tokens and st.completion_tokens == n
         assert done.context[-1] == EOS and done.context[len(done.context) - 1 - n : -1] == ids
-    assert len(done.context) == st.prompt_tokens + st.completion_tokens
+    eog = 1 if done.finish_reason == "stop" else 0
+    assert len(done.context) == st.prompt_tokens + st.completion_tokens + eog
     assert not st.cancelled and st.stop_sequence is None
     if not isinstance(p.prompt, str):
         assert st.prompt_tokens == len(p.prompt)

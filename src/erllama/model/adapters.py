@@ -24,7 +24,11 @@ from ..plugins import Backend
 if TYPE_CHECKING:
     from .worker import ModelWorker
 
-__all__ = ["AdapterCalls", "AdapterSet"]
+__all__ = ["MAX_SCALE", "AdapterCalls", "AdapterSet"]
+
+#: LoRA scales beyond this are refused: useful ones are around 1, and the fingerprint folds
+#: the scale in as a fixed-point number.
+MAX_SCALE = 100.0
 
 
 @attrs.define(eq=False)
@@ -74,8 +78,15 @@ class AdapterSet:
         ad = self._adapters.get(handle)
         if ad is None:
             raise InvalidRequest("handle", f"no adapter {handle} on model {self._model_id!r}")
-        ad.scale = scale
-        self._apply(handle_arg)
+        old, ad.scale = ad.scale, scale
+        try:
+            self._apply(handle_arg)
+        except BaseException:
+            # The backend refused it: the set, the fingerprint and the listing stay as they
+            # were, so rows are never keyed by a scale the model does not run with.
+            ad.scale = old
+            self._apply(handle_arg)
+            raise
 
     def clear(self) -> None:
         """The model was freed (which frees its adapters too)."""
@@ -140,8 +151,11 @@ class AdapterCalls:
             isinstance(scale, bool)
             or not isinstance(scale, int | float)
             or not math.isfinite(scale)
+            or abs(scale) > MAX_SCALE
         ):
-            raise InvalidRequest("scale", f"must be a finite number, got {scale!r}")
+            raise InvalidRequest(
+                "scale", f"must be a number in [-{MAX_SCALE}, {MAX_SCALE}], got {scale!r}"
+            )
 
         def run() -> None:
             assert self.w.thread.adapters is not None

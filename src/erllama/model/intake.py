@@ -18,6 +18,7 @@ __all__ = [
     "check_budget",
     "check_prompt_length",
     "check_session",
+    "check_flag",
     "check_text",
     "check_token_ids",
     "parse_parent_key",
@@ -32,6 +33,8 @@ def prompt_kind(prompt: object) -> str:
     """``"text"`` or ``"ids"``; InvalidRequest for anything else (with a hint for chat
     messages, the most common mistake)."""
     if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidRequest("prompt", "is empty")
         return "text"
     if isinstance(prompt, bytes | bytearray | memoryview):
         raise InvalidRequest("prompt", "must be text (str) or token ids, not bytes")
@@ -49,6 +52,12 @@ def prompt_kind(prompt: object) -> str:
     raise InvalidRequest(
         "prompt", f"must be text or a sequence of token ids, not {type(prompt).__name__}"
     )
+
+
+def check_flag(value: object, param: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidRequest(param, f"must be True or False, got {value!r}")
+    return value
 
 
 def check_text(text: str, param: str) -> None:
@@ -77,6 +86,11 @@ def check_prompt_length(n: int, n_ctx: int) -> None:
 def check_token_ids(tokens: Sequence[int], n_vocab: int, param: str) -> list[int]:
     """Token ids as a list, each an int inside the vocabulary (checked before any native
     call: an out-of-range id would make llama.cpp abort the process)."""
+    given: object = tokens  # callers pass anything a user passed
+    if isinstance(given, str | bytes | bytearray | Mapping) or not (
+        isinstance(given, Sequence) or hasattr(given, "__array__")
+    ):
+        raise InvalidRequest(param, f"must be a sequence of token ids, not {type(given).__name__}")
     try:
         # One C pass: refuses floats, strings and ids outside a C long.
         ids = array("q", tokens)
@@ -96,9 +110,11 @@ def check_token_ids(tokens: Sequence[int], n_vocab: int, param: str) -> list[int
     return list(tokens)
 
 
-def parse_parent_key(parent_key: str | bytes | None) -> bytes | None:
+def parse_parent_key(parent_key: str | bytes | bytearray | memoryview | None) -> bytes | None:
     if parent_key is None:
         return None
+    if isinstance(parent_key, bytearray | memoryview):
+        parent_key = bytes(parent_key)  # any bytes-like key
     try:
         return parse_key(parent_key)
     except (ValueError, TypeError) as exc:

@@ -16,7 +16,7 @@ import anyio
 
 from ..cache.key import common_prefix_tokens, encode_tokens
 from ..cluster.prefixes import PrefixSummary, chain_hashes
-from ..errors import ModelNotFound
+from ..errors import InvalidRequest, ModelNotFound
 from ..events import CachedPrefix
 from . import intake
 from .kv import SaveOrder
@@ -95,7 +95,8 @@ class Operations:
         request is running is released when that request ends."""
         self.w.check_serving()
         session = intake.check_session(session_id)
-        assert session is not None
+        if session is None:
+            raise InvalidRequest("session_id", "must be a non-empty string")
 
         def run() -> None:
             self.w.thread.release_session(session)

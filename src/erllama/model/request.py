@@ -57,16 +57,16 @@ class Clock:
     def stats(
         self,
         spec: RequestSpec,
-        job: Job,
         kv: KVTrack,
         reason: FinishReason,
+        generated: list[int],
         stop_sequence: str | None = None,
     ) -> Stats:
         now = time.monotonic()
         admitted = self.admitted if self.admitted is not None else now
         prefill_end = self.prefill_done or now
         gen_s = max(0.0, now - prefill_end) if self.prefill_done else 0.0
-        n = job.n_generated
+        n = len(generated)
         return Stats(
             prompt_tokens=len(spec.prompt),
             completion_tokens=n,

@@ -30,9 +30,10 @@ def check_stops(stop: object) -> tuple[str, ...]:
     if len(items) > MAX_STOPS:
         raise InvalidRequest("stop", f"at most {MAX_STOPS} strings, got {len(items)}")
     out = []
+    bare = isinstance(stop, str)
     for i, s in enumerate(items):
         if not isinstance(s, str) or not s:
-            raise InvalidRequest(f"stop[{i}]", "must be a non-empty string")
+            raise InvalidRequest("stop" if bare else f"stop[{i}]", "must be a non-empty string")
         try:
             n = len(s.encode("utf-8"))
         except UnicodeEncodeError:

@@ -7,7 +7,6 @@ the model thread between steps.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -41,10 +40,13 @@ class TextCalls:
     async def detokenize(self, tokens: Sequence[int]) -> str:
         self.w.check_serving()
         assert self.w.loaded is not None
-        ids = intake.check_token_ids(tokens, self.w.loaded.n_vocab, "tokens")
-        raw: bytes = await self.w.vocab_call(
-            functools.partial(self.w.backend.detokenize, self.w.thread.handle, ids)
-        )
+        n_vocab, backend, handle = self.w.loaded.n_vocab, self.w.backend, self.w.thread.handle
+
+        def run() -> bytes:
+            # Off the loop: a long list costs time proportional to its length.
+            return backend.detokenize(handle, intake.check_token_ids(tokens, n_vocab, "tokens"))
+
+        raw: bytes = await self.w.vocab_call(run)
         return raw.decode("utf-8", errors="replace")
 
     async def apply_chat_template(
@@ -68,10 +70,12 @@ class TextCalls:
                 raise InvalidRequest(f"messages[{i}]", "needs string 'role' and 'content'")
         if system is not None and not isinstance(system, str):
             raise InvalidRequest("system", "must be a string")
-        if tools is not None and (
-            not isinstance(tools, list | tuple) or not all(isinstance(t, Mapping) for t in tools)
-        ):
-            raise InvalidRequest("tools", "must be a list of tool (function) mappings")
+        if tools is not None:
+            if not isinstance(tools, list | tuple):
+                raise InvalidRequest("tools", "must be a list of tool (function) mappings")
+            for i, tool in enumerate(tools):
+                if not isinstance(tool, Mapping):
+                    raise InvalidRequest(f"tools[{i}]", "must be a tool (function) mapping")
         backend, handle = self.w.backend, self.w.thread.handle
         verbatim = self.w.replies.for_messages(messages)
 
@@ -95,22 +99,22 @@ class TextCalls:
         self.w.check_serving()
         self.w.backend.require("embed")
         if not self.w.config.embeddings:
-            raise NotSupported(self.w.backend.name, "embed (ModelConfig.embeddings is off)")
+            raise NotSupported(self.w.backend.name, "embed", "ModelConfig.embeddings is off")
         assert self.w.loaded is not None
-        kind = intake.prompt_kind(prompt)
-        n_vocab = self.w.loaded.n_vocab
-        ids = None
-        if kind == "ids":
-            ids = intake.check_token_ids(prompt, n_vocab, "prompt")  # type: ignore[arg-type]
-            if not ids:
-                raise InvalidRequest("prompt", "is empty")
+        n_vocab, n_ctx = self.w.loaded.n_vocab, self.w.loaded.n_ctx
+        if intake.prompt_kind(prompt) == "text":
+            text: str = prompt  # type: ignore[assignment]
+            tokens = (await self.w.vocab_call(lambda: self.w.prepare(text, True, None)))[0]
+            assert tokens is not None
+        else:
+            ids: Sequence[int] = prompt  # type: ignore[assignment]
+            intake.check_prompt_length(len(ids), n_ctx + 1)  # length first, then the ids
+            tokens = await self.w.vocab_call(lambda: intake.check_token_ids(ids, n_vocab, "prompt"))
+        if not tokens:
+            raise InvalidRequest("prompt", "is empty")
+        backend, handle = self.w.backend, self.w.thread.handle
 
         def run() -> list[float]:
-            tokens = ids
-            if tokens is None:
-                tokens = self.w.prepare(prompt, True, None)[0]  # type: ignore[arg-type]
-                if not tokens:
-                    raise InvalidRequest("prompt", "is empty")
-            return self.w.backend.embed(self.w.thread.handle, tokens)
+            return backend.embed(handle, tokens)
 
         return await self.w.call(run)

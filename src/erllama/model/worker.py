@@ -279,7 +279,7 @@ class ModelWorker:
                 req.kv.finish_key = key.hex()
         if req.reply_text:
             self.replies.remember(req.reply_text, req.generated)
-        stats = req.clock.stats(req.spec, req.job, req.kv, reason, req.output.stop_sequence)
+        stats = req.clock.stats(req.spec, req.kv, reason, req.generated, req.output.stop_sequence)
         req.channel.push(
             Done(
                 finish_reason=reason,
@@ -403,8 +403,8 @@ class ModelWorker:
         limit = 0 if prefill_only else validate_max_tokens(max_tokens)
         parent = intake.parse_parent_key(parent_key)
         stops = check_stops(stop)
-        if not isinstance(thinking, bool):
-            raise InvalidRequest("thinking", f"must be True or False, got {thinking!r}")
+        intake.check_flag(thinking, "thinking")
+        intake.check_flag(add_special, "add_special")
         budget = intake.check_budget(thinking_budget_tokens)
         session = intake.check_session(session_id)
         intake.prompt_kind(prompt)
