@@ -12,6 +12,7 @@ from erllama.cluster import (
     CostModel,
     PrefixSummary,
     ReplicaView,
+    Router,
     chain_hashes,
     rank_replicas,
 )
@@ -31,6 +32,11 @@ def test_chains_agree_exactly_as_long_as_the_token_lists_do() -> None:
     from erllama.cache.key import encode_tokens
 
     assert chain_hashes(encode_tokens(base)) == a
+
+
+PROMPT = list(range(10 * BLOCK))
+CHAIN = chain_hashes(PROMPT)
+COST = CostModel(prefill_tok_per_s=200.0, request_s=1.0)
 
 
 def test_a_summary_survives_the_wire_and_keeps_the_cheapest_tier() -> None:
@@ -55,16 +61,11 @@ def test_a_summary_is_capped_most_recent_last() -> None:
 
 def view(rid: str, *, held: dict[int, int] | None = None, load: int = 0, cap: int = 4,
          sessions: frozenset[str] = frozenset()) -> ReplicaView:  # fmt: skip
-    return ReplicaView(id=rid, held=held or {}, load=load, capacity=cap, sessions=sessions)
-
-
-PROMPT = list(range(10 * BLOCK))
-CHAIN = chain_hashes(PROMPT)
-COST = CostModel(prefill_tok_per_s=200.0, request_s=1.0)
+    return ReplicaView.of(rid, held or {}, CHAIN, load=load, capacity=cap, sessions=sessions)
 
 
 def best(replicas: list[ReplicaView], session: str | None = None) -> str:
-    return rank_replicas(replicas, CHAIN, len(PROMPT), BLOCK, COST, session)[0].replica.id
+    return rank_replicas(replicas, len(PROMPT), BLOCK, COST, session)[0].replica.id
 
 
 def test_the_replica_holding_the_prefix_wins_over_an_idle_empty_one() -> None:
@@ -80,9 +81,7 @@ def test_queued_work_outweighs_a_short_prefix() -> None:
 def test_a_disk_prefix_is_credited_at_its_restore_cost() -> None:
     slow = CostModel(prefill_tok_per_s=200.0, restore_s_per_token=(0.0, 0.0, 1.0))
     on_disk = dict.fromkeys(CHAIN, 2)
-    ranked = rank_replicas(
-        [view("disk", held=on_disk), view("empty")], CHAIN, len(PROMPT), BLOCK, slow
-    )
+    ranked = rank_replicas([view("disk", held=on_disk), view("empty")], len(PROMPT), BLOCK, slow)
     assert ranked[0].replica.id == "empty"
 
 
@@ -110,3 +109,35 @@ async def test_an_engine_reports_what_it_holds(cached_engine: erllama.Engine) ->
     assert n == len(r.context_tokens) // BLOCK and rank == 0
     other = chain_hashes(await cached_engine.tokenize(mid, words(3 * BLOCK, 900)))
     assert matched_blocks(other, held)[0] == 0
+
+
+def test_the_directory_router_agrees_with_scoring_every_replica() -> None:
+    rng = random.Random(7)
+    router = Router(COST, BLOCK)
+    views = []
+    for i in range(40):
+        held: dict[int, int] = {}
+        depth = rng.randrange(0, 11)
+        for h in CHAIN[:depth]:
+            held[h] = rng.randrange(3)
+        for _ in range(rng.randrange(3)):  # other prompts it holds
+            for h in chain_hashes([rng.randrange(9999) for _ in range(3 * BLOCK)]):
+                held[h] = 0
+        load = rng.randrange(6)
+        router.update(f"r{i}", held=held, load=load, capacity=4)
+        views.append(view(f"r{i}", held=held, load=load))
+    fast = router.rank(CHAIN, len(PROMPT))
+    slow = rank_replicas(views, len(PROMPT), BLOCK, COST)
+    assert fast[0].replica.id == slow[0].replica.id
+    assert fast[0].matched_tokens == slow[0].matched_tokens
+    assert sorted(s.replica.id for s in fast) == sorted(s.replica.id for s in slow)
+
+
+def test_the_directory_forgets_what_a_replica_no_longer_holds() -> None:
+    router = Router(COST, BLOCK)
+    router.update("a", held=dict.fromkeys(CHAIN, 0), load=0, capacity=4)
+    router.update("b", held={}, load=1, capacity=4)
+    assert router.rank(CHAIN, len(PROMPT))[0].replica.id == "a"
+    router.update("a", held={}, load=0)  # evicted
+    assert router.directory.matches(CHAIN) == {}
+    assert router.rank(CHAIN, len(PROMPT))[0].matched_tokens == 0

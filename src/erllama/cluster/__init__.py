@@ -9,6 +9,8 @@ from .policy import rank_replicas as rank_replicas
 from .prefixes import BLOCK as BLOCK
 from .prefixes import PrefixSummary as PrefixSummary
 from .prefixes import chain_hashes as chain_hashes
+from .router import PrefixDirectory as PrefixDirectory
+from .router import Router as Router
 
 __all__ = [
     "BLOCK",

@@ -47,16 +47,32 @@ class CostModel:
 
 @attrs.frozen
 class ReplicaView:
-    """What a router knows of one replica."""
+    """What a router knows of one replica, for one prompt."""
 
     id: str
-    #: Chain hash -> tier rank of what it holds (``PrefixSummary.from_wire``).
-    held: Mapping[int, int]
     #: Requests queued or running there (the router's estimate).
     load: int
     #: Requests it takes at once before it is full.
     capacity: int
     sessions: frozenset[str] = frozenset()
+    #: How many of the prompt's leading blocks it holds, and the worst tier rank among them.
+    blocks: int = 0
+    rank: int = 0
+
+    @classmethod
+    def of(
+        cls,
+        id: str,
+        held: Mapping[int, int],
+        chain: Sequence[int],
+        *,
+        load: int,
+        capacity: int,
+        sessions: frozenset[str] = frozenset(),
+    ) -> ReplicaView:
+        """A view from a replica's whole summary (``PrefixSummary.from_wire``)."""
+        blocks, rank = matched_blocks(chain, held)
+        return cls(id=id, load=load, capacity=capacity, sessions=sessions, blocks=blocks, rank=rank)
 
 
 @attrs.frozen
@@ -70,14 +86,11 @@ class Score:
         return self.replica.load >= self.replica.capacity
 
 
-def score(
-    replica: ReplicaView, chain: Sequence[int], n_prompt: int, block: int, cost: CostModel
-) -> Score:
-    blocks, rank = matched_blocks(chain, replica.held)
-    matched = min(blocks * block, max(0, n_prompt - 1))
+def score(replica: ReplicaView, n_prompt: int, block: int, cost: CostModel) -> Score:
+    matched = min(replica.blocks * block, max(0, n_prompt - 1))
     seconds = (
         cost.prefill_s(n_prompt - matched)
-        + cost.restore_s(matched, rank)
+        + cost.restore_s(matched, replica.rank)
         + replica.load * cost.request_s
     )
     return Score(replica, matched, seconds)
@@ -85,7 +98,6 @@ def score(
 
 def rank_replicas(
     replicas: Sequence[ReplicaView],
-    chain: Sequence[int],
     n_prompt: int,
     block: int,
     cost: CostModel,
@@ -94,7 +106,7 @@ def rank_replicas(
     """Replicas best first (see the module docstring)."""
     if not replicas:
         return []
-    scores = [score(r, chain, n_prompt, block, cost) for r in replicas]
+    scores = [score(r, n_prompt, block, cost) for r in replicas]
     if session is not None:
         owner = next((s for s in scores if session in s.replica.sessions), None)
         if owner is not None and not owner.full:
