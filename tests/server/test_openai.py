@@ -321,3 +321,13 @@ async def test_a_request_without_max_tokens_gets_the_servers_cap(server: Server)
     assert r.usage is not None
     assert r.usage.completion_tokens == server.state.config.server.max_tokens
     assert r.choices[0].finish_reason == "length"
+
+
+async def test_a_call_cut_off_by_max_tokens_comes_back_as_text(server: Server) -> None:
+    async with client(server) as c:
+        r = await c.chat.completions.create(
+            model="tools", messages=user(), tools=[WEATHER_TOOL], max_tokens=40
+        )
+    choice = r.choices[0]
+    assert choice.finish_reason == "length" and not choice.message.tool_calls
+    assert (choice.message.content or "").startswith('Let me check. <tool_call> {"name"')

@@ -160,6 +160,7 @@ async def pieces(state: ServerState, started: Started, call_prefix: str) -> Asyn
     job, stream, track = started.job, started.stream, started.track
     raw: list[str] = []  # the reply as generated, for replies the engine cannot give back
     calls: list[str] = []
+    open_call: list[str] = []  # deltas of a call not closed yet
     try:
         async for ev in stream:
             if isinstance(ev, Token):
@@ -174,8 +175,10 @@ async def pieces(state: ServerState, started: Started, call_prefix: str) -> Asyn
                 yield ThinkingStop(ev.signature)
             elif isinstance(ev, ToolCallDelta):
                 raw.append(ev.text)
+                open_call.append(ev.text)
                 track.first_token()
             elif isinstance(ev, ToolCallEnd):
+                open_call.clear()
                 parsed = parse_call(ev.text) if job.parses_calls else None
                 if parsed is None:
                     yield Text(ev.text)
@@ -184,6 +187,8 @@ async def pieces(state: ServerState, started: Started, call_prefix: str) -> Asyn
                 calls.append(call_id)
                 yield Call(call_id, parsed.name, parsed.arguments, parsed.arguments_json)
             elif isinstance(ev, Done):
+                if open_call:  # cut off inside a call (max_tokens): the text is the answer's
+                    yield Text("".join(open_call))
                 if calls:
                     reply = await _reply_text(state, job.model, ev, raw)
                     state.store.remember(job.model, calls, reply)
