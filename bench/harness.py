@@ -30,7 +30,16 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 SCHEMA_VERSION = 1
 #: Run order; the names are what ``--only`` takes.
-SCENARIOS = ("cold_warm", "agents", "interleaved", "engine_overhead", "streams", "threads", "micro")
+SCENARIOS = (
+    "cold_warm",
+    "agents",
+    "interleaved",
+    "engine_overhead",
+    "streams",
+    "threads",
+    "micro",
+    "router_sim",
+)
 
 
 def _scenario(name: str) -> ModuleType:

@@ -23,7 +23,7 @@ class PrefixDirectory:
 
     def __init__(self) -> None:
         self._index: dict[int, dict[str, int]] = {}
-        self._held: dict[str, Mapping[int, int]] = {}
+        self._held: dict[str, dict[int, int]] = {}
 
     def update(self, replica: str, held: Mapping[int, int]) -> None:
         """Replace what ``replica`` holds (its latest summary)."""
@@ -36,7 +36,15 @@ class PrefixDirectory:
                     del self._index[h]
         for h, rank in held.items():
             self._index.setdefault(h, {})[replica] = rank
-        self._held[replica] = held
+        self._held[replica] = dict(held)
+
+    def add(self, replica: str, chain: Sequence[int], rank: int = 0) -> None:
+        """``replica`` holds these blocks too (until its next summary says otherwise)."""
+        held = self._held.setdefault(replica, {})
+        for h in chain:
+            if held.get(h, rank + 1) > rank:
+                held[h] = rank
+                self._index.setdefault(h, {})[replica] = rank
 
     def remove(self, replica: str) -> None:
         self.update(replica, {})
@@ -100,6 +108,13 @@ class Router:
         if replica in self.directory._held:
             self.directory.remove(replica)
 
+    def sent(self, replica: str, chain: Sequence[int]) -> None:
+        """The router sent a prompt with this chain to ``replica``: count it as one more
+        request there, and as holding the prompt's blocks, until the replica's next report
+        (a conversation's next turn often arrives before that)."""
+        self._state(replica).load += 1
+        self.directory.add(replica, chain)
+
     @property
     def replicas(self) -> list[str]:
         return list(self._replicas)
@@ -112,22 +127,24 @@ class Router:
         session: str | None = None,
         among: Sequence[str] | None = None,
     ) -> list[Score]:
-        """Candidates (``among``, default every replica), best first. Scores every replica
-        that holds part of the prompt, owns its session, or is the least loaded of the
-        rest; the others follow by load."""
-        names = list(among) if among is not None else list(self._replicas)
-        if not names:
+        """The best candidates (``among``, default every replica), best first: every
+        replica that holds part of the prompt or owns its session, and the least loaded of
+        the rest (who would all prefill the whole prompt), scored and ranked. The cost
+        grows with the replicas holding the prompt's blocks, plus one pass over loads to
+        find the least loaded; a caller that wants everyone ranked uses :meth:`fallback`."""
+        pool = self._replicas if among is None else {r: self._state(r) for r in among}
+        if not pool:
             return []
-        matched = self.directory.matches(chain)
-        scored = {r for r in names if r in matched}
+        matched = {r: m for r, m in self.directory.matches(chain).items() if r in pool}
+        scored = set(matched)
         if session is not None:
-            scored |= {r for r in names if session in self._state(r).sessions}
-        rest = [r for r in names if r not in scored]
-        if rest:
-            scored.add(min(rest, key=lambda r: self._state(r).load))
+            scored |= {r for r, st in pool.items() if session in st.sessions}
+        idle = min((r for r in pool if r not in scored), key=lambda r: pool[r].load, default=None)
+        if idle is not None:
+            scored.add(idle)
         views = []
         for r in scored:
-            st = self._state(r)
+            st = pool[r]
             blocks, rank = matched.get(r, (0, 0))
             views.append(
                 ReplicaView(
@@ -139,13 +156,15 @@ class Router:
                     rank=rank,
                 )
             )
-        ranked = rank_replicas(views, n_prompt, self.block, self.cost, session)
-        tail = sorted((r for r in rest if r not in scored), key=lambda r: self._state(r).load)
-        return [*ranked, *(Score(self._view(r), 0, float("inf")) for r in tail)]
+        return rank_replicas(views, n_prompt, self.block, self.cost, session)
+
+    def fallback(self, among: Sequence[str] | None = None) -> list[str]:
+        """Every candidate, least loaded first: where to go when the ranked ones are full."""
+        names = list(self._replicas) if among is None else list(among)
+        return sorted(names, key=lambda r: self._state(r).load)
 
     def _state(self, replica: str) -> _Replica:
-        return self._replicas.get(replica) or _Replica()
-
-    def _view(self, replica: str) -> ReplicaView:
-        s = self._state(replica)
-        return ReplicaView(id=replica, load=s.load, capacity=s.capacity, sessions=s.sessions)
+        state = self._replicas.get(replica)
+        if state is None:
+            state = self._replicas[replica] = _Replica()
+        return state
