@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from starlette.requests import Request
@@ -358,58 +359,61 @@ async def _events(state: ServerState, started: Started, message_id: str) -> Asyn
     )
     blocks = _Blocks()
     try:
-        async for piece in pieces(state, started, "toolu_"):
-            out: list[str] = []
-            if isinstance(piece, Thinking):
-                if blocks.open != "thinking":
+        async with aclosing(pieces(state, started, "toolu_")) as parts:
+            async for piece in parts:
+                out: list[str] = []
+                if isinstance(piece, Thinking):
+                    if blocks.open != "thinking":
+                        out += blocks.start(
+                            "thinking", {"type": "thinking", "thinking": "", "signature": ""}
+                        )
+                    out.append(blocks.delta({"type": "thinking_delta", "thinking": piece.text}))
+                elif isinstance(piece, ThinkingStop):
+                    if blocks.open != "thinking":
+                        out += blocks.start(
+                            "thinking", {"type": "thinking", "thinking": "", "signature": ""}
+                        )
+                    sig = piece.signature or ""
+                    out.append(blocks.delta({"type": "signature_delta", "signature": sig}))
+                    out += blocks.stop()
+                elif isinstance(piece, Text):
+                    if blocks.open != "text":
+                        out += blocks.start("text", {"type": "text", "text": ""})
+                    out.append(blocks.delta({"type": "text_delta", "text": piece.text}))
+                elif isinstance(piece, Call):
                     out += blocks.start(
-                        "thinking", {"type": "thinking", "thinking": "", "signature": ""}
+                        "tool_use",
+                        {"type": "tool_use", "id": piece.id, "name": piece.name, "input": {}},
                     )
-                out.append(blocks.delta({"type": "thinking_delta", "thinking": piece.text}))
-            elif isinstance(piece, ThinkingStop):
-                if blocks.open != "thinking":
-                    out += blocks.start(
-                        "thinking", {"type": "thinking", "thinking": "", "signature": ""}
+                    out.append(
+                        blocks.delta(
+                            {"type": "input_json_delta", "partial_json": piece.arguments_json}
+                        )
                     )
-                sig = piece.signature or ""
-                out.append(blocks.delta({"type": "signature_delta", "signature": sig}))
-                out += blocks.stop()
-            elif isinstance(piece, Text):
-                if blocks.open != "text":
-                    out += blocks.start("text", {"type": "text", "text": ""})
-                out.append(blocks.delta({"type": "text_delta", "text": piece.text}))
-            elif isinstance(piece, Call):
-                out += blocks.start(
-                    "tool_use",
-                    {"type": "tool_use", "id": piece.id, "name": piece.name, "input": {}},
-                )
-                out.append(
-                    blocks.delta({"type": "input_json_delta", "partial_json": piece.arguments_json})
-                )
-                out += blocks.stop()
-            elif isinstance(piece, End):
-                if piece.finish == "cancelled":
-                    out.append(anthropic_event(error_body(cancelled_error(), "anthropic")))
+                    out += blocks.stop()
+                elif isinstance(piece, End):
+                    if piece.finish == "cancelled":
+                        out.append(anthropic_event(error_body(cancelled_error(), "anthropic")))
+                        yield "".join(out)
+                        return
+                    out += blocks.stop()
+                    done = piece.done
+                    out.append(
+                        anthropic_event(
+                            {
+                                "type": "message_delta",
+                                "delta": {
+                                    "stop_reason": _stop_reason(piece.finish, done),
+                                    "stop_sequence": done.stats.stop_sequence,
+                                },
+                                "usage": _usage(done),
+                                "erllama": extension(done),
+                            }
+                        )
+                    )
+                    out.append(anthropic_event({"type": "message_stop"}))
+                if out:
                     yield "".join(out)
-                    return
-                out += blocks.stop()
-                done = piece.done
-                out.append(
-                    anthropic_event(
-                        {
-                            "type": "message_delta",
-                            "delta": {
-                                "stop_reason": _stop_reason(piece.finish, done),
-                                "stop_sequence": done.stats.stop_sequence,
-                            },
-                            "usage": _usage(done),
-                            "erllama": extension(done),
-                        }
-                    )
-                )
-                out.append(anthropic_event({"type": "message_stop"}))
-            if out:
-                yield "".join(out)
     except Exception as exc:
         yield anthropic_event(error_body(stream_error(exc, started), "anthropic"))
 

@@ -10,7 +10,8 @@ calls, its exact text is stored under their ids (see toolcalls.py).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
+from contextlib import aclosing
 from typing import Any, Literal
 
 import attrs
@@ -154,7 +155,9 @@ async def start(state: ServerState, job: ChatJob, track: Track) -> Started:
     return Started(job=job, stream=stream, prompt_tokens=len(prompt), track=track)
 
 
-async def pieces(state: ServerState, started: Started, call_prefix: str) -> AsyncIterator[Piece]:
+async def pieces(
+    state: ServerState, started: Started, call_prefix: str
+) -> AsyncGenerator[Piece, None]:
     """The request's events as pieces, ending with :class:`End`. Tool calls come whole,
     when they close. A backend failure raises ApiError (503)."""
     job, stream, track = started.job, started.stream, started.track
@@ -239,19 +242,22 @@ class Reply:
 
 async def collect(state: ServerState, started: Started, call_prefix: str) -> Reply:
     reply = Reply()
-    async for piece in pieces(state, started, call_prefix):
-        if isinstance(piece, End):
-            reply.end = piece
-        elif isinstance(piece, ThinkingStop):
-            reply.signature = piece.signature
-        elif isinstance(piece, Text) and reply.blocks and isinstance(reply.blocks[-1], Text):
-            reply.blocks[-1] = Text(reply.blocks[-1].text + piece.text)
-        elif (
-            isinstance(piece, Thinking) and reply.blocks and isinstance(reply.blocks[-1], Thinking)
-        ):
-            reply.blocks[-1] = Thinking(reply.blocks[-1].text + piece.text)
-        else:
-            reply.blocks.append(piece)
+    async with aclosing(pieces(state, started, call_prefix)) as parts:
+        async for piece in parts:
+            if isinstance(piece, End):
+                reply.end = piece
+            elif isinstance(piece, ThinkingStop):
+                reply.signature = piece.signature
+            elif isinstance(piece, Text) and reply.blocks and isinstance(reply.blocks[-1], Text):
+                reply.blocks[-1] = Text(reply.blocks[-1].text + piece.text)
+            elif (
+                isinstance(piece, Thinking)
+                and reply.blocks
+                and isinstance(reply.blocks[-1], Thinking)
+            ):
+                reply.blocks[-1] = Thinking(reply.blocks[-1].text + piece.text)
+            else:
+                reply.blocks.append(piece)
     return reply
 
 

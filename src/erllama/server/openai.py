@@ -10,6 +10,7 @@ import secrets
 import struct
 import time
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any
 
@@ -355,25 +356,26 @@ async def _chat_events(
     yield openai_event(chunk({"role": "assistant", "content": ""}))
     n_calls = 0
     try:
-        async for piece in pieces(state, started, "call_"):
-            if isinstance(piece, Text):
-                yield openai_event(chunk({"content": piece.text}))
-            elif isinstance(piece, Call):
-                yield openai_event(chunk({"tool_calls": [_call_json(piece, n_calls)]}))
-                n_calls += 1
-            elif isinstance(piece, End):
-                if piece.finish == "cancelled":
-                    yield openai_event(error_body(cancelled_error(), "openai"))
-                    return
-                last = chunk({}, piece.finish)
-                last["erllama"] = extension(piece.done)
-                yield openai_event(last)
-                if include_usage:
-                    usage = chunk({})
-                    usage["choices"] = []
-                    usage["usage"] = _usage(piece.done)
-                    yield openai_event(usage)
-                yield openai_done()
+        async with aclosing(pieces(state, started, "call_")) as parts:
+            async for piece in parts:
+                if isinstance(piece, Text):
+                    yield openai_event(chunk({"content": piece.text}))
+                elif isinstance(piece, Call):
+                    yield openai_event(chunk({"tool_calls": [_call_json(piece, n_calls)]}))
+                    n_calls += 1
+                elif isinstance(piece, End):
+                    if piece.finish == "cancelled":
+                        yield openai_event(error_body(cancelled_error(), "openai"))
+                        return
+                    last = chunk({}, piece.finish)
+                    last["erllama"] = extension(piece.done)
+                    yield openai_event(last)
+                    if include_usage:
+                        usage = chunk({})
+                        usage["choices"] = []
+                        usage["usage"] = _usage(piece.done)
+                        yield openai_event(usage)
+                    yield openai_done()
     except Exception as exc:
         yield openai_event(error_body(stream_error(exc, started), "openai"))
 
@@ -442,22 +444,23 @@ async def completions(request: Request, state: ServerState) -> Response:
 
         async def events() -> AsyncIterator[str]:
             try:
-                async for piece in pieces(state, started, "call_"):
-                    if isinstance(piece, Text):
-                        yield openai_event(shape(piece.text, None))
-                    elif isinstance(piece, End):
-                        if piece.finish == "cancelled":
-                            yield openai_event(error_body(cancelled_error(), "openai"))
-                            return
-                        last = shape("", piece.finish)
-                        last["erllama"] = extension(piece.done)
-                        yield openai_event(last)
-                        if include_usage:
-                            usage = shape("", None)
-                            usage["choices"] = []
-                            usage["usage"] = _usage(piece.done)
-                            yield openai_event(usage)
-                        yield openai_done()
+                async with aclosing(pieces(state, started, "call_")) as parts:
+                    async for piece in parts:
+                        if isinstance(piece, Text):
+                            yield openai_event(shape(piece.text, None))
+                        elif isinstance(piece, End):
+                            if piece.finish == "cancelled":
+                                yield openai_event(error_body(cancelled_error(), "openai"))
+                                return
+                            last = shape("", piece.finish)
+                            last["erllama"] = extension(piece.done)
+                            yield openai_event(last)
+                            if include_usage:
+                                usage = shape("", None)
+                                usage["choices"] = []
+                                usage["usage"] = _usage(piece.done)
+                                yield openai_event(usage)
+                            yield openai_done()
             except Exception as exc:
                 yield openai_event(error_body(stream_error(exc, started), "openai"))
 
