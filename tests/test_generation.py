@@ -21,7 +21,7 @@ from erllama import (
 from erllama.backends import Decode, Prefill, stub
 from erllama.backends.stub import StubControl
 
-from .helpers import stub_config
+from .helpers import stub_config, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -262,3 +262,39 @@ async def test_a_tool_call_payload_uses_the_requests_own_sampler(
     greedy = [op.greedy for ops in ctl.history for op in ops if isinstance(op, Decode)]
     # syntax greedy, payload not, syntax greedy again
     assert True in greedy and greedy.count(False) > 1
+
+
+async def test_done_carries_the_exact_reply_text_and_model_info_the_markers(
+    engine: erllama.Engine,
+) -> None:
+    mid = await engine.load_model("m", tool_model(script=SCRIPT))
+    r = await engine.infer(mid, "go", max_tokens=200, stop=["rite"])
+    events = await events_of(r)
+    done = events[-1]
+    assert isinstance(done, Done)
+    assert done.reply_text == pieces(done.token_ids).decode()  # the stop string included
+    assert "rite" in done.reply_text and "rite" not in texts(events, Token)
+    info = engine.model_info(mid)
+    assert info.tool_call_markers == ("<tool_call>", "</tool_call>")
+    assert info.thinking_markers is None
+
+
+async def test_a_loading_model_is_listed_as_loading(engine: erllama.Engine) -> None:
+    import threading
+
+    import anyio
+
+    gate = threading.Event()
+    ctl = StubControl(load_gate=gate)
+
+    async def load() -> None:
+        await engine.load_model("slow", stub_config(control=ctl))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(load)
+        await wait_for(lambda: ctl.waiting == 1)  # the load is parked on the model thread
+        assert [m.id for m in engine.list_models()] == ["slow"]
+        assert engine.status("slow") == "loading"
+        assert engine.model_info("slow").status == "loading"
+        gate.set()
+    assert engine.status("slow") == "idle"

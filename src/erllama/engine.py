@@ -147,14 +147,23 @@ class Engine:
         return await self._worker(model_id).ops.evict()
 
     def status(self, model_id: str) -> ModelStatus:
-        """idle, prefilling, generating, failed (or loading/unloading); never waits."""
-        return self._worker(model_id).status
+        """idle, prefilling, generating, failed, loading (while ``load_model`` runs) or
+        unloading; never waits."""
+        worker = self._models.get(model_id)
+        if worker is None:
+            raise ModelNotFound(model_id)
+        return worker.status
 
     def list_models(self) -> list[ModelInfo]:
-        return [w.info() for w in self._models.values() if w.state != "loading"]
+        """Every model, those still loading included (status ``loading``)."""
+        return [w.info() for w in self._models.values()]
 
     def model_info(self, model_id: str) -> ModelInfo:
-        return self._worker(model_id).info()
+        """A snapshot; a model still loading reports status ``loading``."""
+        worker = self._models.get(model_id)
+        if worker is None:
+            raise ModelNotFound(model_id)
+        return worker.info()
 
     # ---- generation -----------------------------------------------------------------------
 

@@ -154,6 +154,10 @@ class Done:
     #: The token ids now in the sequence's KV (prompt, thinking, tool calls, answer and the
     #: end-of-generation token): the finish row's exact key.
     context: tuple[int, ...] = ()
+    #: The exact text of every generated token (thinking, tool calls and a matched stop
+    #: string included): what to replay as the assistant's message so the next turn's
+    #: prompt matches the KV. None when it is not valid UTF-8 (cut mid-character).
+    reply_text: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -293,6 +297,9 @@ class ModelInfo:
     adapters: tuple[AdapterInfo, ...] = ()
     #: Sessions pinned to a sequence (they count against ``n_seq_max``).
     sessions: tuple[SessionInfo, ...] = ()
+    #: The markers in effect (the config's, or those the chat template names), or None.
+    thinking_markers: tuple[str, str] | None = None
+    tool_call_markers: tuple[str, str] | None = None
     #: Why the model failed, when status is "failed".
     error: str | None = None
     metadata: Mapping[str, str] = attrs.field(factory=dict)

@@ -8,12 +8,27 @@ model, only the ``llama`` extra; without it, ``response_format`` is not supporte
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from .errors import InvalidRequest, NotSupported
 
-__all__ = ["response_format_grammar"]
+__all__ = [
+    "MAX_REPEAT",
+    "MAX_SCHEMA_DEPTH",
+    "MAX_SCHEMA_NODES",
+    "check_schema",
+    "response_format_grammar",
+]
+
+#: Bounds on a schema turned into a grammar: the converter's work (and the grammar's size)
+#: grows with nodes, depth and repetition counts, and it runs where a request is checked.
+MAX_SCHEMA_NODES = 4096
+MAX_SCHEMA_DEPTH = 64
+MAX_REPEAT = 512
+_REPEAT_KEYS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties")
+_PATTERN_REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 
 
 def response_format_grammar(response_format: Mapping[str, Any] | None) -> str | None:
@@ -45,9 +60,43 @@ def response_format_grammar(response_format: Mapping[str, Any] | None) -> str | 
     schema = spec.get("schema") if isinstance(spec, Mapping) else response_format.get("schema")
     if not isinstance(schema, Mapping):
         raise InvalidRequest("response_format.json_schema.schema", "must be a JSON schema object")
+    check_schema(schema, "response_format.json_schema.schema")
     try:
         return str(llama_grammar.json_schema_to_gbnf(json.dumps(schema)))
     except Exception as exc:  # the converter asserts on schemas it cannot express
         raise InvalidRequest(
             "response_format.json_schema.schema", f"cannot be turned into a grammar: {exc}"
         ) from exc
+
+
+def check_schema(schema: Any, param: str) -> None:
+    """Refuse a JSON schema the grammar converter would choke on (InvalidRequest naming
+    ``param``): too many nodes, too deep, a repetition bound above ``MAX_REPEAT``, or a
+    ``$ref`` outside the schema (remote schemas are never fetched)."""
+    count = 0
+    stack: list[tuple[Any, int]] = [(schema, 0)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_SCHEMA_NODES:
+            raise InvalidRequest(param, f"has more than {MAX_SCHEMA_NODES} nodes")
+        if depth > MAX_SCHEMA_DEPTH:
+            raise InvalidRequest(param, f"is nested deeper than {MAX_SCHEMA_DEPTH}")
+        if isinstance(node, dict):
+            for key in _REPEAT_KEYS:
+                value = node.get(key)
+                if isinstance(value, int | float) and value > MAX_REPEAT:
+                    raise InvalidRequest(param, f"{key} above {MAX_REPEAT} is not supported")
+            pattern = node.get("pattern")
+            if isinstance(pattern, str):
+                for m in _PATTERN_REPEAT.finditer(pattern):
+                    if any(g and int(g) > MAX_REPEAT for g in m.groups()):
+                        raise InvalidRequest(
+                            param, f"pattern repetitions above {MAX_REPEAT} are not supported"
+                        )
+            ref = node.get("$ref")
+            if ref is not None and not (isinstance(ref, str) and ref.startswith("#/")):
+                raise InvalidRequest(param, "only local $ref ('#/...') is supported")
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)

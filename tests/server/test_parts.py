@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 
 import erllama
+from erllama.grammar import MAX_REPEAT, check_schema
 from erllama.server import ServeConfig, load_serve_config
 from erllama.server.toolcalls import (
     DEFAULT_MARKERS,
-    MAX_REPEAT,
     ToolCallStore,
-    check_schema,
     fallback_text,
     forced_call_grammar,
     parse_call,

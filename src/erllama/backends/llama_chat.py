@@ -68,6 +68,8 @@ def render_chat_template(
         )
     except TemplateError as exc:
         raise ValueError(f"chat template failed to render: {exc}") from exc
+    except Exception as exc:  # a template's own code failing on odd input (a TypeError ...)
+        raise ValueError(f"chat template failed to render: {type(exc).__name__}: {exc}") from exc
 
 
 def split_verbatim(

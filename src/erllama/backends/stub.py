@@ -132,6 +132,8 @@ class StubControl:
     fail_seed: int | None = None
     #: When set to an Event, ``kv_pack`` waits for it (tests hold a save mid-flight).
     pack_gate: threading.Event | None = None
+    #: When set to an Event, ``load`` waits for it (tests watch a model while it loads).
+    load_gate: threading.Event | None = None
     steps: int = 0
     #: Every step's ops, for tests that check batching.
     history: list[tuple[StepOp, ...]] = attrs.Factory(list)
@@ -219,6 +221,8 @@ def _control(options: Mapping[str, Any]) -> StubControl:
 def load(config: ModelConfig) -> LoadedModel:
     opts = config.options
     control = _control(opts)
+    if control.load_gate is not None:
+        _park(control, control.load_gate.wait)
     if control.fail_at == "load":
         raise RuntimeError("stub: injected failure at load")
     fingerprint = None

@@ -56,6 +56,7 @@ class StatusView:
     def info(self) -> ModelInfo:
         loaded = self.w.loaded
         sched = self.w.thread.sched
+        markers = self.w.thread.markers
         adapters = self.w.thread.adapters
         with self.w.lock:
             running = len(sched.admitted) if sched is not None else 0
@@ -80,6 +81,12 @@ class StatusView:
             last_used=self.w.last_used,
             adapters=self.w.adapters.list_adapters(),
             sessions=self.w.thread.sessions.info,
+            thinking_markers=_pair(markers.think_start, markers.think_end),
+            tool_call_markers=_pair(markers.tool_start, markers.tool_end),
             error=str(self.w.error) if self.w.error is not None else None,
             metadata=dict(loaded.metadata) if loaded else {},
         )
+
+
+def _pair(start: bytes, end: bytes) -> tuple[str, str] | None:
+    return (start.decode("utf-8"), end.decode("utf-8")) if start and end else None

@@ -286,6 +286,7 @@ class ModelWorker:
                 stats=stats,
                 token_ids=tuple(req.generated),
                 context=tuple(req.kv.context),
+                reply_text=req.reply_text,
             )
         )
         self._ended(req)

@@ -19,13 +19,13 @@ from starlette.requests import Request
 
 from ..errors import ErllamaError
 from ..events import Done, ThinkingDelta, ThinkingEnd, Token, ToolCallDelta, ToolCallEnd
-from ..grammar import response_format_grammar
+from ..grammar import check_schema, response_format_grammar
 from ..stream import InferStream
 from .errors import ApiError, from_engine
 from .metrics import Track
 from .sse import unless_disconnected
 from .state import ServerState
-from .toolcalls import check_schema, forced_call_grammar, mint_id, parse_call
+from .toolcalls import forced_call_grammar, mint_id, parse_call
 
 __all__ = [
     "Call",
@@ -213,6 +213,8 @@ async def _reply_text(state: ServerState, model: str, done: Done, raw: list[str]
     """The reply exactly as the model generated it: the text of its token ids (thinking,
     markers and any stop string included), which is what the engine remembers for exact
     replay. If the model went away meanwhile, the streamed text in order."""
+    if done.reply_text is not None:
+        return done.reply_text
     try:
         return await state.engine.detokenize(model, done.token_ids)
     except ErllamaError:

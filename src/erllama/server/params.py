@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..grammar import check_schema
 from .body import Fields
 from .errors import ApiError
 from .state import ServerState
-from .toolcalls import NAME_RE, check_schema
+from .toolcalls import NAME_RE
 
 __all__ = ["extension_options", "max_tokens", "sampling", "tool_spec"]
 

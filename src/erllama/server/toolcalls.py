@@ -35,7 +35,6 @@ __all__ = [
     "DEFAULT_MARKERS",
     "ParsedCall",
     "ToolCallStore",
-    "check_schema",
     "fallback_text",
     "forced_call_grammar",
     "mint_id",
@@ -49,11 +48,6 @@ NAME_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 #: Limits on a JSON schema turned into a grammar: the converter writes a bounded repetition
 #: out in full (``maxItems: 10**9`` would never finish), and walks every node.
-MAX_SCHEMA_NODES = 4096
-MAX_SCHEMA_DEPTH = 64
-MAX_REPEAT = 512
-_REPEAT_KEYS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties")
-_PATTERN_REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 
 
 def mint_id(prefix: str) -> str:
@@ -146,39 +140,6 @@ def fallback_text(markers: ToolCallMarkers, name: str, arguments: Any) -> str:
         {"name": name, "arguments": arguments}, ensure_ascii=False, separators=(",", ":")
     )
     return f"{markers.start}{body}{markers.end}"
-
-
-def check_schema(schema: Any, param: str) -> None:
-    """Refuse a JSON schema the grammar converter would choke on (InvalidRequest naming
-    ``param``): too many nodes, too deep, a repetition bound above ``MAX_REPEAT``, or a
-    ``$ref`` outside the schema (remote schemas are never fetched)."""
-    count = 0
-    stack: list[tuple[Any, int]] = [(schema, 0)]
-    while stack:
-        node, depth = stack.pop()
-        count += 1
-        if count > MAX_SCHEMA_NODES:
-            raise InvalidRequest(param, f"has more than {MAX_SCHEMA_NODES} nodes")
-        if depth > MAX_SCHEMA_DEPTH:
-            raise InvalidRequest(param, f"is nested deeper than {MAX_SCHEMA_DEPTH}")
-        if isinstance(node, dict):
-            for key in _REPEAT_KEYS:
-                value = node.get(key)
-                if isinstance(value, int | float) and value > MAX_REPEAT:
-                    raise InvalidRequest(param, f"{key} above {MAX_REPEAT} is not supported")
-            pattern = node.get("pattern")
-            if isinstance(pattern, str):
-                for m in _PATTERN_REPEAT.finditer(pattern):
-                    if any(g and int(g) > MAX_REPEAT for g in m.groups()):
-                        raise InvalidRequest(
-                            param, f"pattern repetitions above {MAX_REPEAT} are not supported"
-                        )
-            ref = node.get("$ref")
-            if ref is not None and not (isinstance(ref, str) and ref.startswith("#/")):
-                raise InvalidRequest(param, "only local $ref ('#/...') is supported")
-            stack.extend((v, depth + 1) for v in node.values())
-        elif isinstance(node, list):
-            stack.extend((v, depth + 1) for v in node)
 
 
 def _literal(text: str) -> str:
