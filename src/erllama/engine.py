@@ -17,7 +17,7 @@ from .cache.manager import KVCache
 from .cache.port import CachePort, NullCache
 from .cluster.prefixes import BLOCK, PrefixSummary
 from .config import CACHE_TIERS, EngineConfig, ModelConfig, load_config, structure_config
-from .errors import ConfigError, InvalidRequest, ModelAlreadyLoaded, ModelNotFound
+from .errors import CacheError, ConfigError, InvalidRequest, ModelAlreadyLoaded, ModelNotFound
 from .events import AdapterInfo, CachedPrefix, Completion, ModelInfo, ModelStatus
 from .grammar import response_format_grammar
 from .model import ModelWorker, intake
@@ -419,6 +419,26 @@ class Engine:
     async def vram_info(self) -> list[DeviceMemory]:
         """Memory of each visible NVIDIA GPU (through nvidia-smi); empty without one."""
         return await gpu_memory()
+
+    # ---- moving cache rows between engines ------------------------------------------------------
+
+    async def export_row(self, key: str | bytes) -> bytes | None:
+        """A cache row (by its hex key, a ``finish_key`` say) as self-validating bytes for
+        another engine's :meth:`import_row`; None when this engine does not hold it."""
+        parsed = intake.parse_parent_key(key)
+        if parsed is None or not isinstance(self._cache, KVCache):
+            return None
+        return await self._cache.export_row(parsed)
+
+    async def import_row(self, data: bytes | bytearray | memoryview) -> str:
+        """Take a row another engine exported: it is validated exactly as a row file read
+        from disk (checksums, lengths, the key recomputed from its tokens), then saved
+        here. Returns its key (hex). CacheError if it is damaged or nothing has room."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise InvalidRequest("data", f"must be bytes, not {type(data).__name__}")
+        if not isinstance(self._cache, KVCache):
+            raise CacheError("import", "the cache is off")
+        return (await self._cache.import_row(data)).hex()
 
     # ---- operator calls -----------------------------------------------------------------------
 

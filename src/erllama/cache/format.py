@@ -67,6 +67,7 @@ from .port import SaveReason
 __all__ = [
     "FORMAT_VERSION",
     "HEADER_SIZE",
+    "parse_row",
     "HIT_COUNT_OFFSET",
     "MAGIC",
     "MAX_META_BYTES",
@@ -481,3 +482,24 @@ def read_row(
         return meta, payload
     finally:
         os.close(fd)
+
+
+def parse_row(
+    data: bytes | bytearray | memoryview, expected_key: bytes | None
+) -> tuple[RowMeta, memoryview]:
+    """Full validation of a whole row held in memory (one sent by another engine): the same
+    checks as reading it from a file, checksums and the key included. Returns the metadata
+    and a view of the payload inside ``data``. Raises CorruptRow."""
+    _check_key(expected_key)
+    view = memoryview(data).cast("B")
+    size = len(view)
+    header = _parse_header(bytes(view[: min(size, HEADER_SIZE)]), size)
+    meta = _parse_meta(
+        header, bytes(view[HEADER_SIZE : HEADER_SIZE + header.meta_len]), expected_key, size
+    )
+    payload = view[HEADER_SIZE + header.meta_len :]
+    if len(payload) != header.payload_len:
+        raise CorruptRow("payload length does not match the header")
+    if xxhash.xxh3_64_intdigest(payload) != header.payload_sum:
+        raise CorruptRow("payload checksum mismatch")
+    return meta, payload

@@ -32,7 +32,7 @@ from .buffers import BufferPool
 from .catalog import TIERS, Catalog, Row
 from .counters import CacheCounters, Counters
 from .faults import WriteFailures
-from .format import CorruptRow, RowMeta, encode_row
+from .format import CorruptRow, RowMeta, encode_row, parse_row
 from .key import Namespace, decode_tokens, encode_tokens
 from .port import Restore, SaveReason
 from .tiers import FileTier
@@ -631,6 +631,37 @@ class KVCache:
         row.published.set()
         if count:
             self.counters.bump("adopted")
+
+    # ---- moving rows between engines -------------------------------------------------------------
+
+    async def export_row(self, key: bytes) -> bytes | None:
+        """One row as a self-validating byte string (the file format: header, metadata with
+        the tokens, payload, checksums), for another engine to import; None if not held."""
+        row = self.catalog.get(key)
+        if row is None:
+            return None
+        if row.payload is not None:
+            prefix = encode_row(_namespace_of(row.ns_id), row.token_bytes, row.reason, row.payload)
+            return prefix + bytes(row.payload)
+        tier = self.files[row.tier]
+        try:
+            return await anyio.to_thread.run_sync(tier.read_bytes, key, limiter=self._read_limiter)
+        except OSError:
+            return None
+
+    async def import_row(self, data: bytes | bytearray | memoryview) -> bytes:
+        """Validate a row another engine exported (exactly as a file read from disk is
+        validated) and save it here; returns its key. CacheError if it is damaged."""
+        try:
+            meta, payload = await anyio.to_thread.run_sync(parse_row, data, None)
+        except CorruptRow as exc:
+            self.counters.bump("corrupt_files")
+            raise CacheError("import", f"the row is damaged: {exc}") from exc
+        key = self.save(meta.namespace(), meta.tokens, bytes(payload), meta.reason)
+        if key is None:
+            raise CacheError("import", "no tier has room for the row")
+        self.counters.bump("adopted")
+        return key
 
     # ---- queries and operator calls -------------------------------------------------------------
 

@@ -275,6 +275,17 @@ class FileTier:
         """
         return self._read_checked(_row_name(key), key, alloc)
 
+    def read_bytes(self, key: bytes) -> bytes:
+        """The whole row file as it is (for another engine, which validates it as it would
+        a file of its own). FileNotFoundError if absent; no symlink is followed."""
+        dfd = self._fd()
+        fd = os.open(_row_name(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            with os.fdopen(fd, "rb", closefd=False) as fh:
+                return fh.read()
+        finally:
+            os.close(fd)
+
     def _read_checked(
         self, name: str, key: bytes, alloc: Callable[[int], bytearray | memoryview] = bytearray
     ) -> tuple[RowMeta, bytearray | memoryview]:
