@@ -17,12 +17,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..engine import Engine
 from ..errors import ErllamaError
 from . import admin, anthropic, openai
 from .auth import Gate
 from .config import ServeConfig
 from .errors import ApiError, Dialect, dialect_of, error_response, from_engine, json_response
+from .port import EnginePort
 from .state import ServerState
 
 __all__ = ["build_app"]
@@ -71,8 +71,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(err, dialect_of(request.url.path))
 
 
-def build_app(engine: Engine, config: ServeConfig | None = None) -> Starlette:
-    """The ASGI app serving ``engine`` (which the caller keeps open while it serves)."""
+def build_app(engine: EnginePort, config: ServeConfig | None = None) -> Starlette:
+    """The ASGI app serving ``engine`` (which the caller keeps open while it serves): an
+    :class:`erllama.Engine`, or anything else with the calls of :class:`.port.EnginePort`."""
     config = config or ServeConfig()
     state = ServerState.create(engine, config)
     oa: Dialect = "openai"

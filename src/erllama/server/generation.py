@@ -20,9 +20,9 @@ from starlette.requests import Request
 from ..errors import ErllamaError
 from ..events import Done, ThinkingDelta, ThinkingEnd, Token, ToolCallDelta, ToolCallEnd
 from ..grammar import check_schema, response_format_grammar
-from ..stream import InferStream
 from .errors import ApiError, from_engine
 from .metrics import Track
+from .port import EventStream
 from .sse import unless_disconnected
 from .state import ServerState
 from .toolcalls import forced_call_grammar, mint_id, parse_call
@@ -82,7 +82,7 @@ class ChatJob:
 @attrs.define(eq=False)
 class Started:
     job: ChatJob
-    stream: InferStream
+    stream: EventStream
     prompt_tokens: int
     track: Track
 

@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 from ..events import Stats
 
 if TYPE_CHECKING:
-    from ..engine import Engine
+    from .port import EnginePort
 
 __all__ = ["EngineCollector", "Metrics", "Outcome", "Track"]
 
@@ -45,7 +45,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 class Metrics:
     """The server's metrics and the registry that exposes them."""
 
-    def __init__(self, engine: Engine | None = None) -> None:
+    def __init__(self, engine: EnginePort | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.http = Counter(
@@ -169,7 +169,7 @@ class Track:
 class EngineCollector(Collector):
     """What the engine reports, read at each scrape (never waits on a model)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: EnginePort) -> None:
         self._engine = engine
 
     def collect(self) -> Iterator[Metric]:

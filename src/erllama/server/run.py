@@ -26,9 +26,9 @@ from hypercorn.config import Config as HypercornConfig
 from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
-from ..engine import Engine
 from .app import build_app
 from .config import ServeConfig
+from .port import EnginePort
 from .state import ServerState
 
 __all__ = ["RunningServer", "bind_socket", "open_server", "serve_http"]
@@ -83,7 +83,7 @@ class RunningServer:
 
 
 @asynccontextmanager
-async def open_server(engine: Engine, config: ServeConfig) -> AsyncIterator[RunningServer]:
+async def open_server(engine: EnginePort, config: ServeConfig) -> AsyncIterator[RunningServer]:
     """Serve ``engine`` over HTTP while the block runs (``config.server.host`` and
     ``port``; port 0 picks a free one, reported in ``RunningServer.port``). Leaving the
     block stops accepting, gives in-flight requests ``graceful_timeout_s``, then cancels

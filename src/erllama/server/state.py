@@ -9,11 +9,11 @@ import attrs
 
 from .._version import __version__
 from ..config import ModelConfig, ToolCallMarkers
-from ..engine import Engine
 from ..errors import ModelNotFound
 from .config import ServeConfig
 from .errors import RETRY_AFTER_S, ApiError
 from .metrics import Metrics
+from .port import EnginePort
 from .toolcalls import DEFAULT_MARKERS, ToolCallStore
 
 __all__ = ["ServerState"]
@@ -23,7 +23,7 @@ __all__ = ["ServerState"]
 class ServerState:
     """One app's shared state. Event loop only."""
 
-    engine: Engine
+    engine: EnginePort
     config: ServeConfig
     metrics: Metrics
     store: ToolCallStore
@@ -37,7 +37,7 @@ class ServerState:
     fingerprint: str = f"erllama-{__version__}"
 
     @classmethod
-    def create(cls, engine: Engine, config: ServeConfig) -> ServerState:
+    def create(cls, engine: EnginePort, config: ServeConfig) -> ServerState:
         return cls(
             engine=engine,
             config=config,
