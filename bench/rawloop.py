@@ -76,7 +76,12 @@ class RawLoop:
     def _generate(self, prompts: Sequence[Sequence[int]], n: int) -> dict[str, Any]:
         L = self.L
         assert len(prompts) <= self.n_seq
-        L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
+        mem = L.llama_get_memory(self.ctx)
+        # One untimed token first: this fresh thread's first decode starts its OpenMP team
+        # (milliseconds), which erllama's model thread has done before any timed request.
+        L.llama_memory_clear(mem, True)
+        self._decode([(0, prompts[0][:1], 0)])
+        L.llama_memory_clear(mem, True)
         t0 = time.perf_counter()
         # Prefill as erllama does with prompts that fit one chunk each: one batch.
         rows = self._decode([(s, p, 0) for s, p in enumerate(prompts)])

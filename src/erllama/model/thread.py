@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .._loop import Mail
 from ..backends.types import Decode, LoadedModel, StepOp, StepResult
 from ..cache.port import Restore, SaveReason
 from ..errors import BackendError, ErllamaError, ModelNotFound
@@ -47,9 +48,6 @@ if TYPE_CHECKING:
 __all__ = ["ModelThread"]
 
 log = logging.getLogger("erllama.model")
-
-#: An outbox entry: a function to run on the event loop, and its arguments.
-Mail = tuple[Callable[..., object], tuple[Any, ...]]
 
 
 class ModelThread:
@@ -77,9 +75,6 @@ class ModelThread:
         #: Set under the lock when the thread no longer takes calls.
         self.closed = False
         self._out: list[Mail] = []
-        self._out_lock = threading.Lock()
-        self._mailbox: list[Mail] = []
-        self._scheduled = False
         # Per step: decode rows still to be sampled, and sequences already streamed early.
         self._to_sample = 0
         self._early: set[int] = set()
@@ -106,17 +101,6 @@ class ModelThread:
         with contextlib.suppress(ModelNotFound):  # already ended
             self.send(stop)
 
-    def _drain(self) -> None:
-        """On the loop: run what the thread handed over, in order."""
-        with self._out_lock:
-            batch, self._mailbox = self._mailbox, []
-            self._scheduled = False
-        for fn, args in batch:
-            try:
-                fn(*args)
-            except Exception:
-                log.exception("model %s: delivering %r failed", self.w.id, fn)
-
     # ---- the thread -----------------------------------------------------------------------
 
     def post(self, fn: Callable[..., object], *args: Any) -> None:
@@ -125,14 +109,9 @@ class ModelThread:
 
     def flush(self) -> None:
         """Hand the outbox to the loop: one wake-up unless one is still pending."""
-        if not self._out:
-            return
-        with self._out_lock:
-            self._mailbox.extend(self._out)
-            scheduled, self._scheduled = self._scheduled, True
-        self._out.clear()
-        if not scheduled:
-            self.w.handoff.post(self._drain)
+        if self._out:
+            self.w.handoff.post_all(self._out)
+            self._out.clear()
 
     def _main(self) -> None:
         try:

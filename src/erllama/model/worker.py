@@ -126,8 +126,25 @@ class ModelWorker:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Load, serve until closed (or failed), then end the thread. Load errors reach
-        ``task_status``'s caller."""
+        ``task_status``'s caller.
+
+        The hand-off's pump lives exactly as long as this: started first, closed only after
+        the thread has said it exited. The body's outcome is carried past the pump's task
+        group so that errors (and cancellation) leave unwrapped."""
         self.handoff = LoopHandoff()
+        outcome: BaseException | None = None
+        async with anyio.create_task_group() as pump:
+            try:
+                await pump.start(self.handoff.pump)
+                await self._run(task_status)
+            except BaseException as exc:
+                outcome = exc
+            finally:
+                self.handoff.close()
+        if outcome is not None:
+            raise outcome
+
+    async def _run(self, task_status: TaskStatus[None]) -> None:
         self.thread.start()
         try:
             # A load cannot be abandoned halfway (the native model would leak): wait for it
