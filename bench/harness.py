@@ -34,6 +34,7 @@ SCENARIOS = (
     "cold_warm",
     "agents",
     "interleaved",
+    "http_servers",
     "engine_overhead",
     "streams",
     "threads",

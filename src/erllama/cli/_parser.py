@@ -113,7 +113,8 @@ def _common(sp: argparse.ArgumentParser) -> None:
         type=_integer(1),
         default=None,
         metavar="N",
-        help="CPU threads llama.cpp uses (default: all cores)",
+        help="CPU threads llama.cpp uses (default: half the usable cores to decode, all to "
+        "prefill)",
     )
     sp.add_argument(
         "--gpu-layers",
@@ -211,7 +212,8 @@ def _serve(sub: Any) -> None:
         type=_integer(1),
         default=None,
         metavar="N",
-        help="CPU threads llama.cpp uses (default: all cores)",
+        help="CPU threads llama.cpp uses (default: half the usable cores to decode, all to "
+        "prefill)",
     )
     s.add_argument(
         "--gpu-layers",

@@ -1,0 +1,387 @@
+"""Scenario: `erllama serve` against llama.cpp's own `llama-server`, through the `openai` client.
+
+Interleaved multi-turn conversations (A, B, C, D, A, B, ...) as an OpenAI-style chat client
+sends them: every turn resends the whole history (a system prompt, earlier exchanges of
+about 700 tokens, each earlier reply as the text it came back as, and a new question),
+streamed, greedy, ``MAX_TOKENS`` per reply. Both servers run as separate processes on the
+same model and machine, one slot each, 2 llama.cpp threads, ``n_ctx`` 4096, batch 512, flash
+attention; erllama with a disk cache folder (``--cache-dir``), llama-server with its own
+defaults for reusing prompts.
+
+Turn by turn, erllama gets the turn first and the exact same messages then go to
+llama-server (the history carries erllama's replies, so both see the same prompts under
+the same machine conditions). Then both servers are stopped and started again (erllama on
+the same cache folder) and the same turns are replayed in the same order.
+
+TTFT is client side: from ``chat.completions.create(stream=True)`` to the first chunk that
+carries text. Reported: the median TTFT of later turns (round 2 on, where a prompt cache
+matters), of all turns, and the sums, before and after the restart.
+
+``llama-server`` comes from ``bench/llama_server.py`` (built once from the llama.cpp tree in
+the llama-cpp-python source distribution erllama runs on); without it the scenario runs
+erllama alone and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+from common import (
+    FLASH_ATTN,
+    N_BATCH,
+    N_CTX,
+    cache_config,
+    median,
+    model_config,
+    prose_of_tokens,
+)
+from common import question as make_question
+
+import erllama
+
+NAME = "http_servers"
+TITLE = "HTTP servers: erllama serve vs llama-server, interleaved conversations, openai client"
+MAX_TOKENS = 24
+SERVERS = ("erllama", "llama_server")
+LABELS = {"erllama": "erllama serve (--cache-dir)", "llama_server": "llama.cpp llama-server"}
+#: Seconds between two requests: the other server's OpenMP threads stop spinning first.
+GAP_S = 0.2
+READY_TIMEOUT_S = 180.0
+
+
+def _plan(ctx: Any) -> dict[str, Any]:
+    if ctx.quick:
+        return {"conversations": 2, "rounds": 2, "history_tokens": 150}
+    return {"conversations": 4, "rounds": 3, "history_tokens": 700}
+
+
+def steps(ctx: Any) -> int:
+    plan = _plan(ctx)
+    return 2 * plan["conversations"] * plan["rounds"]
+
+
+def _binary() -> Path | None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from llama_server import built
+
+    return built()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """One server process on a loopback port: started, waited for, stopped (SIGTERM, then
+    SIGKILL after 30 s). Its output goes to a log file in the scratch folder."""
+
+    def __init__(self, name: str, argv: Sequence[str], port: int, log: Path) -> None:
+        self.name, self.argv, self.port, self.log = name, list(argv), port, log
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Server]:
+        import httpx
+
+        with open(self.log, "ab") as out:
+            proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
+        try:
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited with {proc.returncode}; see {self.log}")
+                with contextlib.suppress(httpx.HTTPError):
+                    r = httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2)
+                    if r.status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name} not ready in {READY_TIMEOUT_S:.0f} s")
+                time.sleep(0.2)
+            yield self
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def _erllama_server(ctx: Any, cache_dir: Path, log: Path) -> Server:
+    port = _free_port()
+    argv = [
+        sys.executable, "-m", "erllama.cli", "serve", "--model", str(ctx.model_path),
+        "--model-id", "smollm2", "--port", str(port), "--n-ctx", str(N_CTX),
+        "--threads", str(ctx.threads), "--cache-dir", str(cache_dir),
+    ]  # fmt: skip
+    return Server("erllama", argv, port, log)
+
+
+def _llama_server(ctx: Any, binary: Path, log: Path) -> Server:
+    port = _free_port()
+    argv = [
+        str(binary), "-m", str(ctx.model_path), "--host", "127.0.0.1", "--port", str(port),
+        "-c", str(N_CTX), "-np", "1", "-t", str(ctx.threads), "-tb", str(ctx.threads),
+        "-b", str(N_BATCH), "-ub", str(N_BATCH), "-fa", "on" if FLASH_ATTN else "off",
+        "--no-webui",
+    ]  # fmt: skip
+    return Server("llama_server", argv, port, log)
+
+
+async def _openings(ctx: Any, plan: dict[str, Any]) -> list[list[dict[str, str]]]:
+    """Each conversation's messages before its first question (sized with the model's
+    tokenizer, in an engine closed before the servers start)."""
+    config = erllama.EngineConfig(cache=cache_config(None))
+    out: list[list[dict[str, str]]] = []
+    async with erllama.open_engine(config) as engine:
+        mid = await engine.load_model("m", model_config(ctx.model_path, threads=ctx.threads))
+        for c in range(plan["conversations"]):
+            system = f"You are archivist number {c + 1} of a county records office. Answer briefly."
+            messages = [{"role": "system", "content": system}]
+            k = 0
+            while len(await engine.apply_chat_template(mid, messages)) < plan["history_tokens"]:
+                notes = await prose_of_tokens(engine, mid, 70, seed=f"http-{c}-u{k}")
+                reply = await prose_of_tokens(engine, mid, 40, seed=f"http-{c}-a{k}")
+                messages.append(
+                    {"role": "user", "content": f"Here are some notes:\n{notes}\nKeep them."}
+                )
+                messages.append({"role": "assistant", "content": f"Noted. {reply}"})
+                k += 1
+            out.append(messages)
+    return out
+
+
+async def _turn(client: Any, messages: list[dict[str, str]]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    first: float | None = None
+    parts: list[str] = []
+    usage: Any = None
+    stream = await client.chat.completions.create(
+        model="smollm2",
+        messages=messages,
+        max_tokens=MAX_TOKENS,
+        temperature=0.0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            if first is None:
+                first = time.perf_counter()
+            parts.append(chunk.choices[0].delta.content)
+        if chunk.usage is not None:
+            usage = chunk.usage
+    end = time.perf_counter()
+    cached = None
+    if usage is not None and usage.prompt_tokens_details is not None:
+        cached = usage.prompt_tokens_details.cached_tokens
+    return {
+        "ttft_s": (first if first is not None else end) - t0,
+        "total_s": end - t0,
+        "text": "".join(parts),
+        "prompt_tokens": usage.prompt_tokens if usage is not None else None,
+        "cached_tokens": cached,
+    }
+
+
+def _client(server: Server) -> Any:
+    import openai
+
+    return openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{server.port}/v1", api_key="bench", max_retries=0, timeout=300
+    )
+
+
+async def _pass(
+    ctx: Any,
+    servers: dict[str, Server],
+    script: list[tuple[int, int, list[dict[str, str]]]] | None,
+    plan: dict[str, Any],
+    openings: list[list[dict[str, str]]],
+    label: str,
+) -> tuple[dict[str, list[dict[str, Any]]], list[tuple[int, int, list[dict[str, str]]]]]:
+    """One pass over the conversations. Without ``script`` the turns are made here (the
+    history grows with erllama's replies) and returned; with one, it is replayed."""
+    clients = {name: _client(s) for name, s in servers.items()}
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
+    made: list[tuple[int, int, list[dict[str, str]]]] = []
+    if script is None:
+        history = [list(m) for m in openings]
+        turns = [(c, r, None) for r in range(plan["rounds"]) for c in range(plan["conversations"])]
+    else:
+        turns = [(c, r, m) for c, r, m in script]
+    try:
+        for c, rnd, given in turns:
+            if given is None:
+                history[c].append({"role": "user", "content": make_question(f"http-{c}-{rnd}")})
+                messages = list(history[c])
+            else:
+                messages = given
+            for name in SERVERS:
+                if name not in clients:
+                    continue
+                r = await _turn(clients[name], messages)
+                r.update(conversation="ABCDEFGH"[c], round=rnd + 1)
+                rows[name].append(r)
+                if name == "erllama" and given is None:
+                    history[c].append({"role": "assistant", "content": r["text"]})
+                await anyio.sleep(GAP_S)
+            made.append((c, rnd, messages))
+            ctx.step(f"{label} {'ABCDEFGH'[c]}{rnd + 1}")
+    finally:
+        for cl in clients.values():
+            await cl.close()
+    return rows, made
+
+
+def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    later = [r["ttft_s"] for r in rows if r["round"] > 1]
+    return {
+        "ttft_median_round2plus_s": median(later) if later else None,
+        "ttft_median_s": median([r["ttft_s"] for r in rows]),
+        "ttft_sum_s": sum(r["ttft_s"] for r in rows),
+        "turns": [{k: v for k, v in r.items() if k != "text"} for r in rows],
+    }
+
+
+def run(ctx: Any) -> dict[str, Any]:
+    plan = _plan(ctx)
+    binary = _binary()
+    if binary is None:
+        ctx.notes.append(
+            "http_servers: llama-server is not built (python bench/llama_server.py builds it, "
+            "about 18 minutes on 2 cores): erllama ran alone."
+        )
+    openings = anyio.run(_openings, ctx, plan)
+    cache_dir = ctx.fresh_dir("disk")
+    logs = ctx.fresh_dir("disk")
+
+    def servers() -> dict[str, Server]:
+        out = {"erllama": _erllama_server(ctx, cache_dir, logs / "erllama.log")}
+        if binary is not None:
+            out["llama_server"] = _llama_server(ctx, binary, logs / "llama-server.log")
+        return out
+
+    phases: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    script: list[tuple[int, int, list[dict[str, str]]]] | None = None
+    for phase in ("first", "restarted"):
+        procs = servers()
+        with contextlib.ExitStack() as stack:
+            for s in procs.values():
+                stack.enter_context(s.running())
+            rows, made = anyio.run(_pass, ctx, procs, script, plan, openings, phase)
+        phases[phase] = rows
+        script = script or made
+    result: dict[str, Any] = {
+        "conversations": plan["conversations"],
+        "rounds": plan["rounds"],
+        "max_tokens": MAX_TOKENS,
+        "llama_server": str(binary) if binary is not None else None,
+        "llama_server_version": _version(binary),
+        "phases": {
+            phase: {name: _summary(rows) for name, rows in by_server.items()}
+            for phase, by_server in phases.items()
+        },
+        "method": {
+            "ttft": "client side: create(stream=True) -> first chunk with text (openai client)",
+            "order": "turn by turn, erllama then llama-server on the same messages; then both "
+            "restarted and the same turns replayed in the same order",
+            "servers": {
+                "erllama": "erllama serve --cache-dir DIR --threads T --n-ctx 4096 (one "
+                "sequence, RAM + disk tiers, live KV reuse)",
+                "llama_server": "llama-server -np 1 -c 4096 -b 512 -ub 512 -fa on, "
+                "its defaults for prompt reuse",
+            },
+        },
+    }
+    for phase in result["phases"].values():
+        e = phase["erllama"].get("ttft_median_round2plus_s")
+        if "llama_server" in phase and e:
+            ls = phase["llama_server"]["ttft_median_round2plus_s"]
+            phase["llama_server"]["round2plus_vs_erllama"] = ls / e if ls else None
+    return result
+
+
+def _version(binary: Path | None) -> str | None:
+    if binary is None:
+        return None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(
+            [str(binary), "--version"], capture_output=True, text=True, timeout=30,
+            stdin=subprocess.DEVNULL, env={**os.environ},
+        )  # fmt: skip
+        text = (out.stdout + out.stderr).strip().splitlines()
+        return next((line for line in text if "version" in line), text[0] if text else None)
+    return None
+
+
+def headline(result: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for phase, label in (("first", "later turns"), ("restarted", "after both restart")):
+        p = result["phases"][phase]
+        e = p["erllama"]["ttft_median_round2plus_s" if phase == "first" else "ttft_median_s"]
+        if "llama_server" in p:
+            key = "ttft_median_round2plus_s" if phase == "first" else "ttft_median_s"
+            ls = p["llama_server"][key]
+            display = f"erllama {e * 1e3:.0f} ms, llama-server {ls * 1e3:.0f} ms ({ls / e:.1f}x)"
+        else:
+            display = f"erllama {e * 1e3:.0f} ms; llama-server not built"
+        out.append(
+            {
+                "figure": f"HTTP interleaved conversations, median TTFT, {label}",
+                "value": e,
+                "display": display,
+                "target": None,
+                "met": None,
+            }
+        )
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"{result['conversations']} conversations x {result['rounds']} rounds, interleaved, "
+        f"{result['max_tokens']} tokens per reply, through the `openai` client; llama-server: "
+        f"{result['llama_server_version'] or 'not built (erllama alone)'}.",
+        "",
+        "| phase | server | median TTFT, round 2+ | median TTFT, all | sum of TTFT |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for phase, by_server in result["phases"].items():
+        for name, s in by_server.items():
+            later = s["ttft_median_round2plus_s"]
+            lines.append(
+                f"| {phase} | {LABELS[name]} | "
+                f"{'-' if later is None else f'{later * 1e3:.0f} ms'} | "
+                f"{s['ttft_median_s'] * 1e3:.0f} ms | {s['ttft_sum_s']:.2f} s |"
+            )
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], plt: Any) -> dict[str, Any]:
+    fig, axes = plt.subplots(1, len(result["phases"]), figsize=(11, 3.8), sharey=True)
+    for ax, (phase, by_server) in zip(axes, result["phases"].items(), strict=True):
+        for name, s in by_server.items():
+            ys = [t["ttft_s"] * 1e3 for t in s["turns"]]
+            ax.plot(range(1, len(ys) + 1), ys, marker="o", label=LABELS[name])
+        ax.set_title(f"{phase} pass")
+        ax.set_xlabel("turn (interleaved)")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("TTFT, ms")
+    axes[0].legend()
+    fig.tight_layout()
+    return {"http_servers": fig}
