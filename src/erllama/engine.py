@@ -430,6 +430,20 @@ class Engine:
             return None
         return await self._cache.export_row(parsed)
 
+    async def export_prefix(self, model_id: str, prompt: Sequence[int]) -> bytes | None:
+        """The cache row a request for ``prompt`` (token ids) would restore here (the
+        longest cached prefix), exported as by :meth:`export_row`; None when no cache row
+        holds one (a sequence's live KV is not a row). For another engine that lacks it."""
+        worker = self._worker(model_id)
+        assert worker.loaded is not None
+        tokens = intake.check_token_ids(prompt, worker.loaded.n_vocab, "prompt")
+        found = worker.ops.cached_prefix(tokens)
+        adapters = worker.thread.adapters
+        if found.tier in (None, "live") or adapters is None or not isinstance(self._cache, KVCache):
+            return None
+        key = worker.namespace(adapters.fingerprint).key(tokens[: found.tokens])
+        return await self._cache.export_row(key)
+
     async def import_row(self, data: bytes | bytearray | memoryview) -> str:
         """Take a row another engine exported: it is validated exactly as a row file read
         from disk (checksums, lengths, the key recomputed from its tokens), then saved
