@@ -57,3 +57,14 @@ def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Smal
     """A 1 MiB filesystem for a disk tier, made full by ``fill()``; see :class:`SmallDisk`."""
     with SmallDisk.mounted(tmp_path / "fs", monkeypatch) as disk:
         yield disk
+
+
+@pytest.fixture(scope="session")
+def ray_serve() -> Iterator[object]:
+    """One local Ray instance with Serve for the whole session (tests/ray/cluster.py);
+    skipped without the ray extra."""
+    pytest.importorskip("ray.serve", reason="needs the ray extra")
+    from .ray.cluster import local_serve
+
+    with local_serve() as instance:
+        yield instance

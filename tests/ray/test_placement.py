@@ -1,0 +1,170 @@
+"""The placement decision and the transfer policy, without Ray: what the router does with
+the replicas' reports, its own sends and Serve's queue lengths."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from erllama.cluster import BLOCK, CostModel, PrefixSummary, chain_hashes
+from erllama.ray.placement import Placement
+from erllama.ray.transfer import TransferPolicy
+from erllama.ray.wire import GenerateRequest
+
+PROMPT = list(range(1, 6 * BLOCK + 1))
+COST = CostModel(prefill_tok_per_s=1000.0, request_s=5.0)
+REPLICAS = ["a", "b", "c"]
+IDLE: dict[str, int | None] = dict.fromkeys(REPLICAS, 0)
+
+
+def report(tokens: list[int] | None = None, *, load: int = 0, sessions: tuple[str, ...] = ()) -> dict[str, Any]:  # fmt: skip
+    summary = PrefixSummary()
+    if tokens:
+        summary.add(tokens, "ram")
+    entry: dict[str, Any] = summary.to_wire()
+    if sessions:
+        entry["sessions"] = list(sessions)
+    return {"load": load, "models": {"m": entry}}
+
+
+def req(tokens: list[int] = PROMPT, session: str | None = None) -> GenerateRequest:
+    return GenerateRequest(
+        model="m", tokens=tuple(tokens), chain=tuple(chain_hashes(tokens)), session_id=session
+    )
+
+
+def placement(**reports: dict[str, Any]) -> Placement:
+    p = Placement(COST)
+    for replica in REPLICAS:
+        p.report(replica, reports.get(replica, report()), capacity=4)
+    return p
+
+
+def first(p: Placement, request: GenerateRequest, loads: dict[str, int | None] = IDLE) -> str:
+    return p.order(request, REPLICAS, loads)[0][0]
+
+
+def test_the_replica_holding_the_longest_prefix_goes_first() -> None:
+    p = placement(b=report(PROMPT[: 2 * BLOCK]), c=report(PROMPT[: 5 * BLOCK]))
+    groups = p.order(req(), REPLICAS, IDLE)
+    assert groups[0] == ["c"] and groups[1] == ["b"]
+    assert sorted(r for g in groups for r in g) == REPLICAS  # everyone is in some group
+
+
+def test_the_request_carries_who_holds_how_much() -> None:
+    p = placement(b=report(PROMPT[: 2 * BLOCK]), c=report(PROMPT))
+    request = req()
+    p.order(request, REPLICAS, IDLE)
+    assert request.holders == {"b": 2 * BLOCK, "c": len(PROMPT) - 1}
+
+
+def test_a_busy_holder_loses_to_an_idle_replica() -> None:
+    p = placement(c=report(PROMPT))
+    assert first(p, req(), {"a": 0, "b": 0, "c": 1}) != "c"  # 5 s of queue vs 0.4 s prefill
+    assert first(p, req(), IDLE) == "c"
+
+
+def test_a_full_holder_goes_last() -> None:
+    p = placement(c=report(PROMPT))
+    groups = p.order(req(), REPLICAS, {"a": 4, "b": 1, "c": 4})
+    assert groups[0] == ["b"]
+    assert groups[-1][-1] in ("a", "c")
+
+
+def test_without_serve_estimates_the_reported_load_counts() -> None:
+    p = placement(c=report(PROMPT, load=3))
+    assert first(p, req(), dict.fromkeys(REPLICAS)) != "c"
+
+
+def test_what_was_sent_counts_until_the_replica_has_reported_twice() -> None:
+    p = placement()
+    p.sent("b", req())  # b now holds the prompt, as far as the router knows
+    follow = req([*PROMPT, 7, 8, 9])
+    assert first(p, follow) == "b"
+    assert follow.holders == {"b": len(PROMPT)}
+    # b's next report may have been taken before the request got there: still credited.
+    p.report("b", report(load=1), capacity=4)
+    p.order(follow, REPLICAS, IDLE)
+    assert follow.holders == {"b": len(PROMPT)}
+    p.report("b", report(load=0), capacity=4)  # and the one after says it holds nothing
+    p.order(follow, REPLICAS, IDLE)
+    assert follow.holders == {}
+
+
+def test_an_unchanged_report_does_not_erase_what_was_sent() -> None:
+    same = report()
+    p = placement(b=same)
+    p.sent("b", req())
+    p.report("b", dict(same), capacity=4)  # Serve re-sends every replica's stats
+    follow = req([*PROMPT, 7])
+    assert first(p, follow) == "b"
+
+
+def test_an_eviction_report_moves_the_prefix_elsewhere() -> None:
+    p = placement(a=report(PROMPT), b=report(PROMPT[: 2 * BLOCK]))
+    assert first(p, req()) == "a"
+    p.report("a", report(), capacity=4)  # a evicted its rows
+    assert first(p, req()) == "b"
+
+
+def test_a_session_goes_to_the_replica_that_reports_it() -> None:
+    p = placement(c=report(sessions=("s1",)), a=report(PROMPT))
+    assert first(p, req(session="s1")) == "c"  # even though a holds the prompt
+
+
+def test_a_session_sent_before_any_report_sticks() -> None:
+    p = placement(a=report(PROMPT))
+    p.sent("b", req([1, 2, 3], session="s2"))
+    assert first(p, req(session="s2")) == "b"
+
+
+def test_replicas_that_left_are_forgotten() -> None:
+    p = placement(c=report(PROMPT))
+    p.keep_only(["a", "b"])
+    groups = p.order(req(), ["a", "b"], {"a": 0, "b": 0})
+    assert "c" not in [r for g in groups for r in g]
+
+
+def test_a_model_no_replica_reported_goes_to_the_least_loaded() -> None:
+    p = placement()
+    other = GenerateRequest(model="other", tokens=(1, 2, 3), chain=())
+    assert p.order(other, REPLICAS, {"a": 2, "b": 0, "c": 1})[0] == ["b"]
+
+
+# ---- the transfer policy ------------------------------------------------------------------
+
+
+def test_a_fetch_is_worth_it_when_it_beats_the_prefill_it_saves() -> None:
+    policy = TransferPolicy(
+        prefill_tok_per_s=400.0, bandwidth_bytes_per_s=100e6, bytes_per_token=32 * 1024
+    )
+    # 1,000 tokens: 0.02 s + 0.33 s to move, 2.5 s to prefill.
+    assert policy.worth_it(own_tokens=0, holder_tokens=1000)
+    # Only 100 tokens saved, but the whole 1,000-token row moves.
+    assert not policy.worth_it(own_tokens=900, holder_tokens=1000)
+    assert not policy.worth_it(own_tokens=0, holder_tokens=32)  # below a block
+
+
+def test_the_policy_learns_bandwidth_bytes_per_token_and_prefill_rate() -> None:
+    policy = TransferPolicy(weight=1.0)
+    policy.moved(n_bytes=10_000_000, n_tokens=1000, seconds=0.1)
+    assert policy.bandwidth_bytes_per_s == pytest.approx(1e8)
+    assert policy.bytes_per_token == pytest.approx(10_000)
+    policy.prefilled(n_tokens=800, seconds=2.0)
+    assert policy.prefill_tok_per_s == pytest.approx(400)
+    policy.rows_held(n_bytes=1, n_tokens=1000)  # measured transfers outrank own rows
+    assert policy.bytes_per_token == pytest.approx(10_000)
+
+
+def test_the_default_is_conservative_until_rows_are_seen() -> None:
+    policy = TransferPolicy(prefill_tok_per_s=400.0)
+    assert not policy.worth_it(own_tokens=0, holder_tokens=1000)  # 256 KiB a token, 50 MB/s
+    policy.rows_held(n_bytes=4_000_000, n_tokens=1000)  # this replica's rows: 4 KB a token
+    assert policy.worth_it(own_tokens=0, holder_tokens=1000)
+
+
+def test_the_best_holder_is_the_longest_other_one() -> None:
+    policy = TransferPolicy(bytes_per_token=8, prefill_tok_per_s=100.0)
+    assert policy.best_holder({"me": 900, "x": 500, "y": 700}, "me", 0) == ("y", 700)
+    assert policy.best_holder({"me": 900}, "me", 0) is None
