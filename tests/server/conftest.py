@@ -4,13 +4,18 @@ own event loop (asyncio and trio), over an engine of stub models.
 One server per test module and loop (``anyio_backend`` is module-scoped here), so a module
 pays for one engine; tests that need a model of their own (held by a gate, metered step by
 step, made to fail) load one into it under a fresh id and unload it after.
+
+Protocol tests that only speak HTTP take ``served`` instead of ``server``: they run against
+``erllama serve`` and against the same app on Ray Serve (``erllama.ray``: two stub
+replicas behind the cache-aware router, deployed once per session on the session's local
+Ray instance), so both are held to the same behaviour.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -75,6 +80,8 @@ def stub_models() -> dict[str, erllama.ModelConfig]:
         "tools": attrs.evolve(stub_config(script=TOOL_SCRIPT), tool_call_markers=TOOL_MARKERS),
         "thinker": attrs.evolve(stub_config(script=THINK_SCRIPT), thinking_markers=THINK_MARKERS),
         "free": stub_config(eog_every=0),
+        # 0.1 s a step: a request of 250 tokens would run for 25 s unless cancelled.
+        "slow": stub_config(step_delay_s=0.1),
     }
 
 
@@ -138,6 +145,37 @@ async def server(anyio_backend: str, stub_registry: BackendRegistry) -> AsyncIte
     tests would silently run on asyncio.)"""
     async with running_server(serve_config(), stub_registry) as srv:
         yield srv
+
+
+@attrs.frozen
+class RayServed:
+    """The same app on Ray Serve: the ingress's base URL (its route prefix included)."""
+
+    url: str
+
+    def http(self, **kw: Any) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=30, **kw)
+
+
+#: Either server, as protocol tests see it: a base URL and an HTTP client.
+Served = Server | RayServed
+
+
+@pytest.fixture(scope="session")
+def ray_server(ray_serve: Any) -> Iterator[RayServed]:
+    from erllama.ray import ScaleOut, build_application
+
+    app = build_application(serve_config(), ScaleOut(replicas=2, stats_period_s=0.5))
+    with ray_serve.deployed("protocol", app) as url:
+        yield RayServed(url)
+
+
+@pytest.fixture(params=["local", pytest.param("ray", marks=pytest.mark.ray)])
+def served(request: pytest.FixtureRequest) -> Served:
+    """``erllama serve`` (the module's server), or the same app on Ray Serve."""
+    if request.param == "local":
+        return request.getfixturevalue("server")  # type: ignore[no-any-return]
+    return request.getfixturevalue("ray_server")  # type: ignore[no-any-return]
 
 
 _ids = itertools.count()

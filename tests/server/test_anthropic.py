@@ -14,14 +14,14 @@ import anthropic
 import anyio
 import pytest
 
-from .conftest import ANTHROPIC_WEATHER_TOOL, KEY, SIGNING_KEY, Server
+from .conftest import ANTHROPIC_WEATHER_TOOL, KEY, SIGNING_KEY, Served, Server
 
 pytestmark = pytest.mark.anyio
 
 GREEDY = {"temperature": 0.0, "top_k": 1}
 
 
-def client(server: Server) -> anthropic.AsyncAnthropic:
+def client(server: Served) -> anthropic.AsyncAnthropic:
     return anthropic.AsyncAnthropic(base_url=server.url, api_key=KEY, max_retries=0, timeout=30)
 
 
@@ -29,8 +29,8 @@ def user(text: str = "hello") -> list[Any]:
     return [{"role": "user", "content": text}]
 
 
-async def test_a_message_with_system_and_sampling_fields(server: Server) -> None:
-    async with client(server) as c:
+async def test_a_message_with_system_and_sampling_fields(served: Served) -> None:
+    async with client(served) as c:
         m = await c.messages.create(
             model="plain", max_tokens=32, system="Be brief.", messages=user(), extra_body=GREEDY
         )
@@ -67,8 +67,8 @@ async def test_the_stream_helper_builds_the_same_message(server: Server) -> None
     assert final.usage.output_tokens >= 5
 
 
-async def test_the_raw_stream_sends_every_event_in_order(server: Server) -> None:
-    async with client(server) as c:
+async def test_the_raw_stream_sends_every_event_in_order(served: Served) -> None:
+    async with client(served) as c:
         stream = await c.messages.create(model="plain", max_tokens=32, messages=user(), stream=True)
         kinds = [event.type async for event in stream]
     assert kinds[0] == "message_start"
@@ -111,9 +111,9 @@ async def test_a_tool_use_block_and_a_tool_result_round_trip(server: Server) -> 
     assert (second.usage.cache_read_input_tokens or 0) >= reused + first.usage.output_tokens - 1
 
 
-async def test_a_streamed_tool_use_block(server: Server) -> None:
+async def test_a_streamed_tool_use_block(served: Served) -> None:
     async with (
-        client(server) as c,
+        client(served) as c,
         c.messages.stream(
             model="tools", max_tokens=200, messages=user("weather?"), tools=[ANTHROPIC_WEATHER_TOOL]
         ) as stream,

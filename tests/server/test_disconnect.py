@@ -7,6 +7,7 @@ step" is counted, not timed."""
 from __future__ import annotations
 
 import json
+import re
 
 import anyio
 import httpx
@@ -17,6 +18,7 @@ from erllama.plugins import BackendRegistry
 
 from ..helpers import stub_config
 from .conftest import (
+    Served,
     Server,
     chat_body,
     messages_body,
@@ -84,6 +86,48 @@ async def test_a_stream_the_client_leaves_is_cancelled_within_one_step(
         async with server.http() as h:
             r = await h.post("/v1/chat/completions", json=chat_body(mid, max_tokens=3))
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """A sample's value in Prometheus text (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            head, value = line.rsplit(" ", 1)
+            if all(
+                dict(re.findall(r'(\w+)="([^"]*)"', head)).get(k) == v for k, v in labels.items()
+            ):
+                return float(value)
+    return 0.0
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", chat_body("slow", stream=True, max_tokens=250)),
+    ("/v1/messages", messages_body("slow", stream=True, max_tokens=250)),
+])  # fmt: skip
+async def test_a_stream_the_client_leaves_ends_its_request_in_the_model(
+    served: Served, path: str, body: dict[str, object]
+) -> None:
+    """Seen over HTTP only, so it holds on both servers: the "slow" model would stream for
+    25 s, but once the client leaves it is idle again and the request counts as
+    disconnected."""
+    api = "anthropic" if path == "/v1/messages" else "openai"
+    labels = {"api": api, "model": "slow", "outcome": "disconnected"}
+    async with served.http() as h:
+        before = metric((await h.get("/metrics")).text, "erllama_requests_total", **labels)
+        async with h.stream("POST", path, json=body) as r:
+            assert r.status_code == 200
+            data_lines = 0
+            async for line in r.aiter_lines():
+                data_lines += line.startswith("data:")
+                if data_lines == 3:  # tokens are flowing
+                    break
+        with anyio.fail_after(10):
+            while True:
+                text = (await h.get("/metrics")).text
+                idle = metric(text, "erllama_queue_depth", model="slow") == 0
+                if idle and metric(text, "erllama_requests_total", **labels) == before + 1:
+                    break
+                await anyio.sleep(0.05)
 
 
 async def test_a_non_streaming_request_the_client_leaves_is_cancelled(server: Server) -> None:

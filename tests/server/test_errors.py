@@ -18,6 +18,7 @@ from erllama.plugins import BackendRegistry
 
 from .conftest import (
     KEY,
+    Served,
     Server,
     chat_body,
     gated,
@@ -83,9 +84,9 @@ def anthropic_error(r: httpx.Response, status: int, kind: str) -> dict[str, Any]
     ],
 )  # fmt: skip
 async def test_a_bad_chat_parameter_is_a_400_naming_it(
-    server: Server, change: dict[str, Any], param: str
+    served: Served, change: dict[str, Any], param: str
 ) -> None:
-    async with server.http() as h:
+    async with served.http() as h:
         r = await h.post("/v1/chat/completions", json={**chat_body(), **change})
     error = openai_error(r, 400, param)
     assert error["type"] == "invalid_request_error"
@@ -120,10 +121,10 @@ async def test_a_body_that_is_not_a_json_object_is_a_400(
     ],
 )  # fmt: skip
 async def test_a_bad_messages_parameter_is_an_anthropic_400(
-    server: Server, change: dict[str, Any], fragment: str
+    served: Served, change: dict[str, Any], fragment: str
 ) -> None:
     body = {k: v for k, v in {**messages_body(), **change}.items() if v is not None}
-    async with server.http() as h:
+    async with served.http() as h:
         r = await h.post("/v1/messages", json=body)
     error = anthropic_error(r, 400, "invalid_request_error")
     assert fragment in error["message"]
@@ -132,8 +133,8 @@ async def test_a_bad_messages_parameter_is_an_anthropic_400(
 # ---- 404 -------------------------------------------------------------------------------------
 
 
-async def test_an_unknown_model_is_a_404_in_each_shape(server: Server) -> None:
-    async with server.http() as h:
+async def test_an_unknown_model_is_a_404_in_each_shape(served: Served) -> None:
+    async with served.http() as h:
         a = await h.post("/v1/chat/completions", json=chat_body("nope"))
         b = await h.post("/v1/messages", json=messages_body("nope"))
         c = await h.post("/v1/embeddings", json={"model": "nope", "input": "x"})

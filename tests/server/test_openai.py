@@ -12,12 +12,12 @@ import anyio
 import openai
 import pytest
 
-from .conftest import CALL_JSON, KEY, WEATHER_TOOL, Server, chat_body, own_model
+from .conftest import CALL_JSON, KEY, WEATHER_TOOL, Served, Server, chat_body, own_model
 
 pytestmark = pytest.mark.anyio
 
 
-def client(server: Server) -> openai.AsyncOpenAI:
+def client(server: Served) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
 
 
@@ -46,8 +46,8 @@ async def test_models_lists_every_loaded_model_and_retrieves_one(server: Server)
 # ---- chat --------------------------------------------------------------------------------------
 
 
-async def test_a_chat_completion_returns_the_reply_usage_and_cache_outcome(server: Server) -> None:
-    async with client(server) as c:
+async def test_a_chat_completion_returns_the_reply_usage_and_cache_outcome(served: Served) -> None:
+    async with client(served) as c:
         r = await c.chat.completions.create(model="plain", messages=user(), max_tokens=32)
     choice = r.choices[0]
     assert choice.message.role == "assistant"
@@ -81,8 +81,8 @@ async def test_a_stop_string_ends_the_reply_and_is_not_returned(server: Server) 
     assert (r.model_extra or {})["erllama"]["stop_sequence"] == "sanu"
 
 
-async def test_a_streamed_chat_completion_with_usage(server: Server) -> None:
-    async with client(server) as c:
+async def test_a_streamed_chat_completion_with_usage(served: Served) -> None:
+    async with client(served) as c:
         stream = await c.chat.completions.create(
             model="plain",
             messages=user(),
@@ -120,8 +120,8 @@ async def test_the_sync_client_works_from_a_worker_thread(server: Server) -> Non
 # ---- tool calls --------------------------------------------------------------------------------
 
 
-async def test_a_tool_call_comes_back_with_a_minted_id_and_its_arguments(server: Server) -> None:
-    async with client(server) as c:
+async def test_a_tool_call_comes_back_with_a_minted_id_and_its_arguments(served: Served) -> None:
+    async with client(served) as c:
         r = await c.chat.completions.create(
             model="tools", messages=user("weather?"), tools=[WEATHER_TOOL], max_tokens=200
         )
@@ -136,9 +136,9 @@ async def test_a_tool_call_comes_back_with_a_minted_id_and_its_arguments(server:
 
 
 async def test_a_streamed_tool_call_is_one_delta_with_id_name_and_arguments(
-    server: Server,
+    served: Served,
 ) -> None:
-    async with client(server) as c:
+    async with client(served) as c:
         stream = await c.chat.completions.create(
             model="tools", messages=user("weather?"), tools=[WEATHER_TOOL], max_tokens=200,
             stream=True,
