@@ -22,7 +22,7 @@ from ._common import install_bundled_model
 from ._console import Console
 from ._demo import demo
 from ._parser import Parser, build_parser
-from ._serve import SERVER_EXTRA_HINT, ServeArgumentError, serve, serve_config
+from ._serve import SERVER_EXTRA_HINT, ServeArgumentError, serve, serve_config, serve_ray
 
 __all__ = ["main"]
 
@@ -80,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _resolve_model(args, parser)
     console = Console()
     try:
+        if args.command == "serve" and args.ray:
+            return serve_ray(args, console)
         return anyio.run(COMMANDS[args.command], args, console, backend=args.loop)
     except BaseException as exc:
         leaf = _leaf(exc)

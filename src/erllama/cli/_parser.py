@@ -260,6 +260,27 @@ def _serve(sub: Any) -> None:
         default="asyncio",
         help="event loop to run on (default %(default)s)",
     )
+    r = s.add_argument_group("scale-out on Ray Serve (needs the ray extra; see docs/scale-out.md)")
+    r.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve the same routes from replicas on Ray Serve behind erllama's cache-aware "
+        "router: a local Ray instance, or the cluster RAY_ADDRESS names",
+    )
+    r.add_argument(
+        "--replicas",
+        type=_integer(1),
+        default=None,
+        metavar="N",
+        help="with --ray: engine replicas, each with cache folders of its own (default 2)",
+    )
+    r.add_argument(
+        "--router",
+        choices=("erllama", "round_robin", "prefix_affinity", "pow2"),
+        default=None,
+        help="with --ray: how requests are placed (default erllama; the others are Ray's "
+        "own, for comparison)",
+    )
 
 
 def build_parser() -> Parser:

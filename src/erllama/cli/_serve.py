@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import threading
 from typing import TYPE_CHECKING
 
 import anyio
@@ -23,9 +24,12 @@ from ._console import Console
 if TYPE_CHECKING:
     from ..server import ServeConfig
 
-__all__ = ["SERVER_EXTRA_HINT", "serve", "serve_config"]
+__all__ = ["RAY_EXTRA_HINT", "SERVER_EXTRA_HINT", "serve", "serve_config", "serve_ray"]
 
 SERVER_EXTRA_HINT = "pip install 'erllama[server]'"
+RAY_EXTRA_HINT = "pip install 'erllama[ray]'"
+#: The Serve application ``--ray`` deploys.
+RAY_APP_NAME = "erllama"
 #: Options that describe the one model served without --config.
 MODEL_OPTIONS = ("model", "model_id", "n_ctx", "threads", "gpu_layers", "cache_dir")
 
@@ -40,6 +44,11 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     keys (``--api-key``, ``ERLLAMA_API_KEY``) on top. ConfigError names a bad key."""
     from ..server import API_KEY_ENV, ServeConfig, load_serve_config
 
+    if not args.ray:
+        given = [o for o in ("replicas", "router") if getattr(args, o) is not None]
+        if given:
+            flags = ", ".join("--" + o for o in given)
+            raise ServeArgumentError(f"{flags}: only with --ray")
     if args.config is not None:
         given = [o for o in MODEL_OPTIONS if getattr(args, o) is not None]
         if given:
@@ -96,4 +105,73 @@ async def serve(args: argparse.Namespace, console: Console) -> int:
             async for signum in signals:
                 console.note(f"erllama serve: {signal.Signals(signum).name}, stopping")
                 break
+    return 0
+
+
+def serve_ray(args: argparse.Namespace, console: Console) -> int:
+    """``erllama serve --ray``: the same routes from ``--replicas`` engine replicas on Ray
+    Serve, until Ctrl-C or SIGTERM. Starts a local Ray instance, or joins the cluster
+    ``RAY_ADDRESS`` names (then only this application is removed at the end). Blocking:
+    Ray's own calls are synchronous, and the serving happens in Ray's processes."""
+    try:
+        import ray
+        from ray import serve
+
+        from ..ray import ScaleOut, build_application
+        from ..ray.app import wait_until_serving
+        from ..server.run import bind_socket
+    except ImportError as exc:
+        console.note(f"erllama serve --ray needs the ray extra ({RAY_EXTRA_HINT}): {exc}")
+        return 2
+    config: ServeConfig = args.serve_config
+    server = config.server
+    scale = ScaleOut(replicas=args.replicas or 2, router=args.router or "erllama")
+    port = server.port
+    if port == 0:  # Serve needs a number: take one that is free now
+        with bind_socket(server.host, 0) as sock:
+            port = sock.getsockname()[1]
+    address = os.environ.get("RAY_ADDRESS")
+    joined = bool(address)
+    where = f"joining the Ray cluster at {address}" if joined else "starting a local Ray instance"
+    console.note(f"erllama serve: {where} ...")
+    if joined:
+        ray.init(configure_logging=False)
+    else:
+        ray.init(include_dashboard=False, configure_logging=False)
+    stop = threading.Event()
+    try:
+        status = serve.status()
+        # HTTP options are the cluster's, fixed when its Serve started.
+        proxy_running = bool(status.proxies or status.applications)
+        serve.start(http_options={"host": server.host, "port": port})
+        console.note(
+            f"erllama serve: deploying {scale.replicas} replicas ({scale.router} router) ..."
+        )
+        serve.run(
+            build_application(config, scale), name=RAY_APP_NAME, route_prefix="/", blocking=False
+        )
+        wait_until_serving(RAY_APP_NAME)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        host = f"[{server.host}]" if ":" in server.host else server.host
+        auth = "API key required" if server.api_keys else "no API key"
+        where = (
+            "serving on the cluster's Serve HTTP proxy (its own host and port), route /"
+            if proxy_running
+            else f"listening on http://{host}:{port}"
+        )
+        console.note(
+            f"erllama serve: {where} ({scale.replicas} replicas on Ray Serve; {auth}); Ctrl-C stops"
+        )
+        while not stop.wait(0.5):
+            pass
+        console.note("erllama serve: stopping")
+    finally:
+        try:
+            if joined:
+                serve.delete(RAY_APP_NAME)
+            else:
+                serve.shutdown()  # type: ignore[no-untyped-call]
+        finally:
+            ray.shutdown()
     return 0
