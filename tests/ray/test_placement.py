@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from erllama.cluster import BLOCK, CostModel, PrefixSummary, chain_hashes
-from erllama.ray.placement import Placement
+from erllama.ray.placement import FetchCost, Placement
 from erllama.ray.transfer import TransferPolicy
 from erllama.ray.wire import GenerateRequest
 
@@ -65,6 +65,40 @@ def test_a_busy_holder_loses_to_an_idle_replica() -> None:
     assert first(p, req(), IDLE) == "c"
 
 
+def test_counting_fetches_an_idle_replica_beats_a_holder_sooner() -> None:
+    cost = CostModel(prefill_tok_per_s=100.0, request_s=1.0)  # the prompt: 3.8 s to prefill
+    loads: dict[str, int | None] = {"a": 0, "b": 0, "c": 2}
+    without = Placement(cost)
+    with_fetch = Placement(cost, fetch=FetchCost(s_per_token=1e-4))
+    for p in (without, with_fetch):
+        for replica in REPLICAS:
+            p.report(replica, report(PROMPT) if replica == "c" else report(), capacity=4)
+    assert without.order(req(), REPLICAS, loads)[0] == ["c"]  # 2 s of queue < 3.8 s
+    assert with_fetch.order(req(), REPLICAS, loads)[0] != ["c"]  # a fetch: 0.06 s
+
+
+def test_counted_in_seconds_a_long_queue_outweighs_a_longer_one_of_short_requests() -> None:
+    now = [0.0]
+    p = Placement(COST, decode_tok_per_s=100.0, clock=lambda: now[0])
+    for replica in REPLICAS:
+        p.report(replica, report(), capacity=8)
+    cold = req(list(range(10_000, 10_000 + 8 * BLOCK)))  # 512 tokens to prefill: 0.512 s
+    cold.options["max_tokens"] = 500  # and 5 s of reply
+    p.sent("a", cold, "r1")
+    for i in range(2):  # two short ones on b: 0.06 s each
+        short = req(list(range(20_000 + 100 * i, 20_000 + 100 * i + 10)))
+        short.options["max_tokens"] = 5
+        p.sent("b", short, f"r{2 + i}")
+    assert p.queue_s("a", 1) == pytest.approx(5.512)
+    assert p.queue_s("b", 2) == pytest.approx(0.12)
+    loads: dict[str, int | None] = {"a": 1, "b": 2, "c": 3}
+    assert p.order(req(), REPLICAS, loads)[0] == ["b"]  # by count, a would win
+    now[0] = 1.0
+    assert p.queue_s("a", 1) == pytest.approx(4.512)  # time passes, work gets done
+    p.completed("a", "r1")
+    assert p.queue_s("a", 0) == 0.0
+
+
 def test_a_full_holder_goes_last() -> None:
     p = placement(c=report(PROMPT))
     groups = p.order(req(), REPLICAS, {"a": 4, "b": 1, "c": 4})
@@ -82,14 +116,19 @@ def test_what_was_sent_counts_until_the_replica_has_reported_twice() -> None:
     p.sent("b", req())  # b now holds the prompt, as far as the router knows
     follow = req([*PROMPT, 7, 8, 9])
     assert first(p, follow) == "b"
-    assert follow.holders == {"b": len(PROMPT)}
     # b's next report may have been taken before the request got there: still credited.
     p.report("b", report(load=1), capacity=4)
+    assert first(p, follow) == "b"
+    p.report("b", report(load=0), capacity=4)  # the one after says it holds nothing
+    assert first(p, follow) == "a"
+
+
+def test_only_reported_prefixes_are_offered_for_fetching() -> None:
+    p = placement(a=report(PROMPT[: 3 * BLOCK]))
+    p.sent("b", req())  # b may still be prefilling it: nothing to fetch there yet
+    follow = req([*PROMPT, 7])
     p.order(follow, REPLICAS, IDLE)
-    assert follow.holders == {"b": len(PROMPT)}
-    p.report("b", report(load=0), capacity=4)  # and the one after says it holds nothing
-    p.order(follow, REPLICAS, IDLE)
-    assert follow.holders == {}
+    assert follow.holders == {"a": 3 * BLOCK}
 
 
 def test_an_unchanged_report_does_not_erase_what_was_sent() -> None:

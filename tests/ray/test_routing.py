@@ -105,6 +105,13 @@ def test_a_row_fetched_from_another_replica_gives_the_cold_output(fleet: Fleet) 
     a, b = fleet.replicas()[:2]
     first = generate(fleet.handle, request(fresh_tokens(5 * 64), "slow", pin=a))
     prompt = list(first.done.context) + fresh_tokens(12)[1:]
+    # Rows are offered for fetching once their holder has reported them: ask the router
+    # (it fills in the holders of a request it places) until a's report has arrived.
+    probe = request(prompt, "slow", pin=b)
+    wait_until(
+        lambda: where(fleet.handle, probe) == b and probe.holders.get(a, 0) >= 5 * 64,
+        what="the router learning that a holds the row",
+    )
     before = fleet.handle.options(method_name="transfer_stats").remote(Pin(b)).result()
     second = generate(fleet.handle, request(prompt, "slow", pin=b))
     after = fleet.handle.options(method_name="transfer_stats").remote(Pin(b)).result()

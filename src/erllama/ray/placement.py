@@ -15,14 +15,18 @@ A replica's report (``Replica.record_routing_stats``)::
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ..cluster import BLOCK, CostModel, PrefixSummary, Router
+import attrs
+
+from ..cluster import BLOCK, CostModel, PrefixDirectory, PrefixSummary, ReplicaView, Router, Score
+from ..cluster.policy import score
 from .wire import GenerateRequest
 
-__all__ = ["Placement"]
+__all__ = ["FetchCost", "Placement"]
 
 #: Sessions the router remembers sending somewhere before the replica reports them.
 SESSION_MEMORY = 65_536
@@ -32,14 +36,67 @@ SESSION_MEMORY = 65_536
 CREDIT_REPORTS = 2
 #: Prompts per replica the router keeps crediting (the most recent).
 CREDIT_LIMIT = 256
+#: Requests per replica whose work the router tracks (the most recent), and how long past
+#: its expected end one is kept when its completion is never heard of.
+INFLIGHT_LIMIT = 1024
+INFLIGHT_GRACE_S = 60.0
+
+
+@attrs.frozen
+class FetchCost:
+    """What the router expects fetching a row from another replica to cost
+    (``transfer.py``): ``latency_s`` plus ``s_per_token`` for every token of the row."""
+
+    s_per_token: float
+    latency_s: float = 0.02
+    #: A shorter gap is never fetched (the replicas' TransferPolicy.min_tokens).
+    min_tokens: int = BLOCK
+
+    def seconds(self, row_tokens: int) -> float:
+        return self.latency_s + row_tokens * self.s_per_token
+
+
+@attrs.define
+class _Work:
+    """A request the router sent and has not seen complete: when, and its expected time
+    on the replica (prefill of what the replica lacked, then its tokens)."""
+
+    sent_at: float
+    seconds: float
 
 
 class Placement:
-    """Ranks replicas for requests from their reports; event-loop (or one thread) only."""
+    """Ranks replicas for requests from their reports; event-loop (or one thread) only.
 
-    def __init__(self, cost: CostModel | None = None, block: int = BLOCK) -> None:
+    The cost of a replica is ``erllama.cluster``'s: the prefill it would do, plus its queue.
+    Two refinements, each on when configured:
+
+    * ``decode_tok_per_s``: the queue is counted in seconds, not requests. The router knows
+      what it sent each replica (prompt tokens the replica lacked, ``max_tokens``) and when,
+      so a replica busy with one long cold prompt weighs more than one finishing a short
+      reply. Requests it did not send (other routers') count ``request_s`` each.
+    * ``fetch`` (replicas fetch rows from each other): a replica lacking a prefix another
+      reported holding is scored as if it fetched it, when that is cheaper than
+      prefilling, so a busy holder loses to an idle replica sooner: the prefix follows the
+      request.
+    """
+
+    def __init__(
+        self,
+        cost: CostModel | None = None,
+        block: int = BLOCK,
+        fetch: FetchCost | None = None,
+        *,
+        decode_tok_per_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.cost = cost or CostModel()
         self.block = block
+        self.fetch = fetch
+        self.decode_tok_per_s = decode_tok_per_s
+        self._clock = clock
+        #: Per replica: request id -> its work, for requests sent and not yet completed.
+        self._work: dict[str, dict[str, _Work]] = {}
         self._routers: dict[str, Router] = {}
         self._reports: dict[str, Mapping[str, Any]] = {}
         self._capacity: dict[str, int] = {}
@@ -50,6 +107,9 @@ class Placement:
         self._sent_sessions: OrderedDict[tuple[str, str], str] = OrderedDict()
         #: Per replica: (model, prompt chain, reports left) of what was sent there.
         self._credits: dict[str, list[tuple[str, tuple[int, ...], int]]] = {}
+        #: Per model: what replicas reported, without what was sent since. Only a reported
+        #: prefix can be fetched: a prompt sent a moment ago may still be prefilling.
+        self._reported: dict[str, PrefixDirectory] = {}
 
     # ---- what replicas report -------------------------------------------------------------
 
@@ -75,6 +135,7 @@ class Placement:
                 frozenset(entry.get("sessions", ())) if isinstance(entry, Mapping) else frozenset()
             )
             self._sessions.setdefault(model, {})[replica] = sessions
+            self._reported.setdefault(model, PrefixDirectory()).update(replica, held)
             self._router(model).update(
                 replica,
                 held=held,
@@ -101,6 +162,9 @@ class Placement:
                 router.remove(gone)
             for by_replica in self._sessions.values():
                 by_replica.pop(gone, None)
+            for directory in self._reported.values():
+                directory.update(gone, {})
+            self._work.pop(gone, None)
 
     # ---- placing a request ----------------------------------------------------------------
 
@@ -127,31 +191,117 @@ class Placement:
                 router.update(owner, sessions=held | {session})
         self.annotate(request, candidates)
         n_prompt = len(request.tokens)
-        ranked = [
-            s.replica.id
-            for s in router.rank(request.chain, n_prompt, session=session, among=candidates)
-        ]
+        scores = router.rank(request.chain, n_prompt, session=session, among=candidates)
+        if scores and (self.fetch is not None or self.decode_tok_per_s is not None):
+            scores = self._rescore(request, candidates, scores, loads)
+        ranked = [s.replica.id for s in scores]
         rest = [r for r in router.fallback(candidates) if r not in ranked]
         groups = [[r] for r in ranked]
         if rest:
             groups.append(rest)
         return groups
 
-    def annotate(self, request: GenerateRequest, candidates: Sequence[str]) -> None:
-        """Fill ``request.holders``: the candidates holding a prefix of its prompt, with the
-        tokens they hold (block-aligned, at most all but the last prompt token)."""
+    def _rescore(
+        self,
+        request: GenerateRequest,
+        candidates: Sequence[str],
+        scores: list[Score],
+        loads: Mapping[str, int | None],
+    ) -> list[Score]:
+        """Every candidate scored with the refinements (see the class docstring), in
+        ``rank_replicas``'s order: the session owner first, then by seconds, full last."""
         n_prompt = len(request.tokens)
+        scored = {s.replica.id for s in scores}
+        for replica in candidates:  # the rest lack the prompt: only their queues differ
+            if replica not in scored:
+                load = loads.get(replica)
+                view = ReplicaView(
+                    id=replica,
+                    load=self._load.get(replica, 0) if load is None else load,
+                    capacity=self._capacity.get(replica, 1),
+                )
+                scores.append(score(view, n_prompt, self.block, self.cost))
+        now = self._clock()
+        best = max(request.holders.values(), default=0)
+        fetch = self.fetch
+
+        def seconds(s: Score) -> float:
+            total = s.seconds
+            if self.decode_tok_per_s is not None:
+                queue = self.queue_s(s.replica.id, s.replica.load, now)
+                total += queue - s.replica.load * self.cost.request_s
+            gap = best - s.matched_tokens
+            if fetch is not None and gap >= fetch.min_tokens:
+                total = min(total, total - self.cost.prefill_s(gap) + fetch.seconds(best))
+            return total
+
+        first = scores[0]
+        session = request.session_id
+        owner = session is not None and session in first.replica.sessions and not first.full
+        head = [first] if owner else []
+        room = [s for s in scores[len(head) :] if not s.full]
+        full = sorted((s for s in scores[len(head) :] if s.full), key=lambda s: s.replica.load)
+        room.sort(key=lambda s: (seconds(s), s.replica.load, s.replica.id))
+        return [*head, *room, *full]
+
+    def queue_s(self, replica: str, load: int, now: float | None = None) -> float:
+        """Seconds of work queued or running on ``replica``: what remains of the requests
+        this router sent it (their expected times, less the time since the oldest was
+        sent), plus ``request_s`` for each of ``load`` it did not send."""
+        now = self._clock() if now is None else now
+        work = self._work.get(replica)
+        if not work:
+            return load * self.cost.request_s
+        oldest = min(w.sent_at for w in work.values())
+        remaining = max(0.0, sum(w.seconds for w in work.values()) - (now - oldest))
+        return remaining + max(0, load - len(work)) * self.cost.request_s
+
+    def completed(self, replica: str, request_id: str) -> None:
+        """A request this router sent has ended (finished, failed or cancelled)."""
+        work = self._work.get(replica)
+        if work is not None:
+            work.pop(request_id, None)
+
+    def _track(self, replica: str, request_id: str, seconds: float) -> None:
+        now = self._clock()
+        work = self._work.setdefault(replica, {})
+        for stale in [k for k, w in work.items() if now - w.sent_at > w.seconds + INFLIGHT_GRACE_S]:
+            del work[stale]  # its completion was never heard of
+        work[request_id] = _Work(now, seconds)
+        while len(work) > INFLIGHT_LIMIT:
+            del work[next(iter(work))]
+
+    def _expected_s(self, replica: str, request: GenerateRequest) -> float:
         matches = self._router(request.model).directory.matches(request.chain)
+        blocks = matches.get(replica, (0, 0))[0]
+        n_prompt = len(request.tokens)
+        matched = min(max(blocks * self.block, request.holders.get(replica, 0)), n_prompt - 1)
+        max_tokens = request.options.get("max_tokens")
+        if self.decode_tok_per_s is None or not isinstance(max_tokens, int):
+            generate = self.cost.request_s
+        else:
+            generate = max_tokens / self.decode_tok_per_s
+        return self.cost.prefill_s(max(0, n_prompt - matched)) + generate
+
+    def annotate(self, request: GenerateRequest, candidates: Sequence[str]) -> None:
+        """Fill ``request.holders``: the candidates that reported holding a prefix of its
+        prompt, with the tokens they hold (block-aligned, at most all but the last prompt
+        token)."""
+        n_prompt = len(request.tokens)
+        directory = self._reported.get(request.model)
+        matches = directory.matches(request.chain) if directory is not None else {}
         request.holders = {
             replica: min(blocks * self.block, max(0, n_prompt - 1))
             for replica, (blocks, _) in matches.items()
             if replica in candidates
         }
 
-    def sent(self, replica: str, request: GenerateRequest) -> None:
+    def sent(self, replica: str, request: GenerateRequest, request_id: str | None = None) -> None:
         """The request went to ``replica``: count it there until its next report, credit
-        it with the prompt's blocks for its next :data:`CREDIT_REPORTS` reports, and
-        remember its session."""
+        it with the prompt's blocks for its next :data:`CREDIT_REPORTS` reports, remember
+        its session, and (with ``request_id``, until :meth:`completed`) its work."""
+        if request_id is not None:
+            self._track(replica, request_id, self._expected_s(replica, request))
         self._router(request.model).sent(replica, request.chain)
         if request.chain:
             credits = self._credits.setdefault(replica, [])

@@ -26,7 +26,7 @@ from ray.serve.request_router import (
 )
 
 from ..cluster import BLOCK, CostModel
-from .placement import Placement
+from .placement import FetchCost, Placement
 from .wire import GenerateRequest
 
 __all__ = ["CacheAwareRouter"]
@@ -40,17 +40,26 @@ class CacheAwareRouter(RequestRouter):
     ``request_router_kwargs`` (all optional): ``prefill_tok_per_s`` and ``request_s`` (the
     cost model: prompt tokens a replica prefills per second, and the typical time one
     queued request holds a replica), ``block`` (tokens per hashed block; the replicas'
-    summaries must use the same)."""
+    summaries must use the same), ``decode_tok_per_s`` (count each replica's queue in
+    seconds of the work this router sent it, not in requests), and when replicas fetch
+    rows from each other, ``fetch_s_per_token`` and ``fetch_latency_s`` (what a fetch
+    costs: without them the router places requests as if rows never moved)."""
 
     def initialize_state(
         self,
         prefill_tok_per_s: float = 200.0,
         request_s: float = 1.0,
         block: int = BLOCK,
+        decode_tok_per_s: float | None = None,
+        fetch_s_per_token: float | None = None,
+        fetch_latency_s: float = 0.02,
         **_: Any,
     ) -> None:
         cost = CostModel(prefill_tok_per_s=prefill_tok_per_s, request_s=request_s)
-        self._placement = Placement(cost, block)
+        fetch = None
+        if fetch_s_per_token is not None:
+            fetch = FetchCost(fetch_s_per_token, fetch_latency_s, min_tokens=block)
+        self._placement = Placement(cost, block, fetch, decode_tok_per_s=decode_tok_per_s)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
@@ -105,9 +114,16 @@ class CacheAwareRouter(RequestRouter):
         try:
             request = _request_of(pending_request)
             if isinstance(request, GenerateRequest):
-                self._placement.sent(replica_id.unique_id, request)
+                request_id = pending_request.metadata.internal_request_id
+                self._placement.sent(replica_id.unique_id, request, request_id)
         except Exception:
             log.exception("erllama router: could not record a routed request")
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        try:
+            self._placement.completed(replica_id.unique_id, internal_request_id)
+        except Exception:
+            log.exception("erllama router: could not record a completed request")
 
 
 def _request_of(pending: PendingRequest | None) -> Any:
