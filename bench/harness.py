@@ -40,6 +40,7 @@ SCENARIOS = (
     "threads",
     "micro",
     "router_sim",
+    "scale_out",
 )
 
 
