@@ -30,6 +30,8 @@ SERVER_EXTRA_HINT = "pip install 'erllama[server]'"
 RAY_EXTRA_HINT = "pip install 'erllama[ray]'"
 #: The Serve application ``--ray`` deploys.
 RAY_APP_NAME = "erllama"
+#: How long stopping Serve may take before the command gives up on it.
+RAY_SHUTDOWN_TIMEOUT_S = 60.0
 #: Options that describe the one model served without --config.
 MODEL_OPTIONS = ("model", "model_id", "n_ctx", "threads", "gpu_layers", "cache_dir")
 
@@ -144,9 +146,8 @@ def serve_ray(args: argparse.Namespace, console: Console) -> int:
         # HTTP options are the cluster's, fixed when its Serve started.
         proxy_running = bool(status.proxies or status.applications)
         serve.start(http_options={"host": server.host, "port": port})
-        console.note(
-            f"erllama serve: deploying {scale.replicas} replicas ({scale.router} router) ..."
-        )
+        replicas = f"{scale.replicas} replica{'s' if scale.replicas != 1 else ''}"
+        console.note(f"erllama serve: deploying {replicas} ({scale.router} router) ...")
         serve.run(
             build_application(config, scale), name=RAY_APP_NAME, route_prefix="/", blocking=False
         )
@@ -167,11 +168,14 @@ def serve_ray(args: argparse.Namespace, console: Console) -> int:
             pass
         console.note("erllama serve: stopping")
     finally:
-        try:
-            if joined:
-                serve.delete(RAY_APP_NAME)
-            else:
-                serve.shutdown()  # type: ignore[no-untyped-call]
-        finally:
-            ray.shutdown()
+        # Bounded: a signal sent to the whole process group (``kill -TERM -PGID``, a
+        # supervisor's stop) also ends the local Ray's own processes, and Serve's shutdown
+        # would then wait for them forever.
+        remove = (lambda: serve.delete(RAY_APP_NAME)) if joined else serve.shutdown
+        worker = threading.Thread(target=remove, name="serve-shutdown", daemon=True)
+        worker.start()
+        worker.join(RAY_SHUTDOWN_TIMEOUT_S)
+        if worker.is_alive():
+            console.note("erllama serve: Ray Serve did not stop in time; leaving it")
+        ray.shutdown()
     return 0
