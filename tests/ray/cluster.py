@@ -109,13 +109,37 @@ def generate(handle: Any, request: GenerateRequest) -> Reply:
 
 
 def where(handle: Any, request: GenerateRequest) -> str:
-    """The replica the router would pick for ``request`` now (nothing is sent)."""
+    """The replica the router would pick for ``request`` now (nothing is sent).
+
+    The router counts what it chose before Serve confirms sending it, for up to
+    ``PROVISIONAL_S``, and cannot tell a choice that will never be sent: this waits that
+    out, so that asking leaves no trace on the next placement."""
+    from erllama.ray.placement import PROVISIONAL_S
 
     async def pick() -> str:
         async with handle.options(method_name="generate").choose_replica(request) as selection:
             return str(selection.replica_id)
 
-    return asyncio.run(pick())
+    chosen = asyncio.run(pick())
+    time.sleep(PROVISIONAL_S)
+    return chosen
+
+
+def where_all(handle: Any, requests: list[GenerateRequest]) -> list[str]:
+    """Where the router places ``requests`` arriving together (nothing is sent): Serve
+    routes them all before it confirms any. Waits the choices out as :func:`where` does."""
+    from erllama.ray.placement import PROVISIONAL_S
+
+    async def pick(request: GenerateRequest) -> str:
+        async with handle.options(method_name="generate").choose_replica(request) as selection:
+            return str(selection.replica_id)
+
+    async def picks() -> list[str]:
+        return list(await asyncio.gather(*(pick(r) for r in requests)))
+
+    chosen = asyncio.run(picks())
+    time.sleep(PROVISIONAL_S)
+    return chosen
 
 
 def wait_until(predicate: Callable[[], bool], within: float = 20.0, what: str = "it") -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from erllama.cluster import BLOCK, CostModel, PrefixSummary, chain_hashes
-from erllama.ray.placement import FetchCost, Placement
+from erllama.ray.placement import PROVISIONAL_S, FetchCost, Placement
 from erllama.ray.transfer import TransferPolicy
 from erllama.ray.wire import GenerateRequest
 
@@ -169,6 +169,90 @@ def test_a_model_no_replica_reported_goes_to_the_least_loaded() -> None:
     p = placement()
     other = GenerateRequest(model="other", tokens=(1, 2, 3), chain=())
     assert p.order(other, REPLICAS, {"a": 2, "b": 0, "c": 1})[0] == ["b"]
+
+
+# ---- choices Serve has not confirmed yet ----------------------------------------------------
+
+
+def clocked(**kwargs: Any) -> tuple[Placement, list[float]]:
+    now = [0.0]
+    p = Placement(COST, clock=lambda: now[0], **kwargs)
+    for replica in REPLICAS:
+        p.report(replica, report(), capacity=4)
+    return p, now
+
+
+def test_a_choice_counts_before_serve_confirms_it() -> None:
+    p, _ = clocked()
+    cold = req(list(range(30_000, 30_000 + 3 * BLOCK)))
+    chosen = first(p, cold)
+    p.chose(chosen, cold, "r1")
+    # Serve's estimates still say everyone is idle: the choice alone moves the next one.
+    other = req(list(range(40_000, 40_000 + 3 * BLOCK)))
+    assert first(p, other) != chosen
+    # And the prompt is credited there (its next turn may follow it), not offered for
+    # fetching: it is not even sent yet.
+    assert set(p._router("m").directory.matches(cold.chain)) == {chosen}
+    follow = req([*cold.tokens, 7])
+    p.order(follow, REPLICAS, IDLE)
+    assert follow.holders == {}
+
+
+def test_a_confirmed_choice_counts_once() -> None:
+    p, _ = clocked(decode_tok_per_s=100.0)
+    r = req()
+    r.options["max_tokens"] = 100  # 0.384 s of prefill, then 1 s of reply
+    p.chose("a", r, "r1")
+    p.sent("a", r, "r1")
+    assert p.queue_s("a", 1) == pytest.approx(1.384)
+    assert first(p, req(list(range(40_000, 40_000 + BLOCK))), {"a": 1, "b": 1, "c": 1}) != "a"
+    p.completed("a", "r1")
+    assert p.queue_s("a", 0) == 0.0
+
+
+def test_a_choice_serve_has_sent_is_not_counted_twice() -> None:
+    p, _ = clocked()
+    p.chose("a", req(), "r1")
+    other = req(list(range(40_000, 40_000 + BLOCK)))
+    p.order(other, REPLICAS, {"a": 0, "b": 0, "c": 0})
+    assert p._router("m").load("a") == 1  # Serve does not count it yet: the choice does
+    p.counted_by_serve("a")  # Serve sent it, and counts it from now on
+    p.order(other, REPLICAS, {"a": 1, "b": 0, "c": 0})
+    assert p._router("m").load("a") == 1
+
+
+def test_a_choice_serve_never_sends_is_forgotten() -> None:
+    p, now = clocked(decode_tok_per_s=100.0)
+    r = req()
+    r.options["max_tokens"] = 100
+    p.chose("a", r, "r1")
+    assert p.queue_s("a", 0) == pytest.approx(1.384)
+    now[0] = PROVISIONAL_S
+    follow = req([*PROMPT, 7])
+    p.order(follow, REPLICAS, IDLE)  # expires it
+    assert p.queue_s("a", 0) == 0.0
+    assert p._router("m").directory.matches(follow.chain) == {}  # no longer credited
+
+
+def test_a_choice_sent_elsewhere_moves_there() -> None:
+    p, _ = clocked(decode_tok_per_s=100.0)
+    r = req()
+    r.options["max_tokens"] = 100
+    p.chose("a", r, "r1")
+    p.sent("b", r, "r1")  # a was full when Serve came to it
+    assert p.queue_s("a", 0) == 0.0
+    assert p.queue_s("b", 1) == pytest.approx(1.384)
+    assert set(p._router("m").directory.matches(r.chain)) == {"b"}
+
+
+def test_choosing_again_for_a_request_replaces_the_earlier_choice() -> None:
+    p, _ = clocked(decode_tok_per_s=100.0)
+    r = req()
+    r.options["max_tokens"] = 100
+    p.chose("a", r, "r1")
+    p.chose("c", r, "r1")  # Serve retried: the choice moved
+    assert p.queue_s("a", 0) == 0.0
+    assert p.queue_s("c", 0) == pytest.approx(1.384)
 
 
 # ---- the transfer policy ------------------------------------------------------------------

@@ -17,7 +17,7 @@ from erllama.cluster import chain_hashes
 from erllama.ray.wire import GenerateRequest, Pin
 
 from ..helpers import cold_run
-from .cluster import generate, wait_until, where
+from .cluster import generate, wait_until, where, where_all
 from .conftest import Fleet, fresh_tokens
 
 pytestmark = pytest.mark.ray
@@ -76,6 +76,13 @@ def test_a_busy_holder_loses_to_an_idle_replica(fleet: Fleet) -> None:
     finally:
         busy.cancel()
     wait_until(lambda: where(fleet.handle, follow) == a, what="a being chosen again")
+
+
+def test_requests_arriving_together_spread_before_serve_confirms_any(fleet: Fleet) -> None:
+    # Three cold prompts at once: Serve asks the router for all three before it hears back
+    # from any replica, so only the router's own count of its choices can spread them.
+    chosen = where_all(fleet.handle, [request(fresh_tokens(70)) for _ in range(3)])
+    assert sorted(chosen) == fleet.replicas()
 
 
 def test_a_session_stays_on_the_replica_that_holds_it(fleet: Fleet) -> None:

@@ -115,6 +115,10 @@ class Router:
         self._state(replica).load += 1
         self.directory.add(replica, chain)
 
+    def load(self, replica: str) -> int:
+        """The requests counted on ``replica`` now (reported or estimated, plus sent)."""
+        return self._state(replica).load
+
     @property
     def replicas(self) -> list[str]:
         return list(self._replicas)

@@ -40,6 +40,10 @@ CREDIT_LIMIT = 256
 #: its expected end one is kept when its completion is never heard of.
 INFLIGHT_LIMIT = 1024
 INFLIGHT_GRACE_S = 60.0
+#: How long a choice Serve has not confirmed (``on_request_routed``) still counts. Serve
+#: confirms a request it sent after one round trip to the replica; a choice it never sends
+#: (``choose_replica`` without dispatch, a request cancelled while routing) must not stay.
+PROVISIONAL_S = 1.0
 
 
 @attrs.frozen
@@ -54,6 +58,17 @@ class FetchCost:
 
     def seconds(self, row_tokens: int) -> float:
         return self.latency_s + row_tokens * self.s_per_token
+
+
+@attrs.define
+class _Choice:
+    """A request the router placed and Serve has not yet confirmed sending."""
+
+    replica: str
+    request: GenerateRequest
+    at: float
+    #: Serve has sent it and counts it in its queue-length estimate (not yet confirmed).
+    counted: bool = False
 
 
 @attrs.define
@@ -110,6 +125,11 @@ class Placement:
         #: Per model: what replicas reported, without what was sent since. Only a reported
         #: prefix can be fetched: a prompt sent a moment ago may still be prefilling.
         self._reported: dict[str, PrefixDirectory] = {}
+        #: Request id -> where the router placed it, until Serve confirms the send (then
+        #: it is accounted by :meth:`sent`) or :data:`PROVISIONAL_S` passes. Serve routes
+        #: several requests before it confirms any (each confirmation waits on a replica),
+        #: so without these a burst of requests would all see the same idle replica.
+        self._chosen: OrderedDict[str, _Choice] = OrderedDict()
 
     # ---- what replicas report -------------------------------------------------------------
 
@@ -143,17 +163,28 @@ class Placement:
                 capacity=capacity,
                 sessions=sessions,
             )
-        credits = []
-        for model, chain, left in self._credits.get(replica, ()):
-            if left > 1:
-                self._router(model).directory.add(replica, chain)
-                credits.append((model, chain, left - 1))
-        self._credits[replica] = credits
+        self._credits[replica] = [
+            (model, chain, left - 1)
+            for model, chain, left in self._credits.get(replica, ())
+            if left > 1
+        ]
+        self._recredit(replica)
+
+    def _recredit(self, replica: str) -> None:
+        """Add back, over ``replica``'s reported prefixes in each router's directory, what
+        the router sent it (credits) and placed there unconfirmed (choices)."""
+        for model, chain, _ in self._credits.get(replica, ()):
+            self._router(model).directory.add(replica, chain)
+        for choice in self._chosen.values():
+            if choice.replica == replica and choice.request.chain:
+                self._router(choice.request.model).directory.add(replica, choice.request.chain)
 
     def keep_only(self, replicas: Sequence[str]) -> None:
         """Forget replicas that are gone."""
         alive = set(replicas)
         for gone in set(self._capacity) - alive:
+            for request_id in [k for k, c in self._chosen.items() if c.replica == gone]:
+                del self._chosen[request_id]
             self._capacity.pop(gone, None)
             self._credits.pop(gone, None)
             self._reports.pop(gone, None)
@@ -179,9 +210,16 @@ class Placement:
         cost), then everyone else together (Serve takes the least loaded of a group).
         Fills ``request.holders``. ``loads`` are Serve's queue-length estimates (None:
         unknown, the report plus what was sent since stands)."""
+        self._expire_choices()
         router = self._router(request.model)
+        unconfirmed: dict[str, int] = {}
+        for choice in self._chosen.values():
+            if not choice.counted:
+                unconfirmed[choice.replica] = unconfirmed.get(choice.replica, 0) + 1
         for replica in candidates:
             load = loads.get(replica)
+            if load is not None:  # Serve counts requests once it sends them
+                load += unconfirmed.get(replica, 0)
             router.update(replica, capacity=self._capacity.get(replica, 1), load=load)
         session = request.session_id
         if session is not None:
@@ -193,7 +231,7 @@ class Placement:
         n_prompt = len(request.tokens)
         scores = router.rank(request.chain, n_prompt, session=session, among=candidates)
         if scores and (self.fetch is not None or self.decode_tok_per_s is not None):
-            scores = self._rescore(request, candidates, scores, loads)
+            scores = self._rescore(request, candidates, scores, router)
         ranked = [s.replica.id for s in scores]
         rest = [r for r in router.fallback(candidates) if r not in ranked]
         groups = [[r] for r in ranked]
@@ -206,18 +244,17 @@ class Placement:
         request: GenerateRequest,
         candidates: Sequence[str],
         scores: list[Score],
-        loads: Mapping[str, int | None],
+        router: Router,
     ) -> list[Score]:
         """Every candidate scored with the refinements (see the class docstring), in
         ``rank_replicas``'s order: the session owner first, then by seconds, full last."""
         n_prompt = len(request.tokens)
         scored = {s.replica.id for s in scores}
         for replica in candidates:  # the rest lack the prompt: only their queues differ
-            if replica not in scored:
-                load = loads.get(replica)
+            if replica not in scored:  # its load: as order() just set it
                 view = ReplicaView(
                     id=replica,
-                    load=self._load.get(replica, 0) if load is None else load,
+                    load=router.load(replica),
                     capacity=self._capacity.get(replica, 1),
                 )
                 scores.append(score(view, n_prompt, self.block, self.cost))
@@ -299,10 +336,17 @@ class Placement:
     def sent(self, replica: str, request: GenerateRequest, request_id: str | None = None) -> None:
         """The request went to ``replica``: count it there until its next report, credit
         it with the prompt's blocks for its next :data:`CREDIT_REPORTS` reports, remember
-        its session, and (with ``request_id``, until :meth:`completed`) its work."""
-        if request_id is not None:
-            self._track(replica, request_id, self._expected_s(replica, request))
-        self._router(request.model).sent(replica, request.chain)
+        its session, and (with ``request_id``, until :meth:`completed`) its work. A
+        request :meth:`chose` placed there is already counted, and now confirmed."""
+        self._expire_choices()
+        choice = self._chosen.pop(request_id, None) if request_id is not None else None
+        if choice is not None and request_id is not None and choice.replica != replica:
+            self._undo(choice, request_id)  # Serve sent it elsewhere (its choice was full)
+            choice = None
+        if choice is None:
+            if request_id is not None:
+                self._track(replica, request_id, self._expected_s(replica, request))
+            self._router(request.model).sent(replica, request.chain)
         if request.chain:
             credits = self._credits.setdefault(replica, [])
             credits.append((request.model, request.chain, CREDIT_REPORTS))
@@ -313,6 +357,48 @@ class Placement:
             self._sent_sessions.move_to_end(key)
             while len(self._sent_sessions) > SESSION_MEMORY:
                 self._sent_sessions.popitem(last=False)
+
+    def chose(self, replica: str, request: GenerateRequest, request_id: str) -> None:
+        """The router placed the request on ``replica`` (its first choice): count it there
+        now, as :meth:`sent` will, so that requests placed before Serve confirms this one
+        see it. Undone if Serve does not confirm it within :data:`PROVISIONAL_S`, or sends
+        it elsewhere. Choosing again for the same request replaces the earlier choice."""
+        self._expire_choices()
+        old = self._chosen.pop(request_id, None)
+        if old is not None:
+            self._undo(old, request_id)
+        self._chosen[request_id] = _Choice(replica, request, self._clock())
+        self._track(replica, request_id, self._expected_s(replica, request))
+        self._router(request.model).sent(replica, request.chain)
+
+    def counted_by_serve(self, replica: str) -> None:
+        """Serve sent a request to ``replica`` and counts it in its queue-length estimate
+        from now on (it confirms it later): one unconfirmed choice there stops adding to
+        that estimate, so the request is not counted twice."""
+        for choice in self._chosen.values():
+            if choice.replica == replica and not choice.counted:
+                choice.counted = True
+                return
+
+    def _undo(self, choice: _Choice, request_id: str) -> None:
+        """Stop counting a choice that was not sent (it is out of ``_chosen`` already)."""
+        self.completed(choice.replica, request_id)
+        router = self._router(choice.request.model)
+        router.update(choice.replica, load=max(0, router.load(choice.replica) - 1))
+        if choice.request.chain:  # its blocks: back to what was reported, plus credits
+            reported = self._reported.get(choice.request.model)
+            held = reported.held(choice.replica) if reported is not None else {}
+            router.update(choice.replica, held=held)
+            self._recredit(choice.replica)
+
+    def _expire_choices(self) -> None:
+        now = self._clock()
+        while self._chosen:
+            request_id, choice = next(iter(self._chosen.items()))
+            if now - choice.at < PROVISIONAL_S:
+                break
+            del self._chosen[request_id]
+            self._undo(choice, request_id)
 
     def _session_owner(self, model: str, session: str) -> str | None:
         for replica, sessions in self._sessions.get(model, {}).items():

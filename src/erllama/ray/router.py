@@ -100,13 +100,33 @@ class CacheAwareRouter(RequestRouter):
                 return [candidates]
             if isinstance(request, GenerateRequest):
                 self._placement.annotate(request, list(by_id))
+                self._chose(pin, request, pending)
             return [[pinned]]
         if not isinstance(request, GenerateRequest):
             return [candidates]
         cache = self._replica_queue_len_cache
         loads = {uid: cache.get(r.replica_id) for uid, r in by_id.items()}
         groups = self._placement.order(request, list(by_id), loads)
+        if groups and groups[0]:
+            # Serve takes the first group's replica unless it is full: count it there now,
+            # before Serve confirms the send (see Placement.chose).
+            self._chose(groups[0][0], request, pending)
         return [[by_id[uid] for uid in group] for group in groups]
+
+    def _chose(
+        self, replica: str, request: GenerateRequest, pending: PendingRequest | None
+    ) -> None:
+        metadata = getattr(pending, "metadata", None)
+        request_id = getattr(metadata, "internal_request_id", None)
+        if isinstance(request_id, str):
+            self._placement.chose(replica, request, request_id)
+
+    def on_send_request(self, replica_id: ReplicaID) -> None:
+        super().on_send_request(replica_id)
+        try:
+            self._placement.counted_by_serve(replica_id.unique_id)
+        except Exception:
+            log.exception("erllama router: could not record a sent request")
 
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any
