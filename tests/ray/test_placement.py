@@ -205,7 +205,6 @@ def test_a_confirmed_choice_counts_once() -> None:
     p.chose("a", r, "r1")
     p.sent("a", r, "r1")
     assert p.queue_s("a", 1) == pytest.approx(1.384)
-    assert first(p, req(list(range(40_000, 40_000 + BLOCK))), {"a": 1, "b": 1, "c": 1}) != "a"
     p.completed("a", "r1")
     assert p.queue_s("a", 0) == 0.0
 
@@ -253,6 +252,60 @@ def test_choosing_again_for_a_request_replaces_the_earlier_choice() -> None:
     p.chose("c", r, "r1")  # Serve retried: the choice moved
     assert p.queue_s("a", 0) == 0.0
     assert p.queue_s("c", 0) == pytest.approx(1.384)
+
+
+# ---- prefixes still being prefilled ---------------------------------------------------------
+
+
+def test_a_prompt_sent_but_not_reported_is_offered_as_filling() -> None:
+    cost = CostModel(prefill_tok_per_s=100.0, request_s=5.0)  # the prompt: 3.84 s
+    now = [0.0]
+    p = Placement(cost, decode_tok_per_s=100.0, clock=lambda: now[0])
+    for replica in REPLICAS:
+        p.report(replica, report(), capacity=4)
+    r = req()
+    r.options["max_tokens"] = 100
+    p.sent("a", r, "r1")
+    now[0] = 2.0
+    follow = req([*PROMPT, 7])
+    p.order(follow, REPLICAS, IDLE)
+    assert follow.holders == {}
+    assert follow.filling["a"] == (len(PROMPT), pytest.approx(1.84))
+    p.report("a", report(PROMPT, load=1), capacity=4)  # a reports it: fetchable now
+    p.order(follow, REPLICAS, IDLE)
+    assert follow.holders == {"a": len(PROMPT)}
+    assert follow.filling == {}
+
+
+def test_a_replica_that_can_wait_for_the_row_beats_a_holder_busy_after_its_prefill() -> None:
+    cost = CostModel(prefill_tok_per_s=100.0, request_s=5.0)
+    follow = req([*PROMPT, 7])
+    firsts = []
+    for fetch in (None, FetchCost(s_per_token=1e-4)):
+        now = [0.0]
+        p = Placement(cost, fetch=fetch, decode_tok_per_s=100.0, clock=lambda now=now: now[0])
+        for replica in REPLICAS:
+            p.report(replica, report(), capacity=4)
+        r = req()
+        r.options["max_tokens"] = 100  # a: 3.84 s of prefill, then 1 s of reply
+        p.sent("a", r, "r1")
+        now[0] = 2.0
+        firsts.append(first(p, follow, {"a": 1, "b": 0, "c": 0}))
+    # Prefilling elsewhere (3.85 s) loses to queueing on a (2.85 s); waiting 1.84 s for a's
+    # row and fetching it beats both.
+    assert firsts[0] == "a" and firsts[1] != "a"
+
+
+def test_waiting_for_a_row_pays_when_it_arrives_before_the_prefill_it_saves() -> None:
+    policy = TransferPolicy(prefill_tok_per_s=100.0, bytes_per_token=8)  # 1,000 tokens: 10 s
+    best = policy.best_filling({"x": (1000, 4.0), "y": (1000, 2.0)}, "me", 0)
+    assert best is not None
+    replica, tokens, wait_s, saves = best
+    assert (replica, tokens) == ("y", 1000)  # the sooner one
+    assert saves == pytest.approx(10.0 - 0.02 - 2.0, abs=0.01)
+    assert 2.0 < wait_s < 10.0  # some slack past the expected time, less than the prefill
+    assert policy.best_filling({"x": (1000, 11.0)}, "me", 0) is None  # later than prefilling
+    assert policy.best_filling({"me": (1000, 0.0)}, "me", 0) is None
 
 
 # ---- the transfer policy ------------------------------------------------------------------

@@ -8,15 +8,17 @@ would go without sending one, so waiting for a report to arrive never changes th
 
 from __future__ import annotations
 
+import time
+
 import anyio
 import pytest
 
 import erllama
 from erllama.backends import stub
 from erllama.cluster import chain_hashes
-from erllama.ray.wire import GenerateRequest, Pin
+from erllama.ray.wire import Accepted, GenerateRequest, Pin
 
-from ..helpers import cold_run
+from ..helpers import cold_run, stub_config
 from .cluster import generate, wait_until, where, where_all
 from .conftest import Fleet, fresh_tokens
 
@@ -129,3 +131,34 @@ def test_a_row_fetched_from_another_replica_gives_the_cold_output(fleet: Fleet) 
     registry = erllama.make_backend_registry({"stub": stub}, autoload=False)
     cold = anyio.run(lambda: cold_run(registry, prompt, max_tokens=8))
     assert second.done.token_ids == cold.token_ids
+
+
+def test_a_row_still_being_prefilled_is_waited_for_and_fetched(fleet: Fleet) -> None:
+    a, b = fleet.replicas()[:2]
+    prompt = fresh_tokens(1800)  # "slow" prefills 800 tokens a second: 2.25 s here
+    first = fleet.handle.options(stream=True, method_name="generate").remote(
+        request(prompt, "slow", pin=a)
+    )
+    try:
+        assert isinstance(next(first), Accepted)
+        time.sleep(1.0)  # a is halfway through: its row is nearer than b's own prefill
+        follow = [*prompt, 300, 301]
+        before = fleet.handle.options(method_name="transfer_stats").remote(Pin(b)).result()
+        second = generate(fleet.handle, request(follow, "slow", pin=b))
+        after = fleet.handle.options(method_name="transfer_stats").remote(Pin(b)).result()
+    finally:
+        list(first)
+    assert second.replica == b
+    assert second.fetched_tokens >= 1700  # a's cold save: the prompt less its last tokens
+    assert after["transfers"] == before["transfers"] + 1
+    assert second.done.stats.cache_delta.read >= 1700
+    assert second.done.token_ids == anyio.run(lambda: reference(follow))
+
+
+async def reference(prompt: list[int]) -> tuple[int, ...]:
+    """What the stub answers for a long prompt with no cache at all."""
+    cfg = erllama.EngineConfig(cache=erllama.CacheConfig(enabled=False, ram_file_dir=None))
+    registry = erllama.make_backend_registry({"stub": stub}, autoload=False)
+    async with erllama.open_engine(cfg, backends=registry) as engine:
+        mid = await engine.load_model("m", stub_config(n_ctx=2048))
+        return (await engine.complete(mid, prompt, max_tokens=8)).token_ids

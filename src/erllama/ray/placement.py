@@ -67,8 +67,21 @@ class _Choice:
     replica: str
     request: GenerateRequest
     at: float
+    #: When the router expects the replica to hold the prompt (its queue, then its prefill).
+    ready_at: float
     #: Serve has sent it and counts it in its queue-length estimate (not yet confirmed).
     counted: bool = False
+
+
+@attrs.frozen
+class _Credit:
+    """A prompt the router sent a replica: credited with its blocks for ``left`` more
+    changed reports; the replica should hold it from ``ready_at`` on."""
+
+    model: str
+    chain: tuple[int, ...]
+    left: int
+    ready_at: float
 
 
 @attrs.define
@@ -120,8 +133,8 @@ class Placement:
         self._sessions: dict[str, dict[str, frozenset[str]]] = {}
         #: (model, session) -> the replica the router last sent it to.
         self._sent_sessions: OrderedDict[tuple[str, str], str] = OrderedDict()
-        #: Per replica: (model, prompt chain, reports left) of what was sent there.
-        self._credits: dict[str, list[tuple[str, tuple[int, ...], int]]] = {}
+        #: Per replica: what was sent there (see _Credit).
+        self._credits: dict[str, list[_Credit]] = {}
         #: Per model: what replicas reported, without what was sent since. Only a reported
         #: prefix can be fetched: a prompt sent a moment ago may still be prefilling.
         self._reported: dict[str, PrefixDirectory] = {}
@@ -164,17 +177,15 @@ class Placement:
                 sessions=sessions,
             )
         self._credits[replica] = [
-            (model, chain, left - 1)
-            for model, chain, left in self._credits.get(replica, ())
-            if left > 1
+            attrs.evolve(c, left=c.left - 1) for c in self._credits.get(replica, ()) if c.left > 1
         ]
         self._recredit(replica)
 
     def _recredit(self, replica: str) -> None:
         """Add back, over ``replica``'s reported prefixes in each router's directory, what
         the router sent it (credits) and placed there unconfirmed (choices)."""
-        for model, chain, _ in self._credits.get(replica, ()):
-            self._router(model).directory.add(replica, chain)
+        for credit in self._credits.get(replica, ()):
+            self._router(credit.model).directory.add(replica, credit.chain)
         for choice in self._chosen.values():
             if choice.replica == replica and choice.request.chain:
                 self._router(choice.request.model).directory.add(replica, choice.request.chain)
@@ -270,6 +281,8 @@ class Placement:
             gap = best - s.matched_tokens
             if fetch is not None and gap >= fetch.min_tokens:
                 total = min(total, total - self.cost.prefill_s(gap) + fetch.seconds(best))
+            if fetch is not None:
+                total = min(total, self._after_filling(request, s, total, now))
             return total
 
         first = scores[0]
@@ -280,6 +293,26 @@ class Placement:
         full = sorted((s for s in scores[len(head) :] if s.full), key=lambda s: s.replica.load)
         room.sort(key=lambda s: (seconds(s), s.replica.load, s.replica.id))
         return [*head, *room, *full]
+
+    def _after_filling(self, request: GenerateRequest, s: Score, total: float, now: float) -> float:
+        """``total`` (the seconds of ``s``) if the replica fetched a prefix another one is
+        still prefilling (``request.filling``): it waits for the row and fetches it while
+        its own queue drains, then prefills the rest."""
+        fetch = self.fetch
+        assert fetch is not None
+        best = total
+        queue = (
+            self.queue_s(s.replica.id, s.replica.load, now)
+            if self.decode_tok_per_s is not None
+            else s.replica.load * self.cost.request_s
+        )
+        for holder, (tokens, ready_in) in request.filling.items():
+            gap = tokens - s.matched_tokens
+            if holder == s.replica.id or gap < fetch.min_tokens:
+                continue
+            wait = ready_in + fetch.seconds(tokens)
+            best = min(best, total - queue - self.cost.prefill_s(gap) + max(queue, wait))
+        return best
 
     def queue_s(self, replica: str, load: int, now: float | None = None) -> float:
         """Seconds of work queued or running on ``replica``: what remains of the requests
@@ -308,11 +341,25 @@ class Placement:
         while len(work) > INFLIGHT_LIMIT:
             del work[next(iter(work))]
 
-    def _expected_s(self, replica: str, request: GenerateRequest) -> float:
+    def _ready_at(self, replica: str, request: GenerateRequest) -> float:
+        """When ``replica`` should hold ``request``'s prompt if it is sent there now: after
+        the work queued there, and its prefill of what it lacks."""
+        now = self._clock()
+        queue = self.queue_s(replica, self._router(request.model).load(replica), now)
+        return (
+            now + queue + self.cost.prefill_s(len(request.tokens) - self._matched(replica, request))
+        )
+
+    def _matched(self, replica: str, request: GenerateRequest) -> int:
+        """Prompt tokens the router believes ``replica`` holds (reported or credited)."""
         matches = self._router(request.model).directory.matches(request.chain)
         blocks = matches.get(replica, (0, 0))[0]
         n_prompt = len(request.tokens)
-        matched = min(max(blocks * self.block, request.holders.get(replica, 0)), n_prompt - 1)
+        return min(max(blocks * self.block, request.holders.get(replica, 0)), n_prompt - 1)
+
+    def _expected_s(self, replica: str, request: GenerateRequest) -> float:
+        n_prompt = len(request.tokens)
+        matched = self._matched(replica, request)
         max_tokens = request.options.get("max_tokens")
         if self.decode_tok_per_s is None or not isinstance(max_tokens, int):
             generate = self.cost.request_s
@@ -323,7 +370,9 @@ class Placement:
     def annotate(self, request: GenerateRequest, candidates: Sequence[str]) -> None:
         """Fill ``request.holders``: the candidates that reported holding a prefix of its
         prompt, with the tokens they hold (block-aligned, at most all but the last prompt
-        token)."""
+        token); and ``request.filling``: those the router sent a longer prefix of it than
+        they reported (they may still be prefilling it), with when it expects them to hold
+        it."""
         n_prompt = len(request.tokens)
         directory = self._reported.get(request.model)
         matches = directory.matches(request.chain) if directory is not None else {}
@@ -332,6 +381,38 @@ class Placement:
             for replica, (blocks, _) in matches.items()
             if replica in candidates
         }
+        request.filling = {}
+        now = self._clock()
+        credited = self._router(request.model).directory.matches(request.chain)
+        for replica, (blocks, _) in credited.items():
+            tokens = min(blocks * self.block, max(0, n_prompt - 1))
+            if replica not in candidates or tokens <= request.holders.get(replica, 0):
+                continue
+            ready_at = self._sent_ready_at(replica, request)
+            if ready_at is not None:
+                request.filling[replica] = (tokens, max(0.0, ready_at - now))
+
+    def _sent_ready_at(self, replica: str, request: GenerateRequest) -> float | None:
+        """When the prompt sharing the most blocks with ``request``'s that the router sent
+        or chose ``replica`` should be held there (None: no such prompt)."""
+        sent = [(c.model, c.chain, c.ready_at) for c in self._credits.get(replica, ())]
+        sent += [
+            (c.request.model, c.request.chain, c.ready_at)
+            for c in self._chosen.values()
+            if c.replica == replica
+        ]
+        best, ready = 0, None
+        for model, chain, ready_at in sent:
+            if model != request.model:
+                continue
+            common = 0
+            for a, b in zip(chain, request.chain, strict=False):
+                if a != b:
+                    break
+                common += 1
+            if common > best or (common == best and ready is not None and ready_at < ready):
+                best, ready = common, ready_at
+        return ready if best > 0 else None
 
     def sent(self, replica: str, request: GenerateRequest, request_id: str | None = None) -> None:
         """The request went to ``replica``: count it there until its next report, credit
@@ -344,12 +425,15 @@ class Placement:
             self._undo(choice, request_id)  # Serve sent it elsewhere (its choice was full)
             choice = None
         if choice is None:
+            ready_at = self._ready_at(replica, request)
             if request_id is not None:
                 self._track(replica, request_id, self._expected_s(replica, request))
             self._router(request.model).sent(replica, request.chain)
+        else:
+            ready_at = choice.ready_at
         if request.chain:
             credits = self._credits.setdefault(replica, [])
-            credits.append((request.model, request.chain, CREDIT_REPORTS))
+            credits.append(_Credit(request.model, request.chain, CREDIT_REPORTS, ready_at))
             del credits[:-CREDIT_LIMIT]
         if request.session_id is not None:
             key = (request.model, request.session_id)
@@ -367,7 +451,8 @@ class Placement:
         old = self._chosen.pop(request_id, None)
         if old is not None:
             self._undo(old, request_id)
-        self._chosen[request_id] = _Choice(replica, request, self._clock())
+        ready_at = self._ready_at(replica, request)
+        self._chosen[request_id] = _Choice(replica, request, self._clock(), ready_at)
         self._track(replica, request_id, self._expected_s(replica, request))
         self._router(request.model).sent(replica, request.chain)
 

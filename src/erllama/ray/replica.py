@@ -25,7 +25,7 @@ from ..cluster import BLOCK
 from ..config import EngineConfig
 from ..engine import Engine, open_engine
 from ..errors import ErllamaError
-from ..events import Done
+from ..events import Done, Token
 from ._owner import Owner
 from .transfer import TransferPolicy
 from .wire import (
@@ -48,6 +48,8 @@ log = logging.getLogger("erllama.ray.replica")
 MAX_REPORTED_SESSIONS = 1024
 #: The least time a fetch gets before it is abandoned (and the prompt prefilled).
 MIN_FETCH_DEADLINE_S = 2.0
+#: How often a replica asked for a row it is still prefilling looks for it.
+ROW_POLL_S = 0.02
 
 
 @attrs.frozen(kw_only=True)
@@ -93,6 +95,8 @@ class Replica:
         self._owner: Owner[Engine] = Owner(lambda: open_engine(config))
         self.engine = await self._owner.start()
         self._peers: Any = None  # a handle to this deployment, made on first fetch
+        #: Requests here before their first token: (model, prompt) by a key of their own.
+        self._prefilling: dict[object, tuple[str, tuple[int, ...]]] = {}
 
     async def __del__(self) -> None:
         await self._owner.stop()
@@ -106,21 +110,33 @@ class Replica:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[object]:
         """:class:`Accepted`, then the request's events (ending with ``Done``), or a
         :class:`Failed`. A consumer that goes away cancels the request in the model."""
+        # Until its first token the request is on its way to prefilling (fetching, queued,
+        # prefilling): a replica that asks for a row of this prompt meanwhile may wait for
+        # the row its prefill saves.
+        key = object()
+        self._prefilling[key] = (request.model, request.tokens)
         try:
-            fetched = await self._maybe_fetch(request)
-            stream = await self.engine.infer(request.model, list(request.tokens), **request.options)
-        except ErllamaError as exc:
-            yield Failed.of(exc)
-            return
-        async with stream:
-            yield Accepted(self.id, fetched)
             try:
-                async for event in stream:
-                    if isinstance(event, Done):
-                        self._learn(request.model, event)
-                    yield event
+                fetched = await self._maybe_fetch(request)
+                stream = await self.engine.infer(
+                    request.model, list(request.tokens), **request.options
+                )
             except ErllamaError as exc:
                 yield Failed.of(exc)
+                return
+            async with stream:
+                yield Accepted(self.id, fetched)
+                try:
+                    async for event in stream:
+                        if isinstance(event, Token | Done):
+                            self._prefilling.pop(key, None)
+                        if isinstance(event, Done):
+                            self._learn(request.model, event)
+                        yield event
+                except ErllamaError as exc:
+                    yield Failed.of(exc)
+        finally:
+            self._prefilling.pop(key, None)
 
     def policy(self, model: str) -> TransferPolicy:
         """The model's transfer policy (made from the settings' on first use)."""
@@ -137,14 +153,29 @@ class Replica:
         """Fetch the longest prefix another replica holds when that beats prefilling it;
         how many tokens the imported row holds (0: nothing fetched). Never fails the
         request: a transfer that fails or takes too long is abandoned."""
-        if not self.settings.transfer or not request.holders:
+        if not self.settings.transfer or not (request.holders or request.filling):
             return 0
         own = (await self.engine.longest_cached_prefix(request.model, list(request.tokens))).tokens
         policy = self.policy(request.model)
+        export: ExportRequest | None = None
         best = policy.best_holder(request.holders, self.id, own)
-        if best is None:
+        if best is not None:
+            holder, tokens = best
+            export = ExportRequest(request.model, request.tokens, pin=holder)
+        # A replica still prefilling a longer prefix: wait for its row when that should
+        # save more than fetching a row that exists now.
+        filling = policy.best_filling(request.filling, self.id, own)
+        if filling is not None and (best is None or filling[3] > policy.saving_s(own, best[1])):
+            holder, tokens, wait_s, _ = filling
+            export = ExportRequest(
+                request.model,
+                request.tokens,
+                pin=holder,
+                min_tokens=own + policy.min_tokens,
+                wait_s=wait_s,
+            )
+        if export is None:
             return 0
-        holder, tokens = best
         # Past the prefill it saves a fetch is not worth waiting for; the floor covers the
         # first fetch, which also sets up this replica's handle to the others.
         deadline = max(policy.prefill_s(tokens - own), MIN_FETCH_DEADLINE_S)
@@ -152,7 +183,7 @@ class Replica:
         blob: bytes | None = None
         with anyio.move_on_after(deadline):
             try:
-                blob = await self._fetch(ExportRequest(request.model, request.tokens, pin=holder))
+                blob = await self._fetch(export)
             except Exception:
                 log.warning("fetching a row from replica %s failed", holder, exc_info=True)
         if blob is None:
@@ -190,12 +221,35 @@ class Replica:
         """The row holding the longest prefix of the request's tokens, put in the object
         store (wrapped in a list: Ray resolves a returned top-level reference)."""
         try:
+            if request.wait_s > 0:
+                await self._await_row(request)
             blob = await self.engine.export_prefix(request.model, list(request.tokens))
         except ErllamaError:
             return None
         if blob is None:
             return None
         return [ray.put(blob)]
+
+    async def _await_row(self, request: ExportRequest) -> None:
+        """Until this replica holds a row of at least ``request.min_tokens`` of the prompt,
+        while a request here that shares that much of it is still prefilling (it saves a
+        row on the way), for at most ``wait_s``. Nothing here will save it: return at once."""
+        tokens = list(request.tokens)
+        with anyio.move_on_after(request.wait_s):
+            while True:
+                found = await self.engine.longest_cached_prefix(request.model, tokens)
+                if found.tier not in (None, "live") and found.tokens >= request.min_tokens:
+                    return
+                if not self._is_prefilling(request.model, request.tokens, request.min_tokens):
+                    return
+                await anyio.sleep(ROW_POLL_S)
+
+    def _is_prefilling(self, model: str, tokens: tuple[int, ...], n: int) -> bool:
+        """A request here before its first token shares the first ``n`` of ``tokens``."""
+        head = tokens[:n]
+        return len(head) == n and any(
+            m == model and prompt[:n] == head for m, prompt in self._prefilling.values()
+        )
 
     # ---- what the routers and the ingress see ----------------------------------------------
 

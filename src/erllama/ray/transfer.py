@@ -23,6 +23,13 @@ import attrs
 __all__ = ["TransferPolicy"]
 
 
+#: How late a row still being prefilled may be, past when the router expected it, before a
+#: replica stops waiting for it: the larger of these (seconds, and a fraction of the time
+#: the replica would take to prefill it: the router's estimate is as rough as its rates).
+FILL_SLACK_S = 0.1
+FILL_SLACK = 0.5
+
+
 def _ewma(old: float, sample: float, weight: float) -> float:
     return old + weight * (sample - old)
 
@@ -91,3 +98,29 @@ class TransferPolicy:
         if not self.worth_it(own_tokens, tokens):
             return None
         return replica, tokens
+
+    def saving_s(self, own_tokens: int, holder_tokens: int) -> float:
+        """Seconds a fetch of ``holder_tokens`` saves over prefilling (negative: it costs)."""
+        return self.prefill_s(holder_tokens - own_tokens) - self.transfer_s(holder_tokens)
+
+    def best_filling(
+        self, filling: Mapping[str, tuple[int, float]], me: str, own_tokens: int
+    ) -> tuple[str, int, float, float] | None:
+        """The replica worth waiting for, among those still prefilling a prefix
+        (``GenerateRequest.filling``): (replica, its tokens, how long to wait for the row at
+        most, the seconds it should save). Waiting pays when the row should arrive and
+        move before this replica would have prefilled it; the wait is bounded by that, and
+        by the expected time with some slack (a row that is late may never come: the
+        holder's saved rows need not end where this prompt's prefix does, and then the
+        time waited is lost)."""
+        best: tuple[str, int, float, float] | None = None
+        for replica, (tokens, ready_in) in filling.items():
+            if replica == me or tokens - own_tokens < self.min_tokens:
+                continue
+            margin = self.saving_s(own_tokens, tokens)
+            saves = margin - ready_in
+            if saves <= 0 or (best is not None and saves <= best[3]):
+                continue
+            wait_s = min(margin, ready_in + max(FILL_SLACK_S, FILL_SLACK * margin))
+            best = (replica, tokens, wait_s, saves)
+        return best

@@ -55,6 +55,10 @@ class GenerateRequest:
     #: Filled in by the router: replicas it knows hold a prefix of the prompt, and how many
     #: tokens of it (block-aligned). The replica that gets the request may fetch from one.
     holders: dict[str, int] = attrs.Factory(dict)
+    #: Filled in by the router: replicas it sent a longer prefix of the prompt to than they
+    #: have reported holding (they may still be prefilling it), with the tokens of it and
+    #: the seconds until the router expects them to hold it.
+    filling: dict[str, tuple[int, float]] = attrs.Factory(dict)
 
     @property
     def prompt(self) -> str:
@@ -78,6 +82,10 @@ class ExportRequest:
     model: str
     tokens: tuple[int, ...]
     pin: str | None = None
+    #: Wait up to ``wait_s`` for a row of at least ``min_tokens`` tokens (one the holder
+    #: is still prefilling), then export the longest it has.
+    min_tokens: int = 0
+    wait_s: float = 0.0
 
 
 @attrs.frozen
