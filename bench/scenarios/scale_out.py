@@ -53,6 +53,11 @@ ERLLAMA_ROUTER = {
     # What moving a real SmolLM2 row would cost (the stub's rows are far smaller).
     "fetch_s_per_token": ROW_BYTES_PER_TOKEN / 200e6,
 }
+#: The replicas' transfer policies start from the same figures as the router's fetch cost
+#: (a real SmolLM2 row at 200 MB/s), not the generic default (256 KiB a token at 50 MB/s,
+#: 45 times dearer), so that before they have measured anything they agree with the
+#: router on what a fetch costs; they learn from their own rows and transfers from then on.
+REPLICA_POLICY = {"bytes_per_token": ROW_BYTES_PER_TOKEN, "bandwidth_bytes_per_s": 200e6}
 
 
 def _plan(ctx: Any) -> dict[str, Any]:
@@ -213,7 +218,7 @@ def run(ctx: Any) -> dict[str, Any]:
     import ray
     from ray import serve
 
-    from erllama.ray import ScaleOut, build_replicas
+    from erllama.ray import ScaleOut, TransferPolicy, build_replicas
 
     plan = _plan(ctx)
     order, news = _conversations(plan)
@@ -235,7 +240,11 @@ def run(ctx: Any) -> dict[str, Any]:
             if router == "erllama":
                 kwargs = ERLLAMA_ROUTER
             scale = ScaleOut(
-                replicas=REPLICAS, router=router, router_kwargs=kwargs, max_ongoing_requests=8
+                replicas=REPLICAS,
+                router=router,
+                router_kwargs=kwargs,
+                max_ongoing_requests=8,
+                policy=TransferPolicy(**REPLICA_POLICY),
             )
             name = f"bench-{router}"
             handle = serve.run(
@@ -266,6 +275,7 @@ def run(ctx: Any) -> dict[str, Any]:
             "cache": "RAM tier, 256 MiB",
         },
         "erllama_router_kwargs": ERLLAMA_ROUTER,
+        "replica_transfer_policy": REPLICA_POLICY,
     }
 
 
