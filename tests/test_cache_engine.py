@@ -115,10 +115,41 @@ async def test_longest_prefix_finds_a_shared_system_prompt(
     b = await cached.complete(mid, b_prompt, max_tokens=4)
     assert b.cache_hit_kind == "partial"
     n_a = 1 + 65  # BOS + words
-    # The cold row sits at floor((n - trim) / align) * align.
-    assert b.cache_delta.read == (n_a - 4) // 8 * 8
+    # a's cold row sits at floor((n - trim) / align) * align, inside the system prompt; a's
+    # finish row runs past where b differs from it, so it is restored and trimmed to what
+    # they share: BOS and the whole system prompt.
+    assert (n_a - 4) // 8 * 8 < 1 + 60
+    assert b.cache_delta.read == 1 + 60
     assert cached.cache_counters().hits_longest_prefix == 1
     assert b.token_ids == (await cold_run(registry, b_prompt, max_tokens=4)).token_ids
+
+
+async def test_a_prompt_that_ends_inside_a_row_restores_all_of_itself(
+    cached: erllama.Engine, registry: BackendRegistry
+) -> None:
+    mid = await cached.load_model("m", stub_config())
+    long = await cached.tokenize(mid, words(60))
+    await cached.complete(mid, long, max_tokens=4)
+    # Every row is longer than ``short`` (the cold row ends at 56, the finish row at 65):
+    # none is a prefix of it, but the first 50 tokens of the shorter one are all of it.
+    short = long[:50]
+    found = await cached.longest_cached_prefix(mid, short)
+    assert (found.tokens, found.tier) == (50, "ram") and found.key is not None
+    r = await cached.complete(mid, short, max_tokens=6)
+    assert (r.cache_hit_kind, r.cache_delta.read) == ("exact", 50)
+    assert r.token_ids == (await cold_run(registry, short, max_tokens=6)).token_ids
+
+
+async def test_a_row_mostly_past_the_shared_part_is_not_restored(cached: erllama.Engine) -> None:
+    mid = await cached.load_model("m", stub_config())
+    system = words(12)
+    # The only rows sharing the system prompt run 300 tokens past it: restoring one to keep
+    # 13 tokens reads more than COVER_MAX_EXCESS times what it saves.
+    await cached.complete(mid, system + " " + words(300, 700), max_tokens=2)
+    prompt = await cached.tokenize(mid, system + " " + words(8, 1200))
+    assert (await cached.longest_cached_prefix(mid, prompt)).tokens == 0  # as the lookup sees it
+    r = await cached.complete(mid, prompt, max_tokens=2)
+    assert r.cache_hit_kind == "cold"
 
 
 async def test_a_stale_parent_key_still_falls_back_to_the_walk(cached: erllama.Engine) -> None:

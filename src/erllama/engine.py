@@ -439,10 +439,9 @@ class Engine:
         tokens = intake.check_token_ids(prompt, worker.loaded.n_vocab, "prompt")
         found = worker.ops.cached_prefix(tokens)
         adapters = worker.thread.adapters
-        if found.tier in (None, "live") or adapters is None or not isinstance(self._cache, KVCache):
-            return None
-        key = worker.namespace(adapters.fingerprint).key(tokens[: found.tokens])
-        return await self._cache.export_row(key)
+        if found.key is None or adapters is None or not isinstance(self._cache, KVCache):
+            return None  # nothing, or only a sequence's live KV (not a row)
+        return await self._cache.export_row(bytes.fromhex(found.key))
 
     async def import_row(self, data: bytes | bytearray | memoryview) -> str:
         """Take a row another engine exported: it is validated exactly as a row file read

@@ -25,6 +25,15 @@ def reference(
     )
 
 
+def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class IndexMachine(RuleBasedStateMachine):
     rows = Bundle("rows")
 
@@ -84,6 +93,27 @@ class IndexMachine(RuleBasedStateMachine):
                 == sorted((d for d, _ in expected), reverse=True)[: len(got)]
             )
 
+    @rule(ns=NS_IDS, tokens=st.lists(st.integers(0, 2), max_size=12).map(tuple))
+    def covering(self, ns: bytes, tokens: tuple[int, ...]) -> None:
+        # Rows that are not a prefix of the prompt, by the length they share with it.
+        others = [
+            (_common(t, tokens), t, k)
+            for n, t, k in self.model
+            if n == ns and tokens[: len(t)] != t
+        ]
+        best = max((c for c, _, _ in others), default=0)
+        got = self.index.covering(ns, tokens)
+        if best == 0:
+            assert got is None
+            return
+        assert got is not None
+        common, key, length = got
+        assert common == best
+        # The key names such a row, of that length; none sharing as much is shorter.
+        sharing = [(len(t), k) for c, t, k in others if c == best]
+        assert (length, key) in sharing
+        assert length == min(n for n, _ in sharing)
+
     @rule()
     def clear(self) -> None:
         self.index.clear()
@@ -128,3 +158,21 @@ def test_long_prompts_against_many_rows() -> None:
     assert index.longest(b"ns", base) == []
     assert len(index) == 199
     index._check()
+
+
+def test_covering_finds_rows_that_run_past_the_prompt_or_differ_from_it() -> None:
+    index = PrefixIndex()
+    system = list(range(100, 400))
+    index.insert(b"ns", [*system, 1, 2, 3], b"a" * 32)  # system prompt + question A
+    index.insert(b"ns", [*system, 1, 2, 3, 4, 5], b"b" * 32)  # ... and its answer
+    index.insert(b"ns", system[:64], b"c" * 32)  # a prefix row: not a covering one
+    # Question B differs after the system prompt: the shortest row sharing it is A.
+    assert index.covering(b"ns", [*system, 7, 8]) == (300, b"a" * 32, 303)
+    assert index.longest(b"ns", [*system, 7, 8]) == [(64, b"c" * 32)]
+    # A prompt that ends inside the rows shares all of itself.
+    assert index.covering(b"ns", system[:200]) == (200, b"a" * 32, 303)
+    # Differing at the first token shares nothing; another namespace holds nothing.
+    assert index.covering(b"ns", [7, *system]) is None
+    assert index.covering(b"other", system) is None
+    # Only prefix rows: nothing covers.
+    assert index.covering(b"ns", [*system, 1, 2, 3, 4, 5, 6]) is None

@@ -114,6 +114,30 @@ async def test_exact_parent_and_prefix_restores_match_the_cold_run(
         assert (c.hits_exact, c.hits_resume, c.hits_longest_prefix) == (1, 1, 1)
 
 
+async def test_a_longer_row_is_restored_up_to_where_the_prompts_differ(
+    smol_config: erllama.ModelConfig, tmp_path: Path
+) -> None:
+    # No cold saves: the only row is the first request's finish row, which runs past where
+    # the second prompt differs from it (the question).
+    no_cold = erllama.CachePolicy(cold_min_tokens=30_000)
+    async with erllama.open_engine(cfg(tmp_path, policy=no_cold)) as engine:
+        mid = await engine.load_model("smol", smol_config)
+        p1 = await engine.apply_chat_template(
+            mid, [{"role": "user", "content": "When does the first ferry leave?"}], system=SYSTEM
+        )
+        await engine.complete(mid, p1, max_tokens=8)
+        p2 = await engine.apply_chat_template(
+            mid, [{"role": "user", "content": "Can I bring my dog?"}], system=SYSTEM
+        )
+        shared = next(i for i, (a, b) in enumerate(zip(p1, p2, strict=False)) if a != b)
+        assert shared > 128
+        found = await engine.longest_cached_prefix(mid, p2)
+        assert (found.tokens, found.tier) == (shared, "ram")
+        r2 = await engine.complete(mid, p2, max_tokens=16)
+        assert r2.cache_hit_kind == "partial" and r2.cache_delta.read == shared
+        assert r2.token_ids == await cold_miss(smol_config, tmp_path, p2, 16)
+
+
 async def test_a_resent_chat_is_warm_from_its_second_turn_with_default_policy(
     smol_config: erllama.ModelConfig, tmp_path: Path
 ) -> None:

@@ -1,4 +1,5 @@
-"""A prefix index over saved token lists: which rows are prefixes of a prompt?
+"""A prefix index over saved token lists: which rows are prefixes of a prompt, and which row
+shares the longest common prefix with it?
 
 A compressed radix trie per namespace. Edges are labelled with runs of tokens kept as their
 u32 LE bytes (``encode_tokens``), so walking an edge is one ``bytes.startswith`` (a memcmp in
@@ -15,11 +16,15 @@ Invariants (checked by the tests through ``_check``):
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 
 from .key import common_prefix_tokens, encode_tokens
 
-__all__ = ["PrefixIndex"]
+__all__ = ["COVER_BUDGET", "PrefixIndex"]
+
+#: Nodes a ``covering`` lookup visits at most below where the prompt leaves the trie.
+COVER_BUDGET = 64
 
 
 class _Node:
@@ -170,6 +175,67 @@ class PrefixIndex:
                 on_path.append((pos, node))
         found = [(depth >> 2, k) for depth, n in reversed(on_path) for k in reversed(n.keys)]
         return found if most is None else found[:most]
+
+    def covering(
+        self, ns_id: bytes, tokens: Sequence[int] | bytes, *, budget: int = COVER_BUDGET
+    ) -> tuple[int, bytes, int] | None:
+        """The row sharing the longest common prefix with ``tokens`` among rows that are
+        *not* a prefix of it (they run past where the prompt ends or differs):
+        ``(common_length, key, row_length)``, or None when no such row shares a token.
+
+        The walk follows ``tokens`` as far as the trie does; every row below the point
+        where it stops (inside an edge or at a node) shares exactly that many tokens. Of
+        those, the shortest one seen within ``budget`` nodes (breadth first) is returned:
+        restoring it reads the fewest tokens that will be trimmed off again. A key-less
+        node has at least two children, so the first key is never far below."""
+        root = self._roots.get(ns_id)
+        if root is None:
+            return None
+        t = _as_bytes(tokens)
+        node, pos, n = root, 0, len(t)
+        below: list[tuple[int, _Node]]  # (byte depth of the node's end, node)
+        # The deepest node passed that has children off the path: the fallback when the walk
+        # ends on a leaf (then that leaf is a prefix row, which a caller would prefer anyway).
+        branch: tuple[int, list[tuple[int, _Node]]] = (0, [])
+        while True:
+            child = node.children.get(t[pos : pos + 4]) if pos < n else None
+            if child is None:
+                # Stopped at a node: rows in its children's subtrees share ``pos`` bytes.
+                below = [(pos + len(c.label), c) for c in node.children.values()]
+                common = pos
+                if not below:
+                    common, below = branch
+                break
+            label = child.label
+            end = pos + len(label)
+            if end <= n and t.startswith(label, pos):
+                if len(node.children) > 1:
+                    branch = (
+                        pos,
+                        [(pos + len(c.label), c) for c in node.children.values() if c is not child],
+                    )
+                node, pos = child, end
+                continue
+            # Stopped inside the edge: every row below ``child`` shares this much.
+            common = pos + _common_bytes(label, t, pos)
+            below = [(end, child)]
+            break
+        if common == 0:
+            return None
+        best: tuple[int, bytes] | None = None
+        queue = deque(below)
+        seen = 0
+        while queue and seen < budget:
+            depth, at = queue.popleft()
+            seen += 1
+            if at.keys and (best is None or depth < best[0]):
+                best = (depth, next(iter(at.keys)))
+            if best is not None and depth >= best[0]:
+                continue  # nothing deeper beats it
+            queue.extend((depth + len(c.label), c) for c in at.children.values())
+        if best is None:
+            return None
+        return common >> 2, best[1], best[0] >> 2
 
     def _check(self) -> None:
         """Assert the structural invariants (for tests)."""

@@ -45,6 +45,11 @@ log = logging.getLogger("erllama.cache")
 DRAIN_TIMEOUT_S = 30.0
 #: After the first failed write (logged in full), failures are summarised at most this often.
 WRITE_FAILURE_LOG_INTERVAL_S = 60.0
+#: A covering row (one that runs past where the prompt ends or differs) is restored, then
+#: trimmed, only while the tokens trimmed off are at most this many times the tokens of
+#: prefill it saves. Restoring is 15x (a GPU reading a disk row) to 1000x (a CPU reading
+#: RAM) cheaper per token than prefilling, so 4 keeps every such restore a clear win.
+COVER_MAX_EXCESS = 4
 
 
 @attrs.define(eq=False)
@@ -189,7 +194,15 @@ class KVCache:
             candidates = self.catalog.prefix.longest(
                 ns.id, tb, max_len=len(tokens), longer_than=longer_than, most=8
             )
+            beat = max([longer_than, *(n for n, k in candidates if k != key)])
+            cover = self._covering(ns, tb, beat, policy)
             self.counters.bump("lookup_s", time.perf_counter() - t1)
+            if cover is not None:
+                row, common = cover
+                hit = await self._try(row, tb, "prefix", keep=common)
+                if hit is not None:
+                    self.counters.bump("hits_longest_prefix")
+                    return hit
             for _n, k in candidates:
                 row = self.catalog.get(k)
                 if row is None or k == key:
@@ -241,13 +254,47 @@ class KVCache:
                 return None
             await anyio.sleep(0.01)
 
-    async def _try(
-        self, row: Row, tb: bytes, source: Literal["exact", "parent", "prefix"]
-    ) -> Restore | None:
-        """Load ``row`` if its tokens are a true prefix of the prompt; None on any failure."""
-        # Token-exact, always: the hash implies it, the bytes prove it.
-        if len(row.token_bytes) > len(tb) or not tb.startswith(row.token_bytes):
+    def _covering(
+        self, ns: Namespace, tb: bytes, beat: int, policy: CachePolicy
+    ) -> tuple[Row, int] | None:
+        """A row that runs past where the prompt ends or differs from it, and shares more of
+        the prompt than ``beat`` tokens (the deepest prefix row, or the live KV): (row,
+        tokens shared). Worth it only when it saves at least ``policy.min_tokens`` of
+        prefill and the tokens restored only to be trimmed are at most
+        ``COVER_MAX_EXCESS`` times the tokens it saves: restoring a token costs far less
+        than prefilling it, but not nothing (a disk row on a fast GPU)."""
+        found = self.catalog.prefix.covering(ns.id, tb)
+        if found is None:
             return None
+        common, key, length = found
+        gain = common - beat
+        if gain < policy.min_tokens or length - common > COVER_MAX_EXCESS * gain:
+            return None
+        row = self.catalog.get(key)
+        if row is None or (not row.available and row.payload is None):
+            return None
+        return row, common
+
+    async def _try(
+        self,
+        row: Row,
+        tb: bytes,
+        source: Literal["exact", "parent", "prefix"],
+        *,
+        keep: int | None = None,
+    ) -> Restore | None:
+        """Load ``row`` if its tokens are a true prefix of the prompt, or with ``keep`` if
+        it shares exactly its first ``keep`` tokens with the prompt and runs past them (a
+        covering row, trimmed after unpacking); None on any failure."""
+        # Token-exact, always: the hash implies it, the bytes prove it.
+        if keep is None:
+            if len(row.token_bytes) > len(tb) or not tb.startswith(row.token_bytes):
+                return None
+            shared = row.token_bytes
+        else:
+            shared = tb[: 4 * keep]
+            if len(row.token_bytes) <= len(shared) or not row.token_bytes.startswith(shared):
+                return None
         if not row.available and row.payload is None:
             return None
         payload: bytes | bytearray | memoryview | None = row.payload
@@ -264,10 +311,11 @@ class KVCache:
             self.catalog.touch(row)
         return Restore(
             key=row.key,
-            tokens=decode_tokens(row.token_bytes),
+            tokens=decode_tokens(shared),
             payload=payload,
             source=source,
             tier=row.tier,
+            row_tokens=row.n_tokens,
         )
 
     async def _read_file(self, row: Row) -> bytes | bytearray | memoryview | None:
@@ -665,15 +713,25 @@ class KVCache:
 
     # ---- queries and operator calls -------------------------------------------------------------
 
-    def peek_longest(self, ns: Namespace, tokens: Sequence[int]) -> tuple[int, str] | None:
-        """The longest available row that is a prefix of ``tokens`` (length, tier), read
-        from the index alone: nothing is loaded and no hit is counted."""
+    def peek_longest(
+        self, ns: Namespace, tokens: Sequence[int], policy: CachePolicy
+    ) -> tuple[int, str, bytes] | None:
+        """What a lookup of ``tokens`` would restore from a row, read from the index alone
+        (nothing is loaded, no hit counted): (tokens restored, tier, the row's key). The
+        longest available prefix row, or a covering row that shares more (as ``lookup``
+        would choose it)."""
         tb = encode_tokens(tokens)
+        best: tuple[int, str, bytes] | None = None
         for n, key in self.catalog.prefix.longest(ns.id, tb, max_len=len(tokens)):
             row = self.catalog.get(key)
             if row is not None and (row.available or row.payload is not None):
-                return n, row.tier
-        return None
+                best = (n, row.tier, key)
+                break
+        cover = self._covering(ns, tb, 0 if best is None else best[0], policy)
+        if cover is not None:
+            row, common = cover
+            return common, row.tier, row.key
+        return best
 
     def rows_of(self, ns: Namespace) -> list[Row]:
         """Every row of one namespace (one model identity), newest first."""

@@ -21,12 +21,22 @@ class Restore:
     """A row found at admission, its payload already read and verified."""
 
     key: bytes
-    #: The row's exact token list; always a prefix of (or equal to) the prompt.
+    #: The prompt's tokens this restore provides: the row's whole token list (a prefix of,
+    #: or equal to, the prompt), or for a covering row the part it shares with the prompt.
     tokens: tuple[int, ...]
     #: The state's bytes; for file rows a view into a reused buffer, see ``release``.
     payload: bytes | bytearray | memoryview
     source: Literal["exact", "parent", "prefix"]
     tier: str
+    #: Tokens the payload holds. More than ``len(tokens)`` for a covering row (one that runs
+    #: past where the prompt ends or differs): its cells from ``len(tokens)`` on are removed
+    #: after unpacking. Cells before that depend only on the tokens before them, so what is
+    #: left is exactly the state a cold prefill of ``tokens`` makes.
+    row_tokens: int = attrs.field()
+
+    @row_tokens.default
+    def _whole_row(self) -> int:
+        return len(self.tokens)
 
 
 class CachePort(Protocol):
@@ -64,8 +74,11 @@ class CachePort(Protocol):
     def note_pack(self, seconds: float) -> None:
         """Account time spent packing on a model thread."""
 
-    def peek_longest(self, ns: Namespace, tokens: Sequence[int]) -> tuple[int, str] | None:
-        """The longest cached prefix of ``tokens`` (length, tier), loading nothing."""
+    def peek_longest(
+        self, ns: Namespace, tokens: Sequence[int], policy: CachePolicy
+    ) -> tuple[int, str, bytes] | None:
+        """What a lookup of ``tokens`` would restore from a row (tokens, tier, the row's
+        key), loading nothing."""
 
     def rows_of(self, ns: Namespace) -> list[Any]:
         """Every row of one namespace, newest first."""
@@ -112,7 +125,9 @@ class NullCache:
     def holds(self, key: bytes) -> bool:
         return False
 
-    def peek_longest(self, ns: Namespace, tokens: Sequence[int]) -> tuple[int, str] | None:
+    def peek_longest(
+        self, ns: Namespace, tokens: Sequence[int], policy: CachePolicy
+    ) -> tuple[int, str, bytes] | None:
         return None
 
     def rows_of(self, ns: Namespace) -> list[Any]:

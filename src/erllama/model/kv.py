@@ -155,6 +155,9 @@ class SequenceKV:
                 if had_live:
                     backend.seq_rm(handle, seq, 0, None)
                 backend.kv_unpack(handle, seq, restore.payload)
+                if restore.row_tokens > len(restore.tokens):
+                    # A covering row: keep only what the prompt shares with it.
+                    backend.seq_rm(handle, seq, len(restore.tokens), None)
                 if exact:
                     backend.seq_rm(handle, seq, n_prompt - 1, None)
             except BackendError as exc:

@@ -129,9 +129,9 @@ class Operations:
         fp = adapters.fingerprint
         best = CachedPrefix(tokens=0, tier=None)
         if self.w.cache.enabled:
-            found = self.w.cache.peek_longest(self.w.namespace(fp), tokens)
+            found = self.w.cache.peek_longest(self.w.namespace(fp), tokens, self.w.policy)
             if found is not None:
-                best = CachedPrefix(tokens=found[0], tier=found[1])
+                best = CachedPrefix(tokens=found[0], tier=found[1], key=found[2].hex())
         live = dict(kv.live)  # one C-level copy: the thread may change it meanwhile
         if live:
             encoded = encode_tokens(tokens)
