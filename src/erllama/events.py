@@ -253,7 +253,8 @@ class CachedPrefix:
     #: Where it is: ``ram``, ``ram_file``, ``disk`` (a cache row, restored at admission) or
     #: ``live`` (a sequence's own KV); None when nothing is cached.
     tier: str | None
-    #: The row's key (hex), for rows listed by ``list_cached_prefixes``.
+    #: The row's key (hex): for rows listed by ``list_cached_prefixes``, and for the row
+    #: ``longest_cached_prefix`` found (which may run past the prompt: the lookup trims it).
     key: str | None = None
 
 
