@@ -24,6 +24,7 @@ import attrs
 
 from ..cluster import BLOCK, CostModel, PrefixDirectory, PrefixSummary, ReplicaView, Router, Score
 from ..cluster.policy import score
+from .inflight import InFlight
 from .wire import GenerateRequest
 
 __all__ = ["FetchCost", "Placement"]
@@ -36,10 +37,6 @@ SESSION_MEMORY = 65_536
 CREDIT_REPORTS = 2
 #: Prompts per replica the router keeps crediting (the most recent).
 CREDIT_LIMIT = 256
-#: Requests per replica whose work the router tracks (the most recent), and how long past
-#: its expected end one is kept when its completion is never heard of.
-INFLIGHT_LIMIT = 1024
-INFLIGHT_GRACE_S = 60.0
 #: How long a choice Serve has not confirmed (``on_request_routed``) still counts. Serve
 #: confirms a request it sent after one round trip to the replica; a choice it never sends
 #: (``choose_replica`` without dispatch, a request cancelled while routing) must not stay.
@@ -84,15 +81,6 @@ class _Credit:
     ready_at: float
 
 
-@attrs.define
-class _Work:
-    """A request the router sent and has not seen complete: when, and its expected time
-    on the replica (prefill of what the replica lacked, then its tokens)."""
-
-    sent_at: float
-    seconds: float
-
-
 class Placement:
     """Ranks replicas for requests from their reports; event-loop (or one thread) only.
 
@@ -123,8 +111,8 @@ class Placement:
         self.fetch = fetch
         self.decode_tok_per_s = decode_tok_per_s
         self._clock = clock
-        #: Per replica: request id -> its work, for requests sent and not yet completed.
-        self._work: dict[str, dict[str, _Work]] = {}
+        #: The work of requests this router sent and has not seen complete.
+        self._inflight = InFlight(self.cost.request_s, clock)
         self._routers: dict[str, Router] = {}
         self._reports: dict[str, Mapping[str, Any]] = {}
         self._capacity: dict[str, int] = {}
@@ -206,7 +194,7 @@ class Placement:
                 by_replica.pop(gone, None)
             for directory in self._reported.values():
                 directory.update(gone, {})
-            self._work.pop(gone, None)
+            self._inflight.forget(gone)
 
     # ---- placing a request ----------------------------------------------------------------
 
@@ -315,31 +303,14 @@ class Placement:
         return best
 
     def queue_s(self, replica: str, load: int, now: float | None = None) -> float:
-        """Seconds of work queued or running on ``replica``: what remains of the requests
-        this router sent it (their expected times, less the time since the oldest was
-        sent), plus ``request_s`` for each of ``load`` it did not send."""
-        now = self._clock() if now is None else now
-        work = self._work.get(replica)
-        if not work:
-            return load * self.cost.request_s
-        oldest = min(w.sent_at for w in work.values())
-        remaining = max(0.0, sum(w.seconds for w in work.values()) - (now - oldest))
-        return remaining + max(0, load - len(work)) * self.cost.request_s
+        """Seconds of work queued or running on ``replica`` (``inflight.py``): what remains
+        of the requests this router sent it, plus ``request_s`` for each of ``load`` it did
+        not send."""
+        return self._inflight.queue_s(replica, load, now)
 
     def completed(self, replica: str, request_id: str) -> None:
         """A request this router sent has ended (finished, failed or cancelled)."""
-        work = self._work.get(replica)
-        if work is not None:
-            work.pop(request_id, None)
-
-    def _track(self, replica: str, request_id: str, seconds: float) -> None:
-        now = self._clock()
-        work = self._work.setdefault(replica, {})
-        for stale in [k for k, w in work.items() if now - w.sent_at > w.seconds + INFLIGHT_GRACE_S]:
-            del work[stale]  # its completion was never heard of
-        work[request_id] = _Work(now, seconds)
-        while len(work) > INFLIGHT_LIMIT:
-            del work[next(iter(work))]
+        self._inflight.completed(replica, request_id)
 
     def _ready_at(self, replica: str, request: GenerateRequest) -> float:
         """When ``replica`` should hold ``request``'s prompt if it is sent there now: after
@@ -427,7 +398,7 @@ class Placement:
         if choice is None:
             ready_at = self._ready_at(replica, request)
             if request_id is not None:
-                self._track(replica, request_id, self._expected_s(replica, request))
+                self._inflight.track(replica, request_id, self._expected_s(replica, request))
             self._router(request.model).sent(replica, request.chain)
         else:
             ready_at = choice.ready_at
@@ -453,7 +424,7 @@ class Placement:
             self._undo(old, request_id)
         ready_at = self._ready_at(replica, request)
         self._chosen[request_id] = _Choice(replica, request, self._clock(), ready_at)
-        self._track(replica, request_id, self._expected_s(replica, request))
+        self._inflight.track(replica, request_id, self._expected_s(replica, request))
         self._router(request.model).sent(replica, request.chain)
 
     def counted_by_serve(self, replica: str) -> None:
