@@ -11,6 +11,10 @@ from typing import Any, NoReturn
 from .._version import __version__
 from ._demo import DEMO_TURNS
 
+#: The one model's context size and offloaded layers when the options are left out.
+N_CTX = 2048
+GPU_LAYERS = 0
+
 __all__ = ["Parser", "build_parser"]
 
 DESCRIPTION = (
@@ -94,19 +98,17 @@ def _prompt(text: str) -> str:
     return text
 
 
-def _common(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument(
-        "--model",
-        type=_model_file,
-        metavar="PATH",
-        help="GGUF model file (default: the bundled SmolLM2-135M-Instruct)",
-    )
+def _model(sp: argparse.ArgumentParser, *, model_help: str, unset: bool = False) -> None:
+    """--model, --n-ctx, --threads and --gpu-layers. With ``unset`` every default is None:
+    ``serve`` must tell an option given from one left out, as they conflict with --config
+    (its one model then gets :data:`N_CTX` and :data:`GPU_LAYERS`)."""
+    sp.add_argument("--model", type=_model_file, default=None, metavar="PATH", help=model_help)
     sp.add_argument(
         "--n-ctx",
         type=_integer(8),
-        default=2048,
+        default=None if unset else N_CTX,
         metavar="N",
-        help="context size in tokens (default %(default)s)",
+        help=f"context size in tokens (default {N_CTX})",
     )
     sp.add_argument(
         "--threads",
@@ -119,16 +121,24 @@ def _common(sp: argparse.ArgumentParser) -> None:
     sp.add_argument(
         "--gpu-layers",
         type=_integer(-1),
-        default=0,
+        default=None if unset else GPU_LAYERS,
         metavar="N",
-        help="layers to offload to the GPU, -1 for all (default %(default)s)",
+        help=f"layers to offload to the GPU, -1 for all (default {GPU_LAYERS})",
     )
+
+
+def _loop(sp: argparse.ArgumentParser) -> None:
     sp.add_argument(
         "--loop",
         choices=("asyncio", "trio"),
         default="asyncio",
         help="event loop to run on (default %(default)s)",
     )
+
+
+def _common(sp: argparse.ArgumentParser) -> None:
+    _model(sp, model_help="GGUF model file (default: the bundled SmolLM2-135M-Instruct)")
+    _loop(sp)
 
 
 def _sampling(sp: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -187,40 +197,16 @@ def _serve(sub: Any) -> None:
         metavar="FILE",
         help="TOML file naming the models, the cache, memory pressure and server settings",
     )
-    s.add_argument(
-        "--model",
-        type=_model_file,
-        default=None,
-        metavar="PATH",
-        help="GGUF model to serve without --config (default: the bundled SmolLM2)",
+    _model(
+        s,
+        model_help="GGUF model to serve without --config (default: the bundled SmolLM2)",
+        unset=True,
     )
     s.add_argument(
         "--model-id",
         default=None,
         metavar="ID",
         help="the name clients use for that model (default: smollm2, or the file's name)",
-    )
-    s.add_argument(
-        "--n-ctx",
-        type=_integer(8),
-        default=None,
-        metavar="N",
-        help="context size in tokens of that model (default 2048)",
-    )
-    s.add_argument(
-        "--threads",
-        type=_integer(1),
-        default=None,
-        metavar="N",
-        help="CPU threads llama.cpp uses (default: half the usable cores to decode, all to "
-        "prefill)",
-    )
-    s.add_argument(
-        "--gpu-layers",
-        type=_integer(-1),
-        default=None,
-        metavar="N",
-        help="layers to offload to the GPU, -1 for all (default 0)",
     )
     s.add_argument(
         "--cache-dir",
@@ -254,12 +240,7 @@ def _serve(sub: Any) -> None:
         metavar="N",
         help="the most tokens one request may generate (default 4096)",
     )
-    s.add_argument(
-        "--loop",
-        choices=("asyncio", "trio"),
-        default="asyncio",
-        help="event loop to run on (default %(default)s)",
-    )
+    _loop(s)
     r = s.add_argument_group("scale-out on Ray Serve (needs the ray extra; see docs/scale-out.md)")
     r.add_argument(
         "--ray",

@@ -20,6 +20,7 @@ from ..bundled import INSTALL_HINT, bundled_model_path
 from ..config import ModelConfig, ToolCallMarkers
 from ._chat import chat_cache_config
 from ._console import Console
+from ._parser import GPU_LAYERS, N_CTX
 
 if TYPE_CHECKING:
     from ..server import ServeConfig
@@ -67,9 +68,9 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         model_id = args.model_id or ("smollm2" if args.model is None else path.stem)
         model = ModelConfig(
             model_path=path,
-            n_ctx=args.n_ctx or 2048,
+            n_ctx=N_CTX if args.n_ctx is None else args.n_ctx,
             n_threads=args.threads,
-            n_gpu_layers=args.gpu_layers or 0,
+            n_gpu_layers=GPU_LAYERS if args.gpu_layers is None else args.gpu_layers,
             # Hermes-style calls, so tool_choice "required" works on any chat model.
             tool_call_markers=ToolCallMarkers(start="<tool_call>", end="</tool_call>"),
         )
