@@ -9,7 +9,7 @@ import logging
 import secrets
 import struct
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any
@@ -364,20 +364,30 @@ async def _chat_events(
                     yield openai_event(chunk({"tool_calls": [_call_json(piece, n_calls)]}))
                     n_calls += 1
                 elif isinstance(piece, End):
-                    if piece.finish == "cancelled":
-                        yield openai_event(error_body(cancelled_error(), "openai"))
-                        return
-                    last = chunk({}, piece.finish)
-                    last["erllama"] = extension(piece.done)
-                    yield openai_event(last)
-                    if include_usage:
-                        usage = chunk({})
-                        usage["choices"] = []
-                        usage["usage"] = _usage(piece.done)
-                        yield openai_event(usage)
-                    yield openai_done()
+                    for event in _end_events(piece, lambda f: chunk({}, f), include_usage):
+                        yield event
     except Exception as exc:
         yield openai_event(error_body(stream_error(exc, started), "openai"))
+
+
+def _end_events(
+    end: End, chunk: Callable[[str | None], dict[str, Any]], include_usage: bool
+) -> list[str]:
+    """What closes a streamed reply, chat or legacy: an error for a cancelled request; else
+    the last chunk (``chunk(finish)``, with erllama's fields), the usage chunk when asked
+    for, and ``[DONE]``."""
+    if end.finish == "cancelled":
+        return [openai_event(error_body(cancelled_error(), "openai"))]
+    last = chunk(end.finish)
+    last["erllama"] = extension(end.done)
+    out = [openai_event(last)]
+    if include_usage:
+        usage = chunk(None)
+        usage["choices"] = []
+        usage["usage"] = _usage(end.done)
+        out.append(openai_event(usage))
+    out.append(openai_done())
+    return out
 
 
 # ---- legacy completions ------------------------------------------------------------------
@@ -449,18 +459,8 @@ async def completions(request: Request, state: ServerState) -> Response:
                         if isinstance(piece, Text):
                             yield openai_event(shape(piece.text, None))
                         elif isinstance(piece, End):
-                            if piece.finish == "cancelled":
-                                yield openai_event(error_body(cancelled_error(), "openai"))
-                                return
-                            last = shape("", piece.finish)
-                            last["erllama"] = extension(piece.done)
-                            yield openai_event(last)
-                            if include_usage:
-                                usage = shape("", None)
-                                usage["choices"] = []
-                                usage["usage"] = _usage(piece.done)
-                                yield openai_event(usage)
-                            yield openai_done()
+                            for event in _end_events(piece, lambda f: shape("", f), include_usage):
+                                yield event
             except Exception as exc:
                 yield openai_event(error_body(stream_error(exc, started), "openai"))
 
