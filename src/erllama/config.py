@@ -547,13 +547,21 @@ def structure_config(data: Mapping[str, Any], cls: type[T]) -> T:
 
 def load_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> EngineConfig:
     """Read an :class:`EngineConfig` from a TOML file path or a mapping."""
+    return load_config_as(source, EngineConfig)
+
+
+def load_config_as(source: str | os.PathLike[str] | Mapping[str, Any], cls: type[T]) -> T:
+    """Build ``cls`` from a TOML file path or a mapping; a file that cannot be read, is not
+    UTF-8 or is not TOML is a ConfigError, as is every bad key path."""
     if isinstance(source, Mapping):
-        return structure_config(source, EngineConfig)
+        return structure_config(source, cls)
     path = Path(source)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError([("", f"cannot read {path}: {exc.strerror}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([("", f"{path} is not UTF-8 text: {exc}")]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([("", f"{path} is not valid TOML: {exc}")]) from exc
-    return structure_config(data, EngineConfig)
+    return structure_config(data, cls)

@@ -99,8 +99,6 @@ class KVCache:
             forget=self._forget,
             adopt=lambda tier, meta: self._adopt(tier, meta, count=True),
         )
-        self._read_limiter = self.finder.read_limiter
-        self._buffers = self.finder.buffers
         self._write_limiter = anyio.CapacityLimiter(config.writers)
         self._tg: TaskGroup | None = None
         self._closing = False
@@ -381,7 +379,7 @@ class KVCache:
             await self._write(job, row, tier, payload)
         finally:
             if pooled:
-                self._buffers.give(payload)
+                self.finder.buffers.give(payload)
 
     async def _write(
         self, job: _Job, row: Row, tier: FileTier, payload: bytes | bytearray | memoryview
@@ -521,7 +519,9 @@ class KVCache:
             return prefix + bytes(row.payload)
         tier = self.files[row.tier]
         try:
-            return await anyio.to_thread.run_sync(tier.read_bytes, key, limiter=self._read_limiter)
+            return await anyio.to_thread.run_sync(
+                tier.read_bytes, key, limiter=self.finder.read_limiter
+            )
         except OSError:
             return None
 

@@ -56,7 +56,7 @@ class CachePort(Protocol):
         """Find the best row for ``tokens`` longer than ``longer_than`` tokens (what the
         sequence's live KV already covers): exact, then ``parent_key`` (waiting up to
         ``policy.resume_wait_s`` for a row another process is still publishing), then longest
-        prefix.
+        prefix, or a longer row sharing more of the prompt (restored, then trimmed).
         Counts the hit or miss. Never raises for damaged files: they are misses."""
 
     def prepare_save(

@@ -24,7 +24,6 @@ It is read through erllama's one cattrs converter, so an unknown key or a bad va
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,9 +41,8 @@ from ..config import (
     _Problems,
     _structure_fields,
     converter,
-    structure_config,
+    load_config_as,
 )
-from ..errors import ConfigError
 
 __all__ = ["API_KEY_ENV", "ServeConfig", "ServerConfig", "load_serve_config"]
 
@@ -154,15 +152,4 @@ for _cls in (ServerConfig, ServeConfig):
 def load_serve_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> ServeConfig:
     """Read a :class:`ServeConfig` from a TOML file path or a mapping (ConfigError naming
     every bad key path)."""
-    if isinstance(source, Mapping):
-        return structure_config(source, ServeConfig)
-    path = Path(source)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError([("", f"cannot read {path}: {exc.strerror}")]) from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError([("", f"{path} is not UTF-8 text: {exc}")]) from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([("", f"{path} is not valid TOML: {exc}")]) from exc
-    return structure_config(data, ServeConfig)
+    return load_config_as(source, ServeConfig)
