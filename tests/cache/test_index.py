@@ -103,6 +103,11 @@ class IndexMachine(RuleBasedStateMachine):
         ]
         best = max((c for c, _, _ in others), default=0)
         got = self.index.covering(ns, tokens)
+        # A lookup's one walk answers both questions as the separate calls do.
+        assert self.index.search(ns, tokens, most=3) == (
+            self.index.longest(ns, tokens, most=3),
+            got,
+        )
         if best == 0:
             assert got is None
             return

@@ -88,11 +88,11 @@ class RowFinder:
             # Unlike the reference, a stale parent_key still falls back to the walk.
             t1 = time.perf_counter()
             # A few fallbacks are plenty: each is only tried if the deeper one is damaged.
-            candidates = self.catalog.prefix.longest(
-                ns.id, tb, max_len=len(tokens), longer_than=longer_than, most=8
+            candidates, covering = self.catalog.prefix.search(
+                ns.id, tb, longer_than=longer_than, most=8
             )
             beat = max([longer_than, *(n for n, k in candidates if k != key)])
-            cover = self._covering(ns, tb, beat, policy)
+            cover = self._covering(covering, beat, policy)
             self.counters.bump("lookup_s", time.perf_counter() - t1)
             if cover is not None:
                 row, common = cover
@@ -152,15 +152,14 @@ class RowFinder:
             await anyio.sleep(0.01)
 
     def _covering(
-        self, ns: Namespace, tb: bytes, beat: int, policy: CachePolicy
+        self, found: tuple[int, bytes, int] | None, beat: int, policy: CachePolicy
     ) -> tuple[Row, int] | None:
-        """A row that runs past where the prompt ends or differs from it, and shares more of
-        the prompt than ``beat`` tokens (the deepest prefix row, or the live KV): (row,
-        tokens shared). Worth it only when it saves at least ``policy.min_tokens`` of
-        prefill and the tokens restored only to be trimmed are at most
-        ``COVER_MAX_EXCESS`` times the tokens it saves: restoring a token costs far less
-        than prefilling it, but not nothing (a disk row on a fast GPU)."""
-        found = self.catalog.prefix.covering(ns.id, tb)
+        """The covering row the index ``found`` (one that runs past where the prompt ends or
+        differs from it), if it shares more of the prompt than ``beat`` tokens (the deepest
+        prefix row, or the live KV): (row, tokens shared). Worth it only when it saves at
+        least ``policy.min_tokens`` of prefill and the tokens restored only to be trimmed
+        are at most ``COVER_MAX_EXCESS`` times the tokens it saves: restoring a token costs
+        far less than prefilling it, but not nothing (a disk row on a fast GPU)."""
         if found is None:
             return None
         common, key, length = found
@@ -258,14 +257,14 @@ class RowFinder:
         (nothing is loaded, no hit counted): (tokens restored, tier, the row's key). The
         longest available prefix row, or a covering row that shares more (as ``lookup``
         would choose it)."""
-        tb = encode_tokens(tokens)
+        prefixes, covering = self.catalog.prefix.search(ns.id, encode_tokens(tokens))
         best: tuple[int, str, bytes] | None = None
-        for n, key in self.catalog.prefix.longest(ns.id, tb, max_len=len(tokens)):
+        for n, key in prefixes:
             row = self.catalog.get(key)
             if row is not None and (row.available or row.payload is not None):
                 best = (n, row.tier, key)
                 break
-        cover = self._covering(ns, tb, 0 if best is None else best[0], policy)
+        cover = self._covering(covering, 0 if best is None else best[0], policy)
         if cover is not None:
             row, common = cover
             return common, row.tier, row.key

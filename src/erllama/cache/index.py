@@ -157,24 +157,8 @@ class PrefixIndex:
             return []
         t = _as_bytes(tokens)
         limit = len(t) if max_len is None else max(0, min(len(t), 4 * max_len))
-        floor = -1 if longer_than is None else 4 * longer_than
-        # (byte depth, node) for every node on the path that holds keys; the answer is built
-        # once at the end (a comprehension is cheaper than extending per node).
-        on_path: list[tuple[int, _Node]] = [(0, root)] if root.keys and floor < 0 else []
-        node, pos = root, 0
-        while pos < limit:
-            child = node.children.get(t[pos : pos + 4])
-            if child is None:
-                break
-            label = child.label
-            end = pos + len(label)
-            if end > limit or not t.startswith(label, pos):
-                break
-            node, pos = child, end
-            if node.keys and pos > floor:
-                on_path.append((pos, node))
-        found = [(depth >> 2, k) for depth, n in reversed(on_path) for k in reversed(n.keys)]
-        return found if most is None else found[:most]
+        walk = _Walk(root, t, limit)
+        return walk.prefixes(longer_than, most)
 
     def covering(
         self, ns_id: bytes, tokens: Sequence[int] | bytes, *, budget: int = COVER_BUDGET
@@ -183,59 +167,34 @@ class PrefixIndex:
         *not* a prefix of it (they run past where the prompt ends or differs):
         ``(common_length, key, row_length)``, or None when no such row shares a token.
 
-        The walk follows ``tokens`` as far as the trie does; every row below the point
-        where it stops (inside an edge or at a node) shares exactly that many tokens. Of
-        those, the shortest one seen within ``budget`` nodes (breadth first) is returned:
-        restoring it reads the fewest tokens that will be trimmed off again. A key-less
-        node has at least two children, so the first key is never far below."""
+        Every row below the point where the walk along ``tokens`` stops (inside an edge or
+        at a node) shares exactly that many tokens. Of those, the shortest one seen within
+        ``budget`` nodes (breadth first) is returned: restoring it reads the fewest tokens
+        that will be trimmed off again. A key-less node has at least two children, so the
+        first key is never far below."""
         root = self._roots.get(ns_id)
         if root is None:
             return None
         t = _as_bytes(tokens)
-        node, pos, n = root, 0, len(t)
-        below: list[tuple[int, _Node]]  # (byte depth of the node's end, node)
-        # The deepest node passed that has children off the path: the fallback when the walk
-        # ends on a leaf (then that leaf is a prefix row, which a caller would prefer anyway).
-        branch: tuple[int, list[tuple[int, _Node]]] = (0, [])
-        while True:
-            child = node.children.get(t[pos : pos + 4]) if pos < n else None
-            if child is None:
-                # Stopped at a node: rows in its children's subtrees share ``pos`` bytes.
-                below = [(pos + len(c.label), c) for c in node.children.values()]
-                common = pos
-                if not below:
-                    common, below = branch
-                break
-            label = child.label
-            end = pos + len(label)
-            if end <= n and t.startswith(label, pos):
-                if len(node.children) > 1:
-                    branch = (
-                        pos,
-                        [(pos + len(c.label), c) for c in node.children.values() if c is not child],
-                    )
-                node, pos = child, end
-                continue
-            # Stopped inside the edge: every row below ``child`` shares this much.
-            common = pos + _common_bytes(label, t, pos)
-            below = [(end, child)]
-            break
-        if common == 0:
-            return None
-        best: tuple[int, bytes] | None = None
-        queue = deque(below)
-        seen = 0
-        while queue and seen < budget:
-            depth, at = queue.popleft()
-            seen += 1
-            if at.keys and (best is None or depth < best[0]):
-                best = (depth, next(iter(at.keys)))
-            if best is not None and depth >= best[0]:
-                continue  # nothing deeper beats it
-            queue.extend((depth + len(c.label), c) for c in at.children.values())
-        if best is None:
-            return None
-        return common >> 2, best[1], best[0] >> 2
+        return _Walk(root, t, len(t)).covering(budget)
+
+    def search(
+        self,
+        ns_id: bytes,
+        tokens: Sequence[int] | bytes,
+        *,
+        longer_than: int | None = None,
+        most: int | None = None,
+        budget: int = COVER_BUDGET,
+    ) -> tuple[list[tuple[int, bytes]], tuple[int, bytes, int] | None]:
+        """``longest(ns_id, tokens, longer_than=, most=)`` and ``covering(ns_id, tokens)``
+        from one walk along the prompt (what a lookup asks for)."""
+        root = self._roots.get(ns_id)
+        if root is None:
+            return [], None
+        t = _as_bytes(tokens)
+        walk = _Walk(root, t, len(t))
+        return walk.prefixes(longer_than, most), walk.covering(budget)
 
     def _check(self) -> None:
         """Assert the structural invariants (for tests)."""
@@ -254,3 +213,77 @@ class PrefixIndex:
                     assert child.label[:4] == first
                     stack.append((child, False))
         assert count == self._len
+
+
+class _Walk:
+    """One walk down the trie along the prompt ``t`` (at most ``limit`` bytes of it): the
+    nodes holding keys on the way (rows that are prefixes of the prompt), and where it
+    stopped, from which :meth:`covering` finds what rows running past the prompt share
+    with it (computed only when asked: ``longest`` alone does not pay for it)."""
+
+    __slots__ = ("_branch", "_child", "_node", "_pos", "_t", "on_path")
+
+    def __init__(self, root: _Node, t: bytes, limit: int) -> None:
+        #: (byte depth, node) for every node on the path that holds keys.
+        self.on_path: list[tuple[int, _Node]] = [(0, root)] if root.keys else []
+        node, pos = root, 0
+        # The deepest node passed that has children off the path, as (depth, node, the
+        # child followed): the fallback when the walk ends on a leaf (then that leaf is a
+        # prefix row, which a caller prefers anyway).
+        branch: tuple[int, _Node, _Node] | None = None
+        while True:
+            child = node.children.get(t[pos : pos + 4]) if pos < limit else None
+            if child is None:
+                break
+            end = pos + len(child.label)
+            if end > limit or not t.startswith(child.label, pos):
+                break  # stopped inside the edge to ``child``
+            if len(node.children) > 1:
+                branch = (pos, node, child)
+            node, pos = child, end
+            if node.keys:
+                self.on_path.append((pos, node))
+        self._t, self._node, self._pos, self._child, self._branch = t, node, pos, child, branch
+
+    def prefixes(self, longer_than: int | None, most: int | None) -> list[tuple[int, bytes]]:
+        floor = -1 if longer_than is None else 4 * longer_than
+        found = [
+            (depth >> 2, k)
+            for depth, n in reversed(self.on_path)
+            if depth > floor
+            for k in reversed(n.keys)
+        ]
+        return found if most is None else found[:most]
+
+    def _below(self) -> tuple[int, list[tuple[int, _Node]]]:
+        """Bytes that the rows below the stop share with the prompt, and (byte depth of the
+        node's end, node) for the subtrees holding them."""
+        pos, child = self._pos, self._child
+        if child is not None:  # inside the edge: every row below ``child`` shares this much
+            common = pos + _common_bytes(child.label, self._t, pos)
+            return common, [(pos + len(child.label), child)]
+        # At a node: rows in its children's subtrees share ``pos`` bytes.
+        below = [(pos + len(c.label), c) for c in self._node.children.values()]
+        if below or self._branch is None:
+            return pos, below
+        depth, at, followed = self._branch
+        return depth, [(depth + len(c.label), c) for c in at.children.values() if c is not followed]
+
+    def covering(self, budget: int) -> tuple[int, bytes, int] | None:
+        common, below = self._below()
+        if common == 0:
+            return None
+        best: tuple[int, bytes] | None = None
+        queue = deque(below)
+        seen = 0
+        while queue and seen < budget:
+            depth, at = queue.popleft()
+            seen += 1
+            if at.keys and (best is None or depth < best[0]):
+                best = (depth, next(iter(at.keys)))
+            if best is not None and depth >= best[0]:
+                continue  # nothing deeper beats it
+            queue.extend((depth + len(c.label), c) for c in at.children.values())
+        if best is None:
+            return None
+        return common >> 2, best[1], best[0] >> 2
