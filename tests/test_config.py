@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
 import pytest
 
 import erllama
@@ -154,3 +155,40 @@ def test_direct_construction_reports_every_bad_field() -> None:
     with pytest.raises(erllama.ConfigError) as exc:
         erllama.PressureConfig(high_watermark=0.5, low_watermark=0.7, interval_s=0)
     assert sorted(exc.value.paths) == ["interval_s", "low_watermark"]
+
+
+def test_nested_configs_given_as_mappings_are_converted_or_refused_at_construction() -> None:
+    cfg = erllama.ModelConfig(
+        thinking_markers={"start": "<think>", "end": "</think>"},  # type: ignore[arg-type]
+        tool_call_markers={"start": "<tool_call>", "end": "</tool_call>"},  # type: ignore[arg-type]
+        policy={"min_tokens": 8},  # type: ignore[arg-type]
+    )
+    assert cfg.thinking_markers == erllama.ThinkingMarkers(start="<think>", end="</think>")
+    assert cfg.tool_call_markers == erllama.ToolCallMarkers(start="<tool_call>", end="</tool_call>")
+    assert cfg.policy == erllama.CachePolicy(min_tokens=8)
+    bad: list[tuple[dict[str, object], str]] = [
+        ({"thinking_markers": {"start": "<think>"}}, "thinking_markers.end"),
+        ({"tool_call_markers": {"start": "a", "end": "b", "extra": 1}}, "tool_call_markers.extra"),
+        ({"thinking_markers": "<think>"}, "thinking_markers"),
+        ({"policy": {"min_tokens": 0}}, "policy.min_tokens"),
+    ]
+    for fields, path in bad:
+        with pytest.raises(erllama.ConfigError) as exc:
+            erllama.ModelConfig(**fields)  # type: ignore[arg-type]
+        assert exc.value.paths == [path]
+
+
+@pytest.mark.anyio
+async def test_markers_given_as_a_mapping_work_at_load(
+    engine: erllama.Engine,
+) -> None:
+    from .helpers import stub_config
+
+    cfg = attrs.evolve(
+        stub_config(script="<think> kabo </think> rite"),
+        thinking_markers={"start": "<think>", "end": "</think>"},
+    )
+    mid = await engine.load_model("m", cfg)
+    assert engine.model_info(mid).thinking_markers == ("<think>", "</think>")
+    done = await engine.complete(mid, "hi", max_tokens=40, thinking=True)
+    assert done.thinking.strip() == "kabo" and done.text.strip() == "rite"

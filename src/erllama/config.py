@@ -226,6 +226,29 @@ def _opt_marker(value: Any) -> str | None:
     return None if value is None else _marker(value)
 
 
+def _nested(cls: type[Any], name: str) -> Any:
+    """A field holding a nested config: an instance of ``cls``, None, or a mapping of its
+    fields (converted here, as the TOML path does; a bad one is a ConfigError naming
+    ``name.key``). Anything else is reported by the field's check."""
+
+    def convert(value: Any) -> Any:
+        if not isinstance(value, Mapping):
+            return value
+        try:
+            return structure_config(value, cls)
+        except ConfigError as exc:
+            raise ConfigError(
+                [(f"{name}.{path}" if path else name, msg) for path, msg in exc.problems]
+            ) from exc
+
+    def check(value: Any) -> str | None:
+        if value is None or isinstance(value, cls):
+            return None
+        return f"must be a {cls.__name__} or a mapping of its fields, got {value!r}"
+
+    return attrs.field(default=None, converter=convert, metadata={_CHECKS: (check,)})
+
+
 @attrs.frozen(kw_only=True)
 class ThinkingMarkers:
     """The text that opens and closes a model's thinking span (``<think>``, ``</think>``)."""
@@ -305,13 +328,13 @@ class ModelConfig:
     #: Quantisation label override for the cache key; default: read from the model.
     quant: str | None = None
     #: Per-model override of the engine's cache policy.
-    policy: CachePolicy | None = None
+    policy: CachePolicy | None = _nested(CachePolicy, "policy")  # noqa: RUF009 (attrs field)
     #: The model's thinking span markers. None: read from its chat template when it names a
     #: known pair (``<think>``/``</think>``), unless ``detect_markers`` is off.
-    thinking_markers: ThinkingMarkers | None = None
+    thinking_markers: ThinkingMarkers | None = _nested(ThinkingMarkers, "thinking_markers")  # noqa: RUF009
     #: The model's tool-call markers. None: read from its chat template when it names a
     #: known pair (``<tool_call>``/``</tool_call>``), unless ``detect_markers`` is off.
-    tool_call_markers: ToolCallMarkers | None = None
+    tool_call_markers: ToolCallMarkers | None = _nested(ToolCallMarkers, "tool_call_markers")  # noqa: RUF009
     detect_markers: bool = True
     #: A session's sequence idle this long is released (after an evict save), so a
     #: forgotten session never holds a sequence for good.
