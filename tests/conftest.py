@@ -49,7 +49,7 @@ async def engine(
         try:
             yield eng
         finally:
-            unblock_stubs(eng)
+            unblock_stubs()
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import attrs
 import pytest
 
 import erllama
+from erllama.backends import stub
 from erllama.backends.stub import StubControl, _word
 from erllama.cache.tiers import FileTier
 from erllama.plugins import BackendRegistry
@@ -50,20 +51,12 @@ async def wait_for(predicate: object, within: float = 5.0) -> None:
             await anyio.sleep(0.001)
 
 
-def unblock_stubs(engine: erllama.Engine) -> None:
-    """Release every stub model's gates and permits, so that a test that failed while
-    holding a model mid-step still lets the engine close (native steps are never
+def unblock_stubs() -> None:
+    """Open every live stub model's gates and permits, so that a test that failed while
+    holding a model mid-step still lets its engine close (native steps are never
     abandoned, so a step blocked forever would hang the teardown)."""
-    for worker in list(engine._models.values()):
-        loaded = worker.loaded
-        control = getattr(getattr(loaded, "handle", None), "control", None)
-        if not isinstance(control, StubControl):
-            continue
-        if control.permits is not None:
-            control.permits.release(1_000_000)
-        for gate in (control.gate, control.forward_gate):
-            if gate is not None:
-                gate.set()
+    for control in stub.live_controls():
+        control.open()
 
 
 def words(n: int, start: int = 0) -> str:

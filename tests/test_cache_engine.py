@@ -66,7 +66,7 @@ async def cached(registry: BackendRegistry, tmp_path: Path) -> AsyncIterator[erl
         try:
             yield engine
         finally:
-            unblock_stubs(engine)
+            unblock_stubs()
 
 
 async def test_resending_a_conversation_hits_exactly_and_continues_identically(
@@ -204,7 +204,8 @@ async def test_evict_saves_in_flight_sequences(cached: erllama.Engine) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(evict)
         # The evict save runs between ticks: the blocked step must finish first.
-        await wait_for(lambda: cached._models[mid].thread.commands.qsize() == 1)
+        await anyio.wait_all_tasks_blocked()
+        assert saved == []
         release(ctl, 1)
     assert saved == [1]
     assert cached.cache_counters().saves_evict == 1
@@ -231,13 +232,9 @@ async def test_leaving_the_engine_saves_running_requests_and_persists_ram_rows(
         c = engine.cache_counters()
         assert c.rows_ram == 0 and c.rows_ram_file + c.rows_disk >= 1
         mid = await engine.load_model("m", stub_config())
-        resent = list(range(0))  # built below from the saved row's tokens
-        key = bytes.fromhex(done.stats.finish_key)
-        row = engine._cache.catalog.get(key)  # type: ignore[attr-defined]
+        row = engine.cache_row(done.stats.finish_key)
         assert row is not None
-        from erllama.cache.key import decode_tokens
-
-        resent = list(decode_tokens(row.token_bytes))
+        resent = list(row.tokens)
         r = await engine.complete(mid, resent, max_tokens=3)
         assert r.cache_hit_kind == "exact"
 
@@ -252,7 +249,7 @@ async def test_a_ram_budget_spills_rows_down_instead_of_losing_them(
         for i in range(8):
             r = await engine.complete(mid, words(30, 100 * i), max_tokens=3)
             finals.append([*await engine.tokenize(mid, words(30, 100 * i)), *r.token_ids])
-        await engine._cache.drain()  # type: ignore[attr-defined]
+        await engine.wait_saved()
         c = engine.cache_counters()
         assert c.bytes_ram <= 700
         assert c.spills >= 1 and c.rows_ram_file >= 1 and c.evictions == 0
@@ -270,7 +267,7 @@ async def test_the_last_tier_evicts_least_recently_used_rows_within_budget(
         mid = await engine.load_model("m", stub_config())
         for i in range(10):
             await engine.complete(mid, words(30, 100 * i), max_tokens=3)
-            await engine._cache.drain()  # type: ignore[attr-defined]
+            await engine.wait_saved()
         c = engine.cache_counters()
         assert c.bytes_disk <= 1500 and c.evictions >= 1
         on_disk = sum(f.stat().st_size for f in (tmp_path / "disk").glob("*.kvc"))
@@ -305,7 +302,8 @@ async def test_a_parent_row_still_being_written_is_usable_at_once(
             mid = await engine.load_model("m", stub_config())
             t1 = await engine.tokenize(mid, words(20))
             r1 = await engine.complete(mid, t1, max_tokens=3)
-            row = engine._cache.catalog.get(bytes.fromhex(r1.finish_key))  # type: ignore[attr-defined, arg-type]
+            assert r1.finish_key is not None
+            row = engine.cache_row(r1.finish_key)
             # Reserved, with its bytes, before finish_key was handed out; its file is held.
             assert row is not None and row.status == "writing"
             r2 = await engine.complete(

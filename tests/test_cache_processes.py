@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent(
                 prompt = " ".join(f"ka{'be' * (i % 5)}" for _ in range(20 + i))
                 r = await engine.complete(mid, prompt, max_tokens=3)
                 keys.append(r.finish_key)
-            await engine._cache.drain()
+            await engine.wait_saved()
             print(",".join(keys))
 
     anyio.run(main)

@@ -106,9 +106,9 @@ async def test_leaving_the_engine_ends_every_stream_promptly(
             for i in range(5):
                 streams.append(await engine.infer(mid, f"request {i}", max_tokens=100_000))
             await wait_for(lambda: ctl.steps > 3)
-            handle = engine._models[mid].loaded.handle  # type: ignore[union-attr]
     assert ctl.active == 0  # no native step left running
-    assert handle.freed
+    assert ctl.model is not None and ctl.model.freed
+    assert ctl.use_after_free == 0
     for s in streams:
         events = [ev async for ev in s]
         assert isinstance(events[-1], Done)

@@ -109,18 +109,32 @@ async def test_a_short_request_is_not_held_behind_a_long_prefill(engine: erllama
     await long.collect()
 
 
+def record_cancels(engine: erllama.Engine, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Refs that reach ``engine.cancel`` from now on (a dropped stream's cancel arrives
+    through the model's hand-off, later than the drop)."""
+    seen: list[str] = []
+    cancel = engine.cancel
+
+    def recording(ref: str) -> None:
+        seen.append(ref)
+        cancel(ref)
+
+    monkeypatch.setattr(engine, "cancel", recording)
+    return seen
+
+
 async def test_leaving_an_async_for_early_cancels_the_request_within_a_step(
-    engine: erllama.Engine,
+    engine: erllama.Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ctl = metered()
     mid = await engine.load_model("m", stub_config(control=ctl))
+    cancelled = record_cancels(engine, monkeypatch)
     stream = await engine.infer(mid, "keep talking", max_tokens=1000)
     release(ctl, 3)
-    req = engine._inflight[stream.ref][1]
     async for ev in stream:
         assert isinstance(ev, Token)
         break
-    await wait_for(lambda: req.job.cancel_requested)
+    await wait_for(lambda: cancelled == [stream.ref])
     steps = ctl.steps
     release(ctl, 1000)
     await wait_for(lambda: engine.status(mid) == "idle")
@@ -134,16 +148,19 @@ async def test_leaving_an_async_for_early_cancels_the_request_within_a_step(
     assert isinstance(rest[-1], Done) and rest[-1].finish_reason == "cancelled"
 
 
-async def test_a_stream_dropped_unread_cancels_its_request(engine: erllama.Engine) -> None:
+async def test_a_stream_dropped_unread_cancels_its_request(
+    engine: erllama.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ctl = metered()
     mid = await engine.load_model("m", stub_config(control=ctl))
+    cancelled = record_cancels(engine, monkeypatch)
     stream = await engine.infer(mid, "nobody listens", max_tokens=1000)
+    ref = stream.ref
     release(ctl, 2)
     await wait_for(lambda: ctl.steps == 3 and ctl.waiting == 1)
-    req = engine._inflight[stream.ref][1]
     del stream
     gc.collect()
-    await wait_for(lambda: req.job.cancel_requested)
+    await wait_for(lambda: cancelled == [ref])
     release(ctl, 1000)
     await wait_for(lambda: engine.status(mid) == "idle")
     assert ctl.steps == 3  # the parked step finished, and no other ran
@@ -173,11 +190,11 @@ async def test_a_control_call_cancelled_before_it_runs_never_runs(
     adapter.write_bytes(b"STUBLORA one")
     running = await engine.infer(mid, "hold the model", max_tokens=4)
     await wait_for(lambda: ctl.waiting == 1)
-    sched = engine._models[mid].thread.sched
-    assert sched is not None
-    with anyio.move_on_after(0.2):
-        await engine.load_adapter(mid, str(adapter))  # waits behind the running request
-    assert len(sched.queue) == 0  # withdrawn from the queue
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.load_adapter, mid, str(adapter))  # waits behind the request
+        await wait_for(lambda: engine.model_info(mid).pending_changes == 1)
+        tg.cancel_scope.cancel()
+    assert engine.model_info(mid).pending_changes == 0  # withdrawn from the queue
     release(ctl, 100)
     await running.collect()
     assert engine.list_adapters(mid) == []

@@ -30,7 +30,7 @@ async def test_an_exported_row_restores_in_another_engine_exactly(
         mid = await a.load_model("m", stub_config())
         first = await a.complete(mid, words(40), max_tokens=4)
         assert first.finish_key is not None
-        await a._cache.drain()  # type: ignore[attr-defined]
+        await a.wait_saved()
         data = await a.export_row(first.finish_key)
     assert data is not None
     async with erllama.open_engine(cache_at(tmp_path / "b", "ram"), backends=registry) as b:

@@ -9,6 +9,8 @@ import pytest
 
 import erllama
 from erllama import Token
+from erllama.backends import stub
+from erllama.backends.stub import StubControl
 
 from .helpers import metered, release, stub_config, wait_for
 
@@ -60,11 +62,11 @@ async def test_multibyte_characters_split_across_tokens_stream_unbroken(
 
 
 async def test_damaged_stub_states_are_refused(engine: erllama.Engine) -> None:
-    mid = await engine.load_model("m", stub_config())
-    worker = engine._models[mid]
-    backend, handle = worker.backend, worker.loaded.handle  # type: ignore[union-attr]
+    ctl = StubControl()
+    await engine.load_model("m", stub_config(control=ctl))
+    backend = erllama.make_backend_registry({"stub": stub}, autoload=False).get("stub")
     with pytest.raises(erllama.BackendError):
-        backend.kv_unpack(handle, 0, b"ERSTUBKV" + b"\x00" * 3)
+        backend.kv_unpack(ctl.model, 0, b"ERSTUBKV" + b"\x00" * 3)
 
 
 async def test_embeddings_and_chat_template_are_deterministic(engine: erllama.Engine) -> None:
@@ -135,11 +137,10 @@ async def test_an_adapter_change_waits_for_running_requests(
     async def attach() -> None:
         handle.append(await engine.load_adapter(mid, _adapter(tmp_path, "late")))
 
-    sched = engine._models[mid].thread.sched
-    assert sched is not None
     async with anyio.create_task_group() as tg:
         tg.start_soon(attach)
-        await wait_for(lambda: len(sched.queue) == 1)  # the change waits behind the request
+        # The change waits behind the request.
+        await wait_for(lambda: engine.model_info(mid).pending_changes == 1)
         release(ctl, 100)
         tokens = [ev.token_id async for ev in running if isinstance(ev, Token)]
     # The request admitted before the change ran entirely with the old adapter set.

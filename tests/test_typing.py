@@ -10,14 +10,19 @@ import mypy.api
 import pytest
 
 import erllama
+from erllama.model.intake import RequestArgs
 from erllama.options import RequestOptions, SamplingOptions
 
 
-def test_complete_and_chat_take_exactly_the_arguments_of_infer() -> None:
-    infer = inspect.signature(erllama.Engine.infer).parameters
-    keyword = {n for n, p in infer.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    assert set(RequestOptions.__annotations__) | set(SamplingOptions.__annotations__) == keyword
-    assert keyword - set(SamplingOptions.__annotations__) == {"add_special"}
+def test_the_typed_options_are_exactly_the_validated_request_arguments() -> None:
+    typed = set(RequestOptions.__annotations__) | set(SamplingOptions.__annotations__)
+    assert typed == RequestArgs.keywords()
+    assert typed - set(SamplingOptions.__annotations__) == {"add_special"}
+    for method in (erllama.Engine.infer, erllama.Engine.complete):
+        params = inspect.signature(method).parameters
+        assert [p.kind for p in params.values()][-1] is inspect.Parameter.VAR_KEYWORD
+    with pytest.raises(TypeError, match="max_token"):
+        RequestArgs.build(max_token=3)
 
 
 @pytest.mark.slow
@@ -34,6 +39,7 @@ def test_mypy_catches_a_misspelt_keyword_at_complete_and_chat(tmp_path: Path) ->
                 await engine.complete("m", "hi", temprature=0.5)
                 await engine.chat("m", [{"role": "user", "content": "hi"}], stopp=["x"])
                 await engine.complete("m", "hi", max_tokens="3")
+                await engine.infer("m", "hi", max_token=3)
             """
         )
     )
@@ -42,6 +48,6 @@ def test_mypy_catches_a_misspelt_keyword_at_complete_and_chat(tmp_path: Path) ->
     )
     assert status == 1
     errors = [line for line in out.splitlines() if ": error:" in line]
-    assert len(errors) == 4, out
+    assert len(errors) == 5, out
     for name in ('"max_token"', '"temprature"', '"stopp"', '"max_tokens"'):
         assert any(name in line for line in errors), (name, out)

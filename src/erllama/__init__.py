@@ -26,11 +26,15 @@ from .errors import InvalidRequest as InvalidRequest
 from .errors import ModelAlreadyLoaded as ModelAlreadyLoaded
 from .errors import ModelFailed as ModelFailed
 from .errors import ModelNotFound as ModelNotFound
+from .errors import ModelUnloading as ModelUnloading
 from .errors import NotSupported as NotSupported
 from .errors import QueueFull as QueueFull
 from .errors import SessionBusy as SessionBusy
+from .errors import UnloadTimeout as UnloadTimeout
 from .events import AdapterInfo as AdapterInfo
 from .events import CacheDelta as CacheDelta
+from .events import CachedPrefix as CachedPrefix
+from .events import CachedRow as CachedRow
 from .events import CacheHit as CacheHit
 from .events import Completion as Completion
 from .events import Done as Done
@@ -59,6 +63,8 @@ __all__ = [
     "CacheDelta",
     "CacheError",
     "CacheHit",
+    "CachedPrefix",
+    "CachedRow",
     "CachePolicy",
     "Completion",
     "ConfigError",
@@ -74,6 +80,7 @@ __all__ = [
     "ModelFailed",
     "ModelInfo",
     "ModelNotFound",
+    "ModelUnloading",
     "NotSupported",
     "PressureConfig",
     "PressureResult",
@@ -82,6 +89,7 @@ __all__ = [
     "QueueFull",
     "SamplerParams",
     "SessionBusy",
+    "UnloadTimeout",
     "SessionInfo",
     "Stats",
     "ThinkingDelta",

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
-from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Unpack
@@ -12,13 +12,22 @@ from typing import Any, Unpack
 import anyio
 from anyio.abc import TaskGroup
 
+from .cache.catalog import Row
 from .cache.counters import CacheCounters
+from .cache.key import decode_tokens
 from .cache.manager import KVCache
 from .cache.port import CachePort, NullCache
 from .cluster.prefixes import BLOCK, PrefixSummary
 from .config import CACHE_TIERS, EngineConfig, ModelConfig, load_config, structure_config
-from .errors import CacheError, ConfigError, InvalidRequest, ModelAlreadyLoaded, ModelNotFound
-from .events import AdapterInfo, CachedPrefix, Completion, ModelInfo, ModelStatus
+from .errors import (
+    CacheError,
+    ConfigError,
+    InvalidRequest,
+    ModelAlreadyLoaded,
+    ModelNotFound,
+    UnloadTimeout,
+)
+from .events import AdapterInfo, CachedPrefix, CachedRow, Completion, ModelInfo, ModelStatus
 from .grammar import response_format_grammar
 from .model import ModelWorker, intake
 from .model.output import Signer
@@ -27,7 +36,7 @@ from .options import RequestOptions, SamplingOptions
 from .plugins import BackendRegistry, make_backend_registry
 from .pressure import DeviceMemory, PressureResult, PressureStatus
 from .pressure.nvidia_smi import gpu_memory
-from .pressure.registry import PressureSourceRegistry, make_pressure_registry
+from .pressure.registry import PressureSourceRegistry, SourcePlugin, make_pressure_registry
 from .pressure.scheduler import PressureScheduler
 from .stream import InferStream
 
@@ -47,23 +56,23 @@ class Engine:
         config: EngineConfig,
         task_group: TaskGroup,
         backends: BackendRegistry,
-        cache: CachePort,
+        cache: KVCache | None,
+        pressure_source: SourcePlugin | None,
     ) -> None:
         self.config = config
         self._tg = task_group
         self._backends = backends
-        self._cache = cache
+        #: The cache (None when off) and what models see of it (a null port when off).
+        self._kv = cache
+        self._cache: CachePort = cache if cache is not None else NullCache()
         self._models: dict[str, ModelWorker] = {}
         self._inflight: dict[str, tuple[ModelWorker, Request]] = {}
         self._auto_ids = itertools.count(1)
         key = config.thinking_signing_key
         self._signer = Signer(key.encode("utf-8")) if key else None
         self._closed = False
-        #: Requests per model between ``infer`` being called and being queued (tokenising):
-        #: the pressure scheduler never unloads a model with one of these.
-        self._entering: Counter[str] = Counter()
         self._pressure = PressureScheduler(
-            config.pressure, None, cache=None, models=_PressureModels(self)
+            config.pressure, pressure_source, cache=cache, models=_PressureModels(self)
         )
 
     # ---- models ---------------------------------------------------------------------------
@@ -130,12 +139,22 @@ class Engine:
     async def unload(self, model_id: str) -> None:
         """Stop serving a model: queued and running requests end cancelled (running ones
         saved first with reason ``shutdown``), then the backend is freed. Works on failed
-        models too."""
+        models too.
+
+        Calls that arrive once the unload has begun are refused with ModelUnloading. Calls
+        still using the model's native handle off its thread (tokenize, a chat template
+        ...) are waited for, up to ``erllama.model.gate.UNLOAD_WAIT_S`` (30 s); past that
+        the unload raises UnloadTimeout and the model keeps serving: it is never freed
+        under a caller."""
         worker = self._worker(model_id)
         try:
             await worker.close()
-        finally:
+        except UnloadTimeout:
+            raise
+        except BaseException:
             self._models.pop(model_id, None)
+            raise
+        self._models.pop(model_id, None)
 
     async def unload_model(self, model_id: str) -> None:
         """Alias of :meth:`unload`."""
@@ -171,29 +190,20 @@ class Engine:
         self,
         model_id: str,
         prompt: str | Sequence[int],
-        *,
-        max_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        grammar: str | None = None,
-        stop: str | Sequence[str] | None = None,
-        thinking: bool = False,
-        thinking_budget_tokens: int | None = None,
-        session_id: str | None = None,
-        parent_key: str | bytes | None = None,
-        add_special: bool = True,
+        **kwargs: Unpack[RequestOptions],
     ) -> InferStream:
         """Queue a request and return its stream at once (before it runs).
 
-        ``prompt`` is text (tokenised with BOS when ``add_special``) or token ids. Every
-        argument is checked here: a bad value raises InvalidRequest naming it (a grammar
-        that does not parse too), before anything runs.
+        ``prompt`` is text (tokenised with BOS when ``add_special``, the default) or token
+        ids. Every keyword is checked here (``erllama.model.intake.RequestArgs``): a bad
+        value raises InvalidRequest naming it (a grammar that does not parse too), before
+        anything runs; an unknown keyword is a TypeError.
 
-        - ``max_tokens=None`` generates until end of generation or a full context.
+        - ``max_tokens=None`` (the default) generates until end of generation or a full
+          context.
+        - Sampling: ``temperature`` (0: greedy, the default), ``top_k``, ``top_p``,
+          ``min_p``, ``repetition_penalty``, ``grammar`` (GBNF text); see
+          :class:`~erllama.SamplerParams` for the chain and the ranges.
         - ``seed=None`` draws a fresh seed (reported in ``Stats.seed``) unless
           ``ModelConfig.seed`` sets one.
         - ``stop``: up to 16 strings (256 bytes each); the request ends at the earliest
@@ -205,37 +215,14 @@ class Engine:
           (``SessionBusy`` while one is queued or running; see ``end_session``).
         - ``parent_key`` is a previous ``finish_key`` to resume from.
         """
-        params = {
-            "temperature": temperature,
-            "top_k": top_k,
-            "top_p": top_p,
-            "min_p": min_p,
-            "repetition_penalty": repetition_penalty,
-            "seed": seed,
-            "grammar": grammar,
-        }
-        return await self._infer(
-            model_id,
-            prompt,
-            max_tokens=max_tokens,
-            params=params,
-            parent_key=parent_key,
-            add_special=add_special,
-            stop=stop,
-            thinking=thinking,
-            thinking_budget_tokens=thinking_budget_tokens,
-            session_id=session_id,
-        )
+        args = intake.RequestArgs.build(**kwargs)
+        return await self._infer(model_id, prompt, args)
 
-    async def _infer(self, model_id: str, prompt: str | Sequence[int], **kw: Any) -> InferStream:
+    async def _infer(
+        self, model_id: str, prompt: str | Sequence[int], args: intake.RequestArgs, **kw: Any
+    ) -> InferStream:
         worker = self._worker(model_id)
-        self._entering[model_id] += 1
-        try:
-            req, stream = await worker.infer(prompt, cancel=self.cancel, **kw)
-        finally:
-            self._entering[model_id] -= 1
-            if not self._entering[model_id]:
-                del self._entering[model_id]
+        req, stream = await worker.infer(prompt, args, cancel=self.cancel, **kw)
         if not req.finished.is_set():
             self._inflight[req.ref] = (worker, req)
         return stream
@@ -294,16 +281,10 @@ class Engine:
         minimum length) and return its key (hex): a later request (or ``parent_key``)
         starting with these tokens restores them. None when the cache is off or dropped
         the save (its writers were full)."""
-        stream = await self._infer(
-            model_id,
-            prompt,
-            max_tokens=None,
-            params={},
-            parent_key=parent_key,
-            add_special=add_special,
-            session_id=session_id,
-            prefill_only=True,
+        args = intake.RequestArgs.build(
+            parent_key=parent_key, session_id=session_id, add_special=add_special
         )
+        stream = await self._infer(model_id, prompt, args, prefill_only=True)
         async with stream:
             done = (await stream.collect()).stats
         return done.finish_key
@@ -393,13 +374,12 @@ class Engine:
         if intake.prompt_kind(prompt) == "text":
             tokens = await self.tokenize(model_id, prompt, add_special=add_special)  # type: ignore[arg-type]
         else:
-            assert worker.loaded is not None
-            tokens = intake.check_token_ids(prompt, worker.loaded.n_vocab, "prompt")  # type: ignore[arg-type]
-        return worker.ops.cached_prefix(tokens)
+            tokens = intake.check_token_ids(prompt, worker.n_vocab(), "prompt")  # type: ignore[arg-type]
+        return worker.cached_prefix(tokens)
 
     def list_cached_prefixes(self, model_id: str) -> list[CachedPrefix]:
         """Every cache row of the model under its current adapter set, newest first."""
-        return self._worker(model_id).ops.cached_prefixes()
+        return self._worker(model_id).cached_prefixes()
 
     def prefix_summary(
         self, model_id: str, *, block: int = BLOCK, limit: int = 65_536
@@ -409,12 +389,12 @@ class Engine:
         prompt's prefix exactly without seeing any tokens (see ``erllama.cluster``)."""
         if block < 1 or limit < 1:
             raise InvalidRequest("block" if block < 1 else "limit", "must be >= 1")
-        return self._worker(model_id).ops.prefix_summary(block, limit)
+        return self._worker(model_id).prefix_summary(block, limit)
 
     def queue_depth(self, model_id: str | None = None) -> int:
         """Requests queued or running, on one model or on all of them."""
         workers = [self._worker(model_id)] if model_id is not None else self._models.values()
-        return sum(w.queue_len + w.info().running for w in workers if w.state in ("idle", "failed"))
+        return sum(w.load for w in workers if w.state in ("idle", "failed"))
 
     async def vram_info(self) -> list[DeviceMemory]:
         """Memory of each visible NVIDIA GPU (through nvidia-smi); empty without one."""
@@ -426,22 +406,20 @@ class Engine:
         """A cache row (by its hex key, a ``finish_key`` say) as self-validating bytes for
         another engine's :meth:`import_row`; None when this engine does not hold it."""
         parsed = intake.parse_parent_key(key)
-        if parsed is None or not isinstance(self._cache, KVCache):
+        if parsed is None or self._kv is None:
             return None
-        return await self._cache.export_row(parsed)
+        return await self._kv.export_row(parsed)
 
     async def export_prefix(self, model_id: str, prompt: Sequence[int]) -> bytes | None:
         """The cache row a request for ``prompt`` (token ids) would restore here (the
         longest cached prefix), exported as by :meth:`export_row`; None when no cache row
         holds one (a sequence's live KV is not a row). For another engine that lacks it."""
         worker = self._worker(model_id)
-        assert worker.loaded is not None
-        tokens = intake.check_token_ids(prompt, worker.loaded.n_vocab, "prompt")
-        found = worker.ops.cached_prefix(tokens)
-        adapters = worker.thread.adapters
-        if found.key is None or adapters is None or not isinstance(self._cache, KVCache):
+        tokens = intake.check_token_ids(prompt, worker.n_vocab(), "prompt")
+        found = worker.cached_prefix(tokens)
+        if found.key is None or self._kv is None:
             return None  # nothing, or only a sequence's live KV (not a row)
-        return await self._cache.export_row(bytes.fromhex(found.key))
+        return await self._kv.export_row(bytes.fromhex(found.key))
 
     async def import_row(self, data: bytes | bytearray | memoryview) -> str:
         """Take a row another engine exported: it is validated exactly as a row file read
@@ -449,20 +427,20 @@ class Engine:
         here. Returns its key (hex). CacheError if it is damaged or nothing has room."""
         if not isinstance(data, bytes | bytearray | memoryview):
             raise InvalidRequest("data", f"must be bytes, not {type(data).__name__}")
-        if not isinstance(self._cache, KVCache):
+        if self._kv is None:
             raise CacheError("import", "the cache is off")
-        return (await self._cache.import_row(data)).hex()
+        return (await self._kv.import_row(data)).hex()
 
     # ---- operator calls -----------------------------------------------------------------------
 
     def reset_counters(self) -> None:
         """Set the cache's tallies back to zero (byte and row totals stay current)."""
-        if isinstance(self._cache, KVCache):
-            self._cache.reset_counters()
+        if self._kv is not None:
+            self._kv.reset_counters()
 
     def gc(self) -> int:
         """Drop every cache row not being read or written; returns how many."""
-        return self._cache.gc() if isinstance(self._cache, KVCache) else 0
+        return self._kv.gc() if self._kv is not None else 0
 
     def evict_bytes(
         self, n_bytes: int, tiers: Sequence[str] = ("ram", "ram_file", "disk")
@@ -475,9 +453,9 @@ class Engine:
             raise InvalidRequest(
                 "tiers", f"must be a sequence of tier names from {CACHE_TIERS}, got {tiers!r}"
             )
-        if not isinstance(self._cache, KVCache):
+        if self._kv is None:
             return 0, 0
-        return self._cache.evict_bytes(n_bytes, tiers)
+        return self._kv.evict_bytes(n_bytes, tiers)
 
     async def save_all(self, model_id: str) -> int:
         """Save every sequence of the model that holds state (running requests, sessions,
@@ -490,9 +468,41 @@ class Engine:
     def cache_counters(self) -> CacheCounters:
         """Hits, misses, saves per reason, drops, evictions, spills, corrupt files, bytes
         and rows per tier, and time spent packing, loading and looking up."""
-        if isinstance(self._cache, KVCache):
-            return self._cache.snapshot()
+        if self._kv is not None:
+            return self._kv.snapshot()
         return CacheCounters()
+
+    def cache_row(self, key: str | bytes) -> CachedRow | None:
+        """One cache row by its key (a ``finish_key``, or a key ``list_cached_prefixes``
+        gave), or None when the cache does not hold it."""
+        parsed = intake.parse_parent_key(key)
+        if parsed is None or self._kv is None:
+            return None
+        row = self._kv.catalog.get(parsed)
+        return None if row is None else _row_info(row)
+
+    def cache_rows(self) -> list[CachedRow]:
+        """Every row the cache holds, every model's, oldest first."""
+        if self._kv is None:
+            return []
+        return [_row_info(row) for row in list(self._kv.catalog.rows.values())]
+
+    async def sweep_cache(self) -> None:
+        """Run the cache's sweeper now (it also runs periodically): adopt valid rows other
+        processes published into the file tiers, delete stale temporary files and expired
+        reservations, forget rows deleted behind the cache's back."""
+        if self._kv is not None:
+            await self._kv.sweep()
+
+    async def wait_saved(self) -> None:
+        """Wait until every save handed to the cache so far is written (or dropped). For
+        tests and tools that read the cache's files right after a request."""
+        if self._kv is not None:
+            await self._kv.drain()
+
+    def in_flight(self) -> list[str]:
+        """Refs of every request queued or running, on every model."""
+        return list(self._inflight)
 
     def pressure_status(self) -> PressureStatus:
         """The memory-pressure scheduler: settings, last reading and ratio, last round and
@@ -513,7 +523,9 @@ class Engine:
         async with anyio.create_task_group() as tg:
             for worker in list(self._models.values()):
                 if worker.state != "loading":
-                    tg.start_soon(worker.close)
+                    # The engine ends whatever runs: past the wait, the thread leaves a
+                    # model still in use by a native call allocated rather than free it.
+                    tg.start_soon(functools.partial(worker.close, force=True))
         self._models.clear()
 
 
@@ -526,12 +538,9 @@ class _PressureModels:
     def is_idle(self, model_id: str) -> bool:
         eng = self._engine
         worker = eng._models.get(model_id)
-        return (
-            worker is not None
-            and not eng._closed
-            and worker.idle  # nothing admitted or queued, no adapter change waiting
-            and not eng._entering[model_id]
-        )
+        # Nothing admitted or queued, no adapter change waiting, no native call or intake
+        # in flight (see erllama.model.gate).
+        return worker is not None and not eng._closed and worker.idle
 
     def unload_candidates(self) -> list[str]:
         workers = [w for w in self._engine._models.values() if self.is_idle(w.id)]
@@ -570,19 +579,15 @@ async def open_engine(
     body_error: BaseException | None = None
     try:
         async with anyio.create_task_group() as tg:
-            cache: CachePort = NullCache()
             kv: KVCache | None = None
-            engine = Engine(config, tg, registry, cache)
+            engine: Engine | None = None
             try:
                 if config.cache.enabled:
-                    cache = kv = KVCache(config.cache)
+                    kv = KVCache(config.cache)
                     await kv.start(tg)
-                    engine._cache = cache
+                engine = Engine(config, tg, registry, kv, source)
                 for model_id, model_config in config.models.items():
                     await engine.load_model(model_id, model_config)
-                engine._pressure = PressureScheduler(
-                    config.pressure, source, cache=kv, models=_PressureModels(engine)
-                )
                 if config.pressure.enabled:
                     await tg.start(engine._pressure.run)
                 yield engine
@@ -595,7 +600,8 @@ async def open_engine(
                 body_error = exc
             finally:
                 with anyio.move_on_after(SHUTDOWN_TIMEOUT_S, shield=True) as scope:
-                    await engine._aclose()
+                    if engine is not None:
+                        await engine._aclose()
                     if kv is not None:
                         await kv.close()
                 if scope.cancelled_caught:
@@ -610,6 +616,18 @@ async def open_engine(
         raise interrupt from None
     if body_error is not None:
         raise body_error
+
+
+def _row_info(row: Row) -> CachedRow:
+    return CachedRow(
+        key=row.key.hex(),
+        tokens=decode_tokens(row.token_bytes),
+        tier=row.tier,
+        status=row.status,
+        size=row.size,
+        reason=row.reason,
+        hits=row.hits,
+    )
 
 
 def _first_interrupt(group: BaseExceptionGroup) -> BaseException | None:

@@ -5,6 +5,8 @@ The hierarchy::
     ErllamaError                  base of everything below; catch this to catch erllama
     ├── ConfigError               a config dict/TOML/attrs value is wrong (names the key path)
     ├── ModelNotFound             no model is loaded under that id
+    │   └── ModelUnloading        the model is being unloaded: it takes no new calls
+    ├── UnloadTimeout             an unload waited too long for calls still using the model
     ├── ModelAlreadyLoaded        load_model() with an id that is already taken
     ├── NotSupported              the model's backend does not implement a capability
     ├── QueueFull                 the model's request queue is at ModelConfig.max_queue
@@ -35,6 +37,8 @@ __all__ = [
     "NotSupported",
     "QueueFull",
     "SessionBusy",
+    "UnloadTimeout",
+    "ModelUnloading",
 ]
 
 
@@ -66,6 +70,29 @@ class ModelNotFound(ErllamaError, LookupError):
     def __init__(self, model_id: str) -> None:
         self.model_id = model_id
         super().__init__(f"no model loaded with id {model_id!r}")
+
+
+class ModelUnloading(ModelNotFound):
+    """Model ``model_id`` is being unloaded: a call that arrives now is refused (calls
+    already in flight finish first)."""
+
+    def __init__(self, model_id: str) -> None:
+        super().__init__(model_id)
+        self.args = (f"model {model_id!r} is being unloaded",)
+
+
+class UnloadTimeout(ErllamaError, TimeoutError):
+    """Unloading ``model_id`` waited ``waited_s`` seconds for ``in_use`` calls that still use
+    its native handle; the model was not freed and keeps serving. Retry the unload."""
+
+    def __init__(self, model_id: str, waited_s: float, in_use: int) -> None:
+        self.model_id = model_id
+        self.waited_s = waited_s
+        self.in_use = in_use
+        super().__init__(
+            f"model {model_id!r} was not unloaded: {in_use} call(s) still used it after "
+            f"{waited_s:g} s"
+        )
 
 
 class ModelAlreadyLoaded(ErllamaError):

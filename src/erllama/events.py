@@ -259,6 +259,26 @@ class CachedPrefix:
 
 
 @attrs.frozen(kw_only=True)
+class CachedRow:
+    """One cache row, as :meth:`erllama.Engine.cache_row` reports it."""
+
+    #: Its key (hex).
+    key: str
+    #: The exact token prefix its state holds.
+    tokens: tuple[int, ...]
+    #: ``ram``, ``ram_file`` or ``disk``.
+    tier: str
+    #: ``writing`` from its reservation until published, then ``available``.
+    status: str
+    #: Bytes of its state.
+    size: int
+    #: Why it was saved (cold, continued, finish, evict, shutdown, import ...).
+    reason: str
+    #: Lookups that restored it.
+    hits: int
+
+
+@attrs.frozen(kw_only=True)
 class SessionInfo:
     """A session pinned to one of a model's sequences."""
 
@@ -304,6 +324,9 @@ class ModelInfo:
     #: Why the model failed, when status is "failed".
     error: str | None = None
     metadata: Mapping[str, str] = attrs.field(factory=dict)
+    #: Exclusive changes (adapter loads, unloads, scales) queued or running: each waits
+    #: until no request is admitted.
+    pending_changes: int = 0
 
     @property
     def phase(self) -> ModelStatus:

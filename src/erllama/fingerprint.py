@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
+from hashlib import sha256
 from pathlib import Path
 
 __all__ = ["file_sha256"]
@@ -25,7 +25,7 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         hit = _memo.get(memo_key)
     if hit is not None:
         return hit
-    h = hashlib.sha256()
+    h = sha256()
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     with Path(real).open("rb", buffering=0) as fh:

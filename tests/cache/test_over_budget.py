@@ -13,7 +13,6 @@ import anyio
 import pytest
 
 import erllama
-from erllama.cache.key import decode_tokens
 from erllama.plugins import BackendRegistry
 
 from ..helpers import cold_run, stub_config, words
@@ -57,7 +56,7 @@ async def fill(registry: BackendRegistry, cfg: erllama.EngineConfig, n: int = N_
             r = await engine.complete(mid, prompt(i), max_tokens=3)
             assert r.finish_key is not None
             keys.append(r.finish_key)
-            await engine._cache.drain()  # type: ignore[attr-defined]  # distinct created times
+            await engine.wait_saved()  # distinct created times
     return keys
 
 
@@ -80,7 +79,7 @@ async def test_an_engine_opens_promptly_on_a_disk_tier_over_its_budget(
         async with erllama.open_engine(
             disk_cfg(tmp_path, disk_bytes=budget), backends=registry
         ) as e:
-            await e._cache.drain()  # type: ignore[attr-defined]
+            await e.wait_saved()
             c = e.cache_counters()
             assert c.bytes_disk <= budget and c.evictions >= N_ROWS // 2
             assert sum(files(tmp_path / "disk").values()) == c.bytes_disk
@@ -96,7 +95,7 @@ async def test_a_ram_file_tier_over_its_budget_spills_its_excess_to_disk(
     cfg = disk_cfg(tmp_path, ram_file_dir=shm, ram_file_bytes=budget)
     with anyio.fail_after(PROMPT_OPEN_S):
         async with erllama.open_engine(cfg, backends=registry) as e:
-            await e._cache.drain()  # type: ignore[attr-defined]
+            await e.wait_saved()
             c = e.cache_counters()
             assert c.bytes_ram_file <= budget and c.spills >= N_ROWS // 2 and c.evictions == 0
             # Nothing was lost: every row is on exactly one tier.
@@ -117,7 +116,7 @@ async def test_a_ram_file_tier_over_its_budget_with_no_tier_below_evicts(
             disk_cfg(tmp_path, ram_file_dir=shm, ram_file_bytes=budget, disk_dir=None),
             backends=registry,
         ) as e:
-            await e._cache.drain()  # type: ignore[attr-defined]
+            await e.wait_saved()
             assert sum(files(shm).values()) == e.cache_counters().bytes_ram_file <= budget
             await serves_like_a_cold_run(e, registry)
 
@@ -131,8 +130,9 @@ async def test_trimming_drops_the_least_valuable_rows_first(
     no_saves = disk_cfg(tmp_path, policy=erllama.CachePolicy(save_finish=False))
     async with erllama.open_engine(no_saves, backends=registry) as e:
         mid = await e.load_model("m", stub_config(keep_live_kv=False))
-        row = e._cache.catalog.get(bytes.fromhex(keys[0]))  # type: ignore[attr-defined]
-        tokens = list(decode_tokens(row.token_bytes))
+        row = e.cache_row(keys[0])
+        assert row is not None
+        tokens = list(row.tokens)
         for _ in range(5):
             assert (await e.complete(mid, tokens, max_tokens=1)).cache_hit_kind == "exact"
     sizes = files(tmp_path / "disk")
@@ -142,7 +142,7 @@ async def test_trimming_drops_the_least_valuable_rows_first(
         async with erllama.open_engine(
             disk_cfg(tmp_path, disk_bytes=budget), backends=registry
         ) as e:
-            await e._cache.drain()  # type: ignore[attr-defined]
+            await e.wait_saved()
     assert set(files(tmp_path / "disk")) == {keys[0], keys[-2], keys[-1]}
 
 
@@ -157,7 +157,7 @@ async def test_two_engines_sharing_a_directory_with_different_budgets_both_serve
             erllama.open_engine(disk_cfg(tmp_path), backends=registry) as big,
             erllama.open_engine(disk_cfg(tmp_path, disk_bytes=small), backends=registry) as little,
         ):
-            await little._cache.drain()  # type: ignore[attr-defined]
+            await little.wait_saved()
             assert sum(files(tmp_path / "disk").values()) <= small
             # The larger engine indexed rows the smaller one has since deleted: they are
             # misses for it, never errors, and its sweep forgets them.
@@ -166,9 +166,9 @@ async def test_two_engines_sharing_a_directory_with_different_budgets_both_serve
             # The smaller engine trims first (it may adopt and drop rows the larger one just
             # saved); the larger one's sweep then forgets whatever was deleted under it.
             for e in (little, big):
-                await e._cache.drain()  # type: ignore[attr-defined]
-                await e._cache.sweep()  # type: ignore[attr-defined]
-                await e._cache.drain()  # type: ignore[attr-defined]
+                await e.wait_saved()
+                await e.sweep_cache()
+                await e.wait_saved()
             on_disk = sum(files(tmp_path / "disk").values())
             assert little.cache_counters().bytes_disk == on_disk <= small
             assert big.cache_counters().bytes_disk == on_disk
@@ -186,8 +186,8 @@ async def test_the_sweeper_adopting_rows_over_budget_trims_the_tier(
         # Another engine publishes beside it (link(2) into place, as a writer does).
         for key in keys:
             os.link(tmp_path / "elsewhere" / f"{key}.kvc", tmp_path / "disk" / f"{key}.kvc")
-        await little._cache.sweep()  # type: ignore[attr-defined]
-        await little._cache.drain()  # type: ignore[attr-defined]
+        await little.sweep_cache()
+        await little.wait_saved()
         c = little.cache_counters()
         assert c.adopted == N_ROWS and c.evictions == N_ROWS - 2
         # Adopted in eviction order: the newest rows are the ones kept.

@@ -42,7 +42,7 @@ async def run_requests(engine: erllama.Engine, registry: BackendRegistry) -> Non
     mid = await engine.load_model("m", stub_config())
     for i in range(N_REQUESTS):
         r = await engine.complete(mid, words(20, 50 * i), max_tokens=3)
-        await engine._cache.drain()  # type: ignore[attr-defined]
+        await engine.wait_saved()
         cold = await cold_run(registry, words(20, 50 * i), max_tokens=3)
         assert (r.text, r.token_ids) == (cold.text, cold.token_ids)
 

@@ -9,6 +9,7 @@ import anyio
 import pytest
 
 import erllama
+from erllama.backends.stub import StubControl
 from erllama.cache.manager import KVCache
 from erllama.pressure import TierEviction
 
@@ -145,6 +146,32 @@ async def test_a_busy_model_is_never_unloaded_and_its_requests_complete(
         await wait_for(lambda: engine.status("busy") == "idle")
         meter.aim(99_000)
         assert (await engine.force_check()).unloaded_models == ("busy",)
+
+
+async def test_a_model_whose_template_renders_off_its_thread_is_not_idle(
+    open_engine: OpenEngine, meter: Meter
+) -> None:
+    """A chat template (or tokenize, or a sampler) running on a worker thread uses the
+    model's native handle: a pressure round must not unload the model under it."""
+    meter.per_model = 30_000
+    ctl = StubControl(native_delay_s=0.5)
+    async with open_engine(forced(meter), enabled=False) as engine:
+        await engine.load_model("m", stub_config(control=ctl))
+        rendered: list[list[int]] = []
+
+        async def render() -> None:
+            messages = [{"role": "user", "content": "hello there"}]
+            rendered.append(await engine.apply_chat_template("m", messages))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(render)
+            await anyio.wait_all_tasks_blocked()  # the template is on its worker thread
+            meter.aim(99_000)
+            res = await engine.force_check()
+            assert res.outcome == "nothing_to_evict" and res.unloaded_models == ()
+        assert rendered and ctl.use_after_free == 0
+        meter.aim(99_000)
+        assert (await engine.force_check()).unloaded_models == ("m",)  # idle again
 
 
 async def test_nothing_to_evict_without_rows_or_idle_models(

@@ -218,3 +218,25 @@ def unbroken_whole(
         return first, second
     finally:
         backend.free(model)
+
+
+async def test_two_kv_layouts_sharing_a_cache_directory_keep_their_own_rows(
+    smol_config: erllama.ModelConfig, tmp_path: Path
+) -> None:
+    """One GGUF served with one sequence and with four, alternately, on one cache directory:
+    llama.cpp cannot restore a state across sequence counts, so each layout keys its own
+    rows; neither refuses (and deletes) the other's."""
+    import attrs
+
+    prompt = list(range(1000, 1100))
+    config = cfg(tmp_path, ram_bytes=0, policy=erllama.CachePolicy(min_tokens=4))
+    seen: list[tuple[int, str]] = []
+    for n_seq in (1, 4, 1, 4):
+        layout = attrs.evolve(smol_config, n_seq_max=n_seq)
+        async with erllama.open_engine(config) as engine:
+            mid = await engine.load_model("m", layout)
+            r = await engine.complete(mid, prompt, max_tokens=4)
+            await engine.wait_saved()
+            seen.append((n_seq, r.cache_hit_kind))
+            assert engine.cache_counters().corrupt_files == 0
+    assert seen == [(1, "cold"), (4, "cold"), (1, "exact"), (4, "exact")]

@@ -56,7 +56,7 @@ async def test_fingerprint_is_remembered_and_can_be_overridden(
     def no_rehash(*_a: Any) -> Any:
         raise AssertionError("the GGUF was hashed a second time")
 
-    monkeypatch.setattr("erllama.fingerprint.hashlib.sha256", no_rehash)
+    monkeypatch.setattr("erllama.fingerprint.sha256", no_rehash)
     second = await llama_engine.load_model("b", smol_config)
     assert llama_engine.model_info(second).fingerprint == fp
     mine = "ab" * 32

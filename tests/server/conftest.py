@@ -135,7 +135,7 @@ async def running_server(config: ServeConfig, registry: BackendRegistry) -> Asyn
                 assert running.url.startswith("http://127.0.0.1:")
                 yield Server(running, engine, sniffio.current_async_library())
         finally:
-            unblock_stubs(engine)
+            unblock_stubs()
 
 
 @pytest.fixture(scope="module")
@@ -200,11 +200,7 @@ async def own_model(server: Server, **options: Any) -> AsyncIterator[tuple[str, 
 
 
 def release_all(control: StubControl) -> None:
-    if control.permits is not None:
-        control.permits.release(1_000_000)
-    for gate in (control.gate, control.forward_gate):
-        if gate is not None:
-            gate.set()
+    control.open()
 
 
 def gated() -> StubControl:

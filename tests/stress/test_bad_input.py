@@ -678,7 +678,7 @@ async def ctx(registry: BackendRegistry, tmp_path: Path) -> AsyncIterator[Ctx]:
             mid = await engine.load_model("m", stub_config(n_ctx=N_CTX))
             yield Ctx(engine, mid, tmp_path, registry)
         finally:
-            unblock_stubs(engine)
+            unblock_stubs()
 
 
 _SERVED: list[tuple[int, ...]] = []
@@ -688,7 +688,7 @@ async def still_serves(c: Ctx) -> None:
     """Nothing of the refused call is left, and the model answers as it always does."""
     engine = c.engine
     # A request a case started itself (and closed) ends within a step.
-    await wait_for(lambda: not engine._inflight)
+    await wait_for(lambda: not engine.in_flight())
     info = engine.model_info(c.mid)
     assert (info.status, info.queue_len, info.running, info.error) == ("idle", 0, 0, None)
     assert "m2" not in {i.id for i in engine.list_models()}  # a failed load leaves nothing

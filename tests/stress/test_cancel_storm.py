@@ -124,7 +124,7 @@ async def storm(registry: BackendRegistry) -> AsyncIterator[Storm]:
                 )
             yield Storm(engine, controls)
         finally:
-            unblock_stubs(engine)
+            unblock_stubs()
 
 
 # ---- reading cancelled streams ------------------------------------------------------------
@@ -179,7 +179,7 @@ async def read_rest(
 
 async def ended(engine: erllama.Engine, ref: str) -> None:
     """The reader left: the request must still end (the engine lets go of it)."""
-    await wait_for(lambda: ref not in engine._inflight, within=WAIT_S)
+    await wait_for(lambda: ref not in engine.in_flight(), within=WAIT_S)
 
 
 # ---- the ways to leave a running (or queued) request ---------------------------------------
@@ -368,7 +368,7 @@ def jobs(rng: random.Random) -> list[Job]:
 
 async def no_leak(s: Storm) -> None:
     engine = s.engine
-    await wait_for(lambda: not engine._inflight, within=WAIT_S)
+    await wait_for(lambda: not engine.in_flight(), within=WAIT_S)
     for name in MODELS:
         info = engine.model_info(name)
         assert (info.status, info.queue_len, info.running) == ("idle", 0, 0), info
@@ -519,7 +519,7 @@ async def test_queued_requests_cancelled_any_way_end_at_once_and_never_run(
                     await ended(engine, ref)  # the finalizer's cancel goes through the loop
                     continue
                 read_after = await QUEUED_WAYS[way](engine, stream)
-                assert ref not in engine._inflight, f"{way}: the queued request did not end"
+                assert ref not in engine.in_flight(), f"{way}: the queued request did not end"
                 if read_after:
                     done = await read_rest(stream, [], (), seen_all=True)
                     assert done.token_ids == () and done.stats.completion_tokens == 0

@@ -72,7 +72,7 @@ async def make_rows(registry: BackendRegistry, disk: Path, n: int = N_ROWS) -> l
         mid = await engine.load_model("m", stub_config())
         for i in range(n):
             await engine.complete(mid, words(24, 100 * i), max_tokens=3)
-            await engine._cache.drain()  # type: ignore[attr-defined]
+            await engine.wait_saved()
     with FileTier("disk", disk) as tier:
         metas, corrupt = tier.scan(3600)
     assert corrupt == 0 and len(metas) == n
@@ -303,10 +303,10 @@ async def test_unreadable_rows_and_a_directory_locked_mid_run(
                 "m", list(locked[0].tokens), max_tokens=MAX_TOKENS, parent_key=locked[0].key.hex()
             )
             assert (parent.text, tuple(parent.token_ids)) == harness.cold[locked[0].tokens]
-            await engine._cache.drain()  # type: ignore[attr-defined]
+            await engine.wait_saved()
             disk.chmod(0)  # every read and write in the tier now fails with EACCES
             await harness.serve(engine, queries(metas[4:6], {m.key for m in metas[4:6]}))
-            await engine._cache.drain()  # type: ignore[attr-defined]
+            await engine.wait_saved()
             assert engine.cache_counters().save_errors >= 1
             disk.chmod(0o700)
             await harness.serve(engine, queries(metas[6:], set()))
@@ -333,7 +333,7 @@ async def test_rows_replaced_under_a_running_engine(
         disk.rename(tmp_path / "moved")
         os.symlink(elsewhere, disk)
         await harness.serve(engine, queries(metas, {m.key for m in replaced}))
-        await engine._cache.drain()  # type: ignore[attr-defined]
+        await engine.wait_saved()
         counted(engine, len(replaced))
         assert engine.cache_counters().saves_finish == N_ROWS
     assert list(elsewhere.iterdir()) == []
@@ -352,7 +352,7 @@ async def test_a_directory_over_budget_full_of_junk_opens_trimmed(
     # No saves while serving: the surviving rows are then exactly the newer half.
     cfg = disk_cfg(disk, disk_bytes=budget, policy=erllama.CachePolicy(save_finish=False))
     async with harness.opened(cfg) as engine:
-        await engine._cache.drain()  # type: ignore[attr-defined]
+        await engine.wait_saved()
         c = engine.cache_counters()
         assert c.bytes_disk <= budget and c.evictions == N_ROWS // 2
         assert sum(p.stat().st_size for p in disk.glob("*.kvc")) == c.bytes_disk
@@ -369,15 +369,15 @@ async def test_a_disk_that_fills_up_and_frees_mid_run(
     metas = await make_rows(registry, small_disk.path)
     async with harness.opened(disk_cfg(small_disk.path)) as engine:
         await harness.serve(engine, queries(metas[:3], set()))
-        await engine._cache.drain()  # type: ignore[attr-defined]  # those saves went through
+        await engine.wait_saved()  # those saves went through
         small_disk.fill()
         await harness.serve(engine, queries(metas[3:6], set()))  # rows still read
-        await engine._cache.drain()  # type: ignore[attr-defined]
+        await engine.wait_saved()
         c = engine.cache_counters()
         assert c.save_errors == 3 and c.saves_finish == 3
         small_disk.free()
         await harness.serve(engine, queries(metas[6:], set()))
-        await engine._cache.drain()  # type: ignore[attr-defined]
+        await engine.wait_saved()
         c = engine.cache_counters()
         assert c.save_errors == 3 and c.saves_finish == 3 + N_ROWS - 6
         record(f"{FILE}: failed writes (full disk)", c.save_errors)

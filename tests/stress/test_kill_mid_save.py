@@ -26,7 +26,6 @@ from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 import erllama
-from erllama.cache.key import decode_tokens
 from erllama.plugins import BackendRegistry
 
 from . import saver_child
@@ -101,7 +100,7 @@ async def test_rows_left_by_an_engine_killed_mid_save_are_valid_or_gone(
 ) -> None:
     disk, (errors_path, stderr) = tmp_path / "disk", errors
     rng = random.Random(5678)
-    checked: set[bytes] = set()
+    checked: set[str] = set()
     last_count = 0
     no_cache = erllama.EngineConfig(cache=erllama.CacheConfig(enabled=False, ram_file_dir=None))
     # The parent only reads: no saves of its own, so what it finds is the child's work.
@@ -139,22 +138,23 @@ async def test_rows_left_by_an_engine_killed_mid_save_are_valid_or_gone(
             with anyio.fail_after(10):
                 async with erllama.open_engine(reader, backends=registry) as engine:
                     await anyio.sleep(TTL_S)  # every temp is now older than the TTL
-                    await engine._cache.sweep()  # type: ignore[attr-defined]
+                    await engine.sweep_cache()
                     assert list(disk.glob("*.tmp")) == []
                     mid = await engine.load_model("m", saver_child.model())
                     # Publishing is link-after-fsync: a kill never leaves a damaged row.
                     assert engine.cache_counters().corrupt_files == 0
-                    catalog = engine._cache.catalog  # type: ignore[attr-defined]
-                    rows = [k for k in catalog.rows if k not in checked]
-                    for key in rng.sample(rows, min(CHECKS_PER_KILL, len(rows))):
-                        tokens = list(decode_tokens(catalog.get(key).token_bytes))
+                    rows = {r.key: r for r in engine.cache_rows() if r.key not in checked}
+                    for key in rng.sample(sorted(rows), min(CHECKS_PER_KILL, len(rows))):
+                        tokens = list(rows[key].tokens)
                         warm = await engine.complete(mid, tokens, max_tokens=MAX_TOKENS)
                         ref = await cold.complete(cold_mid, tokens, max_tokens=MAX_TOKENS)
-                        assert warm.cache_hit_kind == "exact", f"row {key.hex()} did not load"
+                        assert warm.cache_hit_kind == "exact", f"row {key} did not load"
                         assert (warm.text, warm.token_ids) == (ref.text, ref.token_ids)
                         checked.add(key)
-                    record(f"{FILE}: rows checked against a cold run", len(rows[:CHECKS_PER_KILL]))
-                    last_count = len(catalog.rows)
+                    record(
+                        f"{FILE}: rows checked against a cold run", min(CHECKS_PER_KILL, len(rows))
+                    )
+                    last_count = len(engine.cache_rows())
                     assert engine.cache_counters().corrupt_files == 0
     record(f"{FILE}: rows on disk after the last kill", last_count)
     assert "Traceback" not in errors_path.read_text()

@@ -253,7 +253,7 @@ async def test_a_thousand_concurrent_requests_are_answered_or_refused_in_fifo_or
         info = engine.model_info(name)
         assert (info.status, info.queue_len, info.running) == ("idle", 0, 0), info
     assert engine.queue_depth() == 0
-    assert engine._inflight == {}
+    assert engine.in_flight() == []
     # And the load changed nothing a later request sees.
     for name in MODELS:
         after = await engine.complete(name, list(FIXED), max_tokens=FIXED_MAX)

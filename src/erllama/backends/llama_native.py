@@ -251,6 +251,11 @@ class LlamaModel:
             "backend": "llama_cpp",
             "version": L.__version__,
             "n_ctx_seq": self.n_ctx_seq,
+            # A sequence's state is laid out per KV stream: llama.cpp refuses a state saved
+            # under another sequence count ("wrong model or layout"), so rows are keyed by
+            # it and two configs sharing a cache directory never destroy each other's rows.
+            "n_seq_max": self.n_seq,
+            "kv_unified": False,
             "type_k": config.type_k,
             "type_v": config.type_v,
             "flash_attn": config.flash_attn,

@@ -37,6 +37,7 @@ import re
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,27 @@ class StubControl:
     steps: int = 0
     #: Every step's ops, for tests that check batching.
     history: list[tuple[StepOp, ...]] = attrs.Factory(list)
+    #: Vocabulary calls (tokenize, detokenize, the chat template, sampler_new) take this
+    #: long, as a long text would on a real model: tests widen the window an unload races.
+    native_delay_s: float = 0.0
+    #: Calls that found their model already freed (a real backend would crash there), and
+    #: frees of a freed model.
+    use_after_free: int = 0
+    #: The model this control drives (set when it loads).
+    model: StubModel | None = None
+
+    def open(self) -> None:
+        """Let every step run from now on, whatever gates and permits were set (a test that
+        failed holding a model mid-step still lets its engine close)."""
+        permits, self.permits = self.permits, None
+        if permits is not None:
+            # Wake whoever waits already; later steps see no semaphore at all. (Releasing
+            # a million permits instead costs a quarter of a second of notify calls.)
+            permits.release(self.waiting + 1)
+        for gate in (self.gate, self.forward_gate, self.pack_gate, self.load_gate):
+            if gate is not None:
+                gate.set()
+        self.gate = self.forward_gate = None
 
 
 @attrs.define(eq=False)
@@ -201,6 +223,19 @@ class StubModel:
         if self.control.fail_at == where:
             raise RuntimeError(f"stub: injected failure at {where}")
 
+    def check_alive(self) -> None:
+        """Where a real backend would crash on freed memory, the stub counts and raises."""
+        if self.freed:
+            self.control.use_after_free += 1
+            raise RuntimeError("stub: the model was used after it was freed")
+
+    def native_call(self) -> None:
+        """A vocabulary call: alive before and after its (optional) delay."""
+        self.check_alive()
+        if self.control.native_delay_s:
+            time.sleep(self.control.native_delay_s)
+            self.check_alive()
+
 
 # ---- hooks --------------------------------------------------------------------------------
 
@@ -243,10 +278,12 @@ def load(config: ModelConfig) -> LoadedModel:
         embed_dim=int(opts.get("embed_dim", 32)),
         control=control,
     )
+    control.model = model
+    _LIVE.add(control)
     script = opts.get("script")
     if script is not None:
         if isinstance(script, str):
-            script = tokenize(model, script, add_special=False, parse_special=True)
+            script = _tokenize(model, script, add_special=False, parse_special=True)
         model.script = tuple(int(t) for t in script)
     return LoadedModel(
         handle=model,
@@ -264,8 +301,21 @@ def load(config: ModelConfig) -> LoadedModel:
 
 @hookimpl
 def free(model: StubModel) -> None:
+    model.check_alive()  # a double free
     model.freed = True
     model.seqs.clear()
+    _LIVE.discard(model.control)
+
+
+#: Controls of stub models not yet freed (see :func:`live_controls`).
+_LIVE: weakref.WeakSet[StubControl] = weakref.WeakSet()
+
+
+def live_controls() -> list[StubControl]:
+    """The controls of every stub model loaded and not yet freed, in this process: tests
+    open them all (:meth:`StubControl.open`) so that a failed test still lets its engine
+    close."""
+    return list(_LIVE)
 
 
 def _tokenize_word(model: StubModel, word: str, first: bool) -> list[int]:
@@ -279,6 +329,11 @@ def _tokenize_word(model: StubModel, word: str, first: bool) -> list[int]:
 
 @hookimpl
 def tokenize(model: StubModel, text: str, add_special: bool, parse_special: bool) -> list[int]:
+    model.native_call()
+    return _tokenize(model, text, add_special, parse_special)
+
+
+def _tokenize(model: StubModel, text: str, add_special: bool, parse_special: bool) -> list[int]:
     out = [BOS] if add_special else []
     for n, word in enumerate(text.split()):
         if parse_special and word in SPECIALS:
@@ -298,6 +353,7 @@ def _piece(token: int) -> bytes:
 
 @hookimpl
 def detokenize(model: StubModel, tokens: Sequence[int]) -> bytes:
+    model.native_call()
     for t in tokens:
         if not 0 <= t < model.n_vocab:
             raise InvalidRequest("tokens", f"token id {t} outside the vocabulary")
@@ -339,6 +395,7 @@ def _next_token(model: StubModel, seq: _Seq, sampler: _Sampler | None, greedy: b
 def step(
     model: StubModel, ops: Sequence[StepOp], on_sampled: Callable[[int, int], None] | None
 ) -> list[StepResult]:
+    model.check_alive()
     control = model.control
     control.steps += 1
     control.history.append(tuple(ops))
@@ -418,6 +475,7 @@ def _step(
 
 @hookimpl
 def kv_pack(model: StubModel, seq: int) -> bytes:
+    model.check_alive()
     model.fail("pack")
     control = model.control
     if control.pack_gate is not None:
@@ -430,6 +488,7 @@ def kv_pack(model: StubModel, seq: int) -> bytes:
 
 @hookimpl
 def kv_unpack(model: StubModel, seq: int, data: bytes | bytearray | memoryview) -> None:
+    model.check_alive()
     model.fail("unpack")
     data = bytes(data)  # the stub's states are small; a copy keeps the parsing simple
     head = len(_STATE_MAGIC) + 12
@@ -468,6 +527,7 @@ def apply_chat_template(
     add_generation_prompt: bool,
     verbatim: Sequence[tuple[str, Sequence[int]]],
 ) -> list[int]:
+    model.native_call()
     parts = []
     if system or tools:
         text = system or ""
@@ -486,7 +546,7 @@ def apply_chat_template(
     tokens = [BOS]
     for part in split_verbatim(" ".join(parts), verbatim):
         if isinstance(part, str):
-            tokens += tokenize(model, part, add_special=False, parse_special=True)
+            tokens += _tokenize(model, part, add_special=False, parse_special=True)
         else:
             tokens += part
     return tokens
@@ -494,6 +554,7 @@ def apply_chat_template(
 
 @hookimpl
 def embed(model: StubModel, tokens: Sequence[int]) -> list[float]:
+    model.check_alive()
     vec = [0.0] * model.embed_dim
     for pos, t in enumerate(tokens):
         for i in range(model.embed_dim):
@@ -504,6 +565,7 @@ def embed(model: StubModel, tokens: Sequence[int]) -> list[float]:
 
 @hookimpl
 def sampler_new(model: StubModel, params: SamplerParams) -> _Sampler:
+    model.native_call()
     allowed = None
     if params.grammar is not None:
         try:
@@ -511,7 +573,7 @@ def sampler_new(model: StubModel, params: SamplerParams) -> _Sampler:
         except ValueError as exc:
             raise InvalidRequest("grammar", str(exc)) from exc
         allowed = [
-            tuple(tokenize(model, s, add_special=False, parse_special=False)) for s in strings
+            tuple(_tokenize(model, s, add_special=False, parse_special=False)) for s in strings
         ]
     return _Sampler(params=params, allowed=allowed)
 
@@ -523,6 +585,7 @@ def sampler_free(model: StubModel, sampler: _Sampler) -> None:
 
 @hookimpl
 def adapter_load(model: StubModel, path: str) -> int:
+    model.check_alive()
     data = Path(path).read_bytes()
     if not data.startswith(b"STUBLORA"):
         raise ValueError(f"{path} is not a stub adapter (expected the STUBLORA magic)")

@@ -2,14 +2,16 @@
 
 Changed only on the model thread, by exclusive calls that run while no request is admitted,
 so a request is computed with the set (and keyed with the fingerprint) it was admitted
-under. The loop reads :attr:`AdapterSet.info` and :attr:`AdapterSet.fingerprint`, which are
-replaced whole, never mutated.
+under. After every change the set hands itself to ``on_change``, which publishes its
+:attr:`AdapterSet.info` and :attr:`AdapterSet.fingerprint` for the loop (see
+:mod:`.snapshot`).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -22,7 +24,8 @@ from ..fingerprint import file_sha256
 from ..plugins import Backend
 
 if TYPE_CHECKING:
-    from .worker import ModelWorker
+    from .gate import ModelGate
+    from .sides import OnThread
 
 __all__ = ["MAX_SCALE", "AdapterCalls", "AdapterSet"]
 
@@ -41,19 +44,21 @@ class _Adapter:
 
 
 class AdapterSet:
-    def __init__(self, model_id: str, backend: Backend, base_fingerprint: bytes) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        backend: Backend,
+        base_fingerprint: bytes,
+        on_change: Callable[[AdapterSet], None],
+    ) -> None:
         self._model_id = model_id
         self._backend = backend
         self._base = base_fingerprint
+        self._on_change = on_change
         self._adapters: dict[int, _Adapter] = {}
         self._ids = itertools.count(1)
-        #: Snapshots for the loop (replaced after every change).
         self.info: tuple[AdapterInfo, ...] = ()
         self.fingerprint = base_fingerprint
-
-    def rebase(self, base_fingerprint: bytes) -> None:
-        self._base = base_fingerprint
-        self._changed()
 
     def load(self, handle_arg: Any, path: str, sha256: bytes) -> int:
         native = self._backend.adapter_load(handle_arg, path)
@@ -105,22 +110,23 @@ class AdapterSet:
             AdapterInfo(handle=a.handle, path=a.path, scale=a.scale, sha256=a.sha256.hex())
             for a in ads
         )
+        self._on_change(self)
 
 
 class AdapterCalls:
-    """The loop's side of a model's adapters: each change is an exclusive call, queued FIFO
-    with requests and run on the model thread while none is admitted."""
+    """The loop's side of a model's adapters: each change is an exclusive call through the
+    gate, queued FIFO with requests and run on the model thread while none is admitted."""
 
-    def __init__(self, worker: ModelWorker) -> None:
-        self.w = worker
+    def __init__(self, gate: ModelGate, backend: Backend) -> None:
+        self._gate = gate
+        self._backend = backend
 
     def list_adapters(self) -> tuple[AdapterInfo, ...]:
-        adapters = self.w.thread.adapters
-        return adapters.info if adapters is not None else ()
+        return self._gate.view.adapters
 
     async def load_adapter(self, path: str) -> int:
-        self.w.check_serving()
-        self.w.backend.require("adapters")
+        self._gate.check_serving()
+        self._backend.require("adapters")
         if not isinstance(path, str) or not path:
             raise InvalidRequest("path", "must be a file path")
         try:
@@ -128,25 +134,23 @@ class AdapterCalls:
         except OSError as exc:
             raise InvalidRequest("path", f"cannot read adapter {path!r}: {exc.strerror}") from exc
 
-        def run() -> int:
-            assert self.w.thread.adapters is not None
-            return self.w.thread.adapters.load(self.w.thread.handle, path, sha)
+        def run(t: OnThread) -> int:
+            return t.adapters.load(t.handle, path, sha)
 
-        return await self.w.call(run, exclusive=True)
+        return await self._gate.call(run, exclusive=True)
 
     async def unload_adapter(self, handle: int) -> None:
-        self.w.check_serving()
-        self.w.backend.require("adapters")
+        self._gate.check_serving()
+        self._backend.require("adapters")
 
-        def run() -> None:
-            assert self.w.thread.adapters is not None
-            self.w.thread.adapters.unload(self.w.thread.handle, handle)
+        def run(t: OnThread) -> None:
+            t.adapters.unload(t.handle, handle)
 
-        await self.w.call(run, exclusive=True)
+        await self._gate.call(run, exclusive=True)
 
     async def set_adapter_scale(self, handle: int, scale: float) -> None:
-        self.w.check_serving()
-        self.w.backend.require("adapters")
+        self._gate.check_serving()
+        self._backend.require("adapters")
         if (
             isinstance(scale, bool)
             or not isinstance(scale, int | float)
@@ -157,8 +161,7 @@ class AdapterCalls:
                 "scale", f"must be a number in [-{MAX_SCALE}, {MAX_SCALE}], got {scale!r}"
             )
 
-        def run() -> None:
-            assert self.w.thread.adapters is not None
-            self.w.thread.adapters.set_scale(self.w.thread.handle, handle, float(scale))
+        def run(t: OnThread) -> None:
+            t.adapters.set_scale(t.handle, handle, float(scale))
 
-        await self.w.call(run, exclusive=True)
+        await self._gate.call(run, exclusive=True)

@@ -1,7 +1,7 @@
 """Calls from the event loop into a model's thread, and their answers.
 
-A :class:`Call` runs a function on the model thread between steps and hands its result back
-to the loop. Its life: ``pending`` (queued) -> ``running`` -> ``done``, or ``withdrawn`` when
+A :class:`Call` runs a function on the model thread between steps, giving it the thread's
+call side (:class:`~erllama.model.sides.OnThread`), and hands its result back to the loop. Its life: ``pending`` (queued) -> ``running`` -> ``done``, or ``withdrawn`` when
 its caller was cancelled while it was still pending (it then never runs). A call that ran
 keeps its effect even when its caller has gone: ``finish`` (run on the loop with the result)
 completes it whether or not anyone still waits.
@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import anyio
+
+if TYPE_CHECKING:
+    from .sides import OnThread
 
 __all__ = ["Call"]
 
@@ -24,12 +27,11 @@ State = Literal["pending", "running", "done", "withdrawn"]
 class Call(Generic[T]):
     def __init__(
         self,
-        fn: Callable[[], Any],
-        lock: threading.Lock,
+        fn: Callable[[OnThread], Any],
         finish: Callable[[Any], T] | None = None,
     ) -> None:
         self._fn = fn
-        self._lock = lock
+        self._lock = threading.Lock()
         self._finish = finish
         self.state: State = "pending"
         self._done = anyio.Event()
@@ -46,10 +48,10 @@ class Call(Generic[T]):
             self.state = "running"
         return True
 
-    def run(self) -> tuple[Any, BaseException | None]:
+    def run(self, on_thread: OnThread) -> tuple[Any, BaseException | None]:
         """Run it (after :meth:`start`); exceptions are answers, not failures of the thread."""
         try:
-            return self._fn(), None
+            return self._fn(on_thread), None
         except Exception as exc:
             return None, exc
 

@@ -11,10 +11,15 @@ from array import array
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import attrs
+
 from ..cache.key import parse_key
 from ..errors import InvalidRequest
+from ..sampling import SamplerParams, validate_max_tokens
+from .stops import check_stops
 
 __all__ = [
+    "RequestArgs",
     "check_budget",
     "check_prompt_length",
     "check_session",
@@ -137,3 +142,66 @@ def check_session(value: object) -> str | None:
             "session_id", f"must be a non-empty string of at most {MAX_SESSION_ID} characters"
         )
     return value
+
+
+#: The sampler's keywords (see :class:`~erllama.sampling.SamplerParams`).
+_SAMPLER_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "grammar")
+
+
+@attrs.frozen(kw_only=True)
+class RequestArgs:
+    """Every keyword argument of a request (``Engine.infer``'s, typed for callers by
+    :class:`erllama.options.RequestOptions`), validated once, in one place.
+
+    :meth:`build` takes the caller's keywords as given and raises InvalidRequest naming the
+    first bad one (TypeError for an unknown keyword, as a Python signature would).
+    """
+
+    max_tokens: int | None = None
+    #: The sampler chain, its seed still to be drawn when ``seed`` is None.
+    sampler: SamplerParams = attrs.field(factory=SamplerParams)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    thinking: bool = False
+    thinking_budget_tokens: int | None = None
+    session_id: str | None = None
+    parent_key: bytes | None = None
+    add_special: bool = True
+
+    @classmethod
+    def build(cls, **kwargs: Any) -> RequestArgs:
+        unknown = kwargs.keys() - _KEYS
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {sorted(unknown)[0]!r}")
+        sampling = {k: kwargs[k] for k in _SAMPLER_KEYS if k in kwargs}
+        seed = kwargs.get("seed")
+        # Validated with a stand-in seed: the real one is drawn at intake when None.
+        sampler = SamplerParams.build(**sampling, seed=0 if seed is None else seed)
+        return cls(
+            max_tokens=validate_max_tokens(kwargs.get("max_tokens")),
+            sampler=sampler,
+            seed=None if seed is None else sampler.seed,
+            stop=check_stops(kwargs.get("stop")),
+            thinking=check_flag(kwargs.get("thinking", False), "thinking"),
+            thinking_budget_tokens=check_budget(kwargs.get("thinking_budget_tokens")),
+            session_id=check_session(kwargs.get("session_id")),
+            parent_key=parse_parent_key(kwargs.get("parent_key")),
+            add_special=check_flag(kwargs.get("add_special", True), "add_special"),
+        )
+
+    @staticmethod
+    def keywords() -> frozenset[str]:
+        """Every keyword :meth:`build` takes."""
+        return _KEYS
+
+    def sampler_with(self, seed: int) -> SamplerParams:
+        """The sampler chain with its seed (the caller's, or the one drawn for it)."""
+        return attrs.evolve(self.sampler, seed=seed if self.seed is None else self.seed)
+
+
+_KEYS = frozenset(
+    (
+        *(f.name for f in attrs.fields(RequestArgs) if f.name != "sampler"),
+        *_SAMPLER_KEYS,
+    )
+)

@@ -15,30 +15,55 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
 
-from ..cache.key import Namespace, common_prefix_tokens, decode_tokens, encode_tokens
+from ..cache.key import (
+    Namespace,
+    common_prefix_tokens,
+    decode_tokens,
+    encode_tokens,
+    kv_layout_hash,
+)
 from ..cache.policy import cold_save_point, passes_gate, wants_continued
 from ..cache.port import CachePort, Restore, SaveReason
 from ..config import CachePolicy
 from ..errors import BackendError
 from ..events import CacheHit
 from ..plugins import Backend
+from .snapshot import LivePrefix
 
-__all__ = ["KVTrack", "SaveOrder", "SequenceKV", "Setup"]
+__all__ = ["KVTrack", "Namespaces", "SaveOrder", "SequenceKV", "Setup"]
 
 log = logging.getLogger("erllama.model")
 
 COLD = CacheHit(kind="cold", prefix_len=0)
 
 
+class Namespaces:
+    """The cache namespace of each effective fingerprint of one loaded model (its
+    quantisation and KV layout are fixed). Called from both threads: a race only computes
+    the same value twice."""
+
+    def __init__(self, quant: int, kv_layout: Mapping[str, Any]) -> None:
+        self._quant = quant
+        self._layout = kv_layout_hash(kv_layout)
+        self._known: dict[bytes, Namespace] = {}
+
+    def __call__(self, fingerprint: bytes) -> Namespace:
+        ns = self._known.get(fingerprint)
+        if ns is None:
+            ns = self._known[fingerprint] = Namespace(fingerprint, self._quant, self._layout)
+        return ns
+
+
 @attrs.define(eq=False)
 class KVTrack:
-    """Cache bookkeeping of one request. Written on the model thread; the loop reads it only
-    after the request has ended."""
+    """Cache bookkeeping of one request. Written on the model thread only; the loop reads it
+    only after the request has ended. (What the cache did with its saves is the loop's own
+    :class:`~erllama.model.request.SaveTally`.)"""
 
     prompt: tuple[int, ...]
     parent_key: bytes | None
@@ -54,9 +79,6 @@ class KVTrack:
     #: The sequence is the request's own session's (its live KV is the session context).
     session: bool = False
     last_save_at: int = 0
-    #: Tokens this request newly saved beyond what it read.
-    created: int = 0
-    finish_key: str | None = None
 
 
 @attrs.frozen
@@ -92,6 +114,7 @@ class SequenceKV:
         keep_live: bool,
         namespace: Callable[[bytes], Namespace],
         post: Callable[..., object],
+        on_live: Callable[[tuple[LivePrefix, ...]], None],
     ) -> None:
         self.backend = backend
         self.handle = handle
@@ -100,8 +123,13 @@ class SequenceKV:
         self.keep_live = keep_live
         self.namespace = namespace
         self._post = post
-        #: Free sequences still holding their last request's KV: (token bytes, fingerprint).
+        self._on_live = on_live
+        #: Free or pinned sequences still holding their last request's KV: (token bytes,
+        #: fingerprint). Published through ``on_live`` after every change.
         self.live: dict[int, tuple[bytes, bytes]] = {}
+
+    def _live_changed(self) -> None:
+        self._on_live(tuple(LivePrefix(t, fp) for t, fp in self.live.values()))
 
     # ---- admission ------------------------------------------------------------------------
 
@@ -146,6 +174,8 @@ class SequenceKV:
         cell was first made; so greedy output after a hit matches the unbroken run.
         """
         had_live = self.live.pop(seq, None) is not None
+        if had_live:
+            self._live_changed()
         prompt = track.prompt
         n_prompt = len(prompt)
         backend, handle = self.backend, self.handle
@@ -257,7 +287,9 @@ class SequenceKV:
         else:
             self.backend.seq_rm(self.handle, seq, 0, None)
             self.live.pop(seq, None)
+        self._live_changed()
 
     def forget(self, seq: int) -> None:
         """``seq``'s cells are no longer what ``live`` says (it failed, or was cleared)."""
-        self.live.pop(seq, None)
+        if self.live.pop(seq, None) is not None:
+            self._live_changed()

@@ -3,14 +3,17 @@
 A :class:`Request` is an aggregate of single-purpose parts, each with one owner:
 
 * ``spec``: what the caller asked for (frozen, built by intake on the event loop);
-* ``job``: its scheduling state (:mod:`.scheduler`; model thread, under the worker lock);
+* ``job``: its scheduling state (:mod:`.scheduler`, which writes it; the job also holds the
+  request's backend sampler, freed by whichever side ends the job);
 * ``kv``: its cache bookkeeping (:mod:`.kv`; model thread);
-* ``output``: turns its tokens into events (:mod:`.output`; model thread);
+* ``output``, ``generated``, ``reply_text``: its tokens and their events (:mod:`.output`;
+  model thread);
 * ``clock``: timestamps for its :class:`~erllama.events.Stats` (model thread);
+* ``saves``: what the cache did with its saves (event loop);
 * ``channel``, ``scope``, ``finished``: its stream and cancel scope (event loop).
 
-The loop reads thread-owned parts only after the request has ended (the terminal event is
-handed over after the thread's last write to them).
+Each part has one writer. The loop reads thread-owned parts only after the request has
+ended (the terminal event is handed over after the thread's last write to them).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from .kv import KVTrack
 from .output import Output
 from .scheduler import Job
 
-__all__ = ["Clock", "Request", "RequestSpec"]
+__all__ = ["Clock", "Request", "RequestSpec", "SaveTally"]
 
 
 @attrs.frozen(kw_only=True)
@@ -46,6 +49,15 @@ class RequestSpec:
 
 
 @attrs.define(eq=False)
+class SaveTally:
+    """What the cache did with a request's saves (event loop only)."""
+
+    #: Tokens this request newly saved beyond what it read.
+    created: int = 0
+    finish_key: str | None = None
+
+
+@attrs.define(eq=False)
 class Clock:
     """Monotonic timestamps of one request's life."""
 
@@ -58,6 +70,7 @@ class Clock:
         self,
         spec: RequestSpec,
         kv: KVTrack,
+        saves: SaveTally,
         reason: FinishReason,
         generated: list[int],
         stop_sequence: str | None = None,
@@ -71,9 +84,9 @@ class Clock:
             prompt_tokens=len(spec.prompt),
             completion_tokens=n,
             cache_hit_kind=kv.hit.kind,
-            cache_delta=CacheDelta(read=kv.hit.prefix_len, created=kv.created),
+            cache_delta=CacheDelta(read=kv.hit.prefix_len, created=saves.created),
             finish_reason=reason,
-            finish_key=kv.finish_key,
+            finish_key=saves.finish_key,
             time_to_first_token_s=(
                 self.first_token - admitted if self.first_token is not None else None
             ),
@@ -94,16 +107,15 @@ class Request:
 
     ref: str
     spec: RequestSpec
-    job: Job
+    job: Job[Request]
     kv: KVTrack
     output: Output
-    #: The backend sampler built at intake (None: greedy), freed when the request ends.
-    sampler: object = None
     #: Every token the model generated for it (not the end-of-generation token), and their
     #: exact text once it ended (None when it is not valid UTF-8: cut mid-character).
     generated: list[int] = attrs.Factory(list)
     reply_text: str | None = None
     clock: Clock = attrs.Factory(Clock)
+    saves: SaveTally = attrs.Factory(SaveTally)
     channel: Channel = attrs.Factory(Channel)
     scope: anyio.CancelScope = attrs.Factory(anyio.CancelScope)
     finished: anyio.Event = attrs.Factory(anyio.Event)

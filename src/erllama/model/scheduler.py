@@ -3,15 +3,25 @@
 A :class:`Job` is the scheduling half of one request. Jobs move
 
     QUEUED --admit--> ADMITTING --start--> RUNNING --finish/fail--> DONE
-       \\______________________cancel (queued: at once)_______________/^
+       \\______________________abort (queued: at once)________________/^
 
-and every job reaches DONE exactly once, through :meth:`Scheduler._end`, which appends it to
-:attr:`Scheduler.ended` for whoever drives the scheduler to deliver its terminal event.
+and every job reaches DONE exactly once. Whoever ends a job (the call that returns it ended)
+delivers its terminal event and frees its sampler.
 
-The model thread drives it: :meth:`admit` between steps (FIFO, one free sequence each),
-:meth:`plan` for the next step's ops, :meth:`apply` with the step's results. The event loop
-calls :meth:`submit`, :meth:`cancel` and reads status; the worker serialises every call
-with one lock, so nothing here needs to be thread-safe itself.
+The contract is closed, in the manner of vLLM v1's scheduler: callers add work
+(:meth:`~Scheduler.add_request`, :meth:`~Scheduler.add_barrier`), ask for the next step
+(:meth:`~Scheduler.schedule`), report what the step did (:meth:`~Scheduler.update_from_output`,
+which decides the natural ends: end of generation, ``max_tokens``, a full context), end jobs
+(:meth:`~Scheduler.finish_request`, :meth:`~Scheduler.abort`, :meth:`~Scheduler.fail`) and read
+:meth:`~Scheduler.statistics`. Its fields are private; a :class:`Job`'s scheduling fields are
+written only here (callers read them).
+
+**Locking.** Every public method holds the scheduler's own lock for its whole run, so the
+event loop (intake, abort, statistics) and the model thread (everything else) may call any of
+them at any time. A ``choose`` callback passed to :meth:`~Scheduler.admit` runs under the lock
+and must not call back in. The scheduler's own fields are touched only inside its methods; a
+job's scheduling fields are written only there too, and its driver (the model thread) reads
+them between calls (a stale ``cancel_requested`` delays an abort by at most one step).
 
 Invariants (checked by a hypothesis state machine in tests/model/test_scheduler_machine.py):
 
@@ -20,24 +30,43 @@ Invariants (checked by a hypothesis state machine in tests/model/test_scheduler_
 * jobs leave the queue in submission order (a session job whose sequence is pinned to it
   does not compete for a free one, so it does not wait behind others);
 * a barrier (an exclusive control such as an adapter change) is taken only when no job is
-  admitted, and nothing queued behind it is admitted before it is done.
+  admitted, and nothing queued behind it is admitted before it is done;
+* once :meth:`~Scheduler.close` has run, nothing new is queued.
 """
 
 from __future__ import annotations
 
 import enum
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Generic, Literal, TypeVar
 
 import attrs
 
 from ..backends.types import Decode, Prefill, Prefilled, SeqFailed, StepOp, StepResult
 from ..errors import QueueFull, SessionBusy
 
-__all__ = ["Barrier", "Job", "JobState", "Sampling", "Scheduler", "StepOutcome"]
+__all__ = [
+    "Barrier",
+    "Closed",
+    "Housekeeping",
+    "Job",
+    "JobState",
+    "Sampled",
+    "Scheduler",
+    "SchedulerClosed",
+    "SchedulerStats",
+    "StepOutputs",
+    "StepPlan",
+]
 
 FinishReason = Literal["stop", "length", "cancelled"]
+Phase = Literal["idle", "prefilling", "generating"]
+
+#: What a job schedules (a request), and what a barrier runs (a call); opaque here.
+R = TypeVar("R")
+B = TypeVar("B")
 
 
 class JobState(enum.Enum):
@@ -47,17 +76,24 @@ class JobState(enum.Enum):
     DONE = "done"  # ended; ``outcome`` says how
 
 
-@attrs.define(eq=False)
-class Job:
-    """One request as the scheduler sees it."""
+class SchedulerClosed(RuntimeError):
+    """Work was added after :meth:`Scheduler.close` (the model is going away)."""
 
+
+@attrs.define(eq=False)
+class Job(Generic[R]):
+    """One request as the scheduler sees it. ``owner``, ``max_tokens``, ``session`` and
+    ``sampler`` are fixed when it is made; every other field is written by the scheduler
+    only."""
+
+    owner: R
     #: Tokens to generate: None = until end of generation or a full context; 0 = none
     #: (prefill only: the job ends when its prompt is in the KV).
     max_tokens: int | None
-    #: Pins the sequence across requests (see :meth:`Scheduler.pin`).
+    #: Pins the sequence across requests (see :meth:`Scheduler.finish_request`).
     session: str | None = None
-    #: The request this job schedules; opaque here.
-    owner: Any = None
+    #: The backend sampler its decodes use (opaque; None = greedy).
+    sampler: object = None
     state: JobState = JobState.QUEUED
     seq: int | None = None
     #: Tokens still to feed into the KV: the prompt's rest, or tokens the engine inserts
@@ -68,9 +104,7 @@ class Job:
     #: Tokens now in the sequence's KV (restored + fed + generated).
     n_context: int = 0
     n_generated: int = 0
-    #: The sampler the next decode uses (opaque; None = greedy), and whether it should pick
-    #: greedily this time (inside a tool call's syntax).
-    sampler: Any = None
+    #: Pick the next token greedily (inside a tool call's syntax).
     greedy: bool = False
     cancel_requested: bool = False
     #: How it ended: a finish reason, or the exception that failed it.
@@ -86,33 +120,83 @@ class Job:
 
 
 @attrs.define(eq=False)
-class Barrier:
+class Barrier(Generic[B]):
     """An exclusive control in the queue: it runs when no job is admitted, before anything
     queued after it."""
 
-    owner: Any = None
+    owner: B
 
 
 @attrs.frozen
-class Sampling:
-    """A token sampled for ``job`` in the last step (already in its KV)."""
+class StepPlan:
+    """One step: the ops for the backend, in the order they go into the batch."""
 
-    job: Job
+    ops: tuple[StepOp, ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.ops)
+
+
+@attrs.frozen
+class Sampled(Generic[R]):
+    """A token sampled for ``job`` in the last step (already in its KV). ``finish`` is the
+    natural end it brings, if any: end of generation, ``max_tokens`` or a full context."""
+
+    job: Job[R]
     token: int
     eog: bool
+    finish: FinishReason | None
 
 
-@attrs.define
-class StepOutcome:
-    """One step's results, by job: tokens fed, tokens sampled (already in the KV), and
-    jobs whose own op failed (the driver ends them; their KV is as before the step)."""
+@attrs.frozen
+class StepOutputs(Generic[R]):
+    """One step's results, by job: tokens fed, tokens sampled, and jobs whose own op
+    failed (the driver ends them with :meth:`Scheduler.fail`; their KV is as before)."""
 
-    fed: list[tuple[Job, Sequence[int]]] = attrs.Factory(list)
-    sampled: list[Sampling] = attrs.Factory(list)
-    failed: list[tuple[Job, BaseException]] = attrs.Factory(list)
+    fed: tuple[tuple[Job[R], Sequence[int]], ...] = ()
+    sampled: tuple[Sampled[R], ...] = ()
+    failed: tuple[tuple[Job[R], BaseException], ...] = ()
 
 
-class Scheduler:
+@attrs.frozen
+class Housekeeping(Generic[R]):
+    """What the driver must do between steps, before admitting: end the aborted jobs,
+    end the prefill-only jobs whose prompt is in, and save the jobs paused at their cold
+    save point (then :meth:`Scheduler.resume` them)."""
+
+    aborted: tuple[Job[R], ...] = ()
+    prefilled: tuple[Job[R], ...] = ()
+    paused: tuple[Job[R], ...] = ()
+
+
+@attrs.frozen
+class Closed(Generic[R, B]):
+    """What :meth:`Scheduler.close` ended: jobs (cancelled or failed; the driver delivers
+    their terminal events) and barriers nobody will run (the driver answers their owners)."""
+
+    jobs: tuple[Job[R], ...] = ()
+    barriers: tuple[Barrier[B], ...] = ()
+
+
+@attrs.frozen
+class SchedulerStats:
+    """A snapshot for status reads."""
+
+    phase: Phase
+    #: Requests queued (not yet holding a sequence).
+    waiting: int
+    #: Requests holding a sequence (admitting or running).
+    running: int
+    #: Anything admitted, queued, or a barrier running.
+    busy: bool
+    n_seq: int
+    free: int
+    pinned: int
+    #: Barriers queued or running.
+    barriers: int = 0
+
+
+class Scheduler(Generic[R, B]):
     """Queue, sequences and the batch of one model. See the module docstring."""
 
     def __init__(
@@ -127,306 +211,417 @@ class Scheduler:
     ) -> None:
         if n_batch < n_seq:
             raise ValueError(f"n_batch ({n_batch}) must be at least n_seq ({n_seq})")
-        self.model_id = model_id
-        self.n_seq = n_seq
-        self.n_batch = n_batch
-        self.prefill_chunk = prefill_chunk
-        self.n_ctx = n_ctx
-        self.max_queue = max_queue
-        self.queue: deque[Job | Barrier] = deque()
+        self._model_id = model_id
+        self._n_seq = n_seq
+        self._n_batch = n_batch
+        self._prefill_chunk = prefill_chunk
+        self._n_ctx = n_ctx
+        self._max_queue = max_queue
+        self._lock = threading.Lock()
+        self._queue: deque[Job[R] | Barrier[B]] = deque()
         #: Free sequences, most recently freed last.
-        self.free: list[int] = list(range(n_seq))[::-1]
-        self.admitted: dict[int, Job] = {}
+        self._free: list[int] = list(range(n_seq))[::-1]
+        self._admitted: dict[int, Job[R]] = {}
         #: Session id -> its pinned sequence, and the reverse.
-        self.pins: dict[str, int] = {}
-        self.pinned_seq: dict[int, str] = {}
-        self.barrier: Barrier | None = None
-        #: Jobs that reached DONE since the driver last took them.
-        self.ended: list[Job] = []
-
-    # ---- the loop's side ------------------------------------------------------------------
+        self._pins: dict[str, int] = {}
+        self._pinned_seq: dict[int, str] = {}
+        self._barrier: Barrier[B] | None = None
+        self._closed = False
 
     @property
-    def waiting(self) -> int:
-        return sum(1 for item in self.queue if isinstance(item, Job))
+    def n_seq(self) -> int:
+        return self._n_seq
 
-    def submit(self, job: Job) -> None:
-        """Queue ``job`` (QueueFull when ``max_queue`` requests would wait; SessionBusy when
-        its session already has a job queued or admitted)."""
-        if job.session is not None and self._session_busy(job.session):
-            raise SessionBusy(self.model_id, job.session)
-        if job.session not in self.pins:  # a pinned session's job needs no free sequence
-            self.check_room()
-        self.queue.append(job)
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    # ---- intake (the event loop) ------------------------------------------------------------
+
+    def add_request(self, job: Job[R]) -> None:
+        """Queue ``job``. SchedulerClosed after :meth:`close`; QueueFull when ``max_queue``
+        requests would wait; SessionBusy when its session already has a job queued or
+        admitted."""
+        with self._lock:
+            if self._closed:
+                raise SchedulerClosed(self._model_id)
+            if job.state is not JobState.QUEUED or job.seq is not None or job in self._queue:
+                raise RuntimeError("add_request() of a job that was already added")
+            if job.session is not None and self._session_busy(job.session):
+                raise SessionBusy(self._model_id, job.session)
+            if job.session not in self._pins:  # a pinned session's job needs no free sequence
+                self._check_room()
+            self._queue.append(job)
 
     def check_room(self) -> None:
         """QueueFull when one more request would make ``max_queue`` wait."""
-        # Requests that will get a free sequence at once are not "waiting".
-        if self.waiting - len(self.free) >= self.max_queue:
-            raise QueueFull(self.model_id, self.max_queue)
+        with self._lock:
+            self._check_room()
 
-    def submit_barrier(self, barrier: Barrier) -> None:
-        self.queue.append(barrier)
+    def add_barrier(self, barrier: Barrier[B]) -> None:
+        with self._lock:
+            if self._closed:
+                raise SchedulerClosed(self._model_id)
+            self._queue.append(barrier)
 
-    def withdraw_barrier(self, barrier: Barrier) -> bool:
+    def withdraw_barrier(self, barrier: Barrier[B]) -> bool:
         """Take a barrier out of the queue before it runs; False if it already started."""
-        try:
-            self.queue.remove(barrier)
-        except ValueError:
-            return False
-        return True
-
-    def cancel(self, job: Job) -> bool:
-        """Cancel ``job``. A queued job ends at once (True); an admitted one is marked and
-        ends between steps (the driver finishes it). Idempotent."""
-        if job.state is JobState.DONE:
-            return False
-        if job.state is JobState.QUEUED:
-            self.queue.remove(job)
-            self._end(job, "cancelled")
+        with self._lock:
+            try:
+                self._queue.remove(barrier)
+            except ValueError:
+                return False
             return True
-        job.cancel_requested = True
-        return False
 
-    def _session_busy(self, session: str) -> bool:
-        return any(
-            j.session == session for j in (*self.admitted.values(), *self.queue)
-            if isinstance(j, Job)
-        )  # fmt: skip
+    def abort(self, job: Job[R]) -> bool:
+        """Cancel ``job``. A queued job ends at once (True); an admitted one is marked and
+        ends between steps (see :meth:`housekeeping`). Idempotent."""
+        with self._lock:
+            if job.state is JobState.DONE:
+                return False
+            if job.state is JobState.QUEUED:
+                self._queue.remove(job)
+                self._end(job, "cancelled")
+                return True
+            job.cancel_requested = True
+            return False
 
-    # ---- status ---------------------------------------------------------------------------
+    def statistics(self) -> SchedulerStats:
+        with self._lock:
+            return SchedulerStats(
+                phase=self._phase(),
+                waiting=self._waiting(),
+                running=len(self._admitted),
+                busy=bool(self._admitted or self._queue or self._barrier is not None),
+                n_seq=self._n_seq,
+                free=len(self._free),
+                pinned=len(self._pins),
+                barriers=sum(1 for b in self._queue if isinstance(b, Barrier))
+                + (self._barrier is not None),
+            )
 
-    @property
-    def phase(self) -> Literal["idle", "prefilling", "generating"]:
-        if not self.admitted:
-            return "idle"
-        if any(j.state is JobState.ADMITTING or j.feeding for j in self.admitted.values()):
-            return "prefilling"
-        return "generating"
+    # ---- between steps (the model thread) ------------------------------------------------------
 
-    @property
-    def busy(self) -> bool:
-        """Anything admitted, queued, or a barrier running."""
-        return bool(self.admitted or self.queue or self.barrier is not None)
+    def housekeeping(self) -> Housekeeping[R]:
+        with self._lock:
+            aborted, prefilled, paused = [], [], []
+            for job in self._admitted.values():
+                if job.cancel_requested:
+                    aborted.append(job)
+                elif job.state is JobState.RUNNING:
+                    if job.max_tokens == 0 and not job.cursor:
+                        prefilled.append(job)
+                    elif job.paused:
+                        paused.append(job)
+            return Housekeeping(tuple(aborted), tuple(prefilled), tuple(paused))
 
-    # ---- the model thread's side ----------------------------------------------------------
+    def resume(self, job: Job[R]) -> None:
+        """A paused job's cold save is done: feeding goes on."""
+        with self._lock:
+            job.pause_at = None
 
-    def admit(self, choose: Callable[[Job, Sequence[int]], int]) -> list[Job | Barrier]:
+    def admit(self, choose: Callable[[Job[R], Sequence[int]], int]) -> list[Job[R] | Barrier[B]]:
         """Take what may start now, in FIFO order: jobs while sequences are free
         (``choose(job, free)`` picks one of ``free``), and a barrier once nothing is
         admitted. Returned jobs are ADMITTING; a returned barrier must be ended with
-        :meth:`barrier_done` before anything else is admitted."""
-        taken: list[Job | Barrier] = []
-        if self.barrier is not None:
-            return taken
-        # Session jobs whose sequence is pinned for them skip the line: they take no free
-        # sequence from anyone queued before them.
-        for item in [i for i in self.queue if isinstance(i, Job) and i.session in self.pins]:
-            if self._head_barrier_before(item):
-                break
-            self.queue.remove(item)
-            assert item.session is not None
-            seq = self.pins[item.session]
-            self._take(item, seq)
-            taken.append(item)
-        while self.queue:
-            head = self.queue[0]
-            if isinstance(head, Barrier):
-                if self.admitted:
+        :meth:`barrier_done` before anything else is admitted. Nothing after
+        :meth:`close`."""
+        with self._lock:
+            taken: list[Job[R] | Barrier[B]] = []
+            if self._barrier is not None or self._closed:
+                return taken
+            # Session jobs whose sequence is pinned for them skip the line: they take no free
+            # sequence from anyone queued before them.
+            for item in [i for i in self._queue if isinstance(i, Job) and i.session in self._pins]:
+                if self._barrier_before(item):
                     break
-                self.queue.popleft()
-                self.barrier = head
+                self._queue.remove(item)
+                assert item.session is not None
+                self._take(item, self._pins[item.session])
+                taken.append(item)
+            while self._queue:
+                head = self._queue[0]
+                if isinstance(head, Barrier):
+                    if self._admitted:
+                        break
+                    self._queue.popleft()
+                    self._barrier = head
+                    taken.append(head)
+                    break
+                if not self._free:
+                    break
+                self._queue.popleft()
+                seq = choose(head, tuple(self._free))
+                self._free.remove(seq)
+                self._take(head, seq)
                 taken.append(head)
-                break
-            if not self.free:
-                break
-            self.queue.popleft()
-            seq = choose(head, tuple(self.free))
-            self.free.remove(seq)
-            self._take(head, seq)
-            taken.append(head)
-        return taken
+            return taken
 
-    def _head_barrier_before(self, job: Job) -> bool:
-        for item in self.queue:
+    def barrier_done(self) -> None:
+        with self._lock:
+            self._barrier = None
+
+    def start(
+        self, job: Job[R], *, n_context: int, cursor: Sequence[int], pause_at: int | None
+    ) -> None:
+        """ADMITTING -> RUNNING: the sequence holds ``n_context`` tokens of the prompt and
+        ``cursor`` is what remains to feed (never empty: a fully known prompt re-feeds its
+        last token for fresh logits)."""
+        with self._lock:
+            if job.state is not JobState.ADMITTING:
+                raise RuntimeError(f"start() of a job that is {job.state.value}")
+            job.state = JobState.RUNNING
+            job.n_context = n_context
+            job.cursor = list(cursor)
+            job.pause_at = pause_at if pause_at is not None and pause_at > n_context else None
+
+    def starved(self) -> bool:
+        """A queued job needs a sequence, none is free, and idle sessions pin some: the
+        driver should release the least recently used session."""
+        with self._lock:
+            if self._free or self._barrier is not None:
+                return False
+            if all(seq in self._admitted for seq in self._pins.values()):
+                return False  # no idle pin to take back
+            return any(isinstance(j, Job) and j.session not in self._pins for j in self._queue)
+
+    # ---- one step (the model thread) ----------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        """The next step's ops: every decoding job gets one token; feeding jobs share what is
+        left of ``n_batch``, shortest remaining first, each at most ``prefill_chunk`` tokens
+        (so a long prompt never starves decoders or a short prompt beside it) and never past
+        its pause point."""
+        with self._lock:
+            budget = self._n_batch
+            ops: list[StepOp] = []
+            feeders: list[Job[R]] = []
+            for seq, job in self._admitted.items():
+                if job.state is not JobState.RUNNING or job.cancel_requested or job.paused:
+                    continue
+                if job.cursor:
+                    feeders.append(job)
+                elif job.max_tokens != 0:
+                    ops.append(Decode(seq=seq, sampler=job.sampler, greedy=job.greedy))
+                    budget -= 1
+            # Shortest remaining first: a short prompt that arrives while a long one prefills
+            # is fed whole at once (and samples next step) instead of waiting for the long
+            # prompt's slices to end; the long one takes what is left, and it always gets the
+            # rest of the batch, since feeders are at most n_seq and each takes at most
+            # prefill_chunk.
+            feeders.sort(key=lambda j: len(j.cursor))
+            for job in feeders:
+                if budget <= 0:
+                    break
+                n = min(len(job.cursor), budget, self._prefill_chunk)
+                if job.pause_at is not None:
+                    n = min(n, job.pause_at - job.n_context)
+                # Logits only where the next decode samples from: the last token fed.
+                logits = n == len(job.cursor) and job.max_tokens != 0
+                assert job.seq is not None
+                ops.append(Prefill(seq=job.seq, tokens=tuple(job.cursor[:n]), logits=logits))
+                budget -= n
+            return StepPlan(tuple(ops))
+
+    def job_on(self, seq: int) -> Job[R] | None:
+        """The job admitted on ``seq`` (mid-step: whose token was just sampled)."""
+        with self._lock:
+            return self._admitted.get(seq)
+
+    def update_from_output(
+        self, plan: StepPlan, results: Sequence[StepResult], eog: frozenset[int] = frozenset()
+    ) -> StepOutputs[R]:
+        """Account one step's results and decide natural ends (a token in ``eog`` or
+        flagged end of generation, ``max_tokens``, a full context). Raises ValueError for a
+        result that does not answer an op of the plan, or an op left unanswered."""
+        with self._lock:
+            # Check every result against the plan first: the update is all or nothing.
+            sent = {op.seq: op for op in plan.ops}
+            checked: list[tuple[StepResult, StepOp, Job[R]]] = []
+            for res in results:
+                op = sent.pop(res.seq, None)
+                job = self._admitted.get(res.seq)
+                if op is None or job is None:
+                    raise ValueError(f"step result for sequence {res.seq}, which had no op")
+                if isinstance(res, Prefilled) and (
+                    not isinstance(op, Prefill) or res.n_tokens != len(op.tokens)
+                ):
+                    raise ValueError(f"prefill result does not match its op on seq {res.seq}")
+                if not isinstance(res, SeqFailed | Prefilled) and not isinstance(op, Decode):
+                    raise ValueError(f"sampled result for a prefill op on seq {res.seq}")
+                checked.append((res, op, job))
+            if sent:
+                raise ValueError(f"no step result for sequences {sorted(sent)}")
+            fed: list[tuple[Job[R], Sequence[int]]] = []
+            sampled: list[Sampled[R]] = []
+            failed: list[tuple[Job[R], BaseException]] = []
+            for res, op, job in checked:
+                if isinstance(res, SeqFailed):
+                    failed.append((job, res.error))
+                elif isinstance(res, Prefilled):
+                    assert isinstance(op, Prefill)
+                    del job.cursor[: res.n_tokens]
+                    job.n_context += res.n_tokens
+                    fed.append((job, op.tokens))
+                else:
+                    job.n_context += 1
+                    job.n_generated += 1
+                    is_eog = res.eog or res.token in eog
+                    sampled.append(Sampled(job, res.token, is_eog, self._natural_end(job, is_eog)))
+            return StepOutputs(tuple(fed), tuple(sampled), tuple(failed))
+
+    def insert(self, job: Job[R], tokens: Sequence[int]) -> bool:
+        """Feed ``tokens`` into ``job``'s sequence before it decodes again (they are not
+        sampled: a thinking span's end marker, say). False, and nothing fed, when they and
+        one more token would not fit the context."""
+        with self._lock:
+            if job.n_context + len(job.cursor) + len(tokens) + 1 > self._n_ctx:
+                return False
+            job.cursor.extend(tokens)
+            return True
+
+    def set_greedy(self, job: Job[R], greedy: bool) -> None:
+        with self._lock:
+            job.greedy = greedy
+
+    # ---- ending jobs (the model thread) ---------------------------------------------------------
+
+    def finish_request(self, job: Job[R], reason: FinishReason, *, pin: bool = False) -> None:
+        """End an admitted job. Its sequence is freed, or pinned to ``job.session`` when
+        ``pin`` (the KV stays for the session's next request)."""
+        with self._lock:
+            if job.state is JobState.DONE:
+                raise RuntimeError("a job ends exactly once")
+            if job.state is JobState.QUEUED:
+                raise RuntimeError("finish_request() of a queued job (abort it instead)")
+            self._release(job, pin=pin)
+            self._end(job, reason)
+
+    def fail(self, job: Job[R], error: BaseException) -> None:
+        """End one job with ``error`` (queued or admitted); the model carries on."""
+        with self._lock:
+            self._fail(job, error)
+
+    def close(self, error: BaseException | None = None) -> Closed[R, B]:
+        """Take no more work. Queued jobs end: cancelled, or failed with ``error``; with an
+        ``error`` the admitted ones fail too (the model is gone), without one they run until
+        the driver finishes them. Returns the queued barriers, which the driver answers."""
+        with self._lock:
+            self._closed = True
+            barriers = tuple(b for b in self._queue if isinstance(b, Barrier))
+            jobs = [j for j in self._queue if isinstance(j, Job)]
+            if error is not None:
+                jobs = [*self._admitted.values(), *jobs]
+            for job in jobs:
+                if error is not None:
+                    self._fail(job, error)
+                else:
+                    self._queue.remove(job)
+                    self._end(job, "cancelled")
+            self._queue.clear()
+            return Closed(tuple(jobs), barriers)
+
+    # ---- sequences held by jobs and sessions --------------------------------------------------
+
+    def running(self) -> list[Job[R]]:
+        """Admitted jobs now in the batch (their sequence holds their context)."""
+        with self._lock:
+            return [j for j in self._admitted.values() if j.state is JobState.RUNNING]
+
+    def admitted_seqs(self) -> frozenset[int]:
+        with self._lock:
+            return frozenset(self._admitted)
+
+    def pinned(self, session: str) -> int | None:
+        """The sequence pinned to ``session``, if any."""
+        with self._lock:
+            return self._pins.get(session)
+
+    def unpin(self, session: str) -> int | None:
+        """Release an idle session's pinned sequence; returns it, or None when there was
+        none. A session whose job is admitted on it stays pinned (None): the caller ends
+        the session when that job finishes. The caller clears or reuses the sequence's KV."""
+        with self._lock:
+            seq = self._pins.get(session)
+            if seq is None or seq in self._admitted:
+                return None
+            del self._pins[session]
+            del self._pinned_seq[seq]
+            self._free.append(seq)
+            return seq
+
+    # ---- inside the lock -------------------------------------------------------------------------
+
+    def _waiting(self) -> int:
+        return sum(1 for item in self._queue if isinstance(item, Job))
+
+    def _check_room(self) -> None:
+        # Requests that will get a free sequence at once are not "waiting".
+        if self._waiting() - len(self._free) >= self._max_queue:
+            raise QueueFull(self._model_id, self._max_queue)
+
+    def _session_busy(self, session: str) -> bool:
+        return any(
+            j.session == session for j in (*self._admitted.values(), *self._queue)
+            if isinstance(j, Job)
+        )  # fmt: skip
+
+    def _phase(self) -> Phase:
+        if not self._admitted:
+            return "idle"
+        if any(j.state is JobState.ADMITTING or j.feeding for j in self._admitted.values()):
+            return "prefilling"
+        return "generating"
+
+    def _barrier_before(self, job: Job[R]) -> bool:
+        for item in self._queue:
             if item is job:
                 return False
             if isinstance(item, Barrier):
                 return True
         return False
 
-    def _take(self, job: Job, seq: int) -> None:
+    def _take(self, job: Job[R], seq: int) -> None:
         job.state = JobState.ADMITTING
         job.seq = seq
-        self.admitted[seq] = job
+        self._admitted[seq] = job
 
-    def barrier_done(self) -> None:
-        self.barrier = None
-
-    def start(
-        self, job: Job, *, n_context: int, cursor: Sequence[int], pause_at: int | None
-    ) -> None:
-        """ADMITTING -> RUNNING: the sequence holds ``n_context`` tokens of the prompt and
-        ``cursor`` is what remains to feed (never empty: a fully known prompt re-feeds its
-        last token for fresh logits)."""
-        assert job.state is JobState.ADMITTING
-        job.state = JobState.RUNNING
-        job.n_context = n_context
-        job.cursor = list(cursor)
-        job.pause_at = pause_at if pause_at is not None and pause_at > n_context else None
-
-    def insert(self, job: Job, tokens: Sequence[int]) -> bool:
-        """Feed ``tokens`` into ``job``'s sequence before it decodes again (they are not
-        sampled: a thinking span's end marker, say). False, and nothing fed, when they and
-        one more token would not fit the context."""
-        if job.n_context + len(job.cursor) + len(tokens) + 1 > self.n_ctx:
-            return False
-        job.cursor.extend(tokens)
-        return True
-
-    def plan(self) -> list[StepOp]:
-        """The next step's ops: every decoding job gets one token; feeding jobs share what is
-        left of ``n_batch``, shortest remaining first, each at most ``prefill_chunk`` tokens
-        (so a long prompt never starves decoders or a short prompt beside it) and never past
-        its pause point."""
-        budget = self.n_batch
-        ops: list[StepOp] = []
-        feeders: list[Job] = []
-        for seq, job in self.admitted.items():
-            if job.state is not JobState.RUNNING or job.cancel_requested or job.paused:
-                continue
-            if job.cursor:
-                feeders.append(job)
-            elif job.max_tokens != 0:
-                ops.append(Decode(seq=seq, sampler=job.sampler, greedy=job.greedy))
-                budget -= 1
-        # Shortest remaining first: a short prompt that arrives while a long one prefills is
-        # fed whole at once (and samples next step) instead of waiting for the long prompt's
-        # slices to end; the long one takes what is left, and it always gets the rest of the
-        # batch, since feeders are at most n_seq and each takes at most prefill_chunk.
-        feeders.sort(key=lambda j: len(j.cursor))
-        for job in feeders:
-            if budget <= 0:
-                break
-            n = min(len(job.cursor), budget, self.prefill_chunk)
-            if job.pause_at is not None:
-                n = min(n, job.pause_at - job.n_context)
-            # Logits only where the next decode samples from: the last token fed.
-            logits = n == len(job.cursor) and job.max_tokens != 0
-            assert job.seq is not None
-            ops.append(Prefill(seq=job.seq, tokens=tuple(job.cursor[:n]), logits=logits))
-            budget -= n
-        return ops
-
-    def apply(self, ops: Sequence[StepOp], results: Sequence[StepResult]) -> StepOutcome:
-        """Account one step's results (see :class:`StepOutcome`). Raises ValueError for a
-        result that does not answer an op of this step, or an op left unanswered."""
-        sent = {op.seq: op for op in ops}
-        out = StepOutcome()
-        for res in results:
-            op = sent.pop(res.seq, None)
-            job = self.admitted.get(res.seq)
-            if op is None or job is None:
-                raise ValueError(f"step result for sequence {res.seq}, which had no op")
-            if isinstance(res, SeqFailed):
-                out.failed.append((job, res.error))
-            elif isinstance(res, Prefilled):
-                if not isinstance(op, Prefill) or res.n_tokens != len(op.tokens):
-                    raise ValueError(f"prefill result does not match its op on seq {res.seq}")
-                del job.cursor[: res.n_tokens]
-                job.n_context += res.n_tokens
-                out.fed.append((job, op.tokens))
-            else:
-                if not isinstance(op, Decode):
-                    raise ValueError(f"sampled result for a prefill op on seq {res.seq}")
-                job.n_context += 1
-                job.n_generated += 1
-                out.sampled.append(Sampling(job, res.token, res.eog))
-        if sent:
-            raise ValueError(f"no step result for sequences {sorted(sent)}")
-        return out
-
-    def natural_finish(self, s: Sampling, *, is_eog: bool) -> FinishReason | None:
-        """Why ``s.job`` ends after this token, if it does: end of generation, its
-        ``max_tokens``, or a full context."""
-        job = s.job
+    def _natural_end(self, job: Job[R], is_eog: bool) -> FinishReason | None:
         if is_eog:
             return "stop"
         if job.max_tokens is not None and job.n_generated >= job.max_tokens:
             return "length"
-        if job.n_context >= self.n_ctx:
+        if job.n_context >= self._n_ctx:
             return "length"
         return None
 
-    def prefill_complete(self) -> list[Job]:
-        """Prefill-only jobs whose prompt is now entirely in the KV."""
-        return [
-            j for j in self.admitted.values()
-            if j.state is JobState.RUNNING and j.max_tokens == 0 and not j.cursor
-        ]  # fmt: skip
-
-    def to_cancel(self) -> list[Job]:
-        """Admitted jobs whose cancellation the driver should carry out now."""
-        return [j for j in self.admitted.values() if j.cancel_requested]
-
-    def finish(self, job: Job, reason: FinishReason, *, pin: bool = False) -> None:
-        """End an admitted job. Its sequence is freed, or pinned to ``job.session`` when
-        ``pin`` (the KV stays for the session's next request)."""
-        self._release(job, pin=pin)
-        self._end(job, reason)
-
-    def fail(self, job: Job, error: BaseException) -> None:
-        """End one job with ``error`` (queued or admitted); the model carries on."""
+    def _fail(self, job: Job[R], error: BaseException) -> None:
         if job.state is JobState.QUEUED:
-            self.queue.remove(job)
-        elif job.state is not JobState.DONE:
+            self._queue.remove(job)
+        else:
             self._release(job, pin=False)
         self._end(job, error)
 
-    def fail_all(self, error: BaseException) -> list[Barrier]:
-        """The model is gone: end every job with ``error``; return queued barriers, which
-        the driver must answer."""
-        barriers = [b for b in self.queue if isinstance(b, Barrier)]
-        for job in [*self.admitted.values(), *(j for j in self.queue if isinstance(j, Job))]:
-            self.fail(job, error)
-        self.queue.clear()
-        return barriers
-
-    def unpin(self, session: str) -> int | None:
-        """Release an idle session's pinned sequence; returns it, or None when there was
-        none. A session whose job is admitted on it stays pinned (None): the caller ends
-        the session when that job finishes. The caller clears or reuses the sequence's KV."""
-        seq = self.pins.get(session)
-        if seq is None or seq in self.admitted:
-            return None
-        del self.pins[session]
-        del self.pinned_seq[seq]
-        self.free.append(seq)
-        return seq
-
-    def take_ended(self) -> list[Job]:
-        ended, self.ended = self.ended, []
-        return ended
-
-    def _release(self, job: Job, *, pin: bool) -> None:
+    def _release(self, job: Job[R], *, pin: bool) -> None:
         seq = job.seq
-        if seq is None or self.admitted.get(seq) is not job:
+        if seq is None or self._admitted.get(seq) is not job:
             return
-        del self.admitted[seq]
+        del self._admitted[seq]
         if pin and job.session is not None:
-            self.pins[job.session] = seq
-            self.pinned_seq[seq] = job.session
-        elif seq in self.pinned_seq:
+            self._pins[job.session] = seq
+            self._pinned_seq[seq] = job.session
+        elif seq in self._pinned_seq:
             # A session job that ends without keeping its pin (cancelled, failed).
-            session = self.pinned_seq.pop(seq)
-            del self.pins[session]
-            self.free.append(seq)
+            session = self._pinned_seq.pop(seq)
+            del self._pins[session]
+            self._free.append(seq)
         else:
-            self.free.append(seq)
+            self._free.append(seq)
 
-    def _end(self, job: Job, outcome: FinishReason | BaseException) -> None:
-        assert job.state is not JobState.DONE, "a job ends exactly once"
+    def _end(self, job: Job[R], outcome: FinishReason | BaseException) -> None:
+        # A real check, not an assert: it must hold under ``python -O`` too.
+        if job.state is JobState.DONE:
+            raise RuntimeError("a job ends exactly once")
         job.state = JobState.DONE
         job.outcome = outcome
         job.cursor = []
-        self.ended.append(job)

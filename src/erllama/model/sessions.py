@@ -12,6 +12,7 @@ for a sequence and only idle sessions hold them, and when the model unloads.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import attrs
 
@@ -28,7 +29,8 @@ class _Session:
 
 
 class Sessions:
-    def __init__(self) -> None:
+    def __init__(self, on_change: Callable[[Sessions], None]) -> None:
+        self._on_change = on_change
         self._table: dict[str, _Session] = {}
         #: Sessions to release when their running request ends (``end_session`` arrived
         #: while it ran).
@@ -70,3 +72,4 @@ class Sessions:
             SessionInfo(id=name, tokens=s.tokens, idle_since=s.idle_since)
             for name, s in self._table.items()
         )
+        self._on_change(self)

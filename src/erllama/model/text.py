@@ -1,8 +1,9 @@
 """Text calls on one model: tokenize, detokenize, the chat template, embeddings.
 
 The first three read only the vocabulary and the template, so they run on worker threads and
-never wait for a step (see ``ModelWorker.vocab_call``); an embedding computes, so it runs on
-the model thread between steps.
+never wait for a step: each is a counted native call through the gate (see
+:meth:`~erllama.model.gate.ModelGate.native`), so an unload never frees the model under one.
+An embedding computes, so it runs on the model thread between steps.
 """
 
 from __future__ import annotations
@@ -10,43 +11,71 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..config import ModelConfig
 from ..errors import InvalidRequest, NotSupported
+from ..plugins import Backend
+from ..sampling import SamplerParams
 from . import intake
+from .gate import ModelGate
+from .replay import ReplayMemory
 
 if TYPE_CHECKING:
-    from .worker import ModelWorker
+    from .sides import OnThread
 
 __all__ = ["TextCalls"]
 
 
 class TextCalls:
-    def __init__(self, worker: ModelWorker) -> None:
-        self.w = worker
+    def __init__(
+        self, gate: ModelGate, backend: Backend, config: ModelConfig, replies: ReplayMemory
+    ) -> None:
+        self._gate = gate
+        self._backend = backend
+        self._config = config
+        self._replies = replies
+
+    async def prepare(
+        self, text: str | None, add_special: bool, sp: SamplerParams | None, *, held: bool
+    ) -> tuple[list[int] | None, Any]:
+        """Tokenize a prompt and build its sampler (a counted native call). ``held``: the
+        caller holds a use of the gate (see :meth:`ModelGate.check_serving`)."""
+        backend = self._backend
+
+        def run(handle: Any) -> tuple[list[int] | None, Any]:
+            tokens = None
+            if text is not None:
+                intake.check_text(text, "prompt")
+                tokens = backend.tokenize(handle, text, add_special=add_special)
+            sampler = backend.sampler_new(handle, sp) if sp is not None else None
+            return tokens, sampler
+
+        return await self._gate.native(run, held=held)
 
     async def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
-        self.w.check_serving()
+        self._gate.check_serving()
         if not isinstance(text, str):
             raise InvalidRequest("text", "must be a string")
-        backend, handle = self.w.backend, self.w.thread.handle
+        backend = self._backend
 
-        def run() -> list[int]:
+        def run(handle: Any) -> list[int]:
             intake.check_text(text, "text")
             return backend.tokenize(
                 handle, text, add_special=add_special, parse_special=parse_special
             )
 
-        return await self.w.vocab_call(run)
+        return await self._gate.native(run)
 
     async def detokenize(self, tokens: Sequence[int]) -> str:
-        self.w.check_serving()
-        assert self.w.loaded is not None
-        n_vocab, backend, handle = self.w.loaded.n_vocab, self.w.backend, self.w.thread.handle
+        self._gate.check_serving()
+        facts = self._gate.facts
+        assert facts is not None
+        n_vocab, backend = facts.loaded.n_vocab, self._backend
 
-        def run() -> bytes:
+        def run(handle: Any) -> bytes:
             # Off the loop: a long list costs time proportional to its length.
             return backend.detokenize(handle, intake.check_token_ids(tokens, n_vocab, "tokens"))
 
-        raw: bytes = await self.w.vocab_call(run)
+        raw: bytes = await self._gate.native(run)
         return raw.decode("utf-8", errors="replace")
 
     async def apply_chat_template(
@@ -56,8 +85,8 @@ class TextCalls:
         tools: Sequence[Mapping[str, Any]] | None,
         add_generation_prompt: bool,
     ) -> list[int]:
-        self.w.check_serving()
-        self.w.backend.require("chat_template")
+        self._gate.check_serving()
+        self._backend.require("chat_template")
         given: object = messages
         if not isinstance(given, list | tuple):
             raise InvalidRequest("messages", "must be a list of {'role', 'content'} mappings")
@@ -76,10 +105,10 @@ class TextCalls:
             for i, tool in enumerate(tools):
                 if not isinstance(tool, Mapping):
                     raise InvalidRequest(f"tools[{i}]", "must be a tool (function) mapping")
-        backend, handle = self.w.backend, self.w.thread.handle
-        verbatim = self.w.replies.for_messages(messages)
+        backend = self._backend
+        verbatim = self._replies.for_messages(messages)
 
-        def run() -> list[int]:
+        def run(handle: Any) -> list[int]:
             for i, m in enumerate(messages):
                 intake.check_text(m["content"], f"messages[{i}].content")
             if system is not None:
@@ -93,28 +122,31 @@ class TextCalls:
                 verbatim,
             )
 
-        return await self.w.vocab_call(run)
+        return await self._gate.native(run)
 
     async def embed(self, prompt: str | Sequence[int]) -> list[float]:
-        self.w.check_serving()
-        self.w.backend.require("embed")
-        if not self.w.config.embeddings:
-            raise NotSupported(self.w.backend.name, "embed", "ModelConfig.embeddings is off")
-        assert self.w.loaded is not None
-        n_vocab, n_ctx = self.w.loaded.n_vocab, self.w.loaded.n_ctx
-        if intake.prompt_kind(prompt) == "text":
-            text: str = prompt  # type: ignore[assignment]
-            tokens = (await self.w.vocab_call(lambda: self.w.prepare(text, True, None)))[0]
-            assert tokens is not None
-        else:
-            ids: Sequence[int] = prompt  # type: ignore[assignment]
-            intake.check_prompt_length(len(ids), n_ctx + 1)  # length first, then the ids
-            tokens = await self.w.vocab_call(lambda: intake.check_token_ids(ids, n_vocab, "prompt"))
-        if not tokens:
-            raise InvalidRequest("prompt", "is empty")
-        backend, handle = self.w.backend, self.w.thread.handle
+        self._gate.check_serving()
+        self._backend.require("embed")
+        if not self._config.embeddings:
+            raise NotSupported(self._backend.name, "embed", "ModelConfig.embeddings is off")
+        facts = self._gate.facts
+        assert facts is not None
+        n_vocab, n_ctx = facts.loaded.n_vocab, facts.loaded.n_ctx
+        # One use from tokenizing to the embedding: an unload begun meanwhile waits for it.
+        async with self._gate.using():
+            if intake.prompt_kind(prompt) == "text":
+                text: str = prompt  # type: ignore[assignment]
+                tokens = (await self.prepare(text, True, None, held=True))[0]
+                assert tokens is not None
+            else:
+                ids: Sequence[int] = prompt  # type: ignore[assignment]
+                intake.check_prompt_length(len(ids), n_ctx + 1)  # length first, then the ids
+                tokens = intake.check_token_ids(ids, n_vocab, "prompt")
+            if not tokens:
+                raise InvalidRequest("prompt", "is empty")
+            backend = self._backend
 
-        def run() -> list[float]:
-            return backend.embed(handle, tokens)
+            def run(t: OnThread) -> list[float]:
+                return backend.embed(t.handle, tokens)
 
-        return await self.w.call(run)
+            return await self._gate.call(run, held=True)

@@ -1,79 +1,99 @@
 """A model's native thread: it owns the backend handle and runs steps back to back.
 
-The thread never waits for the event loop. The loop reaches it through a command queue
-(calls: tokenize, embed, adapter changes, evict ...) and through the scheduler, which both
-share under the worker's lock; the thread sleeps only when it has nothing to run.
-Everything the loop must learn (tokens, finished requests, saves to write, lookups to make)
-goes into an outbox that is handed over with at most one wake-up of the loop at a time:
-one wake-up per step carries every sequence's tokens, or several steps' when the loop is
-slower than the model.
+The thread never waits for the event loop. The loop reaches it through the model's gate
+(:mod:`.gate`: commands, calls, and the scheduler, which is thread-safe on its own); the
+thread sleeps only when it has nothing to run. Everything the loop must learn (tokens,
+finished requests, saves to write, lookups to make) goes into an outbox of calls on the
+:class:`~erllama.model.sides.LoopSide`, handed over with at most one wake-up of the loop at a
+time: one wake-up per step carries every sequence's tokens, or several steps' when the loop
+is slower than the model. What the loop reads of the thread's state it reads from the
+snapshots the thread publishes on the gate (:mod:`.snapshot`).
 
-Between two steps the thread runs, in order: pending calls, cancellations (each finished
-with its save), prefill-only requests that are done, cold saves at pause points, then
-admissions in FIFO order. Only then does it plan and run the next step, so pack, unpack and
-seq_rm never overlap a decode.
+Between two steps the thread runs, in order: pending commands, aborted requests (each
+finished with its save), prefill-only requests that are done, cold saves at pause points,
+then admissions in FIFO order. Only then does it plan and run the next step, so pack, unpack
+and seq_rm never overlap a decode.
 
 A failure that leaves the model's state in doubt (a raising ``step``, ``seq_rm`` ...) fails
-every request of this model with a typed error, tells the worker, frees the model and ends
-the thread. A failure of one request's own op (``SeqFailed``) ends that request only.
+every request of this model with a typed error, tells the loop, frees the model and ends the
+thread. A failure of one request's own op (``SeqFailed``) ends that request only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .._loop import Mail
-from ..backends.types import Decode, LoadedModel, StepOp, StepResult
-from ..cache.port import Restore, SaveReason
+import attrs
+
+from .._loop import LoopHandoff, Mail
+from ..backends.types import Decode, LoadedModel, StepResult
+from ..cache.key import Namespace
+from ..cache.port import CachePort, Restore, SaveReason
+from ..config import CachePolicy, ModelConfig
 from ..errors import BackendError, ErllamaError, ModelNotFound
 from ..events import Event
+from ..plugins import Backend
 from .adapters import AdapterSet
 from .calls import Call
+from .gate import UNLOAD_WAIT_S, ModelGate
 from .kv import SaveOrder, SequenceKV
 from .output import PieceCache
 from .request import Request
-from .scheduler import Barrier, FinishReason, Job, JobState, Scheduler
+from .scheduler import Barrier, FinishReason, Job, JobState, Scheduler, StepPlan
 from .sessions import Sessions
+from .sides import LoopSide, Orders
+from .snapshot import LivePrefix, ModelFacts, ThreadView
 from .spans import Markers, markers_for
-
-if TYPE_CHECKING:
-    from .worker import ModelWorker
 
 __all__ = ["ModelThread"]
 
 log = logging.getLogger("erllama.model")
 
+RequestJob = Job[Request]
+
 
 class ModelThread:
-    """The native thread of one :class:`~erllama.model.worker.ModelWorker`."""
+    """The native thread of one model. It implements :class:`~erllama.model.sides.OnThread`
+    for the calls it runs."""
 
-    def __init__(self, worker: ModelWorker) -> None:
-        self.w = worker
-        self.backend = worker.backend
-        self.lock = worker.lock
-        self.commands: queue.SimpleQueue[Call[Any] | Callable[[], None]] = queue.SimpleQueue()
-        self.wake = threading.Event()
-        self.thread = threading.Thread(
-            target=self._main, name=f"erllama-model-{worker.id}", daemon=True
+    def __init__(
+        self,
+        model_id: str,
+        gate: ModelGate,
+        loop: LoopSide,
+        backend: Backend,
+        config: ModelConfig,
+        cache: CachePort,
+        policy: CachePolicy,
+    ) -> None:
+        self._id = model_id
+        self._gate = gate
+        self._loop = loop
+        self._backend = backend
+        self._config = config
+        self._cache = cache
+        self._policy = policy
+        self._thread = threading.Thread(
+            target=self._main, name=f"erllama-model-{model_id}", daemon=True
         )
-        self.loaded: LoadedModel | None = None
-        self.handle: Any = None
-        self.sched: Scheduler | None = None
-        self.kv: SequenceKV | None = None
-        self.adapters: AdapterSet | None = None
-        self.pieces: PieceCache | None = None
-        self.eog: frozenset[int] = frozenset()
-        self.markers = Markers()
-        self.sessions = Sessions()
-        self.stopping = False
-        #: Set under the lock when the thread no longer takes calls.
-        self.closed = False
+        self._handoff: LoopHandoff | None = None
+        self._handle: Any = None
+        self._loaded: LoadedModel | None = None
+        self._sched: Scheduler[Request, Call[Any]] | None = None
+        self._kv: SequenceKV | None = None
+        self._adapters: AdapterSet | None = None
+        self._pieces: PieceCache | None = None
+        self._eog: frozenset[int] = frozenset()
+        self._markers = Markers()
+        self._sessions = Sessions(self._sessions_changed)
+        self._view = ThreadView()
+        self._stopping = False
+        self._running_call: Call[Any] | None = None
         self._out: list[Mail] = []
         # Per step: decode rows still to be sampled, and sequences already streamed early.
         self._to_sample = 0
@@ -81,25 +101,150 @@ class ModelThread:
 
     # ---- the loop's side ------------------------------------------------------------------
 
-    def start(self) -> None:
-        self.thread.start()
+    def start(self, handoff: LoopHandoff) -> None:
+        self._handoff = handoff
+        self._thread.start()
 
-    def send(self, command: Call[Any] | Callable[[], None]) -> None:
-        """Queue a command for the thread (raises ModelNotFound once it has ended)."""
-        with self.lock:
-            if self.closed:
-                raise ModelNotFound(self.w.id)
-            self.commands.put(command)
-        self.wake.set()
+    def join(self) -> None:
+        self._thread.join()
 
     def stop(self) -> None:
         """Finish everything (shutdown saves), free the model and end the thread."""
-
-        def stop() -> None:
-            self.stopping = True
-
         with contextlib.suppress(ModelNotFound):  # already ended
-            self.send(stop)
+            self._gate.send(self._set_stopping)
+
+    def restore(self, req: Request, restore: Restore | None) -> None:
+        """The cache lookup for ``req`` is done: set it up between steps (or let the cache
+        have its row back when the thread has ended)."""
+        try:
+            self._gate.send(_Restored(self, req, restore))
+        except ModelNotFound:
+            if restore is not None:
+                self._cache.release(restore)
+
+    def free_sampler_later(self, sampler: object) -> None:
+        """Free the sampler of a request that ended before it was admitted."""
+        with contextlib.suppress(ModelNotFound):  # the model is gone, its samplers with it
+            self._gate.send(_FreeSampler(self, sampler))
+
+    # ---- OnThread: what calls may use ---------------------------------------------------------
+
+    @property
+    def handle(self) -> Any:
+        return self._handle
+
+    @property
+    def adapters(self) -> AdapterSet:
+        assert self._adapters is not None
+        return self._adapters
+
+    def begin(
+        self, fingerprint: bytes, namespace: Callable[[bytes], Namespace], n_seq: int
+    ) -> None:
+        """The model's identity is known: build what the thread serves with and publish it.
+        The scheduler goes last: the loop takes requests once it sees it."""
+        cfg, loaded = self._config, self._loaded
+        assert loaded is not None
+        self._adapters = AdapterSet(self._id, self._backend, fingerprint, self._adapters_changed)
+        self._kv = SequenceKV(
+            self._backend,
+            self._handle,
+            self._cache,
+            self._policy,
+            cfg.keep_live_kv,
+            namespace,
+            self.post,
+            self._live_changed,
+        )
+        detokenize, handle = self._backend.direct_detokenize, self._handle
+        self._pieces = PieceCache(lambda t: detokenize(handle, (t,)))
+        self._publish(fingerprint=fingerprint, last_used=time.monotonic())
+        self._gate.facts = ModelFacts(
+            loaded=loaded,
+            fingerprint=fingerprint,
+            markers=self._markers,
+            pieces=self._pieces,
+            n_seq=n_seq,
+        )
+        self._sched = Scheduler(
+            model_id=self._id,
+            n_seq=n_seq,
+            n_batch=cfg.n_batch,
+            prefill_chunk=cfg.effective_prefill_chunk,
+            n_ctx=loaded.n_ctx,
+            max_queue=cfg.max_queue,
+        )
+        self._gate.scheduler = self._sched
+
+    def pack_running(self) -> Orders:
+        sched, kv = self._sched, self._kv
+        assert sched is not None and kv is not None
+        out: Orders = []
+        for job in sched.running():
+            req = job.owner
+            if req.kv.context and job.seq is not None:
+                order = kv.save(req.kv, job.seq, "evict")
+                if order is not None:
+                    out.append((req, order))
+        return out
+
+    def pack_all(self) -> Orders:
+        sched, kv = self._sched, self._kv
+        assert sched is not None and kv is not None
+        out: Orders = []
+        by_seq = {job.seq: job for job in sched.running()}
+        admitted = sched.admitted_seqs()
+        for seq in range(sched.n_seq):
+            job = by_seq.get(seq)
+            order = None
+            if job is not None:
+                if job.owner.kv.context:
+                    order = kv.save(job.owner.kv, seq, "evict")
+                    if order is not None:
+                        out.append((job.owner, order))
+            elif seq not in admitted and seq in kv.live:
+                order = kv.save_live(seq, "evict")
+                if order is not None:
+                    out.append((None, order))
+        return out
+
+    def release_session(self, session: str, reason: SaveReason = "evict") -> None:
+        """Unpin an idle session's sequence after saving it (its cells stay live, so the
+        session's next request may still find them). Running: released when it ends."""
+        sched, kv = self._sched, self._kv
+        assert sched is not None and kv is not None
+        seq = sched.pinned(session)
+        if seq is None:
+            self._sessions.dropped(session)
+            return
+        if seq in sched.admitted_seqs():
+            self._sessions.ending.add(session)
+            return
+        order = kv.save_live(seq, reason)
+        if order is not None:
+            self.post(self._loop.save, None, order)
+        sched.unpin(session)
+        self._sessions.dropped(session)
+
+    def expire_sessions(self, ttl_s: float) -> None:
+        for session in self._sessions.idle(older_than=ttl_s):
+            log.info("model %s: session %r idle for %.0f s; released", self._id, session, ttl_s)
+            self.release_session(session)
+
+    # ---- snapshots for the loop ---------------------------------------------------------------
+
+    def _publish(self, **changes: Any) -> None:
+        self._view = attrs.evolve(self._view, **changes)
+        self._gate.view = self._view
+
+    def _adapters_changed(self, adapters: AdapterSet) -> None:
+        self._publish(fingerprint=adapters.fingerprint, adapters=adapters.info)
+
+    def _sessions_changed(self, sessions: Sessions) -> None:
+        self._publish(sessions=sessions.info)
+
+    def _live_changed(self, live: tuple[LivePrefix, ...]) -> None:
+        self._publish(live=live)
 
     # ---- the thread -----------------------------------------------------------------------
 
@@ -110,30 +255,35 @@ class ModelThread:
     def flush(self) -> None:
         """Hand the outbox to the loop: one wake-up unless one is still pending."""
         if self._out:
-            self.w.handoff.post_all(self._out)
+            assert self._handoff is not None
+            self._handoff.post_all(self._out)
             self._out.clear()
+
+    def _set_stopping(self) -> None:
+        self._stopping = True
 
     def _main(self) -> None:
         try:
             try:
-                loaded = self.backend.load(self.w.config)
+                loaded = self._backend.load(self._config)
             except BaseException as exc:
-                self.post(self.w.on_loaded, None, exc)
+                self.post(self._loop.loaded, None, exc)
                 return
-            self.loaded, self.handle = loaded, loaded.handle
-            self.eog = loaded.eog_tokens
+            self._loaded, self._handle = loaded, loaded.handle
+            self._eog = loaded.eog_tokens
+            self._gate.handle = loaded.handle
             try:
-                self.markers = markers_for(
-                    self.w.config,
+                self._markers = markers_for(
+                    self._config,
                     loaded.chat_template,
-                    lambda text: self.backend.tokenize(
-                        self.handle, text, add_special=False, parse_special=True
+                    lambda text: self._backend.tokenize(
+                        self._handle, text, add_special=False, parse_special=True
                     ),
                 )
             except BaseException as exc:
-                self.post(self.w.on_loaded, None, exc)
+                self.post(self._loop.loaded, None, exc)
                 return
-            self.post(self.w.on_loaded, loaded, None)
+            self.post(self._loop.loaded, loaded, None)
             self.flush()
             self._serve()
         except BaseException as exc:
@@ -141,197 +291,154 @@ class ModelThread:
         finally:
             self._teardown()
 
-    def begin(self, fingerprint: bytes, n_seq: int) -> None:
-        """Called on the loop once the model's identity is known: build what the thread
-        serves with. ``sched`` is set last: the thread starts serving when it sees it."""
-        w = self.w
-        cfg = w.config
-        assert self.loaded is not None
-        self.adapters = AdapterSet(w.id, self.backend, fingerprint)
-        self.kv = SequenceKV(
-            self.backend,
-            self.handle,
-            w.cache,
-            w.policy,
-            cfg.keep_live_kv,
-            w.namespace,
-            self.post,
-        )
-        detokenize = self.backend.direct_detokenize
-        handle = self.handle
-        self.pieces = PieceCache(lambda t: detokenize(handle, (t,)))
-        self.sched = Scheduler(
-            model_id=w.id,
-            n_seq=n_seq,
-            n_batch=cfg.n_batch,
-            prefill_chunk=cfg.effective_prefill_chunk,
-            n_ctx=self.loaded.n_ctx,
-            max_queue=cfg.max_queue,
-        )
-        self.wake.set()
-
     def _serve(self) -> None:
+        wake = self._gate.wake
         while True:
-            self.wake.clear()
+            wake.clear()
             ran = self._run_commands()
-            sched = self.sched
+            sched = self._sched
             if sched is None:
-                if self.stopping:
+                if self._stopping:
                     return
                 if not ran:
-                    self.wake.wait()
+                    wake.wait()
                 continue
             progressed = self._between_steps(sched)
             # Answers, lookups and ended requests go out before a step that may be long.
             self.flush()
-            with self.lock:
-                ops = sched.plan()
-            if ops:
-                self._step(sched, ops)
+            plan = sched.schedule()
+            if plan:
+                self._step(sched, plan)
             self.flush()
-            if self.stopping and not sched.admitted:
+            if self._stopping and not sched.admitted_seqs():
                 self._drop_queue(sched)
-                for session in self.sessions.idle():
+                for session in self._sessions.idle():
                     self.release_session(session, "shutdown")
                 self.flush()
                 return
-            if not (ops or progressed or ran):
-                self.wake.wait()
+            if not (plan or progressed or ran):
+                wake.wait()
 
     def _run_commands(self) -> bool:
         ran = False
-        while True:
-            try:
-                cmd = self.commands.get_nowait()
-            except queue.Empty:
-                return ran
+        while (cmd := self._gate.next_command()) is not None:
             ran = True
             if isinstance(cmd, Call):
                 self._run_call(cmd)
             else:
                 cmd()
+        return ran
 
     def _run_call(self, call: Call[Any]) -> None:
         if call.start():
-            result, error = call.run()
+            self._running_call = call
+            result, error = call.run(self)
+            self._running_call = None
             self.post(call.resolve, result, error)
 
     # ---- between steps ----------------------------------------------------------------------
 
-    def _between_steps(self, sched: Scheduler) -> bool:
-        progressed = False
-        with self.lock:
-            cancels = sched.to_cancel()
-        for job in cancels:
+    def _between_steps(self, sched: Scheduler[Request, Call[Any]]) -> bool:
+        todo = sched.housekeeping()
+        progressed = bool(todo.aborted or todo.prefilled or todo.paused)
+        for job in todo.aborted:
             self._finish(sched, job, "cancelled")
-            progressed = True
-        for job in sched.prefill_complete():
+        for job in todo.prefilled:
             self._finish(sched, job, "stop")
-            progressed = True
-        assert self.kv is not None
-        for job in list(sched.admitted.values()):
-            if job.state is JobState.RUNNING and job.paused:
-                # The KV holds exactly the aligned prefix: the one moment to save it.
-                req: Request = job.owner
-                self._save(req, job, "cold")
-                job.pause_at = None
-                progressed = True
-        if self.stopping:
+        for job in todo.paused:
+            # The KV holds exactly the aligned prefix: the one moment to save it.
+            self._save(job.owner, job, "cold")
+            sched.resume(job)
+        if self._stopping:
             return progressed
-        self._yield_sessions(sched)
-        with self.lock:
-            taken = sched.admit(self._choose)
-        for item in taken:
+        if sched.starved():
+            self._yield_session()
+        for item in sched.admit(self._choose):
             progressed = True
             if isinstance(item, Barrier):
                 self._run_call(item.owner)
-                with self.lock:
-                    sched.barrier_done()
+                sched.barrier_done()
             else:
                 self._admitted(item)
         return progressed
 
-    def _choose(self, job: Job, free: Sequence[int]) -> int:
-        assert self.kv is not None and self.adapters is not None
-        req: Request = job.owner
-        req.kv.fingerprint = self.adapters.fingerprint
-        return self.kv.choose(req.kv, free)
+    def _choose(self, job: RequestJob, free: Sequence[int]) -> int:
+        assert self._kv is not None and self._adapters is not None
+        req = job.owner
+        req.kv.fingerprint = self._adapters.fingerprint
+        return self._kv.choose(req.kv, free)
 
-    def _admitted(self, job: Job) -> None:
-        req: Request = job.owner
+    def _admitted(self, job: RequestJob) -> None:
+        req = job.owner
         req.clock.admitted = time.monotonic()
-        self.w.last_used = req.clock.admitted
-        job.sampler = req.sampler
-        if job.session is not None and job.session in self.sessions:
+        self._publish(last_used=req.clock.admitted)
+        if job.session is not None and job.session in self._sessions:
             # Onto the session's own sequence: its live cells are the session's context.
-            assert self.kv is not None and self.adapters is not None and job.seq is not None
-            req.kv.fingerprint = self.adapters.fingerprint
-            self.kv.match(req.kv, job.seq, session=True)
-            self.sessions.running(job.session)
-        if self.w.cache.enabled:
+            assert self._kv is not None and self._adapters is not None and job.seq is not None
+            req.kv.fingerprint = self._adapters.fingerprint
+            self._kv.match(req.kv, job.seq, session=True)
+            self._sessions.running(job.session)
+        if self._cache.enabled:
             # The loop reads the best row (file reads off the loop and off this thread),
-            # then answers with ``restored``; meanwhile this thread keeps stepping others.
-            self.post(self.w.lookup, req)
+            # then answers with ``restore``; meanwhile this thread keeps stepping others.
+            self.post(self._loop.lookup, req)
         else:
             self._setup(job, None)
 
     def restored(self, req: Request, restore: Restore | None) -> None:
-        """Command from the loop: the cache lookup for ``req`` is done."""
+        """The loop's lookup for ``req`` is done (a command)."""
         job = req.job
-        if job.state is not JobState.ADMITTING:
+        if job.state is not JobState.ADMITTING or job.cancel_requested:
+            # Ended meanwhile, or finished as cancelled between steps.
             if restore is not None:
-                self.post(self.w.cache.release, restore)
+                self.post(self._cache.release, restore)
             return
-        if job.cancel_requested:
-            if restore is not None:
-                self.post(self.w.cache.release, restore)
-            return  # finished as cancelled between steps
         self._setup(job, restore)
 
-    def _setup(self, job: Job, restore: Restore | None) -> None:
-        assert self.kv is not None and self.sched is not None and job.seq is not None
-        req: Request = job.owner
-        setup = self.kv.setup(req.kv, job.seq, restore)
-        self.w.last_hit = req.kv.hit
-        with self.lock:
-            self.sched.start(
-                job, n_context=setup.n_context, cursor=setup.cursor, pause_at=setup.pause_at
-            )
+    def _setup(self, job: RequestJob, restore: Restore | None) -> None:
+        assert self._kv is not None and self._sched is not None and job.seq is not None
+        req = job.owner
+        setup = self._kv.setup(req.kv, job.seq, restore)
+        self._publish(last_hit=req.kv.hit)
+        self._sched.start(
+            job, n_context=setup.n_context, cursor=setup.cursor, pause_at=setup.pause_at
+        )
 
     # ---- steps ------------------------------------------------------------------------------
 
-    def _step(self, sched: Scheduler, ops: list[StepOp]) -> None:
-        self._to_sample = sum(1 for op in ops if isinstance(op, Decode))
+    def _step(self, sched: Scheduler[Request, Call[Any]], plan: StepPlan) -> None:
+        self._to_sample = sum(1 for op in plan.ops if isinstance(op, Decode))
         self._early.clear()
-        results = self.backend.direct_step(self.handle, ops, self._on_sampled)
-        self._account(sched, ops, results)
+        results = self._backend.direct_step(self._handle, plan.ops, self._on_sampled)
+        self._account(sched, plan, results)
 
     def _on_sampled(self, seq: int, token: int) -> None:
         """Mid-step, before the forward pass: stream the token now. Once every decoder of
         the step has sampled, the loop gets them all in one wake-up."""
-        assert self.sched is not None
-        job = self.sched.admitted.get(seq)
+        assert self._sched is not None
+        job = self._sched.job_on(seq)
         if job is not None and not job.cancel_requested:
-            self._emit(job.owner, token, token in self.eog)
+            self._emit(job, token, token in self._eog)
             self._early.add(seq)
         self._to_sample -= 1
         if self._to_sample == 0:
             self.flush()
 
-    def _emit(self, req: Request, token: int, eog: bool) -> None:
-        """One sampled token of ``req``: its events, and what it changes for the next step
+    def _emit(self, job: RequestJob, token: int, eog: bool) -> None:
+        """One sampled token of ``job``: its events, and what it changes for the next step
         (a stop string matched, a thinking span's end to feed, greedy tool-call syntax)."""
+        req = job.owner
         if not eog:
             req.generated.append(token)
         events: list[Event] = []
         output = req.output
         output.token(token, eog, events)
-        job = req.job
+        assert self._sched is not None
         if output.insert:
             tokens, output.insert = output.insert, ()
-            assert self.sched is not None
-            self.sched.insert(job, tokens)  # no room left: the request ends by length anyway
-        job.greedy = output.greedy
+            self._sched.insert(job, tokens)  # no room left: the request ends by length anyway
+        if job.greedy != output.greedy:
+            self._sched.set_greedy(job, output.greedy)
         self._push(req, events)
 
     def _push(self, req: Request, events: list[Event]) -> None:
@@ -343,12 +450,15 @@ class ModelThread:
                 self._out.append((push, (ev,)))
 
     def _account(
-        self, sched: Scheduler, ops: Sequence[StepOp], results: Sequence[StepResult]
+        self,
+        sched: Scheduler[Request, Call[Any]],
+        plan: StepPlan,
+        results: Sequence[StepResult],
     ) -> None:
-        out = sched.apply(ops, results)
+        out = sched.update_from_output(plan, results, self._eog)
         now = time.monotonic()
         for job, tokens in out.fed:
-            req: Request = job.owner
+            req = job.owner
             req.kv.context.extend(tokens)
             if not job.cursor and req.clock.prefill_done is None:
                 req.clock.prefill_done = now
@@ -358,39 +468,40 @@ class ModelThread:
             job = s.job
             req = job.owner
             req.kv.context.append(s.token)
-            eog = s.eog or s.token in self.eog
             if job.cancel_requested:
                 continue  # finished as cancelled between steps; the token stays unsent
             if job.seq not in self._early:
-                self._emit(req, s.token, eog)
-            reason: FinishReason | None = "stop" if req.output.stop_sequence else None
-            reason = reason or sched.natural_finish(s, is_eog=eog)
+                self._emit(job, s.token, s.eog)
+            # A stop string ends it before any natural end (the scheduler's).
+            reason: FinishReason | None = "stop" if req.output.stop_sequence else s.finish
             if reason is not None:
                 self._finish(sched, job, reason)
-            elif self.kv is not None and self.kv.wants_continued(req.kv):
+            elif self._kv is not None and self._kv.wants_continued(req.kv):
                 self._save(req, job, "continued")
 
     # ---- ending requests -------------------------------------------------------------------
 
     def _save(
-        self, req: Request, job: Job, reason: SaveReason, *, force: bool = False
+        self, req: Request, job: RequestJob, reason: SaveReason, *, force: bool = False
     ) -> SaveOrder | None:
-        assert self.kv is not None and job.seq is not None
-        order = self.kv.save(req.kv, job.seq, reason, force=force)
+        assert self._kv is not None and job.seq is not None
+        order = self._kv.save(req.kv, job.seq, reason, force=force)
         if order is not None and reason != "finish" and reason != "shutdown":
-            self.post(self.w.save, req, order)
+            self.post(self._loop.save, req, order)
         return order
 
-    def _finish(self, sched: Scheduler, job: Job, reason: FinishReason) -> None:
+    def _finish(
+        self, sched: Scheduler[Request, Call[Any]], job: RequestJob, reason: FinishReason
+    ) -> None:
         """End an admitted job: its finish save, its sequence kept live or cleared, its
         sampler freed, then its terminal event (the loop writes the save first, so the
         ``finish_key`` in ``Done`` is already reserved)."""
-        req: Request = job.owner
+        req = job.owner
         events: list[Event] = []
         req.output.finish(events)
         self._push(req, events)
-        if req.generated and self.pieces is not None:
-            pieces = self.pieces
+        if req.generated and self._pieces is not None:
+            pieces = self._pieces
             try:
                 req.reply_text = b"".join(pieces(t) for t in req.generated).decode("utf-8")
             except UnicodeDecodeError:
@@ -401,165 +512,159 @@ class ModelThread:
             order = self._save(
                 req,
                 job,
-                "shutdown" if self.stopping else "finish",
+                "shutdown" if self._stopping else "finish",
                 force=job.max_tokens == 0,  # prefill_only: the caller asked for this row
             )
         session = job.session
-        pin = running and session is not None and session not in self.sessions.ending
+        pin = running and session is not None and session not in self._sessions.ending
         if running:
-            assert self.kv is not None and job.seq is not None
-            self.kv.release(req.kv, job.seq, keep=pin)
-        self._free_sampler(req)
-        with self.lock:
-            sched.finish(job, reason, pin=pin)
-            sched.take_ended()
+            assert self._kv is not None and job.seq is not None
+            self._kv.release(req.kv, job.seq, keep=pin)
+        self._free_sampler(job.sampler)
+        sched.finish_request(job, reason, pin=pin)
         if pin:
             assert session is not None and job.seq is not None
-            self.sessions.pinned(session, job.seq, len(req.kv.context))
+            self._sessions.pinned(session, job.seq, len(req.kv.context))
         elif session is not None:
-            self.sessions.dropped(session)
-        self.post(self.w.finished, req, reason, order)
+            self._sessions.dropped(session)
+        self.post(self._loop.finished, req, reason, order)
 
-    def _fail_request(self, sched: Scheduler, job: Job, error: BaseException) -> None:
+    def _fail_request(
+        self, sched: Scheduler[Request, Call[Any]], job: RequestJob, error: BaseException
+    ) -> None:
         """One request's own op failed; its sequence's KV is as before the step."""
-        req: Request = job.owner
-        err = (
-            error
-            if isinstance(error, ErllamaError)
-            else BackendError(self.backend.name, "step", f"{type(error).__name__}: {error}")
-        )
-        if err is not error:
-            err.__cause__ = error
-        log.warning("model %s: request %s failed: %s", self.w.id, req.ref, err)
-        if self.kv is not None and job.seq is not None:
-            self.kv.release(req.kv, job.seq)
-        self._free_sampler(req)
-        with self.lock:
-            sched.fail(job, err)
-            sched.take_ended()
+        req = job.owner
+        err = _typed(error, self._backend.name, "step")
+        log.warning("model %s: request %s failed: %s", self._id, req.ref, err)
+        if self._kv is not None and job.seq is not None:
+            self._kv.release(req.kv, job.seq)
+        self._free_sampler(job.sampler)
+        sched.fail(job, err)
         if job.session is not None:
-            self.sessions.dropped(job.session)
-        self.post(self.w.failed, req, err)
+            self._sessions.dropped(job.session)
+        self.post(self._loop.failed, req, err)
 
-    def _free_sampler(self, req: Request) -> None:
-        if req.sampler is not None:
-            sampler, req.sampler = req.sampler, None
-            try:
-                self.backend.sampler_free(self.handle, sampler)
-            except ErllamaError:
-                log.warning("model %s: freeing a sampler failed", self.w.id, exc_info=True)
+    def free_sampler(self, sampler: object) -> None:
+        self._free_sampler(sampler)
 
-    def free_sampler(self, sampler: Any) -> None:
-        """Command: free the sampler of a request that never ran."""
+    def release_later(self, restore: Restore) -> None:
+        """The cache gets a row it handed over back (on the loop)."""
+        self.post(self._cache.release, restore)
+
+    def _free_sampler(self, sampler: object) -> None:
+        if sampler is None:
+            return
         try:
-            self.backend.sampler_free(self.handle, sampler)
+            self._backend.sampler_free(self._handle, sampler)
         except ErllamaError:
-            log.warning("model %s: freeing a sampler failed", self.w.id, exc_info=True)
+            log.warning("model %s: freeing a sampler failed", self._id, exc_info=True)
 
     # ---- sessions ---------------------------------------------------------------------------
 
-    def release_session(self, session: str, reason: SaveReason = "evict") -> SaveOrder | None:
-        """Unpin an idle session's sequence after saving it (its cells stay live, so the
-        session's next request may still find them). Running: released when it ends."""
-        sched, kv = self.sched, self.kv
-        assert sched is not None and kv is not None
-        seq = sched.pins.get(session)
-        if seq is None:
-            self.sessions.dropped(session)
-            return None
-        if seq in sched.admitted:
-            self.sessions.ending.add(session)
-            return None
-        order = kv.save_live(seq, reason)
-        if order is not None:
-            self.post(self.w.save_order, order)
-        with self.lock:
-            sched.unpin(session)
-        self.sessions.dropped(session)
-        return order
-
-    def _yield_sessions(self, sched: Scheduler) -> None:
+    def _yield_session(self) -> None:
         """A request waits for a sequence and only idle sessions hold the rest: the least
         recently used session gives its sequence up (saved first, so it comes back warm)."""
-        if sched.free or not sched.pins or sched.barrier is not None:
-            return
-        with self.lock:
-            waiting = next(
-                (j for j in sched.queue if isinstance(j, Job) and j.session not in sched.pins),
-                None,
-            )
-        if waiting is None:
-            return
-        idle = self.sessions.idle()
+        idle = self._sessions.idle()
         if idle:
             log.info(
-                "model %s: session %r yields its sequence to a waiting request", self.w.id, idle[0]
+                "model %s: session %r yields its sequence to a waiting request", self._id, idle[0]
             )
             self.release_session(idle[0])
 
-    def _drop_queue(self, sched: Scheduler) -> None:
+    def _drop_queue(self, sched: Scheduler[Request, Call[Any]]) -> None:
         """Stopping: whatever is still queued ends cancelled without running."""
-        with self.lock:
-            jobs = [j for j in sched.queue if isinstance(j, Job)]
-            barriers = [b for b in sched.queue if isinstance(b, Barrier)]
-            for job in jobs:
-                sched.cancel(job)
-            sched.queue.clear()
-            sched.take_ended()
-        gone = ModelNotFound(self.w.id)
-        for job in jobs:
-            self._free_sampler(job.owner)
-            self.post(self.w.finished, job.owner, "cancelled", None)
-        for b in barriers:
+        closed = sched.close()
+        gone = ModelNotFound(self._id)
+        for job in closed.jobs:
+            self._free_sampler(job.sampler)
+            self.post(self._loop.finished, job.owner, "cancelled", None)
+        for b in closed.barriers:
             if b.owner.start():
                 self.post(b.owner.resolve, None, gone)
 
     # ---- failure and the end ---------------------------------------------------------------
 
     def _fail(self, exc: BaseException) -> None:
-        """The model's state is in doubt: fail everything, tell the worker."""
-        err = (
-            exc
-            if isinstance(exc, ErllamaError)
-            else BackendError(self.backend.name, "serving", f"{type(exc).__name__}: {exc}")
-        )
-        if err is not exc:
-            err.__cause__ = exc
-        log.error("model %s failed: %s", self.w.id, err, exc_info=exc)
-        sched = self.sched
+        """The model's state is in doubt: fail everything, tell the loop."""
+        err = _typed(exc, self._backend.name, "serving")
+        log.error("model %s failed: %s", self._id, err, exc_info=exc)
+        sched = self._sched
         if sched is not None:
-            with self.lock:
-                barriers = sched.fail_all(err)
-                ended = sched.take_ended()
-            for job in ended:
-                self.post(self.w.failed, job.owner, err)
-            for b in barriers:
-                call: Call[Any] = b.owner
-                if call.start():
-                    self.post(call.resolve, None, err)
-            if sched.barrier is not None:
-                self.post(sched.barrier.owner.resolve, None, err)
-        self.post(self.w.model_failed, err)
+            closed = sched.close(err)
+            for job in closed.jobs:
+                self.post(self._loop.failed, job.owner, err)
+            for b in closed.barriers:
+                if b.owner.start():
+                    self.post(b.owner.resolve, None, err)
+        if self._running_call is not None:
+            self.post(self._running_call.resolve, None, err)
+            self._running_call = None
+        self.post(self._loop.model_failed, err)
 
     def _teardown(self) -> None:
-        """Free the model, answer calls nobody will run, and tell the worker we are gone."""
-        with self.lock:
-            self.closed = True
-        if self.handle is not None:
-            try:
-                self.backend.free(self.handle)
-            except Exception:
-                log.exception("model %s: freeing the backend failed", self.w.id)
-            self.handle = None
-            if self.adapters is not None:
-                self.adapters.clear()
-        gone = ModelNotFound(self.w.id)
-        while True:
-            try:
-                cmd = self.commands.get_nowait()
-            except queue.Empty:
-                break
+        """Free the model once no call off the thread uses its handle, answer commands
+        nobody will run, and tell the loop we are gone."""
+        left = self._gate.close()
+        if self._handle is not None:
+            for cmd in left:  # samplers first: they belong to the model
+                if isinstance(cmd, _FreeSampler):
+                    cmd()
+            if self._gate.wait_unused(UNLOAD_WAIT_S):
+                try:
+                    self._backend.free(self._handle)
+                except Exception:
+                    log.exception("model %s: freeing the backend failed", self._id)
+            else:
+                # Freeing now would pull the model out from under a running native call.
+                log.error(
+                    "model %s: %d native call(s) still running after %.0f s; the model's "
+                    "memory is left allocated rather than freed under them",
+                    self._id,
+                    self._gate.in_use,
+                    UNLOAD_WAIT_S,
+                )
+            self._handle = None
+            if self._adapters is not None:
+                self._adapters.clear()
+        gone = ModelNotFound(self._id)
+        for cmd in left:
             if isinstance(cmd, Call) and cmd.start():
                 self.post(cmd.resolve, None, gone)
-        self.post(self.w.thread_exited)
+            elif isinstance(cmd, _Restored):
+                cmd.discard()
+        self.post(self._loop.exited)
         self.flush()
+
+
+class _Restored:
+    """Command: a lookup's answer for ``req``."""
+
+    def __init__(self, thread: ModelThread, req: Request, restore: Restore | None) -> None:
+        self._thread, self._req, self._restore = thread, req, restore
+
+    def __call__(self) -> None:
+        self._thread.restored(self._req, self._restore)
+
+    def discard(self) -> None:
+        """Never run (the thread ended): the cache gets its row back."""
+        if self._restore is not None:
+            self._thread.release_later(self._restore)
+
+
+class _FreeSampler:
+    """Command: free the sampler of a request that never ran."""
+
+    def __init__(self, thread: ModelThread, sampler: object) -> None:
+        self._thread, self._sampler = thread, sampler
+
+    def __call__(self) -> None:
+        self._thread.free_sampler(self._sampler)
+
+
+def _typed(exc: BaseException, backend: str, operation: str) -> BaseException:
+    """``exc`` as an erllama error (a foreign one wrapped, its cause kept)."""
+    if isinstance(exc, ErllamaError):
+        return exc
+    err = BackendError(backend, operation, f"{type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err

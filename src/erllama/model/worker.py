@@ -1,10 +1,12 @@
 """The event-loop side of one loaded model: lifecycle, intake, cancellation and delivery.
 
-A :class:`ModelWorker` is thin: its native work happens on its :class:`ModelThread`, its
-scheduling in a :class:`~erllama.model.scheduler.Scheduler` shared with that thread under
-``lock``. Here live what must run on the loop: starting and joining the thread inside the
-model's task group, checking requests and queueing them, each request's cancel scope,
-cache lookups (file reads go to worker threads) and delivering what the thread hands over.
+A :class:`ModelWorker` is thin: its native work happens on its
+:class:`~erllama.model.thread.ModelThread`, reached only through the model's
+:class:`~erllama.model.gate.ModelGate`; its helpers (text, adapters, operations) get the
+gate and what they use, never the worker. Here live what must run on the loop: starting and
+joining the thread inside the model's task group, checking requests and queueing them, each
+request's cancel scope, cache lookups (file reads go to worker threads) and delivering what
+the thread hands over (the worker is the thread's :class:`~erllama.model.sides.LoopSide`).
 
 Invariants:
 
@@ -13,22 +15,21 @@ Invariants:
 * Every request gets exactly one terminal event (``Done`` or an error), delivered here.
 * The loop never waits for the model thread except where a caller asks for a native
   result (tokenize, embed ...), and then only that caller waits.
+* An unload never frees the model under a native call in flight (see :mod:`.gate`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import itertools
 import logging
 import secrets
 import stat
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -36,43 +37,31 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from .._loop import LoopHandoff
 from ..backends.types import LoadedModel
-from ..cache.key import (
-    Namespace,
-    kv_layout_hash,
-    quant_byte,
-)
+from ..cache.key import Namespace, quant_byte
 from ..cache.port import CachePort
+from ..cluster.prefixes import PrefixSummary
 from ..config import CachePolicy, ModelConfig
-from ..errors import ConfigError, InvalidRequest, ModelFailed, ModelNotFound, NotSupported
-from ..events import (
-    CacheHit,
-    Done,
-    FinishReason,
-    ModelInfo,
-    ModelStatus,
-)
+from ..errors import ConfigError, InvalidRequest, ModelNotFound, NotSupported, UnloadTimeout
+from ..events import CachedPrefix, Done, FinishReason, ModelInfo, ModelStatus
 from ..fingerprint import file_sha256
 from ..plugins import Backend
-from ..sampling import SamplerParams, validate_max_tokens
 from ..stream import Failure, InferStream
-from . import intake
+from . import intake, routing
 from .adapters import AdapterCalls
-from .calls import Call
-from .kv import KVTrack, SaveOrder
+from .gate import UNLOAD_WAIT_S, ModelGate
+from .kv import KVTrack, Namespaces, SaveOrder
 from .operations import Operations
 from .output import Output, Signer
 from .replay import ReplayMemory
 from .request import Request, RequestSpec
-from .scheduler import Barrier, Job
-from .status import StatusView
-from .stops import check_stops
+from .scheduler import Job, SchedulerClosed
+from .snapshot import ModelFacts
 from .text import TextCalls
 from .thread import ModelThread
 
 __all__ = ["ModelWorker"]
 
 log = logging.getLogger("erllama.model")
-T = TypeVar("T")
 
 
 class ModelWorker:
@@ -93,34 +82,29 @@ class ModelWorker:
         self.backend = backend
         self.cache = cache
         self.policy = config.policy or policy
-        self.signer = signer
+        self._signer = signer
         self.replies = ReplayMemory()
-        self.view = StatusView(self)
-        self.text = TextCalls(self)
-        self.ops = Operations(self)
-        self.adapters = AdapterCalls(self)
+        self.gate = ModelGate(model_id, backend.name)
+        self._thread = ModelThread(model_id, self.gate, self, backend, config, cache, self.policy)
+        self.text = TextCalls(self.gate, backend, config, self.replies)
+        self.adapters = AdapterCalls(self.gate, backend)
+        self.ops = Operations(self.gate, self._store, config.session_ttl_s)
         self._on_request_done = on_request_done
-        #: Guards the scheduler (and call states) between the loop and the model thread.
-        self.lock = threading.Lock()
-        self.handoff: LoopHandoff
-        self.thread = ModelThread(self)
-        self.loaded: LoadedModel | None = None
-        self.fingerprint = b""
-        self._namespaces: dict[bytes, Namespace] = {}
+        self._loaded: LoadedModel | None = None
+        self._namespace: Callable[[bytes], Namespace] | None = None
+        self._chains: routing.ChainMemo = {}
         self._tg: TaskGroup | None = None
         self._lookups: deque[Request] = deque()
         self._lookups_ready: anyio.Event | None = None
         self._loaded_event = anyio.Event()
         self._load_error: BaseException | None = None
         self._exited = anyio.Event()
-        self.stopped = anyio.Event()
-        self._closing = False
-        self.state: ModelStatus = "loading"
-        self.error: BaseException | None = None
+        self._stopped = anyio.Event()
         self._refs = itertools.count(1)
-        self.last_hit: CacheHit | None = None
+        #: Requests submitted and not yet ended, by ref (event loop only).
+        self._requests: dict[str, Request] = {}
+        self._handoff: LoopHandoff | None = None
         self.loaded_at = time.monotonic()
-        self.last_used = self.loaded_at
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -131,21 +115,21 @@ class ModelWorker:
         The hand-off's pump lives exactly as long as this: started first, closed only after
         the thread has said it exited. The body's outcome is carried past the pump's task
         group so that errors (and cancellation) leave unwrapped."""
-        self.handoff = LoopHandoff()
+        handoff = self._handoff = LoopHandoff()
         outcome: BaseException | None = None
         async with anyio.create_task_group() as pump:
             try:
-                await pump.start(self.handoff.pump)
-                await self._run(task_status)
+                await pump.start(handoff.pump)
+                await self._run(handoff, task_status)
             except BaseException as exc:
                 outcome = exc
             finally:
-                self.handoff.close()
+                handoff.close()
         if outcome is not None:
             raise outcome
 
-    async def _run(self, task_status: TaskStatus[None]) -> None:
-        self.thread.start()
+    async def _run(self, handoff: LoopHandoff, task_status: TaskStatus[None]) -> None:
+        self._thread.start(handoff)
         try:
             # A load cannot be abandoned halfway (the native model would leak): wait for it
             # shielded; a cancellation that arrived meanwhile is honoured right after.
@@ -153,14 +137,16 @@ class ModelWorker:
                 await self._loaded_event.wait()
             if self._load_error is not None:
                 raise self._load_error
-            loaded = self.loaded
+            loaded = self._loaded
             assert loaded is not None
             await anyio.lowlevel.checkpoint()
-            self.fingerprint = await self._fingerprint(loaded)
+            fingerprint = await self._fingerprint(loaded)
+            self._namespace = Namespaces(quant_byte(self.quant_label()), loaded.kv_layout)
             n_seq = min(self.config.n_seq_max, loaded.n_seq_max)
-            self.thread.begin(self.fingerprint, n_seq)
-            self.state = "idle"
-            self.loaded_at = self.last_used = time.monotonic()
+            namespace = self._namespace
+            await self.gate.call(lambda t: t.begin(fingerprint, namespace, n_seq), starting=True)
+            self.gate.status = "idle"
+            self.loaded_at = time.monotonic()
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 if self.cache.enabled:
@@ -172,20 +158,23 @@ class ModelWorker:
         finally:
             with anyio.CancelScope(shield=True):
                 self._cancel_everything()
-                self.thread.stop()
+                self._thread.stop()
                 await self._exited.wait()
-                await anyio.to_thread.run_sync(self.thread.thread.join)
-            self.stopped.set()
+                await anyio.to_thread.run_sync(self._thread.join)
+            self._stopped.set()
 
-    async def close(self) -> None:
-        """Cancel everything queued and running (running requests are saved first), free
-        the model, and return once its thread has ended."""
-        self._closing = True
-        if self.state != "failed":
-            self.state = "unloading"
+    async def close(self, *, wait_s: float = UNLOAD_WAIT_S, force: bool = False) -> None:
+        """Stop serving: refuse new calls, wait (up to ``wait_s``) for native calls in flight
+        (UnloadTimeout, the model still serving, if they do not end; with ``force`` it goes
+        on regardless), then cancel everything queued and running (running requests are
+        saved first), free the model, and return once its thread has ended."""
+        if not await self.gate.begin_unload(wait_s) and not force:
+            raise UnloadTimeout(self.id, wait_s, self.gate.in_use)
+        if self.gate.status != "failed":
+            self.gate.status = "unloading"
         self._cancel_everything()
-        self.thread.stop()
-        await self.stopped.wait()
+        self._thread.stop()
+        await self._stopped.wait()
 
     async def _fingerprint(self, loaded: LoadedModel) -> bytes:
         """The model's cache identity: the config's override, else what the backend
@@ -219,26 +208,18 @@ class ModelWorker:
         # Hashing a multi-GB file is I/O-bound; keep it off the loop and off the model thread.
         return bytes.fromhex(await anyio.to_thread.run_sync(file_sha256, path))
 
-    def check_serving(self) -> None:
-        if self.state == "failed":
-            err = self.error
-            detail = str(err) if err is not None else ""
-            raise ModelFailed(self.id, self.backend.name, "serving", detail) from err
-        if self._closing or self.thread.sched is None:
-            raise ModelNotFound(self.id)
+    # ---- LoopSide: what the thread hands over (run on the loop) ------------------------------
 
-    # ---- what the thread hands over (run on the loop) ------------------------------------
-
-    def on_loaded(self, loaded: LoadedModel | None, error: BaseException | None) -> None:
-        self.loaded, self._load_error = loaded, error
+    def loaded(self, loaded: LoadedModel | None, error: BaseException | None) -> None:
+        self._loaded, self._load_error = loaded, error
         self._loaded_event.set()
 
-    def thread_exited(self) -> None:
+    def exited(self) -> None:
         self._exited.set()
 
     def model_failed(self, error: BaseException) -> None:
-        self.state = "failed"
-        self.error = error
+        self.gate.error = error
+        self.gate.status = "failed"
 
     def lookup(self, req: Request) -> None:
         # A plain loop callback cannot start tasks (anyio needs a task context): the
@@ -246,6 +227,53 @@ class ModelWorker:
         self._lookups.append(req)
         if self._lookups_ready is not None:
             self._lookups_ready.set()
+
+    def save(self, req: Request | None, order: SaveOrder) -> None:
+        self._store(req, order)
+
+    def finished(self, req: Request, reason: FinishReason, order: SaveOrder | None) -> None:
+        """A request ended normally: its finish save first (so the key in ``Done`` is
+        already reserved), then ``Done``."""
+        if order is not None:
+            key = self._store(req, order)
+            if key is not None:
+                req.saves.finish_key = key.hex()
+        if req.reply_text:
+            self.replies.remember(req.reply_text, req.generated)
+        stats = req.clock.stats(
+            req.spec, req.kv, req.saves, reason, req.generated, req.output.stop_sequence
+        )
+        req.channel.push(
+            Done(
+                finish_reason=reason,
+                stats=stats,
+                token_ids=tuple(req.generated),
+                context=tuple(req.kv.context),
+                reply_text=req.reply_text,
+            )
+        )
+        self._ended(req)
+
+    def failed(self, req: Request, error: BaseException) -> None:
+        req.channel.push(Failure(error))
+        self._ended(req)
+
+    def _store(self, req: Request | None, order: SaveOrder) -> bytes | None:
+        """Give a packed state to the cache; on success, count what it adds to ``req``."""
+        if order.payload is None:
+            key = order.key if self.cache.holds(order.key) else None
+        else:
+            key = self.cache.save(order.ns, order.tokens, order.payload, order.reason)
+        if key is not None and req is not None:
+            saves = req.saves
+            saves.created = max(saves.created, len(order.tokens) - req.kv.hit.prefix_len)
+        return key
+
+    def _ended(self, req: Request) -> None:
+        self._requests.pop(req.ref, None)
+        req.channel.close()
+        req.finished.set()
+        self._on_request_done(req)
 
     async def _dispatch_lookups(self, tg: TaskGroup) -> None:
         while True:
@@ -258,9 +286,10 @@ class ModelWorker:
 
     async def _lookup(self, req: Request) -> None:
         """Find and read the best cache row while the thread keeps stepping others."""
+        assert self._namespace is not None
         try:
             restore = await self.cache.lookup(
-                self.namespace(req.kv.fingerprint),
+                self._namespace(req.kv.fingerprint),
                 req.spec.prompt,
                 req.kv.parent_key,
                 self.policy,
@@ -269,225 +298,177 @@ class ModelWorker:
         except Exception:
             log.exception("model %s: cache lookup failed; serving cold", self.id)
             restore = None
-        try:
-            self.thread.send(functools.partial(self.thread.restored, req, restore))
-        except ModelNotFound:
-            if restore is not None:
-                self.cache.release(restore)
-
-    def save(self, req: Request, order: SaveOrder) -> bytes | None:
-        key = self.accept(order)
-        if key is not None:
-            kv = req.kv
-            kv.created = max(kv.created, len(order.tokens) - kv.hit.prefix_len)
-        return key
-
-    def accept(self, order: SaveOrder) -> bytes | None:
-        if order.payload is None:
-            return order.key if self.cache.holds(order.key) else None
-        return self.cache.save(order.ns, order.tokens, order.payload, order.reason)
-
-    def finished(self, req: Request, reason: FinishReason, order: SaveOrder | None) -> None:
-        """A request ended normally: its finish save first (so the key in ``Done`` is
-        already reserved), then ``Done``."""
-        if order is not None:
-            key = self.save(req, order)
-            if key is not None:
-                req.kv.finish_key = key.hex()
-        if req.reply_text:
-            self.replies.remember(req.reply_text, req.generated)
-        stats = req.clock.stats(req.spec, req.kv, reason, req.generated, req.output.stop_sequence)
-        req.channel.push(
-            Done(
-                finish_reason=reason,
-                stats=stats,
-                token_ids=tuple(req.generated),
-                context=tuple(req.kv.context),
-                reply_text=req.reply_text,
-            )
-        )
-        self._ended(req)
-
-    def save_order(self, order: SaveOrder) -> None:
-        """A save that belongs to no request (a released session's sequence)."""
-        self.accept(order)
-
-    def failed(self, req: Request, error: BaseException) -> None:
-        req.channel.push(Failure(error))
-        self._ended(req)
-
-    def _ended(self, req: Request) -> None:
-        req.channel.close()
-        req.finished.set()
-        self._on_request_done(req)
+        self._thread.restore(req, restore)
 
     # ---- views (never wait on the thread) -------------------------------------------------------
 
     @property
-    def status(self) -> ModelStatus:
-        return self.view.status
+    def state(self) -> ModelStatus:
+        """The model's lifecycle state: loading, idle, unloading or failed."""
+        return self.gate.status
 
     @property
-    def queue_len(self) -> int:
-        return self.view.queue_len
+    def status(self) -> ModelStatus:
+        """The lifecycle state, or while serving the scheduler's phase."""
+        sched = self.gate.scheduler
+        if self.gate.status != "idle" or sched is None:
+            return self.gate.status
+        return sched.statistics().phase
 
     @property
     def load(self) -> int:
-        return self.view.load
+        """Requests queued or admitted."""
+        sched = self.gate.scheduler
+        if sched is None:
+            return 0
+        stats = sched.statistics()
+        return stats.waiting + stats.running
 
     @property
     def idle(self) -> bool:
-        return self.view.idle
+        """Nothing admitted, queued or being changed, and no call in flight that uses the
+        native handle or is on its way to the queue: safe to unload under pressure."""
+        sched = self.gate.scheduler
+        if sched is None or self.gate.status != "idle" or self.gate.in_use:
+            return False
+        return not sched.statistics().busy
+
+    @property
+    def last_used(self) -> float:
+        return self.gate.view.last_used
 
     def info(self) -> ModelInfo:
-        return self.view.info()
+        facts: ModelFacts | None = self.gate.facts
+        loaded = facts.loaded if facts is not None else self._loaded
+        sched = self.gate.scheduler
+        stats = sched.statistics() if sched is not None else None
+        view = self.gate.view
+        markers = facts.markers if facts is not None else None
+        fingerprint = facts.fingerprint if facts is not None else b""
+        return ModelInfo(
+            id=self.id,
+            backend=self.backend.name,
+            status=self.status,
+            model_path=str(self.config.model_path) if self.config.model_path else None,
+            capabilities=self.backend.capabilities,
+            n_ctx=loaded.n_ctx if loaded else 0,
+            n_seq_max=stats.n_seq if stats is not None else self.config.n_seq_max,
+            n_vocab=loaded.n_vocab if loaded else 0,
+            queue_len=stats.waiting if stats is not None else 0,
+            running=stats.running if stats is not None else 0,
+            fingerprint=fingerprint.hex(),
+            effective_fingerprint=(view.fingerprint or fingerprint).hex(),
+            quant=self.quant_label(),
+            last_cache_hit=view.last_hit,
+            loaded_at=self.loaded_at,
+            last_used=view.last_used or self.loaded_at,
+            adapters=view.adapters,
+            sessions=view.sessions,
+            thinking_markers=_pair(markers.think_start, markers.think_end) if markers else None,
+            tool_call_markers=_pair(markers.tool_start, markers.tool_end) if markers else None,
+            error=str(self.gate.error) if self.gate.error is not None else None,
+            metadata=dict(loaded.metadata) if loaded else {},
+            pending_changes=stats.barriers if stats is not None else 0,
+        )
 
     def quant_label(self) -> str:
         if self.config.quant is not None:
             return self.config.quant
-        return self.loaded.quant if self.loaded else "unknown"
+        return self._loaded.quant if self._loaded else "unknown"
 
-    def namespace(self, fingerprint: bytes) -> Namespace:
-        """The cache namespace for ``fingerprint`` (called from both sides: a race only
-        computes the same value twice)."""
-        ns = self._namespaces.get(fingerprint)
-        if ns is None:
-            assert self.loaded is not None
-            ns = Namespace(
-                fingerprint, quant_byte(self.quant_label()), kv_layout_hash(self.loaded.kv_layout)
-            )
-            self._namespaces[fingerprint] = ns
-        return ns
+    # ---- routing queries (pure, over the cache and the thread's snapshot) ------------------------
 
-    # ---- calls into the thread ----------------------------------------------------------------
+    def n_vocab(self) -> int:
+        facts = self.gate.facts
+        assert facts is not None
+        return facts.loaded.n_vocab
 
-    async def call(
-        self,
-        fn: Callable[[], Any],
-        *,
-        exclusive: bool = False,
-        finish: Callable[[Any], T] | None = None,
-    ) -> T:
-        """Run ``fn`` on the model thread between steps. ``exclusive`` calls queue FIFO
-        with requests and run while none is admitted (adapter changes). A caller cancelled
-        before its call started withdraws it; one that started completes (``finish`` runs
-        on the loop with its result either way)."""
-        self.check_serving()
-        c: Call[T] = Call(fn, self.lock, finish)
-        sched = self.thread.sched
-        if exclusive:
-            assert sched is not None
-            barrier = Barrier(owner=c)
-            with self.lock:
-                if self.thread.closed:
-                    raise ModelNotFound(self.id)
-                sched.submit_barrier(barrier)
-            self.thread.wake.set()
-            try:
-                return await c.wait()
-            except BaseException:
-                if c.state == "withdrawn":
-                    with self.lock:
-                        sched.withdraw_barrier(barrier)
-                raise
-        self.thread.send(c)
-        return await c.wait()
+    def cached_prefix(self, tokens: Sequence[int]) -> CachedPrefix:
+        assert self._namespace is not None
+        return routing.cached_prefix(
+            self.cache, self._namespace, self.policy, self.gate.view, tokens
+        )
+
+    def cached_prefixes(self) -> list[CachedPrefix]:
+        if self._namespace is None:
+            return []
+        return routing.cached_prefixes(self.cache, self._namespace, self.gate.view)
+
+    def prefix_summary(self, block: int, limit: int) -> PrefixSummary:
+        if self._namespace is None:
+            return PrefixSummary(block=block, limit=limit)
+        summary, self._chains = routing.prefix_summary(
+            self.cache, self._namespace, self.gate.view, block, limit, self._chains
+        )
+        return summary
 
     # ---- requests -----------------------------------------------------------------------------
 
     async def infer(
         self,
         prompt: str | Sequence[int],
+        args: intake.RequestArgs,
         *,
-        max_tokens: Any,
-        params: Mapping[str, Any],
-        parent_key: str | bytes | None,
-        add_special: bool,
         cancel: Callable[[str], None],
-        stop: Any = None,
-        thinking: Any = False,
-        thinking_budget_tokens: Any = None,
-        session_id: Any = None,
         prefill_only: bool = False,
     ) -> tuple[Request, InferStream]:
-        self.check_serving()
-        loaded = self.loaded
-        sched = self.thread.sched
-        assert loaded is not None and sched is not None
-        if params.get("seed") is None:
-            seed = self.config.seed if self.config.seed is not None else secrets.randbits(32)
-            params = {**params, "seed": seed}
-        sp = SamplerParams.build(**params)
-        limit = 0 if prefill_only else validate_max_tokens(max_tokens)
-        parent = intake.parse_parent_key(parent_key)
-        stops = check_stops(stop)
-        intake.check_flag(thinking, "thinking")
-        intake.check_flag(add_special, "add_special")
-        budget = intake.check_budget(thinking_budget_tokens)
-        session = intake.check_session(session_id)
-        intake.prompt_kind(prompt)
-        needs_sampler = not sp.is_greedy_default
-        if needs_sampler and not self.backend.supports("sampler"):
-            raise NotSupported(self.backend.name, "grammar" if sp.grammar else "sampler")
-        self._check_queue_room()
-        tokens: list[int] | None = None
-        if not isinstance(prompt, str):
-            intake.check_prompt_length(len(prompt), loaded.n_ctx)
-            tokens = intake.check_token_ids(prompt, loaded.n_vocab, "prompt")
-        sampler: Any = None
-        if tokens is None or needs_sampler:
-            text = prompt if isinstance(prompt, str) else None
-            prepared: tuple[list[int] | None, Any] = await self.vocab_call(
-                functools.partial(self.prepare, text, add_special, sp if needs_sampler else None)
+        # Counted from here to the queue: an unload (or the pressure scheduler) waits for
+        # an intake in flight, and one that arrives after an unload began is refused.
+        async with self.gate.using():
+            facts = self.gate.facts
+            assert facts is not None
+            loaded = facts.loaded
+            seed = args.seed
+            if seed is None:
+                seed = self.config.seed if self.config.seed is not None else secrets.randbits(32)
+            sp = args.sampler_with(seed)
+            intake.prompt_kind(prompt)
+            needs_sampler = not sp.is_greedy_default
+            if needs_sampler and not self.backend.supports("sampler"):
+                raise NotSupported(self.backend.name, "grammar" if sp.grammar else "sampler")
+            self._check_queue_room()
+            tokens: list[int] | None = None
+            if not isinstance(prompt, str):
+                intake.check_prompt_length(len(prompt), loaded.n_ctx)
+                tokens = intake.check_token_ids(prompt, loaded.n_vocab, "prompt")
+            sampler: Any = None
+            if tokens is None or needs_sampler:
+                text = prompt if isinstance(prompt, str) else None
+                prepared = await self.text.prepare(
+                    text, args.add_special, sp if needs_sampler else None, held=True
+                )
+                sampler = prepared[1]
+                if tokens is None:
+                    tokens = prepared[0]
+                    assert tokens is not None
+                    try:
+                        intake.check_prompt_length(len(tokens), loaded.n_ctx)
+                    except InvalidRequest:
+                        self._thread.free_sampler_later(sampler)
+                        raise
+            spec = RequestSpec(
+                prompt=tuple(tokens),
+                params=sp,
+                max_tokens=0 if prefill_only else args.max_tokens,
+                parent_key=args.parent_key,
+                stop=args.stop,
+                thinking=args.thinking,
+                thinking_budget=args.thinking_budget_tokens,
+                session=args.session_id,
             )
-            sampler = prepared[1]
-            if tokens is None:
-                tokens = prepared[0]
-                assert tokens is not None
-                try:
-                    intake.check_prompt_length(len(tokens), loaded.n_ctx)
-                except InvalidRequest:
-                    if sampler is not None:
-                        self._free_sampler_later(sampler)
-                    raise
-        spec = RequestSpec(
-            prompt=tuple(tokens),
-            params=sp,
-            max_tokens=limit,
-            parent_key=parent,
-            stop=stops,
-            thinking=thinking,
-            thinking_budget=budget,
-            session=session,
-        )
-        return self._submit(spec, sampler, cancel)
-
-    async def vocab_call(self, fn: Callable[[], T]) -> T:
-        """Run a vocabulary-only hook (tokenize, detokenize, chat template, sampler_new) on a
-        worker thread. They read nothing a step writes (llama.cpp's server tokenizes on its
-        HTTP threads the same way), so they never wait for, nor stall, the model thread."""
-        return await anyio.to_thread.run_sync(fn)
-
-    def prepare(
-        self, text: str | None, add_special: bool, sp: SamplerParams | None
-    ) -> tuple[list[int] | None, Any]:
-        """Tokenize the prompt and build its sampler (a worker thread)."""
-        handle = self.thread.handle
-        tokens = None
-        if text is not None:
-            intake.check_text(text, "prompt")
-            tokens = self.backend.tokenize(handle, text, add_special=add_special)
-        sampler = self.backend.sampler_new(handle, sp) if sp is not None else None
-        return tokens, sampler
+            return self._submit(facts, spec, sampler, cancel)
 
     def _submit(
-        self, spec: RequestSpec, sampler: Any, cancel: Callable[[str], None]
+        self,
+        facts: ModelFacts,
+        spec: RequestSpec,
+        sampler: object,
+        cancel: Callable[[str], None],
     ) -> tuple[Request, InferStream]:
-        sched = self.thread.sched
-        assert sched is not None and self.thread.pieces is not None
+        sched = self.gate.scheduler
+        assert sched is not None
         ref = f"{self.id}#{next(self._refs)}"
-        job = Job(max_tokens=spec.max_tokens, session=spec.session)
-        markers = self.thread.markers
+        markers = facts.markers
         # A template that opens the thinking span itself (the prompt ends with its start
         # marker): the model's first tokens are thinking.
         starts_thinking = (
@@ -498,52 +479,49 @@ class ModelWorker:
         req = Request(
             ref=ref,
             spec=spec,
-            job=job,
+            job=None,  # type: ignore[arg-type]  # set just below: the job owns the request
             kv=KVTrack(prompt=spec.prompt, parent_key=spec.parent_key),
             output=Output(
-                self.thread.pieces,
+                facts.pieces,
                 stops=spec.stop,
                 markers=markers,
                 thinking=spec.thinking,
                 thinking_budget=spec.thinking_budget,
-                signer=self.signer,
+                signer=self._signer,
                 start="think" if starts_thinking else "text",
             ),
-            sampler=sampler,
         )
-        job.owner = req
+        req.job = Job(req, max_tokens=spec.max_tokens, session=spec.session, sampler=sampler)
         try:
-            self.check_serving()
-            with self.lock:
-                if self.thread.closed:
-                    raise ModelNotFound(self.id)
-                sched.submit(job)
+            # Held: an unload that began during this intake waited for it, and then cancels
+            # the request like any other in flight.
+            self.gate.check_serving(held=True)
+            sched.add_request(req.job)
+        except SchedulerClosed:
+            self._thread.free_sampler_later(sampler)
+            raise ModelNotFound(self.id) from None
         except BaseException:
-            if sampler is not None:
-                self._free_sampler_later(sampler)
+            self._thread.free_sampler_later(sampler)
             raise
-        assert self._tg is not None
+        assert self._tg is not None and self._handoff is not None
+        self._requests[ref] = req
         self._tg.start_soon(self._request_task, req)
-        self.thread.wake.set()
-        handoff = self.handoff
+        self.gate.wake.set()
+        handoff = self._handoff
         stream = InferStream(
             ref,
             self.id,
             req.channel,
             functools.partial(cancel, ref),
+            # A dropped stream's finalizer may run on any thread: through the hand-off.
             lambda: _ignore(handoff.post(cancel, ref)),
         )
         return req, stream
 
     def _check_queue_room(self) -> None:
-        sched = self.thread.sched
+        sched = self.gate.scheduler
         assert sched is not None
-        with self.lock:
-            sched.check_room()
-
-    def _free_sampler_later(self, sampler: Any) -> None:
-        with contextlib.suppress(ModelNotFound):  # the model is gone, its samplers with it
-            self.thread.send(functools.partial(self.thread.free_sampler, sampler))
+        sched.check_room()
 
     async def _request_task(self, req: Request) -> None:
         """Holds the request's cancel scope: cancelling it cancels the request."""
@@ -557,27 +535,22 @@ class ModelWorker:
 
     def cancel(self, req: Request) -> None:
         """Idempotent. A queued request ends at once; a running one before its next token."""
-        with self.lock:
-            ended_now = self.thread.sched is not None and self.thread.sched.cancel(req.job)
-            if ended_now:
-                self.thread.sched.take_ended()  # type: ignore[union-attr]
-        if ended_now:
-            if req.sampler is not None:
-                sampler, req.sampler = req.sampler, None
-                self._free_sampler_later(sampler)
+        sched = self.gate.scheduler
+        if sched is not None and sched.abort(req.job):
+            # Ended here, before the thread ever saw it: its sampler is ours to free.
+            self._thread.free_sampler_later(req.job.sampler)
             self.finished(req, "cancelled", None)
         else:
-            self.thread.wake.set()
+            self.gate.wake.set()
 
     def _cancel_everything(self) -> None:
-        sched = self.thread.sched
-        if sched is None:
-            return
-        with self.lock:
-            reqs = [j.owner for j in (*sched.queue, *sched.admitted.values()) if isinstance(j, Job)]
-        for req in reqs:
+        for req in list(self._requests.values()):
             self.cancel(req)
 
 
 def _ignore(_: object) -> None:
     pass
+
+
+def _pair(start: bytes, end: bytes) -> tuple[str, str] | None:
+    return (start.decode("utf-8"), end.decode("utf-8")) if start and end else None

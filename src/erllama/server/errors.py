@@ -26,9 +26,11 @@ from ..errors import (
     ModelAlreadyLoaded,
     ModelFailed,
     ModelNotFound,
+    ModelUnloading,
     NotSupported,
     QueueFull,
     SessionBusy,
+    UnloadTimeout,
 )
 
 __all__ = [
@@ -134,6 +136,23 @@ def from_engine(exc: ErllamaError, params: Mapping[str, str] | None = None) -> A
     if isinstance(exc, InvalidRequest):
         param = params.get(exc.param, exc.param)
         return ApiError.bad_param(param, exc.reason)
+    if isinstance(exc, ModelUnloading):
+        return ApiError(
+            503,
+            "unavailable",
+            f"model {exc.model_id!r} is being unloaded",
+            code="model_unloading",
+            retry=RETRY_AFTER_S,
+        )
+    if isinstance(exc, UnloadTimeout):
+        return ApiError(
+            503,
+            "unavailable",
+            str(exc),
+            param="model_id",
+            code="unload_timeout",
+            retry=RETRY_AFTER_S,
+        )
     if isinstance(exc, ModelNotFound):
         return ApiError(
             404,
