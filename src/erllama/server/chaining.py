@@ -36,8 +36,10 @@ from .port import EnginePort
 __all__ = ["NoContinuation", "continuation", "turn_close"]
 
 #: The neutral frame: one exchange, the assistant's content varied to find its closing.
+#: The two contents end in different characters, so their common suffix is the template's
+#: alone.
 _USER = {"role": "user", "content": "Hi."}
-_CONTENTS = ("Hello.", "Bye.")
+_CONTENTS = ("Yes", "No")
 
 
 class NoContinuation(Exception):

@@ -41,7 +41,7 @@ def _duration(text: str) -> float:
     if _NUMBER.fullmatch(s):
         return float(s)
     sign = 1.0
-    if s[:1] in "+-":
+    if s and s[0] in "+-":
         sign = -1.0 if s[0] == "-" else 1.0
         s = s[1:]
     if not s:
