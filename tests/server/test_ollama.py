@@ -13,10 +13,21 @@ import anyio
 import ollama
 import pytest
 
+from erllama.plugins import BackendRegistry
 from erllama.server.keepalive import DEFAULT_KEEP_ALIVE_S, parse_keep_alive
 from erllama.server.ollama import OLLAMA_VERSION
 
-from .conftest import PLAIN_SCRIPT, WEATHER_TOOL, Served, Server, own_model
+from .conftest import (
+    KEY,
+    PLAIN_SCRIPT,
+    WEATHER_TOOL,
+    Served,
+    Server,
+    own_model,
+    running_server,
+    serve_config,
+    wait_for,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -94,6 +105,19 @@ async def test_num_predict_stop_and_seed_are_applied(server: Server) -> None:
         model="free", messages=user(), stream=False, options={"seed": 8, "num_predict": 6}
     )
     assert free[0].message.content == free[1].message.content != other.message.content
+
+
+async def test_a_smaller_num_ctx_bounds_prompt_and_reply(server: Server) -> None:
+    c = client(server)
+    prompt = len(await server.engine.apply_chat_template("free", user()))
+    r = await c.chat(model="free", messages=user(), stream=False, options={"num_ctx": prompt + 3})
+    assert r.done_reason == "length" and r.eval_count == 3
+    with pytest.raises(ollama.ResponseError) as err:
+        await c.chat(model="free", messages=user(), stream=False, options={"num_ctx": prompt})
+    assert err.value.status_code == 400 and "options.num_ctx" in err.value.error
+    # Larger than the loaded context: it cannot apply, and the model's own limits hold.
+    big = await c.chat(model="free", messages=user(), stream=False, options={"num_ctx": 10**6, "num_predict": 4})  # fmt: skip
+    assert big.eval_count == 4
 
 
 async def test_without_options_ollamas_sampling_defaults_apply(server: Server) -> None:
@@ -287,6 +311,26 @@ async def test_tags_ps_show_and_version(served: Served) -> None:
         assert (await h.get("/api/version")).json() == {"version": OLLAMA_VERSION}
         missing = await h.post("/api/show", json={"model": "nope"})
     assert missing.status_code == 404 and set(missing.json()) == {"error"}
+
+
+async def test_a_key_is_needed_when_set_and_requests_are_counted(
+    stub_registry: BackendRegistry,
+) -> None:
+    async with running_server(serve_config(api_keys=(KEY,)), stub_registry) as keyed:
+        with pytest.raises(ollama.ResponseError) as err:
+            await client(keyed).list()
+        assert err.value.status_code == 401 and "API key" in err.value.error
+        signed = ollama.AsyncClient(host=keyed.url, headers={"Authorization": f"Bearer {KEY}"})
+        r = await signed.chat(model="plain", messages=user(), stream=False)
+        assert r.done
+
+        def text() -> str:
+            return keyed.state.metrics.exposition("")[0].decode()
+
+        # A route is counted once its response is sent, maybe after the client has it.
+        await wait_for(lambda: 'route="/api/chat",status="200"' in text())
+    assert 'erllama_requests_total{api="ollama",model="plain",outcome="stop"} 1.0' in text()
+    assert 'route="/api/tags",status="401"' in text()
 
 
 async def test_the_sync_client_works_from_a_worker_thread(server: Server) -> None:

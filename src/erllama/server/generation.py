@@ -77,6 +77,9 @@ class ChatJob:
     #: The prompt's token ids when the API built them itself (a chained request continuing
     #: a previous context, a raw prompt); None: render ``messages`` with the template.
     prompt: Sequence[int] | None = None
+    #: A context smaller than the model's the request must fit in, prompt and reply
+    #: (Ollama's ``num_ctx``); ``renames["context_limit"]`` names it in errors.
+    context_limit: int | None = None
 
     @property
     def parses_calls(self) -> bool:
@@ -142,6 +145,21 @@ def _grammar(state: ServerState, job: ChatJob) -> str | None:
     return None
 
 
+def _within(job: ChatJob, prompt_tokens: int) -> dict[str, Any]:
+    """The job's engine options, the reply capped to what ``context_limit`` leaves."""
+    limit = job.context_limit
+    if limit is None:
+        return job.options
+    room = limit - prompt_tokens
+    if room < 1:
+        raise ApiError.bad_param(
+            job.renames.get("context_limit", "context_limit"),
+            f"the prompt is {prompt_tokens} tokens, which leaves no room in {limit}",
+        )
+    asked = job.options.get("max_tokens")
+    return {**job.options, "max_tokens": room if asked is None else min(asked, room)}
+
+
 async def start(state: ServerState, job: ChatJob, track: Track) -> Started:
     """Render the prompt and queue the request; ApiError (404, 429, 503, 400 naming the
     parameter) before anything runs."""
@@ -155,7 +173,8 @@ async def start(state: ServerState, job: ChatJob, track: Track) -> Started:
         prompt = job.prompt
         if prompt is None:
             prompt = await engine.apply_chat_template(job.model, job.messages, None, job.tools)
-        stream = await engine.infer(job.model, prompt, grammar=grammar, **job.options)
+        options = _within(job, len(prompt))
+        stream = await engine.infer(job.model, prompt, grammar=grammar, **options)
     except ErllamaError as exc:
         raise from_engine(exc, renames) from exc
     return Started(job=job, stream=stream, prompt_tokens=len(prompt), track=track)

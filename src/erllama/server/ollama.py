@@ -100,6 +100,7 @@ RENAMES: Mapping[str, str] = {
     "seed": "options.seed",
     "stop": "options.stop",
     "thinking_budget_tokens": "think",
+    "context_limit": "options.num_ctx",
 }
 
 
@@ -152,15 +153,15 @@ def _keep_alive(body: Fields) -> float | None:
         raise body.bad("keep_alive", str(exc)) from None
 
 
-def _options(body: Fields, state: ServerState) -> dict[str, Any]:
+def _options(body: Fields, state: ServerState) -> tuple[dict[str, Any], int | None]:
     """``options`` as engine keywords, with Ollama's defaults for the sampling options
-    it leaves out."""
+    it leaves out; and ``num_ctx``."""
     out: dict[str, Any] = dict(DEFAULT_OPTIONS)
     cap = state.config.server.max_tokens
     out["max_tokens"] = cap
     opts = body.obj("options")
     if opts is None:
-        return out
+        return out, None
     temperature = opts.number("temperature", minimum=0)
     if temperature is not None:
         out["temperature"] = temperature
@@ -184,11 +185,12 @@ def _options(body: Fields, state: ServerState) -> dict[str, Any]:
     stop = opts.strings("stop")
     if stop:
         out["stop"] = stop
-    opts.integer("num_ctx", minimum=1)  # the model's context is its config's n_ctx
     for name in ("presence_penalty", "frequency_penalty"):
         if opts.number(name) not in (None, 0.0):
             raise opts.bad(name, "is not supported (erllama takes repeat_penalty)")
-    return out
+    # A loaded model's context is its config's n_ctx; a smaller num_ctx bounds the request
+    # (prompt and reply) within it, a larger one cannot apply.
+    return out, opts.integer("num_ctx", minimum=1)
 
 
 def _format(body: Fields) -> dict[str, Any] | None:
@@ -469,6 +471,7 @@ async def chat(request: Request, state: ServerState) -> Response:
     track = state.metrics.track("ollama", state.model_label(model))
     try:
         tools = _tools(body)
+        options, num_ctx = _options(body, state)
         job = ChatJob(
             model=model,
             messages=_messages(body, state, model),
@@ -476,8 +479,9 @@ async def chat(request: Request, state: ServerState) -> Response:
             functions=functions_of(tools or []),
             choice="auto" if tools else "none",
             response_format=_format(body),
-            options={**_options(body, state), **_think(body, state, model)},
+            options={**options, **_think(body, state, model)},
             renames=RENAMES,
+            context_limit=num_ctx,
         )
         started = await start(state, job, track)
     except BaseException as exc:
@@ -535,13 +539,15 @@ async def generate(request: Request, state: ServerState) -> Response:
     track = state.metrics.track("ollama", state.model_label(model))
     try:
         messages, prompt = await _generate_prompt(body, state, model)
+        options, num_ctx = _options(body, state)
         job = ChatJob(
             model=model,
             messages=messages,
             response_format=_format(body),
-            options={**_options(body, state), **_think(body, state, model)},
+            options={**options, **_think(body, state, model)},
             renames={**RENAMES, "prompt": "prompt"},
             prompt=prompt,
+            context_limit=num_ctx,
         )
         started = await start(state, job, track)
     except BaseException as exc:
