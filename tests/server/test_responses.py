@@ -401,6 +401,9 @@ async def test_the_store_keeps_the_most_recent_and_drops_their_files(
         ({"conversation": "conv_1"}, "conversation"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"truncation": "middle"}, "truncation"),
+        ({"metadata": {"k": 5}}, "metadata.k"),
+        ({"metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+        ({"reasoning": {"effort": 3}}, "reasoning.effort"),
     ],
 )  # fmt: skip
 async def test_a_bad_parameter_is_a_400_naming_it(
@@ -411,6 +414,20 @@ async def test_a_bad_parameter_is_a_400_naming_it(
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error"
+
+
+async def test_a_number_json_cannot_carry_is_a_400_naming_where(server: Server) -> None:
+    raw = '{"model": "plain", "input": "x", "metadata": {"k": "v"}, "text": {"format": {"type": "json_schema", "schema": {"minimum": NaN}}}}'
+    async with server.http() as h:
+        r = await h.post("/v1/responses", content=raw)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "text.format.schema.minimum"
+
+
+async def test_metadata_is_echoed_and_kept(server: Server) -> None:
+    async with client(server) as c:
+        r = await c.responses.create(model="plain", input="x", metadata={"run": "7"})
+        got = await c.responses.retrieve(r.id)
+    assert r.metadata == got.metadata == {"run": "7"}
 
 
 async def test_unknown_models_and_ids_are_404s_in_openais_shape(served: Served) -> None:

@@ -23,6 +23,7 @@ map to the reply's exact text, as tool-call ids do in the other APIs (toolcalls.
 from __future__ import annotations
 
 import itertools
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -274,6 +275,20 @@ def _refuse(body: Fields) -> None:
             raise body.bad(name, "is not supported (erllama takes repetition_penalty)")
 
 
+def _metadata(body: Fields) -> dict[str, str]:
+    """``metadata``: at most 16 string values under keys of at most 64 characters, as
+    OpenAI takes it; stored and echoed."""
+    metadata = body.obj("metadata")
+    if metadata is None:
+        return {}
+    if len(metadata.data) > 16:
+        raise body.bad("metadata", "has more than 16 keys")
+    for key, value in metadata.data.items():
+        if len(key) > 64 or not isinstance(value, str) or len(value) > 512:
+            raise metadata.bad(key, "must be a string of at most 512 characters (keys: 64)")
+    return dict(metadata.data)
+
+
 @attrs.define(eq=False)
 class _Turn:
     """One parsed request: the job, and what its response echoes and stores."""
@@ -309,7 +324,7 @@ async def _parse(body: Fields, state: ServerState, name: str) -> _Turn:
     instructions = body.text("instructions")
     store = body.flag("store", True)
     reasoning = body.obj("reasoning")
-    metadata = body.obj("metadata")
+    metadata = _metadata(body)
     body.flag("parallel_tool_calls")
     truncation = body.text("truncation") or "disabled"
     if truncation not in ("auto", "disabled"):
@@ -362,10 +377,13 @@ async def _parse(body: Fields, state: ServerState, name: str) -> _Turn:
     echo = {
         "instructions": instructions,
         "max_output_tokens": body.integer("max_output_tokens"),
-        "metadata": dict(metadata.data) if metadata is not None else {},
+        "metadata": metadata,
         "parallel_tool_calls": body.flag("parallel_tool_calls", True),
         "previous_response_id": previous_id,
-        "reasoning": {"effort": None, "summary": None, **(reasoning.data if reasoning else {})},
+        "reasoning": {
+            "effort": reasoning.text("effort") if reasoning else None,
+            "summary": reasoning.text("summary") if reasoning else None,
+        },
         "store": store,
         "temperature": options["temperature"],
         "text": text_echo,
@@ -618,8 +636,23 @@ async def _finish(
 # ---- routes ----------------------------------------------------------------------------------
 
 
+def _finite(value: Any, path: str) -> None:
+    """Refuse NaN and infinities anywhere in the body (Python's JSON reader takes them,
+    JSON has none): a response echoes and stores parts of its request, as JSON."""
+    stack = [(value, path)]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, float) and not math.isfinite(node):
+            raise ApiError.bad_param(where, "must be a finite number")
+        if isinstance(node, dict):
+            stack.extend((v, f"{where}.{k}" if where else str(k)) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(node))
+
+
 async def create(request: Request, state: ServerState) -> Response:
     body = await read_json(request, state.config.server.max_body_bytes)
+    _finite(body.data, "")
     name = body.req_text("model")
     track = state.metrics.track("responses", state.model_label(name))
     try:

@@ -318,8 +318,10 @@ class ResponseStore:
             directory.close()
             self._dir = None
             return
-        for response_id in ids:
-            self._index[response_id] = None
+        # Responses put while the scan ran are newer than every file found: they stay last.
+        newer = self._index
+        self._index = OrderedDict((i, None) for i in ids if i not in newer)
+        self._index.update(newer)
         await self._trim()
 
     async def _disk(self, work: Any, *args: Any) -> Any:
