@@ -452,11 +452,20 @@ async def test_a_failure_mid_stream_raises_in_the_client(server: Server) -> None
 # ---- the openai-agents SDK -----------------------------------------------------------------------
 
 
-def run_agent(url: str, model: str, settings: dict[str, Any], prompt: str) -> Any:
+def run_agent(
+    url: str,
+    model: str,
+    settings: dict[str, Any],
+    prompt: str,
+    *,
+    streamed: bool = False,
+    chained: bool = False,
+) -> Any:
     """One agent run with the SDK's default (Responses) model, in a worker thread with an
     asyncio loop of its own (the SDK is asyncio-only; the server runs on the test's loop).
     The weather tool records its calls; the run ends after the model has seen the tool's
-    output once (or answered in text)."""
+    output once (or answered in text). ``chained``: the SDK sends only new items, with
+    ``previous_response_id``, instead of the whole history."""
     from agents import (
         Agent,
         FunctionToolResult,
@@ -499,7 +508,14 @@ def run_agent(url: str, model: str, settings: dict[str, Any], prompt: str) -> An
             tools=[get_weather],
             tool_use_behavior=second_tool_run,
         )
-        result = await Runner.run(agent, prompt, max_turns=4)
+        if streamed:
+            result: Any = Runner.run_streamed(
+                agent, prompt, max_turns=4, auto_previous_response_id=chained
+            )
+            async for _ in result.stream_events():
+                pass
+        else:
+            result = await Runner.run(agent, prompt, max_turns=4, auto_previous_response_id=chained)
         await oai.close()
         return result, calls
 
@@ -523,3 +539,21 @@ async def test_the_agents_sdk_runs_a_tool_round_trip_on_auto(server: Server) -> 
     outputs = [i for i in items.data if i.type == "function_call_output"]
     assert [o.output for o in outputs] == ["21 C in Paris"]  # type: ignore[union-attr]
     assert result.final_output == "21 C in Paris"
+
+
+async def test_the_agents_sdk_streams_and_chains_with_previous_response_id(
+    server: Server,
+) -> None:
+    url = server.url
+    result, calls = await anyio.to_thread.run_sync(
+        lambda: run_agent(url, "tools", {}, LONG, streamed=True, chained=True)
+    )
+    assert calls == ["Paris", "Paris"] and result.final_output == "21 C in Paris"
+    first, second = result.raw_responses
+    stored = await server.state.responses.get(second.response_id)
+    assert stored is not None
+    assert stored.response["previous_response_id"] == first.response_id
+    # Only the tool's output was sent; the first exchange came back whole from its tokens.
+    assert [i["type"] for i in stored.input_items] == ["function_call_output"]
+    context = first.usage.input_tokens + first.usage.output_tokens
+    assert second.usage.input_tokens_details.cached_tokens in (context, context + 1)
