@@ -18,7 +18,6 @@ import pytest
 import erllama
 from erllama.plugins import BackendRegistry
 from erllama.server import ServeConfig
-from erllama.server.chaining import turn_close
 
 from .conftest import (
     KEY,
@@ -224,15 +223,6 @@ async def test_a_chained_turn_restores_the_whole_previous_context(served: Served
         assert cached(after) in (context, context + 1)
         assert after.usage.input_tokens > context
     assert second.previous_response_id == first.id
-
-
-def test_a_turn_is_closed_by_what_the_context_does_not_end_with() -> None:
-    closing = [2, 198]  # ChatML: <|im_end|> and a newline
-    assert turn_close([7, 9, 2], closing) == [198]  # ended by its end-of-generation token
-    assert turn_close([7, 9], closing) == [2, 198]  # cut off by a token limit
-    assert turn_close([7, 2, 198], closing) == []
-    assert turn_close([198], closing) == [2, 198]  # a newline alone closes nothing
-    assert turn_close([], [2]) == [2]
 
 
 async def test_a_chained_prompt_is_the_previous_context_and_the_new_turn(server: Server) -> None:

@@ -9,21 +9,20 @@ prefix would stop matching there. So the next prompt is built on ``context`` its
 
     context + what closes the assistant turn + the new messages + the generation prompt
 
-The last three come from the chat template, rendered in a neutral frame (a short
-exchange that ends with an assistant turn):
-
-* what closes an assistant turn is what two renderings of the frame, differing only in the
-  assistant's content, end with alike (ChatML: ``<|im_end|>`` and a newline). The part of it
-  ``context`` already ends with (the end-of-generation token the model produced) is not
-  repeated;
-* the new messages are what rendering the frame plus them (with the generation prompt)
-  adds to the frame's own rendering. The frame starts the conversation, so a template's
-  default system prompt or tool list lands in both renderings and cancels out.
+The last three come from the chat template: render a neutral frame (a short exchange
+ending in an assistant turn) followed by the new messages twice, the assistant's content
+differing; what the two renderings end with alike is what follows an assistant's content:
+the turn's close (ChatML: ``<|im_end|>`` and a newline), the new messages and the
+generation prompt. The part of the close that ``context`` already ends with (the
+end-of-generation token the model produced) is not repeated. The frame starts the
+conversation, so a template's default system prompt or tool list stays at the front, and
+the frame's assistant turn is history in both renderings, so a template that renders the
+last assistant turn differently (with an empty thinking span, say) changes nothing.
 
 So every chained turn starts with the whole previous context, token for token: its cache
-row (or the sequence's live KV) covers all of it. A template that does not render the new
-messages as a plain continuation (it reorders or rewrites earlier turns when more follow)
-raises :class:`NoContinuation`; the caller then renders the whole conversation.
+row (or the sequence's live KV) covers all of it. A template whose two renderings have no
+common end, or nothing but it, raises :class:`NoContinuation`; the caller then renders the
+whole conversation.
 """
 
 from __future__ import annotations
@@ -43,10 +42,11 @@ _CONTENTS = ("Yes", "No")
 
 
 class NoContinuation(Exception):
-    """The template does not render new messages as a suffix of the conversation."""
+    """The template gives no common ending after an assistant's content to continue with."""
 
 
 def _common_suffix(a: Sequence[int], b: Sequence[int]) -> list[int]:
+    """The tokens ``a`` and ``b`` both end with."""
     n = 0
     while n < min(len(a), len(b)) and a[len(a) - 1 - n] == b[len(b) - 1 - n]:
         n += 1
@@ -54,9 +54,10 @@ def _common_suffix(a: Sequence[int], b: Sequence[int]) -> list[int]:
 
 
 def turn_close(context: Sequence[int], closing: Sequence[int]) -> list[int]:
-    """The tokens that close the assistant turn ``context`` ends in: ``closing`` less the
-    part ``context`` already ends with (the end-of-generation token the model generated,
-    when it ended that way; nothing when it was cut off by a token limit)."""
+    """What follows ``context`` (which ends in an assistant's reply) when ``closing`` (the
+    turn's close, and what comes after it) follows an assistant's content: ``closing``
+    less the part ``context`` already ends with (the end-of-generation token the model
+    generated, when it ended that way; nothing when it was cut off by a token limit)."""
     for k in range(len(closing), 0, -1):
         if len(context) >= k and list(context[len(context) - k :]) == list(closing[:k]):
             return list(closing[k:])
@@ -74,19 +75,13 @@ async def continuation(
     ``messages`` (the new turns), ending in the generation prompt. NoContinuation when the
     template does not allow it; the engine's errors (InvalidRequest naming ``messages``)
     pass through."""
-    frames = [[_USER, {"role": "assistant", "content": c}] for c in _CONTENTS]
-    first = await engine.apply_chat_template(
-        model, frames[0], None, tools, add_generation_prompt=False
-    )
-    second = await engine.apply_chat_template(
-        model, frames[1], None, tools, add_generation_prompt=False
-    )
-    closing = _common_suffix(first, second)
-    if not closing or len(closing) == len(first):
-        raise NoContinuation("the template closes no assistant turn")
-    extended = await engine.apply_chat_template(
-        model, [*frames[0], *messages], None, tools, add_generation_prompt=True
-    )
-    if extended[: len(first)] != first:
-        raise NoContinuation("the template rewrites earlier turns when more follow")
-    return [*context, *turn_close(context, closing), *extended[len(first) :]]
+    renderings = [
+        await engine.apply_chat_template(
+            model, [_USER, {"role": "assistant", "content": c}, *messages], None, tools
+        )
+        for c in _CONTENTS
+    ]
+    tail = _common_suffix(*renderings)
+    if not tail or len(tail) == min(len(r) for r in renderings):
+        raise NoContinuation("the template renders no assistant content before new turns")
+    return [*context, *turn_close(context, tail)]

@@ -12,8 +12,7 @@ sequence's KV at the end. A request naming it in ``previous_response_id`` contin
 those tokens (chaining.py), so every chained turn restores the whole previous context
 from the cache (or the sequence's live KV) instead of prefilling a re-rendered history.
 It renders the whole conversation instead only when it cannot continue the tokens: another
-model, other ``instructions`` or ``tools`` than the previous response's, or a template
-that rewrites earlier turns.
+model, or other ``instructions`` or ``tools`` than the previous response's.
 
 Agents that send their history back every turn (no ``previous_response_id``) still get
 the exact bytes: the ids of every output item of a reply (and its calls' ``call_id``)
