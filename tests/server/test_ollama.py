@@ -15,7 +15,7 @@ import pytest
 
 from erllama.plugins import BackendRegistry
 from erllama.server.keepalive import DEFAULT_KEEP_ALIVE_S, parse_keep_alive
-from erllama.server.ollama import OLLAMA_VERSION
+from erllama.server.ollama_models import OLLAMA_VERSION
 
 from .conftest import (
     KEY,

@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..errors import ErllamaError
-from . import admin, anthropic, ollama, openai, responses
+from . import admin, anthropic, ollama, ollama_models, openai, responses
 from .auth import Gate
 from .config import ServeConfig
 from .errors import ApiError, Dialect, dialect_of, error_response, from_engine, json_response
@@ -101,10 +101,10 @@ def build_app(engine: EnginePort, config: ServeConfig | None = None) -> Starlett
         Route("/api/generate", _endpoint(ollama.generate, ol), methods=["POST"]),
         Route("/api/embed", _endpoint(ollama.embed, ol), methods=["POST"]),
         Route("/api/embeddings", _endpoint(ollama.embeddings, ol), methods=["POST"]),
-        Route("/api/tags", _endpoint(ollama.tags, ol), methods=["GET"]),
-        Route("/api/ps", _endpoint(ollama.ps, ol), methods=["GET"]),
-        Route("/api/show", _endpoint(ollama.show, ol), methods=["POST"]),
-        Route("/api/version", _endpoint(ollama.version, ol), methods=["GET"]),
+        Route("/api/tags", _endpoint(ollama_models.tags, ol), methods=["GET"]),
+        Route("/api/ps", _endpoint(ollama_models.ps, ol), methods=["GET"]),
+        Route("/api/show", _endpoint(ollama_models.show, ol), methods=["POST"]),
+        Route("/api/version", _endpoint(ollama_models.version, ol), methods=["GET"]),
     ]
     if config.server.admin:
         routes += [

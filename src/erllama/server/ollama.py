@@ -1,7 +1,7 @@
-"""The Ollama-compatible routes: ``/api/chat``, ``/api/generate``, ``/api/embed``,
-``/api/embeddings``, ``/api/tags``, ``/api/show``, ``/api/ps`` and ``/api/version``, in the
-shapes the official ``ollama`` clients parse (docs/server.md says what is supported,
-ignored or refused).
+"""The Ollama-compatible generation routes: ``/api/chat``, ``/api/generate``, ``/api/embed``
+and ``/api/embeddings``, in the shapes the official ``ollama`` clients parse (the model
+listings are in ollama_models.py; docs/server.md says what is supported, ignored or
+refused).
 
 Ollama streams by default: a request without ``"stream": false`` gets JSON lines
 (``application/x-ndjson``), the last one with ``"done": true`` and the request's figures.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
@@ -28,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..errors import ErllamaError
-from ..events import Done, ModelInfo
+from ..events import Done
 from .body import Fields, read_json
 from .chaining import NoContinuation, continuation
 from .errors import ApiError, error_body, from_engine, json_response
@@ -55,25 +54,10 @@ from .sse import NdjsonResponse, ndjson_line, unless_disconnected
 from .state import ServerState
 from .toolcalls import fallback_text
 
-__all__ = [
-    "OLLAMA_VERSION",
-    "chat",
-    "embed",
-    "embeddings",
-    "generate",
-    "ps",
-    "show",
-    "tags",
-    "version",
-]
+__all__ = ["chat", "embed", "embeddings", "generate", "request_model", "resolve", "signature"]
 
-#: The Ollama API version these routes follow (``/api/version``; clients check it for
-#: features such as ``think`` and structured outputs).
-OLLAMA_VERSION = "0.12.0"
 #: Ollama's sampling defaults, for options a request leaves out.
 DEFAULT_OPTIONS: Mapping[str, Any] = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}
-#: A model kept loaded for good expires at the end of time (``/api/ps``).
-NEVER = "2318-01-01T00:00:00Z"
 #: Load-time options (they shape a model when it is loaded, not a request) and sampler
 #: options erllama has no stage for: accepted and ignored, as Ollama ignores options a
 #: model does not use.
@@ -108,20 +92,11 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _stamp(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _ns(seconds: float | None) -> int:
     return int((seconds or 0.0) * 1e9)
 
 
 # ---- names ---------------------------------------------------------------------------------
-
-
-def _tagged(model_id: str) -> str:
-    """A model id as Ollama names models: ``name:tag`` (``:latest`` when it has none)."""
-    return model_id if ":" in model_id else model_id + ":latest"
 
 
 def resolve(state: ServerState, name: str) -> str:
@@ -133,7 +108,7 @@ def resolve(state: ServerState, name: str) -> str:
     return name
 
 
-def _model(body: Fields, state: ServerState, field: str = "model") -> tuple[str, str]:
+def request_model(body: Fields, state: ServerState, field: str = "model") -> tuple[str, str]:
     """The name the request gave (echoed in replies) and the model id it means. Older
     clients send ``name`` instead of ``model``."""
     if body.get(field) is None and body.get("name") is not None:
@@ -463,7 +438,7 @@ def _message(reply: Reply) -> dict[str, Any]:
 async def chat(request: Request, state: ServerState) -> Response:
     arrived = time.monotonic()
     body = await read_json(request, state.config.server.max_body_bytes)
-    name, model = _model(body, state)
+    name, model = request_model(body, state)
     _keep_alive(body)
     if not body.array("messages"):
         state.check_model(model)
@@ -526,7 +501,7 @@ async def _generate_prompt(
 async def generate(request: Request, state: ServerState) -> Response:
     arrived = time.monotonic()
     body = await read_json(request, state.config.server.max_body_bytes)
-    name, model = _model(body, state)
+    name, model = request_model(body, state)
     _keep_alive(body)
     _no_images(body)
     if body.text("suffix"):
@@ -597,7 +572,7 @@ async def _embed_all(
 async def embed(request: Request, state: ServerState) -> Response:
     arrived = time.monotonic()
     body = await read_json(request, state.config.server.max_body_bytes)
-    name, model = _model(body, state)
+    name, model = request_model(body, state)
     _keep_alive(body)
     body.refuse("dimensions")
     value = body.get("input")
@@ -628,7 +603,7 @@ async def embed(request: Request, state: ServerState) -> Response:
 async def embeddings(request: Request, state: ServerState) -> Response:
     """The older single-prompt route: ``{"prompt"}`` -> ``{"embedding"}``."""
     body = await read_json(request, state.config.server.max_body_bytes)
-    _name, model = _model(body, state)
+    _name, model = request_model(body, state)
     _keep_alive(body)
     prompt = body.text("prompt") or ""
     state.check_model(model)
@@ -638,121 +613,3 @@ async def embeddings(request: Request, state: ServerState) -> Response:
     if result is None:
         return Response(status_code=499)
     return json_response({"embedding": result[0][0]})
-
-
-# ---- models ----------------------------------------------------------------------------------
-
-
-def _parameter_size(n_params: str | None) -> str:
-    try:
-        n = int(n_params or "")
-    except ValueError:
-        return ""
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f}".rstrip("0").rstrip(".") + unit
-    return str(n)
-
-
-def _details(info: ModelInfo) -> dict[str, Any]:
-    family = info.metadata.get("architecture", info.backend)
-    path = info.model_path or ""
-    return {
-        "parent_model": "",
-        "format": "gguf" if path.endswith(".gguf") else info.backend,
-        "family": family,
-        "families": [family],
-        "parameter_size": _parameter_size(info.metadata.get("n_params")),
-        "quantization_level": info.quant,
-    }
-
-
-def _file(info: ModelInfo, started: int) -> tuple[int, str]:
-    """The model file's size and modification time (0 and the server's start when it
-    cannot be read here, as for a Ray replica's file)."""
-    try:
-        st = os.stat(info.model_path) if info.model_path else None
-    except OSError:
-        st = None
-    if st is None:
-        return 0, _stamp(started)
-    return st.st_size, _stamp(st.st_mtime)
-
-
-def _entry(info: ModelInfo, started: int) -> dict[str, Any]:
-    size, modified = _file(info, started)
-    name = _tagged(info.id)
-    return {
-        "name": name,
-        "model": name,
-        "modified_at": modified,
-        "size": size,
-        "digest": info.fingerprint,
-        "details": _details(info),
-    }
-
-
-def _serving(state: ServerState) -> list[ModelInfo]:
-    return [m for m in state.engine.list_models() if m.status not in ("loading", "unloading")]
-
-
-async def tags(request: Request, state: ServerState) -> Response:
-    return json_response({"models": [_entry(m, state.started) for m in _serving(state)]})
-
-
-async def ps(request: Request, state: ServerState) -> Response:
-    models = []
-    for info in _serving(state):
-        entry = _entry(info, state.started)
-        del entry["modified_at"]
-        # Loaded models stay loaded (keep_alive is not applied yet), and erllama does not
-        # measure what a model holds on the GPU.
-        entry.update({"expires_at": NEVER, "size_vram": 0, "context_length": info.n_ctx})
-        models.append(entry)
-    return json_response({"models": models})
-
-
-def _capabilities(state: ServerState, info: ModelInfo) -> list[str]:
-    out = ["completion", "tools"]  # every chat model gets tool-call markers
-    if info.thinking_markers is not None:
-        out.append("thinking")
-    config = state.model_configs.get(info.id)
-    if "embed" in info.capabilities and (config is None or config.embeddings):
-        out.append("embedding")
-    return out
-
-
-async def show(request: Request, state: ServerState) -> Response:
-    body = await read_json(request, state.config.server.max_body_bytes)
-    _name, model = _model(body, state)
-    state.check_model(model)
-    info = state.engine.model_info(model)
-    meta = info.metadata
-    arch = meta.get("architecture", info.backend)
-    model_info: dict[str, Any] = {
-        "general.architecture": arch,
-        f"{arch}.context_length": info.n_ctx,
-    }
-    if meta.get("name"):
-        model_info["general.name"] = meta["name"]
-    for key, field in (("n_params", "general.parameter_count"), ("n_embd", f"{arch}.embedding_length"), ("n_layer", f"{arch}.block_count")):  # fmt: skip
-        if meta.get(key, "").isdigit():
-            model_info[field] = int(meta[key])
-    size, modified = _file(info, state.started)
-    return json_response(
-        {
-            "license": "",
-            "modelfile": f"# served by erllama from {info.model_path or info.backend}\n",
-            "parameters": "",
-            "template": "",
-            "details": _details(info),
-            "model_info": model_info,
-            "capabilities": _capabilities(state, info),
-            "modified_at": modified,
-            "size": size,
-        }
-    )
-
-
-async def version(request: Request, state: ServerState) -> Response:
-    return json_response({"version": OLLAMA_VERSION})

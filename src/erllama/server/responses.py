@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import secrets
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
@@ -56,6 +55,7 @@ from .generation import (
     start,
     stream_error,
 )
+from .outputs import Output, item_id
 from .params import (
     EXTENSION_RENAMES,
     extension_options,
@@ -81,10 +81,6 @@ RENAMES: Mapping[str, str] = {
     "max_tokens": "max_output_tokens",
     **EXTENSION_RENAMES,
 }
-
-
-def _item_id(prefix: str) -> str:
-    return prefix + secrets.token_hex(24)
 
 
 # ---- input -----------------------------------------------------------------------------------
@@ -145,7 +141,7 @@ def _input(
     value = body.get("input")
     if isinstance(value, str):
         item = {
-            "id": _item_id("msg_"),
+            "id": item_id("msg_"),
             "type": "message",
             "role": "user",
             "content": [{"type": "input_text", "text": value}],
@@ -167,7 +163,7 @@ def _input(
             role = it.req_text("role")
             text = _text_of(it, "content")
             part = "output_text" if role == "assistant" else "input_text"
-            item.setdefault("id", _item_id("msg_"))
+            item.setdefault("id", item_id("msg_"))
             item.update(type="message", content=[{"type": part, "text": text}])
             if role == "assistant":
                 group.note(it.text("id"))
@@ -181,17 +177,17 @@ def _input(
             call_id = it.req_text("call_id")
             name = it.req_text("name")
             arguments = it.text("arguments") or "{}"
-            item.setdefault("id", _item_id("fc_"))
+            item.setdefault("id", item_id("fc_"))
             group.note(it.text("id"))
             group.note(call_id)
             group.calls.append(fallback_text(markers, name, arguments))
         elif kind == "reasoning":
-            item.setdefault("id", _item_id("rs_"))
+            item.setdefault("id", item_id("rs_"))
             group.note(it.text("id"))
         elif kind == "function_call_output":
             it.req_text("call_id")
             output = _text_of(it, "output")
-            item.setdefault("id", _item_id("fco_"))
+            item.setdefault("id", item_id("fco_"))
             group.flush(messages)
             messages.append({"role": "tool", "content": output})
         elif kind == "item_reference":
@@ -426,141 +422,6 @@ def _continues(
 # ---- output ----------------------------------------------------------------------------------
 
 
-class _Output:
-    """A reply's output items as its pieces arrive, and the stream events that build them
-    (events without their sequence numbers; a non-streamed reply ignores them)."""
-
-    def __init__(self) -> None:
-        self.items: list[dict[str, Any]] = []
-        self.ids: list[str] = []  # every item id and call_id: the reply's exact text's keys
-        self._open: dict[str, Any] | None = None
-        self._text: list[str] = []
-
-    @property
-    def _index(self) -> int:
-        return len(self.items)
-
-    def _start(self, kind: str) -> list[dict[str, Any]]:
-        out = self.close("completed")
-        prefix, part = ("msg_", "output_text") if kind == "message" else ("rs_", "reasoning_text")
-        item: dict[str, Any] = {"id": _item_id(prefix), "type": kind, "status": "in_progress"}
-        if kind == "message":
-            item.update(role="assistant", content=[])
-        else:
-            item.update(summary=[], content=[])
-        self._open, self._text = item, []
-        self.ids.append(item["id"])
-        out.append(
-            {"type": "response.output_item.added", "output_index": self._index, "item": item}
-        )
-        out.append(
-            {
-                "type": "response.content_part.added",
-                "item_id": item["id"],
-                "output_index": self._index,
-                "content_index": 0,
-                "part": self._part(part, ""),
-            }
-        )
-        return out
-
-    @staticmethod
-    def _part(kind: str, text: str) -> dict[str, Any]:
-        if kind == "output_text":
-            return {"type": kind, "text": text, "annotations": [], "logprobs": []}
-        return {"type": kind, "text": text}
-
-    def _delta(self, kind: str, text: str) -> dict[str, Any]:
-        assert self._open is not None
-        self._text.append(text)
-        event = {
-            "type": f"response.{kind}.delta",
-            "item_id": self._open["id"],
-            "output_index": self._index,
-            "content_index": 0,
-            "delta": text,
-        }
-        if kind == "output_text":
-            event["logprobs"] = []
-        return event
-
-    def text(self, text: str) -> list[dict[str, Any]]:
-        out = (
-            []
-            if self._open is not None and self._open["type"] == "message"
-            else self._start("message")
-        )
-        out.append(self._delta("output_text", text))
-        return out
-
-    def thinking(self, text: str) -> list[dict[str, Any]]:
-        out = (
-            []
-            if self._open is not None and self._open["type"] == "reasoning"
-            else self._start("reasoning")
-        )
-        out.append(self._delta("reasoning_text", text))
-        return out
-
-    def thinking_end(self) -> list[dict[str, Any]]:
-        if self._open is not None and self._open["type"] == "reasoning":
-            return self.close("completed")
-        return []
-
-    def call(self, call: Call) -> list[dict[str, Any]]:
-        out = self.close("completed")
-        item = {
-            "id": _item_id("fc_"),
-            "type": "function_call",
-            "status": "in_progress",
-            "call_id": call.id,
-            "name": call.name,
-            "arguments": "",
-        }
-        self.ids += [item["id"], call.id]
-        index = self._index
-        done = {**item, "arguments": call.arguments_json, "status": "completed"}
-        self.items.append(done)
-        return [
-            *out,
-            {"type": "response.output_item.added", "output_index": index, "item": item},
-            {
-                "type": "response.function_call_arguments.delta",
-                "item_id": item["id"],
-                "output_index": index,
-                "delta": call.arguments_json,
-            },
-            {
-                "type": "response.function_call_arguments.done",
-                "item_id": item["id"],
-                "output_index": index,
-                "name": call.name,
-                "arguments": call.arguments_json,
-            },
-            {"type": "response.output_item.done", "output_index": index, "item": done},
-        ]
-
-    def close(self, status: str) -> list[dict[str, Any]]:
-        """Close the open message or reasoning item (``incomplete`` when cut off)."""
-        item, self._open = self._open, None
-        if item is None:
-            return []
-        text = "".join(self._text)
-        kind = "output_text" if item["type"] == "message" else "reasoning_text"
-        done = {**item, "status": status, "content": [self._part(kind, text)]}
-        index = self._index
-        self.items.append(done)
-        base = {"item_id": item["id"], "output_index": index, "content_index": 0}
-        text_done: dict[str, Any] = {"type": f"response.{kind}.done", **base, "text": text}
-        if kind == "output_text":
-            text_done["logprobs"] = []
-        return [
-            text_done,
-            {"type": "response.content_part.done", **base, "part": self._part(kind, text)},
-            {"type": "response.output_item.done", "output_index": index, "item": done},
-        ]
-
-
 def _usage(done: Done) -> dict[str, Any]:
     st = done.stats
     return {
@@ -603,7 +464,7 @@ async def _finish(
     turn: _Turn,
     response_id: str,
     created: int,
-    output: _Output,
+    output: Output,
     end: End,
     generated: Sequence[str],
 ) -> dict[str, Any]:
@@ -678,8 +539,8 @@ async def create(request: Request, state: ServerState) -> Response:
     )
 
 
-def _replay(reply: Reply) -> _Output:
-    output = _Output()
+def _replay(reply: Reply) -> Output:
+    output = Output()
     for block in reply.blocks:
         if isinstance(block, Text):
             output.text(block.text)
@@ -705,7 +566,7 @@ async def _events(
             {"type": "response.in_progress", "response": initial},
         ]
     )
-    output = _Output()
+    output = Output()
     generated: list[str] = []
     try:
         async with aclosing(pieces(state, started, "call_")) as parts:
