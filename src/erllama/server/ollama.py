@@ -140,7 +140,8 @@ def _options(body: Fields, state: ServerState) -> tuple[dict[str, Any], int | No
     temperature = opts.number("temperature", minimum=0)
     if temperature is not None:
         out["temperature"] = temperature
-    for name, engine_name in (("top_p", "top_p"), ("min_p", "min_p"), ("repeat_penalty", "repetition_penalty")):  # fmt: skip
+    renamed = (("top_p", "top_p"), ("min_p", "min_p"), ("repeat_penalty", "repetition_penalty"))
+    for name, engine_name in renamed:
         value = opts.number(name)
         if value is not None:
             out[engine_name] = value

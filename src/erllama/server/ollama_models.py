@@ -131,7 +131,12 @@ async def show(request: Request, state: ServerState) -> Response:
     }
     if meta.get("name"):
         model_info["general.name"] = meta["name"]
-    for key, field in (("n_params", "general.parameter_count"), ("n_embd", f"{arch}.embedding_length"), ("n_layer", f"{arch}.block_count")):  # fmt: skip
+    numbers = (
+        ("n_params", "general.parameter_count"),
+        ("n_embd", f"{arch}.embedding_length"),
+        ("n_layer", f"{arch}.block_count"),
+    )
+    for key, field in numbers:
         if meta.get(key, "").isdigit():
             model_info[field] = int(meta[key])
     size, modified = _file(info, state.started)

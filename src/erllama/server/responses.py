@@ -193,7 +193,8 @@ def _input(
         elif kind == "item_reference":
             raise it.bad(
                 "type",
-                "item_reference is not supported: send the item, or chain with previous_response_id",
+                "item_reference is not supported: send the item itself, "
+                "or chain with previous_response_id",
             )
         else:
             raise it.bad(
