@@ -267,6 +267,24 @@ async def test_chaining_with_other_instructions_renders_the_whole_conversation(
     assert second.usage is not None and second.usage.input_tokens == len(reference)
 
 
+async def test_chaining_onto_another_model_renders_the_whole_conversation(
+    server: Server,
+) -> None:
+    """Another vocabulary (another fingerprint): the previous tokens mean nothing there."""
+    async with own_model(server, script="kabo", n_vocab=30_000) as (mid, _), client(server) as c:
+        first = await c.responses.create(model="plain", input="kabo")
+        second = await c.responses.create(model=mid, input="sanu", previous_response_id=first.id)
+        reference = await server.engine.apply_chat_template(
+            mid,
+            [
+                {"role": "user", "content": "kabo"},
+                {"role": "assistant", "content": first.output_text},
+                {"role": "user", "content": "sanu"},
+            ],
+        )
+    assert second.usage is not None and second.usage.input_tokens == len(reference)
+
+
 async def test_an_unknown_previous_response_is_a_400(served: Served) -> None:
     async with client(served) as c:
         with pytest.raises(openai.BadRequestError) as err:

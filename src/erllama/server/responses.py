@@ -12,7 +12,7 @@ sequence's KV at the end. A request naming it in ``previous_response_id`` contin
 those tokens (chaining.py), so every chained turn restores the whole previous context
 from the cache (or the sequence's live KV) instead of prefilling a re-rendered history.
 It renders the whole conversation instead only when it cannot continue the tokens: another
-model, or other ``instructions`` or ``tools`` than the previous response's.
+model (fingerprint), or other ``instructions`` or ``tools`` than the previous response's.
 
 Agents that send their history back every turn (no ``previous_response_id``) still get
 the exact bytes: the ids of every output item of a reply (and its calls' ``call_id``)
@@ -298,6 +298,8 @@ class _Turn:
     instructions: str | None
     template_tools: list[dict[str, Any]] | None
     previous: StoredResponse | None
+    #: The model's effective fingerprint when the request was parsed.
+    fingerprint: str
     store: bool
     echo: dict[str, Any]
 
@@ -349,7 +351,8 @@ async def _parse(body: Fields, state: ServerState, name: str) -> _Turn:
     history = [dict(m) for m in previous.messages] if previous is not None else []
     system = [{"role": "system", "content": effective}] if effective else []
     prompt = None
-    if previous is not None and _continues(previous, model, effective, template_tools):
+    fingerprint = state.engine.model_info(model).effective_fingerprint
+    if previous is not None and _continues(previous, fingerprint, effective, template_tools):
         try:
             prompt = await continuation(state.engine, model, previous.context, new, template_tools)
         except NoContinuation:
@@ -400,6 +403,7 @@ async def _parse(body: Fields, state: ServerState, name: str) -> _Turn:
         instructions=effective,
         template_tools=template_tools,
         previous=previous,
+        fingerprint=fingerprint,
         store=store,
         echo=echo,
     )
@@ -407,14 +411,14 @@ async def _parse(body: Fields, state: ServerState, name: str) -> _Turn:
 
 def _continues(
     previous: StoredResponse,
-    model: str,
+    fingerprint: str,
     instructions: str | None,
     tools: Sequence[Mapping[str, Any]] | None,
 ) -> bool:
-    """Whether the previous context can be continued as it is: same model, and the
-    instructions and tools it was rendered with."""
+    """Whether the previous context can be continued as it is: the same model (weights and
+    adapters, whatever its id), and the instructions and tools it was rendered with."""
     return (
-        previous.model == model
+        previous.fingerprint == fingerprint
         and previous.instructions == instructions
         and list(previous.tools or []) == list(tools or [])
     )
@@ -489,6 +493,7 @@ async def _finish(
                 tools=turn.template_tools,
                 context=done.context,
                 finish_key=done.stats.finish_key,
+                fingerprint=turn.fingerprint,
             )
         )
     return obj

@@ -90,6 +90,9 @@ class StoredResponse:
     #: The token ids in the sequence's KV at the end (``Done.context``).
     context: Sequence[int]
     finish_key: str | None
+    #: The model's effective fingerprint (weights and adapters) when it ran: ``context``
+    #: is continued only on the same one.
+    fingerprint: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -102,6 +105,7 @@ class StoredResponse:
             "tools": list(self.tools) if self.tools is not None else None,
             "context": list(self.context),
             "finish_key": self.finish_key,
+            "fingerprint": self.fingerprint,
         }
 
     @classmethod
@@ -128,6 +132,7 @@ class StoredResponse:
             and isinstance(data.get("context"), list)
             and all(isinstance(t, int) and not isinstance(t, bool) for t in data["context"])
             and _str_or_none(data.get("finish_key"))
+            and _str_or_none(data.get("fingerprint"))
         )
         if not ok:
             raise ValueError("not a stored response")
@@ -141,6 +146,7 @@ class StoredResponse:
             tools=data.get("tools"),
             context=tuple(data["context"]),
             finish_key=data.get("finish_key"),
+            fingerprint=data.get("fingerprint"),
         )
 
 
