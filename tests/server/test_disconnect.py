@@ -57,14 +57,40 @@ async def steps_until_idle(server: Server, model: str, control: StubControl) -> 
     return 99
 
 
+#: The ``api`` label of each route's requests.
+APIS = {
+    "/v1/chat/completions": "openai",
+    "/v1/messages": "anthropic",
+    "/v1/responses": "responses",
+    "/api/chat": "ollama",
+}
+
+
+def responses_body(model: str, **extra: object) -> dict[str, object]:
+    return {"model": model, "input": "hello", **extra}
+
+
+def ollama_body(model: str, num_predict: int) -> dict[str, object]:
+    # Ollama streams unless told not to.
+    return {"model": model, "messages": [{"role": "user", "content": "hello"}],
+            "options": {"num_predict": num_predict}}  # fmt: skip
+
+
+def is_event(line: str) -> bool:
+    """An SSE data line, or one of Ollama's JSON lines."""
+    return line.startswith(("data:", "{"))
+
+
 @pytest.mark.parametrize(("path", "body"), [
     ("/v1/chat/completions", chat_body("", stream=True, max_tokens=200)),
     ("/v1/messages", messages_body("", stream=True, max_tokens=200)),
+    ("/v1/responses", responses_body("", stream=True, max_output_tokens=200)),
+    ("/api/chat", ollama_body("", 200)),
 ])  # fmt: skip
 async def test_a_stream_the_client_leaves_is_cancelled_within_one_step(
     server: Server, path: str, body: dict[str, object]
 ) -> None:
-    api = "anthropic" if path == "/v1/messages" else "openai"
+    api = APIS[path]
     async with own_model(server, control=metered()) as (mid, control):
         before = outcomes(server, api, mid, "disconnected")
         assert control.permits is not None
@@ -73,8 +99,10 @@ async def test_a_stream_the_client_leaves_is_cancelled_within_one_step(
             assert r.status_code == 200
             data_lines = 0
             async for line in r.aiter_lines():
-                data_lines += line.startswith("data:")
-                if data_lines == 3:  # some tokens arrived
+                data_lines += is_event(line)
+                # Tokens arrived: Ollama's first lines are tokens, the others' follow an
+                # opening event or two; the model is then held after its second token.
+                if data_lines == (2 if path == "/api/chat" else 3):
                     break
         # Leaving the block closed the connection mid-stream.
         await wait_for(lambda: control.waiting == 1)  # the model is parked at its next step
@@ -103,6 +131,8 @@ def metric(text: str, name: str, **labels: str) -> float:
 @pytest.mark.parametrize(("path", "body"), [
     ("/v1/chat/completions", chat_body("slow", stream=True, max_tokens=250)),
     ("/v1/messages", messages_body("slow", stream=True, max_tokens=250)),
+    ("/v1/responses", responses_body("slow", stream=True, max_output_tokens=250)),
+    ("/api/chat", ollama_body("slow", 250)),
 ])  # fmt: skip
 async def test_a_stream_the_client_leaves_ends_its_request_in_the_model(
     served: Served, path: str, body: dict[str, object]
@@ -110,7 +140,7 @@ async def test_a_stream_the_client_leaves_ends_its_request_in_the_model(
     """Seen over HTTP only, so it holds on both servers: the "slow" model would stream for
     25 s, but once the client leaves it is idle again and the request counts as
     disconnected."""
-    api = "anthropic" if path == "/v1/messages" else "openai"
+    api = APIS[path]
     labels = {"api": api, "model": "slow", "outcome": "disconnected"}
     async with served.http() as h:
         before = metric((await h.get("/metrics")).text, "erllama_requests_total", **labels)
@@ -118,8 +148,8 @@ async def test_a_stream_the_client_leaves_ends_its_request_in_the_model(
             assert r.status_code == 200
             data_lines = 0
             async for line in r.aiter_lines():
-                data_lines += line.startswith("data:")
-                if data_lines == 3:  # tokens are flowing
+                data_lines += is_event(line)
+                if data_lines == 5:  # tokens are flowing
                     break
         with anyio.fail_after(10):
             while True:

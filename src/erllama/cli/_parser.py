@@ -183,10 +183,11 @@ def _sampling(sp: argparse.ArgumentParser, max_tokens: int) -> None:
 def _serve(sub: Any) -> None:
     s = sub.add_parser(
         "serve",
-        help="serve models over HTTP with OpenAI- and Anthropic-compatible routes",
+        help="serve models over HTTP with OpenAI-, Anthropic- and Ollama-compatible routes",
         description="Serve models over HTTP: OpenAI-compatible /v1/chat/completions, "
-        "/v1/completions, /v1/embeddings and /v1/models, Anthropic-compatible /v1/messages, "
-        "plus /health, /metrics and admin routes. Listens on 127.0.0.1 unless told "
+        "/v1/completions, /v1/embeddings, /v1/models and /v1/responses, Anthropic-compatible "
+        "/v1/messages, Ollama-compatible /api/chat, /api/generate, /api/embed, /api/tags and "
+        "more, plus /health, /metrics and admin routes. Listens on 127.0.0.1 unless told "
         "otherwise. Without --config, serves one model: --model, or the bundled SmolLM2. "
         "Ctrl-C or SIGTERM stops it. See docs/server.md.",
     )

@@ -1,5 +1,5 @@
 """erllama on Ray Serve: N engine replicas behind a token-exact, cache-aware router, and an
-ingress serving the same OpenAI- and Anthropic-compatible routes as ``erllama serve``.
+ingress serving the same OpenAI-, Anthropic- and Ollama-compatible routes as ``erllama serve``.
 
     from ray import serve
     from erllama.ray import ScaleOut, build_application

@@ -1,4 +1,4 @@
-"""The HTTP ingress: ``erllama serve``'s app (every OpenAI and Anthropic route, errors,
+"""The HTTP ingress: ``erllama serve``'s app (every OpenAI, Anthropic and Ollama route, errors,
 streaming, disconnects, metrics, admin) over a :class:`~erllama.ray.fleet.FleetEngine`.
 
 The router of the replicas' handle runs in this process, so every generation request is

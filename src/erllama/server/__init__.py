@@ -1,4 +1,5 @@
-"""``erllama serve``: OpenAI- and Anthropic-compatible HTTP over one engine.
+"""``erllama serve``: OpenAI- (the Responses API too), Anthropic- and Ollama-compatible HTTP
+over one engine.
 
     async with erllama.open_engine(config.engine_config()) as engine:
         async with open_server(engine, config) as server:

@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..errors import ErllamaError
-from . import admin, anthropic, openai
+from . import admin, anthropic, ollama, ollama_models, openai, responses
 from .auth import Gate
 from .config import ServeConfig
 from .errors import ApiError, Dialect, dialect_of, error_response, from_engine, json_response
@@ -78,6 +78,7 @@ def build_app(engine: EnginePort, config: ServeConfig | None = None) -> Starlett
     state = ServerState.create(engine, config)
     oa: Dialect = "openai"
     an: Dialect = "anthropic"
+    ol: Dialect = "ollama"
     routes = [
         Route("/health", _endpoint(health, oa), methods=["GET"]),
         Route("/metrics", _endpoint(metrics, oa), methods=["GET"]),
@@ -88,6 +89,22 @@ def build_app(engine: EnginePort, config: ServeConfig | None = None) -> Starlett
         Route("/v1/embeddings", _endpoint(openai.embeddings, oa), methods=["POST"]),
         Route("/v1/messages", _endpoint(anthropic.messages, an), methods=["POST"]),
         Route("/v1/messages/count_tokens", _endpoint(anthropic.count_tokens, an), methods=["POST"]),
+        Route("/v1/responses", _endpoint(responses.create, oa), methods=["POST"]),
+        Route("/v1/responses/{response_id}", _endpoint(responses.retrieve, oa), methods=["GET"]),
+        Route("/v1/responses/{response_id}", _endpoint(responses.delete, oa), methods=["DELETE"]),
+        Route(
+            "/v1/responses/{response_id}/input_items",
+            _endpoint(responses.input_items, oa),
+            methods=["GET"],
+        ),
+        Route("/api/chat", _endpoint(ollama.chat, ol), methods=["POST"]),
+        Route("/api/generate", _endpoint(ollama.generate, ol), methods=["POST"]),
+        Route("/api/embed", _endpoint(ollama.embed, ol), methods=["POST"]),
+        Route("/api/embeddings", _endpoint(ollama.embeddings, ol), methods=["POST"]),
+        Route("/api/tags", _endpoint(ollama_models.tags, ol), methods=["GET"]),
+        Route("/api/ps", _endpoint(ollama_models.ps, ol), methods=["GET"]),
+        Route("/api/show", _endpoint(ollama_models.show, ol), methods=["POST"]),
+        Route("/api/version", _endpoint(ollama_models.version, ol), methods=["GET"]),
     ]
     if config.server.admin:
         routes += [

@@ -29,6 +29,15 @@ _ROUTES = (
     "/v1/embeddings",
     "/v1/messages",
     "/v1/messages/count_tokens",
+    "/v1/responses",
+    "/api/chat",
+    "/api/generate",
+    "/api/embed",
+    "/api/embeddings",
+    "/api/tags",
+    "/api/ps",
+    "/api/show",
+    "/api/version",
     "/admin/models",
 )
 
@@ -38,6 +47,10 @@ def route_label(path: str) -> str:
     not be able to grow the label set)."""
     if path in _ROUTES:
         return path
+    if path.startswith("/v1/responses/") and path.count("/") == 3:
+        return "/v1/responses/{response_id}"
+    if path.startswith("/v1/responses/") and path.endswith("/input_items") and path.count("/") == 4:
+        return "/v1/responses/{response_id}/input_items"
     for prefix in ("/v1/models/", "/admin/models/"):
         if path.startswith(prefix) and len(path) > len(prefix):
             return prefix + "{model_id}"

@@ -103,7 +103,11 @@ class ServerConfig:
     #: Tool-call ids remembered with the exact reply they came from (least recently used
     #: dropped first).
     tool_call_ids: int = _int_field(4096, 0)
-    #: Temperature of a request that names none (both APIs document 1.0).
+    #: Responses-API responses kept for ``previous_response_id`` and ``GET
+    #: /v1/responses/{id}`` (least recently used dropped first); also files under the
+    #: cache's ``disk_dir`` when it has one, so a restart keeps them. 0: none.
+    stored_responses: int = _int_field(1024, 0)
+    #: Temperature of an OpenAI or Anthropic request that names none (both document 1.0).
     default_temperature: float = _number_field(1.0, 0)
     #: Serve the admin routes (``/admin/models``); they need the API key when one is set.
     admin: bool = True

@@ -4,7 +4,10 @@ Every failure a handler meets becomes an ``ApiError`` (status, kind, message, th
 at fault); the route's dialect renders it:
 
 * OpenAI: ``{"error": {"message", "type", "param", "code"}}``;
-* Anthropic: ``{"type": "error", "error": {"type", "message"}}``.
+* Anthropic: ``{"type": "error", "error": {"type", "message"}}``;
+* Ollama: ``{"error": "message"}`` (what the ``ollama`` clients read and raise).
+
+The Responses API answers in OpenAI's shape.
 
 erllama's own errors map by type (:func:`from_engine`); the table is in docs/server.md.
 """
@@ -43,7 +46,7 @@ __all__ = [
     "json_response",
 ]
 
-Dialect = Literal["openai", "anthropic"]
+Dialect = Literal["openai", "anthropic", "ollama"]
 Kind = Literal[
     "invalid_request",
     "authentication",
@@ -204,6 +207,8 @@ def from_engine(exc: ErllamaError, params: Mapping[str, str] | None = None) -> A
 
 
 def error_body(err: ApiError, dialect: Dialect) -> dict[str, Any]:
+    if dialect == "ollama":
+        return {"error": err.message}
     if dialect == "anthropic":
         return {
             "type": "error",
@@ -232,5 +237,10 @@ def error_response(err: ApiError, dialect: Dialect) -> Response:
 
 
 def dialect_of(path: str) -> Dialect:
-    """Which API's error shape a path answers in: Anthropic's under /v1/messages."""
-    return "anthropic" if path.startswith("/v1/messages") else "openai"
+    """Which API's error shape a path answers in: Anthropic's under /v1/messages, Ollama's
+    under /api/, else OpenAI's."""
+    if path.startswith("/v1/messages"):
+        return "anthropic"
+    if path.startswith("/api/"):
+        return "ollama"
+    return "openai"

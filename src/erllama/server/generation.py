@@ -1,4 +1,4 @@
-"""What both APIs share: a chat request in neutral form, started on the engine, and its
+"""What every API shares: a chat request in neutral form, started on the engine, and its
 events as API-neutral pieces.
 
 Each API module parses its own wire shape into a :class:`ChatJob`, calls :func:`start`,
@@ -10,7 +10,7 @@ calls, its exact text is stored under their ids (see toolcalls.py).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any, Literal
 
@@ -43,6 +43,7 @@ __all__ = [
     "collect",
     "extension",
     "pieces",
+    "reply_text",
     "reply_unless_disconnected",
     "start",
     "stream_error",
@@ -73,6 +74,12 @@ class ChatJob:
     options: dict[str, Any] = attrs.field(factory=dict)
     #: API parameter names for the engine's (``prompt`` -> ``messages``).
     renames: Mapping[str, str] = attrs.field(factory=dict)
+    #: The prompt's token ids when the API built them itself (a chained request continuing
+    #: a previous context, a raw prompt); None: render ``messages`` with the template.
+    prompt: Sequence[int] | None = None
+    #: A context smaller than the model's the request must fit in, prompt and reply
+    #: (Ollama's ``num_ctx``); ``renames["context_limit"]`` names it in errors.
+    context_limit: int | None = None
 
     @property
     def parses_calls(self) -> bool:
@@ -138,6 +145,21 @@ def _grammar(state: ServerState, job: ChatJob) -> str | None:
     return None
 
 
+def _within(job: ChatJob, prompt_tokens: int) -> dict[str, Any]:
+    """The job's engine options, the reply capped to what ``context_limit`` leaves."""
+    limit = job.context_limit
+    if limit is None:
+        return job.options
+    room = limit - prompt_tokens
+    if room < 1:
+        raise ApiError.bad_param(
+            job.renames.get("context_limit", "context_limit"),
+            f"the prompt is {prompt_tokens} tokens, which leaves no room in {limit}",
+        )
+    asked = job.options.get("max_tokens")
+    return {**job.options, "max_tokens": room if asked is None else min(asked, room)}
+
+
 async def start(state: ServerState, job: ChatJob, track: Track) -> Started:
     """Render the prompt and queue the request; ApiError (404, 429, 503, 400 naming the
     parameter) before anything runs."""
@@ -148,8 +170,11 @@ async def start(state: ServerState, job: ChatJob, track: Track) -> Started:
         renames["grammar"] = "tool_choice"  # the grammar is the forced call's
     try:
         grammar = _grammar(state, job)
-        prompt = await engine.apply_chat_template(job.model, job.messages, None, job.tools)
-        stream = await engine.infer(job.model, prompt, grammar=grammar, **job.options)
+        prompt = job.prompt
+        if prompt is None:
+            prompt = await engine.apply_chat_template(job.model, job.messages, None, job.tools)
+        options = _within(job, len(prompt))
+        stream = await engine.infer(job.model, prompt, grammar=grammar, **options)
     except ErllamaError as exc:
         raise from_engine(exc, renames) from exc
     return Started(job=job, stream=stream, prompt_tokens=len(prompt), track=track)
@@ -193,7 +218,7 @@ async def pieces(
                 if open_call:  # cut off inside a call (max_tokens): the text is the answer's
                     yield Text("".join(open_call))
                 if calls:
-                    reply = await _reply_text(state, job.model, ev, raw)
+                    reply = await reply_text(state, job.model, ev, raw)
                     state.store.remember(job.model, calls, reply)
                 finish: Finish
                 if ev.finish_reason == "cancelled":
@@ -209,7 +234,7 @@ async def pieces(
         raise from_engine(exc, job.renames) from exc
 
 
-async def _reply_text(state: ServerState, model: str, done: Done, raw: list[str]) -> str:
+async def reply_text(state: ServerState, model: str, done: Done, raw: Sequence[str]) -> str:
     """The reply exactly as the model generated it: the text of its token ids (thinking,
     markers and any stop string included), which is what the engine remembers for exact
     replay. If the model went away meanwhile, the streamed text in order."""

@@ -101,17 +101,20 @@ async def open_server(engine: EnginePort, config: ServeConfig) -> AsyncIterator[
     host = f"[{server.host}]" if ":" in server.host else server.host
     running = RunningServer(url=f"http://{host}:{port}", host=server.host, port=port, app=app)
     body_error: BaseException | None = None
-    async with anyio.create_task_group() as tg:
-        await tg.start(serve_http, app, hc)
-        try:
-            yield running
-        except anyio.get_cancelled_exc_class():
-            raise
-        except BaseException as exc:
-            # Re-raised below, outside the task group: the caller sees its own exception,
-            # not an exception group around it.
-            body_error = exc
-        finally:
-            tg.cancel_scope.cancel()
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve_http, app, hc)
+            try:
+                yield running
+            except anyio.get_cancelled_exc_class():
+                raise
+            except BaseException as exc:
+                # Re-raised below, outside the task group: the caller sees its own
+                # exception, not an exception group around it.
+                body_error = exc
+            finally:
+                tg.cancel_scope.cancel()
+    finally:
+        running.state.responses.close()  # no request is left to use it
     if body_error is not None:
         raise body_error

@@ -1,8 +1,9 @@
-"""Server-sent events, and noticing that a client went away.
+"""Server-sent events (and Ollama's JSON lines), and noticing that a client went away.
 
 Hand-written rather than sse-starlette: that package's shutdown watcher is a detached
 asyncio task (it never starts on trio and outlives the response on asyncio), and an event
-stream is a few lines. Each API's encoder is here; :class:`EventStreamResponse` sends them.
+stream is a few lines. Each API's encoder is here; :class:`EventStreamResponse` sends them,
+and :class:`NdjsonResponse` sends Ollama's ``application/x-ndjson`` the same way.
 
 A client that disconnects must cancel its request inside the model. Hypercorn reports the
 disconnect as an ``http.disconnect`` message; a response therefore listens for it beside
@@ -23,9 +24,12 @@ from starlette.types import Receive, Scope, Send
 
 __all__ = [
     "EventStreamResponse",
+    "NdjsonResponse",
     "anthropic_event",
+    "ndjson_line",
     "openai_done",
     "openai_event",
+    "typed_event",
     "unless_disconnected",
 ]
 
@@ -45,9 +49,19 @@ def openai_done() -> str:
     return "data: [DONE]\n\n"
 
 
+def typed_event(obj: dict[str, Any]) -> str:
+    """An event named by its ``type`` (Anthropic's and the Responses API's streams)."""
+    return f"event: {obj['type']}\ndata: {_json(obj)}\n\n"
+
+
 def anthropic_event(obj: dict[str, Any]) -> str:
     """An event named by its ``type``: the Anthropic SDK drops events without a name."""
-    return f"event: {obj['type']}\ndata: {_json(obj)}\n\n"
+    return typed_event(obj)
+
+
+def ndjson_line(obj: Any) -> str:
+    """One JSON object on one line (Ollama's streams)."""
+    return _json(obj) + "\n"
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
@@ -106,6 +120,13 @@ class EventStreamResponse(Response):
             # lets the disconnect be noticed however many events are buffered.
             await anyio.lowlevel.checkpoint()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class NdjsonResponse(EventStreamResponse):
+    """``application/x-ndjson`` from an async iterator of lines (:func:`ndjson_line`), with
+    the disconnect handling and ``cleanup`` of :class:`EventStreamResponse`."""
+
+    media_type = "application/x-ndjson"
 
 
 async def unless_disconnected(request: Request, work: Callable[[], Awaitable[T]]) -> T | None:

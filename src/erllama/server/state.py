@@ -1,9 +1,11 @@
-"""What every route shares: the engine, the config, the tool-call store and the metrics."""
+"""What every route shares: the engine, the config, the tool-call store, the stored
+responses and the metrics."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import attrs
 
@@ -14,6 +16,7 @@ from .config import ServeConfig
 from .errors import RETRY_AFTER_S, ApiError
 from .metrics import Metrics
 from .port import EnginePort
+from .stored import ResponseStore
 from .toolcalls import DEFAULT_MARKERS, ToolCallStore
 
 __all__ = ["ServerState"]
@@ -27,6 +30,8 @@ class ServerState:
     config: ServeConfig
     metrics: Metrics
     store: ToolCallStore
+    #: Responses-API responses by id (``previous_response_id``, ``GET /v1/responses/{id}``).
+    responses: ResponseStore
     #: The config each model was loaded with (from the config file or an admin load), for
     #: its tool-call markers.
     model_configs: dict[str, ModelConfig] = attrs.Factory(dict)
@@ -43,6 +48,7 @@ class ServerState:
             config=config,
             metrics=Metrics(engine),
             store=ToolCallStore(config.server.tool_call_ids),
+            responses=ResponseStore(config.server.stored_responses, _responses_dir(config)),
             model_configs=dict(config.models),
         )
 
@@ -105,3 +111,11 @@ class ServerState:
 
     def remember_configs(self, configs: Mapping[str, ModelConfig]) -> None:
         self.model_configs.update(configs)
+
+
+def _responses_dir(config: ServeConfig) -> Path | None:
+    """Stored responses persist beside the cache's persistent rows, when there are any."""
+    cache = config.cache
+    if not cache.enabled or cache.disk_dir is None:
+        return None
+    return cache.disk_dir / "responses"
