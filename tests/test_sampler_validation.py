@@ -36,14 +36,29 @@ pytestmark = pytest.mark.anyio
         ("max_tokens", "10"),
         ("grammar", ""),
         ("parent_key", "not-hex"),
+        ("presence_penalty", 2.5),
+        ("presence_penalty", math.nan),
+        ("frequency_penalty", -3),
+        ("penalty_last_n", -2),
+        ("penalty_last_n", 1.5),
+        ("logit_bias", [1, 2]),
+        ("logit_bias", {"x": 1.0}),
+        ("logit_bias", {"-1": 1.0}),
+        ("logit_bias", {10**9: 1.0}),  # outside the vocabulary
+        ("logit_bias[5]", {5: 101.0}),
+        ("logit_bias[5]", {"5": math.inf}),
+        ("logprobs", -1),
+        ("logprobs", 21),
+        ("logprobs", True),
     ],
 )
 async def test_out_of_range_values_raise_invalid_request_naming_the_parameter(
     engine: erllama.Engine, param: str, value: object
 ) -> None:
     mid = await engine.load_model("m", stub_config())
+    keyword = param.split("[")[0]
     with pytest.raises(erllama.InvalidRequest) as exc:
-        await engine.infer(mid, "hello", **{param: value})  # type: ignore[arg-type]
+        await engine.infer(mid, "hello", **{keyword: value})  # type: ignore[arg-type]
     assert exc.value.param == param
     assert engine.model_info(mid).queue_len == 0
     assert (await engine.complete(mid, "hello", max_tokens=1)).token_ids
@@ -89,3 +104,32 @@ async def test_text_that_is_not_valid_unicode_is_a_bad_request(
         await call(engine, mid)  # type: ignore[operator]
     assert exc.value.param == param
     assert (await engine.complete(mid, "still serving", max_tokens=2)).token_ids
+
+
+async def test_a_logit_bias_bans_and_forces_tokens(engine: erllama.Engine) -> None:
+    mid = await engine.load_model("m", stub_config())
+    plain = await engine.complete(mid, "hello there", max_tokens=6)
+    banned = await engine.complete(
+        mid, "hello there", max_tokens=6, logit_bias={plain.token_ids[0]: -100}
+    )
+    assert banned.token_ids[0] != plain.token_ids[0]
+    assert plain.token_ids[0] not in banned.token_ids
+    forced = await engine.complete(
+        mid, "hello there", max_tokens=3, logit_bias={str(plain.token_ids[2]): 100}
+    )
+    assert forced.token_ids == (plain.token_ids[2],) * 3
+
+
+async def test_logprobs_come_with_each_answer_token(engine: erllama.Engine) -> None:
+    mid = await engine.load_model("m", stub_config())
+    plain = await engine.complete(mid, "hello there", max_tokens=5)
+    done = await engine.complete(mid, "hello there", max_tokens=5, logprobs=3)
+    assert done.token_ids == plain.token_ids  # asking for them changes nothing else
+    assert [lp.token_id for lp, _ in done.logprobs] == list(done.token_ids)
+    for lp, top in done.logprobs:
+        assert lp.logprob <= 0 and len(top) == 3
+        assert [t.logprob for t in top] == sorted((t.logprob for t in top), reverse=True)
+        assert top[0].token_id == lp.token_id  # the stub ranks its pick first
+    stream = await engine.infer(mid, "hello there", max_tokens=5)
+    tokens = [ev async for ev in stream if isinstance(ev, erllama.Token)]
+    assert tokens and all(t.logprob is None and t.top_logprobs == () for t in tokens)

@@ -44,6 +44,7 @@ from .events import Stats as Stats
 from .events import ThinkingDelta as ThinkingDelta
 from .events import ThinkingEnd as ThinkingEnd
 from .events import Token as Token
+from .events import TokenLogprob as TokenLogprob
 from .events import ToolCallDelta as ToolCallDelta
 from .events import ToolCallEnd as ToolCallEnd
 from .plugins import make_backend_registry as make_backend_registry
@@ -96,6 +97,7 @@ __all__ = [
     "ThinkingEnd",
     "ThinkingMarkers",
     "Token",
+    "TokenLogprob",
     "ToolCallDelta",
     "ToolCallEnd",
     "ToolCallMarkers",

@@ -11,6 +11,7 @@ __all__ = [
     "AdapterInfo",
     "CacheDelta",
     "CachedPrefix",
+    "CachedRow",
     "CacheHit",
     "CacheHitKind",
     "Completion",
@@ -24,6 +25,7 @@ __all__ = [
     "ThinkingDelta",
     "ThinkingEnd",
     "Token",
+    "TokenLogprob",
     "ToolCallDelta",
     "ToolCallEnd",
 ]
@@ -38,6 +40,21 @@ ModelStatus = Literal["loading", "idle", "prefilling", "generating", "failed", "
 
 
 @attrs.frozen(kw_only=True)
+class TokenLogprob:
+    """A token and its log-probability under the model's own distribution (log-softmax of
+    the raw logits, before temperature, penalties or any other sampler stage)."""
+
+    token_id: int
+    #: The token's own bytes (a piece of a multi-byte character is not valid UTF-8 alone).
+    piece: bytes
+    logprob: float
+
+    @property
+    def text(self) -> str:
+        return self.piece.decode("utf-8", errors="replace")
+
+
+@attrs.frozen(kw_only=True)
 class Token:
     """One generated answer token and the text released with it.
 
@@ -45,10 +62,16 @@ class Token:
     start of a stop string, is held and released with a later token (so ``text`` may be
     empty); what is still held when generation ends comes with the last event before
     ``Done``. The end-of-generation token itself is never streamed.
+
+    With ``logprobs=N`` on the request: ``logprob`` is this token's, and ``top_logprobs``
+    the N most likely tokens at its position (an event that only releases held text, at
+    the end, carries none).
     """
 
     text: str
     token_id: int
+    logprob: TokenLogprob | None = None
+    top_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @attrs.frozen(kw_only=True)
@@ -180,6 +203,8 @@ class Completion:
     thinking_signature: str | None = None
     #: Each tool call's exact text, markers included, in order.
     tool_calls: tuple[str, ...] = ()
+    #: With ``logprobs=N``: each answer token's log-probability and its N alternatives.
+    logprobs: tuple[tuple[TokenLogprob, tuple[TokenLogprob, ...]], ...] = ()
 
     @classmethod
     def build(
@@ -190,6 +215,7 @@ class Completion:
         thinking: str = "",
         thinking_signature: str | None = None,
         tool_calls: tuple[str, ...] = (),
+        logprobs: tuple[tuple[TokenLogprob, tuple[TokenLogprob, ...]], ...] = (),
     ) -> Completion:
         st = done.stats
         return cls(
@@ -204,6 +230,7 @@ class Completion:
             thinking=thinking,
             thinking_signature=thinking_signature,
             tool_calls=tool_calls,
+            logprobs=logprobs,
         )
 
     @property

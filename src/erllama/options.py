@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TypedDict
 
 __all__ = ["RequestOptions", "SamplingOptions"]
@@ -22,6 +22,11 @@ class SamplingOptions(TypedDict, total=False):
     top_p: float
     min_p: float
     repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    penalty_last_n: int
+    logit_bias: Mapping[int | str, float] | None
+    logprobs: int | None
     seed: int | None
     grammar: str | None
     stop: str | Sequence[str] | None

@@ -11,7 +11,16 @@ import anyio
 import anyio.lowlevel
 import attrs
 
-from .events import Completion, Done, Event, ThinkingDelta, ThinkingEnd, Token, ToolCallEnd
+from .events import (
+    Completion,
+    Done,
+    Event,
+    ThinkingDelta,
+    ThinkingEnd,
+    Token,
+    TokenLogprob,
+    ToolCallEnd,
+)
 
 __all__ = ["Channel", "Failure", "InferStream"]
 
@@ -150,6 +159,7 @@ class InferStream:
         thinking: list[str] = []
         signature: str | None = None
         tool_calls: list[str] = []
+        logprobs: list[tuple[TokenLogprob, tuple[TokenLogprob, ...]]] = []
         try:
             while True:
                 try:
@@ -158,6 +168,8 @@ class InferStream:
                     break
                 if isinstance(event, Token):
                     text.append(event.text)
+                    if event.logprob is not None:
+                        logprobs.append((event.logprob, event.top_logprobs))
                 elif isinstance(event, ThinkingDelta):
                     thinking.append(event.text)
                 elif isinstance(event, ThinkingEnd):
@@ -176,6 +188,7 @@ class InferStream:
             thinking="".join(thinking),
             thinking_signature=signature,
             tool_calls=tuple(tool_calls),
+            logprobs=tuple(logprobs),
         )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp as L
+import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ConfigError, InvalidRequest
@@ -395,7 +397,19 @@ class LlamaModel:
                     results.append(SeqFailed(seq=op.seq, error=err))
                     continue
                 rows.append((op.seq, (tok,), True))
-                results.append(Sampled(seq=op.seq, token=tok, eog=tok in self.eog))
+                if op.logprobs is None:
+                    results.append(Sampled(seq=op.seq, token=tok, eog=tok in self.eog))
+                else:
+                    lp, top = self._logprobs(row, tok, op.logprobs)
+                    results.append(
+                        Sampled(
+                            seq=op.seq,
+                            token=tok,
+                            eog=tok in self.eog,
+                            logprob=lp,
+                            top_logprobs=top,
+                        )
+                    )
                 if on_sampled is not None:
                     on_sampled(op.seq, tok)  # streamed now, a forward pass earlier
         for op in ops:
@@ -453,7 +467,23 @@ class LlamaModel:
         self.logits_row.update(new_rows)
 
     def sampler_new(self, params: SamplerParams) -> Sampler:
-        return new_sampler(self.vocab, params)
+        return new_sampler(self.vocab, params, self.n_ctx_seq)
+
+    def _logprobs(
+        self, row: int, token: int, top: int
+    ) -> tuple[float, tuple[tuple[int, float], ...]]:
+        """``token``'s log-probability under the raw logits of batch ``row`` (log-softmax,
+        before any sampler stage), and the ``top`` most likely tokens with theirs."""
+        ptr = L.llama_get_logits_ith(self.ctx, row)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
+        peak = float(logits.max())
+        log_z = peak + math.log(float(np.exp(logits - peak).sum()))
+        alternatives: tuple[tuple[int, float], ...] = ()
+        if top > 0:
+            best = np.argpartition(-logits, top - 1)[:top]
+            best = best[np.argsort(-logits[best], kind="stable")]
+            alternatives = tuple((int(t), float(logits[t]) - log_z) for t in best)
+        return float(logits[token]) - log_z, alternatives
 
     # ---- sequence state -------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """llama.cpp sampler chains for requests, and grammar errors carried in the typed error.
 
-Chain order: grammar -> repetition penalty -> top-k -> top-p -> min-p -> temperature ->
-seeded draw, or greedy. A request that draws also gets a greedy twin for tool-call syntax.
+Chain order: grammar -> logit bias -> penalties (repetition, frequency, presence) -> top-k ->
+top-p -> min-p -> temperature -> seeded draw, or greedy. A request that draws also gets a
+greedy twin for tool-call syntax.
 """
 
 from __future__ import annotations
@@ -76,21 +77,26 @@ class Sampler:
                 setattr(self, name, None)
 
 
-def new_sampler(vocab: Any, params: SamplerParams) -> Sampler:
-    """A request's sampler chain, and its greedy twin when it draws (temperature > 0)."""
-    sampler = Sampler(_chain(vocab, params, greedy=params.temperature <= 0))
+def new_sampler(vocab: Any, params: SamplerParams, n_ctx: int) -> Sampler:
+    """A request's sampler chain, and its greedy twin when it draws (temperature > 0).
+    ``n_ctx``: a sequence's context, the penalties' window when ``penalty_last_n`` is -1.
+
+    The penalties count the tokens the sampler has picked (the reply so far), not the
+    prompt's."""
+    sampler = Sampler(_chain(vocab, params, n_ctx, greedy=params.temperature <= 0))
     try:
         if params.temperature > 0:
-            sampler.greedy_ptr = _chain(vocab, params, greedy=True)
+            sampler.greedy_ptr = _chain(vocab, params, n_ctx, greedy=True)
     except BaseException:
         sampler.free()
         raise
     return sampler
 
 
-def _chain(vocab: Any, params: SamplerParams, *, greedy: bool) -> Any:
-    """grammar -> repetition penalty -> (greedy: argmax | top-k -> top-p -> min-p ->
+def _chain(vocab: Any, params: SamplerParams, n_ctx: int, *, greedy: bool) -> Any:
+    """grammar -> logit bias -> penalties -> (greedy: argmax | top-k -> top-p -> min-p ->
     temperature -> seeded draw)."""
+    n_vocab = int(L.llama_vocab_n_tokens(vocab))
     chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
     try:
         if params.grammar is not None:
@@ -100,9 +106,27 @@ def _chain(vocab: Any, params: SamplerParams, *, greedy: bool) -> Any:
                 detail = " ".join(said().split()) or "llama.cpp could not parse it"
                 raise InvalidRequest("grammar", f"GBNF does not parse: {detail}")
             L.llama_sampler_chain_add(chain, g)
-        if params.repetition_penalty != 1.0:
+        if params.logit_bias:
+            biases = (L.llama_logit_bias * len(params.logit_bias))(
+                *(L.llama_logit_bias(token, bias) for token, bias in params.logit_bias)
+            )
+            # llama.cpp copies the array: ``biases`` may go when this returns.
             L.llama_sampler_chain_add(
-                chain, L.llama_sampler_init_penalties(64, params.repetition_penalty, 0.0, 0.0)
+                chain, L.llama_sampler_init_logit_bias(n_vocab, len(params.logit_bias), biases)
+            )
+        if params.penalized:
+            # llama.cpp 0.3.36: (n_vocab, last_n, repeat, freq, present). It reads a
+            # negative last_n as 0 (off): the whole context is n_ctx tokens.
+            last_n = n_ctx if params.penalty_last_n < 0 else params.penalty_last_n
+            L.llama_sampler_chain_add(
+                chain,
+                L.llama_sampler_init_penalties(
+                    n_vocab,
+                    last_n,
+                    params.repetition_penalty,
+                    params.frequency_penalty,
+                    params.presence_penalty,
+                ),
             )
         if greedy:
             # top-k/p and min-p never change the most likely token.

@@ -296,6 +296,7 @@ def load(config: ModelConfig) -> LoadedModel:
         eog_tokens=frozenset({EOS}),
         metadata={"architecture": "stub", "n_vocab": str(n_vocab)},
         chat_template=opts.get("chat_template"),
+        features=frozenset({"logprobs"}),
     )
 
 
@@ -377,7 +378,25 @@ def _next_token(model: StubModel, seq: _Seq, sampler: _Sampler | None, greedy: b
     control = model.control
     if control.fail_at == "sample" and params is not None and params.seed == control.fail_seed:
         raise OverflowError("stub: injected sampler overflow")
+    if params is not None and params.logit_bias:
+        # A bias of 100 forces its token; -100 bans one (re-picked below).
+        forced = [t for t, b in params.logit_bias if b >= 100]
+        if forced:
+            return forced[0]
+    banned = {t for t, b in params.logit_bias if b <= -100} if params is not None else set()
+    for attempt in range(64):
+        tok = _pick(h if attempt == 0 else _mix(h, attempt), span, params, greedy)
+        if tok not in banned:
+            return tok
+    return EOS
+
+
+def _pick(h: int, span: int, params: SamplerParams | None, greedy: bool) -> int:
+    """The stub's token for context hash ``h``: greedy, or a seeded draw that depends on
+    every sampler setting (so each one changes what the stub says)."""
     if params is None or params.temperature == 0 or greedy:
+        if params is not None and params.penalized:
+            h = _mix(h, _penalty_salt(params))
         return WORD_BASE + h % span
     pool = params.top_k or 64
     salt = _mix(
@@ -387,8 +406,35 @@ def _next_token(model: StubModel, seq: _Seq, sampler: _Sampler | None, greedy: b
         round(params.min_p * 1000),
         round(params.repetition_penalty * 1000),
     )
+    if params.presence_penalty or params.frequency_penalty:
+        salt = _mix(salt, _penalty_salt(params))
     pick = _mix(h, salt) % pool
     return WORD_BASE + _mix(h, pick) % span
+
+
+def _penalty_salt(params: SamplerParams) -> int:
+    if not params.penalized:
+        return 0
+    return _mix(
+        round(params.repetition_penalty * 1000),
+        round(params.presence_penalty * 1000) & 0xFFFF,
+        round(params.frequency_penalty * 1000) & 0xFFFF,
+        params.penalty_last_n & 0xFFFFFF,
+    )
+
+
+def _fake_logprobs(
+    h: int, token: int, span: int, top: int
+) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """Deterministic stand-ins for log-probabilities: the picked token ranked first, the
+    alternatives below it, all <= 0 and most likely first."""
+    first = -0.05 - (h % 1000) / 10_000
+    alternatives = [(token, first)]
+    for i in range(1, top):
+        other = WORD_BASE + _mix(h, i) % span
+        if all(other != t for t, _ in alternatives):
+            alternatives.append((other, first - 0.5 * i))
+    return first, tuple(alternatives[:top])
 
 
 @hookimpl
@@ -466,8 +512,17 @@ def _step(
                 _park(control, control.forward_gate.wait)
             if sampler is not None:
                 sampler.generated.append(tok)
+            if op.logprobs is None:
+                result = Sampled(seq=op.seq, token=tok, eog=tok == EOS)
+            else:
+                lp, top = _fake_logprobs(
+                    _mix(seq.rolling[-1], 0x106), tok, model.n_vocab - WORD_BASE, op.logprobs
+                )
+                result = Sampled(
+                    seq=op.seq, token=tok, eog=tok == EOS, logprob=lp, top_logprobs=top
+                )
             seq.append(tok)
-            results.append(Sampled(seq=op.seq, token=tok, eog=tok == EOS))
+            results.append(result)
         else:
             raise TypeError(f"unknown op {op!r}")
     return results

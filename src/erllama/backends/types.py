@@ -49,6 +49,10 @@ class LoadedModel:
     #: tool-call markers from it (``<think>``, ``<tool_call>`` ...) unless the config names
     #: them.
     chat_template: str | None = None
+    #: What ``step`` offers beyond sampling: ``"logprobs"`` when it fills
+    #: ``Sampled.logprob`` for a ``Decode`` that asks (requests for them are refused with
+    #: NotSupported otherwise).
+    features: frozenset[str] = frozenset()
 
 
 @attrs.frozen(kw_only=True)
@@ -80,6 +84,10 @@ class Decode:
     #: so the call's bytes are deterministic. The sampler must still account the token
     #: (grammar state, penalty window) as if it had drawn it.
     greedy: bool = False
+    #: Report the sampled token's log-probability under the model's own distribution
+    #: (log-softmax of the raw logits, before the sampler's changes) and this many most
+    #: likely alternatives; None: nothing (backends with the ``logprobs`` feature only).
+    logprobs: int | None = None
 
 
 StepOp = Prefill | Decode
@@ -97,6 +105,10 @@ class Sampled:
     token: int
     #: The token ends generation (it is still decoded into the KV).
     eog: bool
+    #: When the op asked: the token's log-probability, and the most likely tokens with
+    #: theirs, most likely first.
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @attrs.frozen(kw_only=True)

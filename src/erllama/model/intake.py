@@ -134,6 +134,25 @@ def check_budget(value: object) -> int | None:
     return value
 
 
+def check_bias_ids(bias: Sequence[tuple[int, float]], n_vocab: int) -> None:
+    """Every token a logit bias names is in the vocabulary."""
+    for token, _ in bias:
+        if token >= n_vocab:
+            raise InvalidRequest(
+                "logit_bias", f"token id {token} is outside the vocabulary (0..{n_vocab - 1})"
+            )
+
+
+def check_logprobs(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(
+            "logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}] or None, got {value!r}"
+        )
+    return value
+
+
 def check_session(value: object) -> str | None:
     if value is None:
         return None
@@ -145,7 +164,21 @@ def check_session(value: object) -> str | None:
 
 
 #: The sampler's keywords (see :class:`~erllama.sampling.SamplerParams`).
-_SAMPLER_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "grammar")
+_SAMPLER_KEYS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "penalty_last_n",
+    "logit_bias",
+    "grammar",
+)
+
+#: Most alternatives a token's log-probabilities may list (OpenAI's ``top_logprobs`` limit).
+MAX_TOP_LOGPROBS = 20
 
 
 @attrs.frozen(kw_only=True)
@@ -167,6 +200,9 @@ class RequestArgs:
     session_id: str | None = None
     parent_key: bytes | None = None
     add_special: bool = True
+    #: Report each generated token's log-probability and this many alternatives (0: the
+    #: token's own only); None: none.
+    logprobs: int | None = None
 
     @classmethod
     def build(cls, **kwargs: Any) -> RequestArgs:
@@ -187,6 +223,7 @@ class RequestArgs:
             session_id=check_session(kwargs.get("session_id")),
             parent_key=parse_parent_key(kwargs.get("parent_key")),
             add_special=check_flag(kwargs.get("add_special", True), "add_special"),
+            logprobs=check_logprobs(kwargs.get("logprobs")),
         )
 
     @staticmethod

@@ -16,7 +16,15 @@ import hashlib
 import hmac
 from collections.abc import Callable, Iterable
 
-from ..events import Event, ThinkingDelta, ThinkingEnd, Token, ToolCallDelta, ToolCallEnd
+from ..events import (
+    Event,
+    ThinkingDelta,
+    ThinkingEnd,
+    Token,
+    TokenLogprob,
+    ToolCallDelta,
+    ToolCallEnd,
+)
 from .spans import Markers, Span, SpanTracker
 from .stops import StopMatcher
 
@@ -91,6 +99,9 @@ class Output:
         self._tool = _decoder()
         self._tool_parts: list[str] = []
         self._last_text_id: int | None = None
+        #: The log-probabilities of the token being turned into events (None: not asked).
+        self._logprob: TokenLogprob | None = None
+        self._top: tuple[TokenLogprob, ...] = ()
         #: The stop string that matched (the request must end now).
         self.stop_sequence: str | None = None
         #: Tokens the engine must feed into the sequence before it decodes again: a thinking
@@ -103,12 +114,26 @@ class Output:
         bytes are deterministic from a given prefix and replay to the same tokens."""
         return self._spans is not None and self._spans.span == "tool"
 
-    def token(self, token: int, eog: bool, out: list[Event]) -> bool:
+    def token(
+        self,
+        token: int,
+        eog: bool,
+        out: list[Event],
+        logprob: float | None = None,
+        top: tuple[tuple[int, float], ...] = (),
+    ) -> bool:
         """Append the events for one sampled token to ``out``; True when a stop string
-        matched (the request ends here)."""
+        matched (the request ends here). ``logprob`` and ``top``: the token's log-probability
+        and its alternatives, when the request asked for them (answer tokens carry them)."""
         if eog:
             return False
         piece = self._pieces(token)
+        if logprob is not None:
+            pieces = self._pieces
+            self._logprob = TokenLogprob(token_id=token, piece=piece, logprob=logprob)
+            self._top = tuple(
+                TokenLogprob(token_id=t, piece=pieces(t), logprob=lp) for t, lp in top
+            )
         if self._spans is None:
             return self._answer(piece, token, out)
         text = bytearray()
@@ -123,7 +148,9 @@ class Output:
                 self._other(what, span, data, out)
         if thought:
             self._count_thought(out)
-        return bool(text) and self._answer(bytes(text), token, out)
+        matched = bool(text) and self._answer(bytes(text), token, out)
+        self._logprob, self._top = None, ()  # a thinking or tool-call token's: not kept
+        return matched
 
     def finish(self, out: list[Event]) -> None:
         """The request ended: release what is held; close an open span."""
@@ -148,15 +175,17 @@ class Output:
         if token is None:
             return False
         self._last_text_id = token
+        logprob, top = self._logprob, self._top
+        self._logprob, self._top = None, ()  # one token's, never repeated on a flush
         stops = self._stops
+        matched = False
         if stops is not None:
             data = stops.feed(data)
             if stops.matched is not None:
                 self.stop_sequence = stops.matched
-                out.append(Token(text=self._text(data), token_id=token))
-                return True
-        out.append(Token(text=self._text(data), token_id=token))
-        return False
+                matched = True
+        out.append(Token(text=self._text(data), token_id=token, logprob=logprob, top_logprobs=top))
+        return matched
 
     def _thinking(self, data: bytes, out: list[Event]) -> None:
         self._think_bytes += data

@@ -46,6 +46,7 @@ class RequestSpec:
     thinking: bool = False
     thinking_budget: int | None = None
     session: str | None = None
+    logprobs: int | None = None
 
 
 @attrs.define(eq=False)

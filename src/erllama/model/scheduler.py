@@ -94,6 +94,8 @@ class Job(Generic[R]):
     session: str | None = None
     #: The backend sampler its decodes use (opaque; None = greedy).
     sampler: object = None
+    #: Its decodes ask for log-probabilities with this many alternatives (None: none).
+    logprobs: int | None = None
     state: JobState = JobState.QUEUED
     seq: int | None = None
     #: Tokens still to feed into the KV: the prompt's rest, or tokens the engine inserts
@@ -146,6 +148,9 @@ class Sampled(Generic[R]):
     token: int
     eog: bool
     finish: FinishReason | None
+    #: The backend's log-probabilities for it, when the job asked.
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @attrs.frozen
@@ -402,7 +407,11 @@ class Scheduler(Generic[R, B]):
                 if job.cursor:
                     feeders.append(job)
                 elif job.max_tokens != 0:
-                    ops.append(Decode(seq=seq, sampler=job.sampler, greedy=job.greedy))
+                    ops.append(
+                        Decode(
+                            seq=seq, sampler=job.sampler, greedy=job.greedy, logprobs=job.logprobs
+                        )
+                    )
                     budget -= 1
             # Shortest remaining first: a short prompt that arrives while a long one prefills
             # is fed whole at once (and samples next step) instead of waiting for the long
@@ -467,7 +476,10 @@ class Scheduler(Generic[R, B]):
                     job.n_context += 1
                     job.n_generated += 1
                     is_eog = res.eog or res.token in eog
-                    sampled.append(Sampled(job, res.token, is_eog, self._natural_end(job, is_eog)))
+                    end = self._natural_end(job, is_eog)
+                    sampled.append(
+                        Sampled(job, res.token, is_eog, end, res.logprob, res.top_logprobs)
+                    )
             return StepOutputs(tuple(fed), tuple(sampled), tuple(failed))
 
     def insert(self, job: Job[R], tokens: Sequence[int]) -> bool:

@@ -417,14 +417,22 @@ class ModelThread:
         the step has sampled, the loop gets them all in one wake-up."""
         assert self._sched is not None
         job = self._sched.job_on(seq)
-        if job is not None and not job.cancel_requested:
+        # A job that asked for log-probabilities streams at the end of the step, with them.
+        if job is not None and not job.cancel_requested and job.logprobs is None:
             self._emit(job, token, token in self._eog)
             self._early.add(seq)
         self._to_sample -= 1
         if self._to_sample == 0:
             self.flush()
 
-    def _emit(self, job: RequestJob, token: int, eog: bool) -> None:
+    def _emit(
+        self,
+        job: RequestJob,
+        token: int,
+        eog: bool,
+        logprob: float | None = None,
+        top: tuple[tuple[int, float], ...] = (),
+    ) -> None:
         """One sampled token of ``job``: its events, and what it changes for the next step
         (a stop string matched, a thinking span's end to feed, greedy tool-call syntax)."""
         req = job.owner
@@ -432,7 +440,7 @@ class ModelThread:
             req.generated.append(token)
         events: list[Event] = []
         output = req.output
-        output.token(token, eog, events)
+        output.token(token, eog, events, logprob, top)
         assert self._sched is not None
         if output.insert:
             tokens, output.insert = output.insert, ()
@@ -471,7 +479,7 @@ class ModelThread:
             if job.cancel_requested:
                 continue  # finished as cancelled between steps; the token stays unsent
             if job.seq not in self._early:
-                self._emit(job, s.token, s.eog)
+                self._emit(job, s.token, s.eog, s.logprob, s.top_logprobs)
             # A stop string ends it before any natural end (the scheduler's).
             reason: FinishReason | None = "stop" if req.output.stop_sequence else s.finish
             if reason is not None:

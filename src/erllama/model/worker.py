@@ -423,6 +423,9 @@ class ModelWorker:
                 seed = self.config.seed if self.config.seed is not None else secrets.randbits(32)
             sp = args.sampler_with(seed)
             intake.prompt_kind(prompt)
+            intake.check_bias_ids(sp.logit_bias, loaded.n_vocab)
+            if args.logprobs is not None and "logprobs" not in loaded.features:
+                raise NotSupported(self.backend.name, "logprobs")
             needs_sampler = not sp.is_greedy_default
             if needs_sampler and not self.backend.supports("sampler"):
                 raise NotSupported(self.backend.name, "grammar" if sp.grammar else "sampler")
@@ -455,6 +458,7 @@ class ModelWorker:
                 thinking=args.thinking,
                 thinking_budget=args.thinking_budget_tokens,
                 session=args.session_id,
+                logprobs=args.logprobs,
             )
             return self._submit(facts, spec, sampler, cancel)
 
@@ -491,7 +495,13 @@ class ModelWorker:
                 start="think" if starts_thinking else "text",
             ),
         )
-        req.job = Job(req, max_tokens=spec.max_tokens, session=spec.session, sampler=sampler)
+        req.job = Job(
+            req,
+            max_tokens=spec.max_tokens,
+            session=spec.session,
+            sampler=sampler,
+            logprobs=spec.logprobs,
+        )
         try:
             # Held: an unload that began during this intake waited for it, and then cancels
             # the request like any other in flight.
