@@ -41,7 +41,7 @@ from .params import (
     tool_spec,
     unique,
 )
-from .sse import EventStreamResponse, anthropic_event
+from .sse import EventStreamResponse, NoResponse, anthropic_event
 from .state import ServerState
 from .toolcalls import fallback_text
 
@@ -279,7 +279,7 @@ async def messages(request: Request, state: ServerState) -> Response:
         )
     reply = await reply_unless_disconnected(request, state, started, "toolu_")
     if reply is None:
-        return Response(status_code=499)
+        return NoResponse()
     assert reply.end is not None
     content: list[dict[str, Any]] = []
     for block in reply.blocks:

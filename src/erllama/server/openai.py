@@ -44,7 +44,7 @@ from .params import (
     tool_spec,
     unique,
 )
-from .sse import EventStreamResponse, openai_done, openai_event, unless_disconnected
+from .sse import EventStreamResponse, NoResponse, openai_done, openai_event, unless_disconnected
 from .state import ServerState
 from .toolcalls import fallback_text
 
@@ -300,7 +300,7 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
         )
     reply = await reply_unless_disconnected(request, state, started, "call_")
     if reply is None:
-        return Response(status_code=499)
+        return NoResponse()
     assert reply.end is not None
     end = reply.end
     calls = reply.calls
@@ -467,7 +467,7 @@ async def completions(request: Request, state: ServerState) -> Response:
         return EventStreamResponse(events(), cleanup=lambda: close(started))
     reply = await reply_unless_disconnected(request, state, started, "call_")
     if reply is None:
-        return Response(status_code=499)
+        return NoResponse()
     assert reply.end is not None
     out = shape(reply.text, reply.end.finish)
     out["usage"] = _usage(reply.end.done)
@@ -532,7 +532,7 @@ async def embeddings(request: Request, state: ServerState) -> Response:
     except ErllamaError as exc:
         raise from_engine(exc, {"prompt": "input", "tokens": "input"}) from exc
     if result is None:
-        return Response(status_code=499)
+        return NoResponse()
     vectors, n_tokens = result
     data = []
     for i, vec in enumerate(vectors):

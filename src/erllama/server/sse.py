@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 __all__ = [
     "EventStreamResponse",
+    "NoResponse",
     "anthropic_event",
     "openai_done",
     "openai_event",
@@ -48,6 +49,18 @@ def openai_done() -> str:
 def anthropic_event(obj: dict[str, Any]) -> str:
     """An event named by its ``type``: the Anthropic SDK drops events without a name."""
     return f"event: {obj['type']}\ndata: {_json(obj)}\n\n"
+
+
+class NoResponse(Response):
+    """What a route returns when its client is gone: nothing is sent (a client that only
+    half-closed its side would otherwise read it, and 499 is a log code, never a status
+    to send). The metrics count it as 499."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=499)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        return
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
