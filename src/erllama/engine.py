@@ -185,6 +185,7 @@ class Engine:
         thinking_budget_tokens: int | None = None,
         session_id: str | None = None,
         parent_key: str | bytes | None = None,
+        cache_salt: str | None = None,
         add_special: bool = True,
     ) -> InferStream:
         """Queue a request and return its stream at once (before it runs).
@@ -204,6 +205,10 @@ class Engine:
         - ``session_id`` keeps the request's sequence for the session's next request
           (``SessionBusy`` while one is queued or running; see ``end_session``).
         - ``parent_key`` is a previous ``finish_key`` to resume from.
+        - ``cache_salt``: only requests with the same salt share cached KV (rows and a
+          sequence's leftover live KV); a server passes one per API key, so one tenant
+          cannot learn another's prompts from cache hits (None: shared with every
+          unsalted request).
         """
         params = {
             "temperature": temperature,
@@ -225,6 +230,7 @@ class Engine:
             thinking=thinking,
             thinking_budget_tokens=thinking_budget_tokens,
             session_id=session_id,
+            cache_salt=cache_salt,
         )
 
     async def _infer(self, model_id: str, prompt: str | Sequence[int], **kw: Any) -> InferStream:
@@ -288,6 +294,7 @@ class Engine:
         *,
         parent_key: str | bytes | None = None,
         session_id: str | None = None,
+        cache_salt: str | None = None,
         add_special: bool = True,
     ) -> str | None:
         """Put ``prompt`` into the KV without generating, save it (whatever the policy's
@@ -302,6 +309,7 @@ class Engine:
             parent_key=parent_key,
             add_special=add_special,
             session_id=session_id,
+            cache_salt=cache_salt,
             prefill_only=True,
         )
         async with stream:
@@ -384,18 +392,25 @@ class Engine:
     # ---- routing queries ----------------------------------------------------------------------
 
     async def longest_cached_prefix(
-        self, model_id: str, prompt: str | Sequence[int], *, add_special: bool = True
+        self,
+        model_id: str,
+        prompt: str | Sequence[int],
+        *,
+        add_special: bool = True,
+        cache_salt: str | None = None,
     ) -> CachedPrefix:
         """How many leading tokens of ``prompt`` a request would not prefill on this model
-        now, and from where (a cache tier, or a sequence's live KV). Loads nothing and counts
-        no hit: for routers placing requests."""
+        now, and from where (a cache tier, or a sequence's live KV); with ``cache_salt``,
+        what a request with that salt would find. Loads nothing and counts no hit: for
+        routers placing requests."""
         worker = self._worker(model_id)
+        salt = intake.check_cache_salt(cache_salt)
         if intake.prompt_kind(prompt) == "text":
             tokens = await self.tokenize(model_id, prompt, add_special=add_special)  # type: ignore[arg-type]
         else:
             assert worker.loaded is not None
             tokens = intake.check_token_ids(prompt, worker.loaded.n_vocab, "prompt")  # type: ignore[arg-type]
-        return worker.ops.cached_prefix(tokens)
+        return worker.ops.cached_prefix(tokens, salt)
 
     def list_cached_prefixes(self, model_id: str) -> list[CachedPrefix]:
         """Every cache row of the model under its current adapter set, newest first."""

@@ -16,6 +16,7 @@ from ..errors import InvalidRequest
 
 __all__ = [
     "check_budget",
+    "check_cache_salt",
     "check_prompt_length",
     "check_session",
     "check_flag",
@@ -27,6 +28,8 @@ __all__ = [
 
 #: Longest session id accepted (ids are kept in memory for the session's life).
 MAX_SESSION_ID = 256
+#: Longest cache salt accepted.
+MAX_CACHE_SALT = 1024
 
 
 def prompt_kind(prompt: object) -> str:
@@ -126,6 +129,17 @@ def check_budget(value: object) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidRequest("thinking_budget_tokens", f"must be an integer >= 1, got {value!r}")
+    return value
+
+
+def check_cache_salt(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > MAX_CACHE_SALT:
+        raise InvalidRequest(
+            "cache_salt", f"must be a non-empty string of at most {MAX_CACHE_SALT} characters"
+        )
+    check_text(value, "cache_salt")
     return value
 
 

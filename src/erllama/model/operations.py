@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ..cache.key import common_prefix_tokens, encode_tokens
+from ..cache.key import common_prefix_tokens, encode_tokens, salted
 from ..cluster.prefixes import PrefixSummary, chain_hashes
 from ..errors import InvalidRequest, ModelNotFound
 from ..events import CachedPrefix
@@ -121,12 +121,13 @@ class Operations:
             with contextlib.suppress(ModelNotFound):
                 await self.w.call(expire)
 
-    def cached_prefix(self, tokens: Sequence[int]) -> CachedPrefix:
+    def cached_prefix(self, tokens: Sequence[int], cache_salt: str | None = None) -> CachedPrefix:
         """How many leading tokens of ``tokens`` a request would not have to prefill, and
-        where they would come from: a cache tier, or a sequence's live KV."""
+        where they would come from: a cache tier, or a sequence's live KV. Only what
+        requests with the same ``cache_salt`` left counts."""
         adapters, kv = self.w.thread.adapters, self.w.thread.kv
         assert adapters is not None and kv is not None
-        fp = adapters.fingerprint
+        fp = salted(adapters.fingerprint, cache_salt)
         best = CachedPrefix(tokens=0, tier=None)
         if self.w.cache.enabled:
             found = self.w.cache.peek_longest(self.w.namespace(fp), tokens, self.w.policy)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._loop import Mail
 from ..backends.types import Decode, LoadedModel, StepOp, StepResult
+from ..cache.key import salted
 from ..cache.port import Restore, SaveReason
 from ..errors import BackendError, ErllamaError, ModelNotFound
 from ..events import Event
@@ -254,7 +255,7 @@ class ModelThread:
     def _choose(self, job: Job, free: Sequence[int]) -> int:
         assert self.kv is not None and self.adapters is not None
         req: Request = job.owner
-        req.kv.fingerprint = self.adapters.fingerprint
+        req.kv.fingerprint = salted(self.adapters.fingerprint, req.spec.cache_salt)
         return self.kv.choose(req.kv, free)
 
     def _admitted(self, job: Job) -> None:
@@ -265,7 +266,7 @@ class ModelThread:
         if job.session is not None and job.session in self.sessions:
             # Onto the session's own sequence: its live cells are the session's context.
             assert self.kv is not None and self.adapters is not None and job.seq is not None
-            req.kv.fingerprint = self.adapters.fingerprint
+            req.kv.fingerprint = salted(self.adapters.fingerprint, req.spec.cache_salt)
             self.kv.match(req.kv, job.seq, session=True)
             self.sessions.running(job.session)
         if self.w.cache.enabled:

@@ -408,6 +408,7 @@ class ModelWorker:
         thinking: Any = False,
         thinking_budget_tokens: Any = None,
         session_id: Any = None,
+        cache_salt: Any = None,
         prefill_only: bool = False,
     ) -> tuple[Request, InferStream]:
         self.check_serving()
@@ -425,6 +426,7 @@ class ModelWorker:
         intake.check_flag(add_special, "add_special")
         budget = intake.check_budget(thinking_budget_tokens)
         session = intake.check_session(session_id)
+        salt = intake.check_cache_salt(cache_salt)
         intake.prompt_kind(prompt)
         needs_sampler = not sp.is_greedy_default
         if needs_sampler and not self.backend.supports("sampler"):
@@ -459,6 +461,7 @@ class ModelWorker:
             thinking=thinking,
             thinking_budget=budget,
             session=session,
+            cache_salt=salt,
         )
         return self._submit(spec, sampler, cancel)
 
