@@ -16,6 +16,7 @@ import ctypes
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,12 @@ FTYPES = {
 }  # fmt: skip
 
 # Options the backend itself reads; every other key must name a llama.cpp parameter.
-OWN_OPTIONS = frozenset({"progress_callback", "embedding_n_ctx", "pooling"})
+OWN_OPTIONS = frozenset({"progress_callback", "embedding_n_ctx", "pooling", "grammar_step_limit_s"})
+#: A request whose grammar makes one sampling step take longer than this fails (its
+#: model serves on). The step cannot be interrupted (one native call): this bounds how
+#: long a costly grammar holds the model per token, once it shows; ``grammar_cost``
+#: refuses the grammars known to be costly before they run.
+GRAMMAR_STEP_LIMIT_S = 2.0
 
 _init_lock = threading.Lock()
 _initialised = False
@@ -245,6 +251,12 @@ class LlamaModel:
         self.greedy = L.llama_sampler_init_greedy()
         self.embedding_n_ctx = int(options.get("embedding_n_ctx", min(config.n_ctx, 2048)))
         self.pooling = options.get("pooling", "mean")
+        limit = options.get("grammar_step_limit_s", GRAMMAR_STEP_LIMIT_S)
+        if isinstance(limit, bool) or not isinstance(limit, int | float) or not limit > 0:
+            raise ConfigError(
+                [("options.grammar_step_limit_s", f"must be a number > 0, got {limit!r}")]
+            )
+        self.grammar_step_limit_s = float(limit)
         self.quant = FTYPES.get(int(_meta(self.model, "general.file_type") or -1), "unknown")
         self.chat_template = _meta(self.model, "tokenizer.chat_template")
         self.kv_layout = {
@@ -380,7 +392,19 @@ class LlamaModel:
                 if row < 0:
                     raise RuntimeError(f"sequence {op.seq} has no logits to sample from")
                 if isinstance(op.sampler, Sampler):
+                    t0 = time.perf_counter()
                     tok = op.sampler.sample(self.ctx, row, op.greedy)
+                    took = time.perf_counter() - t0
+                    if took > self.grammar_step_limit_s and op.sampler.has_grammar:
+                        # Sampling touched no KV: only this request fails, typed, naming
+                        # its grammar (the server answers a 400).
+                        err: Exception = InvalidRequest(
+                            "grammar",
+                            f"is too costly to run: one token took {took:.2f} s to sample "
+                            f"(limit {self.grammar_step_limit_s:g} s)",
+                        )
+                        results.append(SeqFailed(seq=op.seq, error=err))
+                        continue
                 else:
                     tok = int(L.llama_sampler_sample(self.greedy, self.ctx, row))
                 if not 0 <= tok < self.n_vocab:

@@ -14,6 +14,7 @@ from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from typing import Any, Literal
 
+import anyio
 import attrs
 from starlette.requests import Request
 
@@ -147,7 +148,8 @@ async def start(state: ServerState, job: ChatJob, track: Track) -> Started:
     if job.choice == "required" and job.tools is not None:
         renames["grammar"] = "tool_choice"  # the grammar is the forced call's
     try:
-        grammar = _grammar(state, job)
+        # Off the loop: converting a large schema takes a while (bounded by check_schema).
+        grammar = await anyio.to_thread.run_sync(_grammar, state, job)
         prompt = await engine.apply_chat_template(job.model, job.messages, None, job.tools)
         stream = await engine.infer(job.model, prompt, grammar=grammar, **job.options)
     except ErllamaError as exc:
