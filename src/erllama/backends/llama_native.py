@@ -13,8 +13,10 @@ a decode that asks for logits that do not exist is refused instead of reading ga
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -54,6 +56,19 @@ FTYPES = {
 
 # Options the backend itself reads; every other key must name a llama.cpp parameter.
 OWN_OPTIONS = frozenset({"progress_callback", "embedding_n_ctx", "pooling", "grammar_step_limit_s"})
+#: llama.cpp's tokenizer splits text at each special token's text in time quadratic in
+#: their number (measured on SmolLM2: 10,000 take 4 s, 40,000 take 20 s; a 4 MiB body
+#: could hold 350,000), inside one native call that nothing interrupts. So a rendered chat
+#: prompt is tokenized in pieces of at most this many, cut just before one (where
+#: llama.cpp cuts too: the tokens are the same), with a cancellation point between pieces
+#: (linear then: 20,000 take 2 s).
+SPECIALS_PER_PIECE = 64
+#: Special-token texts one rendered chat prompt may hold at most (a chat turn has two or
+#: three).
+MAX_SPECIAL_TOKENS = 16384
+#: Characters a chat template may render (far beyond any context; a template that loops
+#: over its input must not fill memory).
+MAX_RENDERED_CHARS = 64 * 1024 * 1024
 #: A request whose grammar makes one sampling step take longer than this fails (its
 #: model serves on). The step cannot be interrupted (one native call): this bounds how
 #: long a costly grammar holds the model per token, once it shows; ``grammar_cost``
@@ -153,6 +168,29 @@ def _set_fields(struct: Any, options: Mapping[str, Any]) -> dict[str, Any]:
     if problems:
         raise ConfigError(problems)
     return applied
+
+
+def _special_texts(vocab: Any, n_vocab: int) -> tuple[re.Pattern[str] | None, frozenset[str]]:
+    """A regex of every token text llama.cpp's tokenizer parses as special (control,
+    user-defined, unknown; None when there are none), and those of them that strip the
+    whitespace before them (a prompt is never cut just before one of those)."""
+    wanted = L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_USER_DEFINED
+    wanted |= L.LLAMA_TOKEN_ATTR_UNKNOWN
+    texts: set[str] = set()
+    lstrip: set[str] = set()
+    for t in range(n_vocab):
+        attr = int(L.llama_vocab_get_attr(vocab, t))
+        if attr & wanted:
+            raw = L.llama_vocab_get_text(vocab, t)
+            text = raw.decode("utf-8", errors="replace") if raw else ""
+            if text:
+                texts.add(text)
+                if attr & L.LLAMA_TOKEN_ATTR_LSTRIP:
+                    lstrip.add(text)
+    if not texts:
+        return None, frozenset()
+    longest_first = sorted(texts, key=len, reverse=True)
+    return re.compile("|".join(re.escape(t) for t in longest_first)), frozenset(lstrip)
 
 
 class LlamaModel:
@@ -270,6 +308,7 @@ class LlamaModel:
             **{f"opt.{k}": v for k, v in sorted(ctx_applied.items())},
         }
         self.eog = frozenset(t for t in range(self.n_vocab) if L.llama_vocab_is_eog(self.vocab, t))
+        self.specials, self.lstrip = _special_texts(self.vocab, self.n_vocab)
         desc = ctypes.create_string_buffer(256)
         L.llama_model_desc(self.model, desc, 256)
         self.metadata = {
@@ -345,7 +384,7 @@ class LlamaModel:
         add_generation_prompt: bool,
         verbatim: Sequence[tuple[str, Sequence[int]]] = (),
     ) -> list[int]:
-        from .llama_chat import render_chat_template, split_verbatim
+        from .llama_chat import cancel_point, render_chat_template, split_verbatim
 
         if self.chat_template is None:
             raise InvalidRequest("messages", "the model's GGUF has no tokenizer.chat_template")
@@ -355,13 +394,16 @@ class LlamaModel:
             text = render_chat_template(
                 self.chat_template, messages, system=system, tools=tools,
                 add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos,
+                max_chars=MAX_RENDERED_CHARS,
             )  # fmt: skip
         except ValueError as exc:
             raise InvalidRequest("messages", str(exc)) from exc
         tokens: list[int] = []
         for part in split_verbatim(text, verbatim):
             if isinstance(part, str):
-                tokens += self.tokenize(part, add_special=False, parse_special=True)
+                for piece in self._chat_pieces(part):
+                    cancel_point()
+                    tokens += self.tokenize(piece, add_special=False, parse_special=True)
             else:
                 self._check_tokens(part, "verbatim")
                 tokens += part
@@ -370,6 +412,25 @@ class LlamaModel:
         if wants_bos and bos_id >= 0 and (not tokens or tokens[0] != bos_id):
             tokens.insert(0, bos_id)
         return tokens
+
+    def _chat_pieces(self, text: str) -> list[str]:
+        """``text`` cut just before every ``SPECIALS_PER_PIECE``-th special token (see
+        there); InvalidRequest past ``MAX_SPECIAL_TOKENS``."""
+        if self.specials is None:
+            return [text]
+        cuts = [0]
+        for n, m in enumerate(self.specials.finditer(text), 1):
+            if n > MAX_SPECIAL_TOKENS:
+                raise InvalidRequest(
+                    "messages",
+                    f"render to more than {MAX_SPECIAL_TOKENS} special tokens (the chat "
+                    "template's markers, or their text inside messages)",
+                )
+            at = m.start()
+            if n % SPECIALS_PER_PIECE == 0 and at > cuts[-1] and m.group() not in self.lstrip:
+                cuts.append(at)
+        cuts.append(len(text))
+        return [text[a:b] for a, b in itertools.pairwise(cuts) if b > a]
 
     def piece_text(self, token: int) -> str:
         if token < 0:

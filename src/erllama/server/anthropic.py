@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 from typing import Any
 
@@ -34,6 +34,8 @@ from .generation import (
 )
 from .params import (
     EXTENSION_RENAMES,
+    cache_salt,
+    check_messages,
     extension_options,
     functions_of,
     max_tokens,
@@ -206,7 +208,14 @@ def _output_format(body: Fields) -> dict[str, Any] | None:
     return {"type": "json_schema", "json_schema": {"schema": schema.data}}
 
 
-def parse(body: Fields, state: ServerState, model: str, *, counting: bool = False) -> ChatJob:
+def parse(
+    body: Fields,
+    state: ServerState,
+    model: str,
+    *,
+    counting: bool = False,
+    scope: Mapping[str, Any] | None = None,
+) -> ChatJob:
     messages = _messages(body, state, model)
     tools, choice, forced = _tools(body)
     options: dict[str, Any] = {}
@@ -222,7 +231,12 @@ def parse(body: Fields, state: ServerState, model: str, *, counting: bool = Fals
         if body.get("max_tokens") is None:
             raise body.bad("max_tokens", "is required")
         limit, _field = max_tokens(body, state, ("max_tokens",), None)
-        options = {"max_tokens": limit, **sampling(body, state), **extension_options(body)}
+        options = {
+            "max_tokens": limit,
+            **sampling(body, state),
+            **extension_options(body),
+            **cache_salt(body, scope or {}),
+        }
         options.update(_thinking(body))
         stop = body.array("stop_sequences")
         if stop:
@@ -266,7 +280,7 @@ async def messages(request: Request, state: ServerState) -> Response:
     model = body.req_text("model")
     track = state.metrics.track("anthropic", state.model_label(model))
     try:
-        job = parse(body, state, model)
+        job = parse(body, state, model, scope=request.scope)
         stream = body.flag("stream")
         started = await start(state, job, track)
     except BaseException as exc:
@@ -423,6 +437,7 @@ async def count_tokens(request: Request, state: ServerState) -> Response:
     model = body.req_text("model")
     job = parse(body, state, model, counting=True)
     state.check_model(model)
+    check_messages(job.messages, state)
     try:
         prompt = await state.engine.apply_chat_template(model, job.messages, None, job.tools)
     except ErllamaError as exc:

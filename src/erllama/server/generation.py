@@ -23,6 +23,7 @@ from ..events import Done, ThinkingDelta, ThinkingEnd, Token, ToolCallDelta, Too
 from ..grammar import check_schema, response_format_grammar
 from .errors import ApiError, from_engine
 from .metrics import Track
+from .params import check_messages
 from .port import EventStream
 from .sse import unless_disconnected
 from .state import ServerState
@@ -143,6 +144,7 @@ async def start(state: ServerState, job: ChatJob, track: Track) -> Started:
     """Render the prompt and queue the request; ApiError (404, 429, 503, 400 naming the
     parameter) before anything runs."""
     state.check_model(job.model)
+    check_messages(job.messages, state)
     engine = state.engine
     renames = dict(job.renames)
     if job.choice == "required" and job.tools is not None:

@@ -37,6 +37,7 @@ from .generation import (
 )
 from .params import (
     EXTENSION_RENAMES,
+    cache_salt,
     extension_options,
     functions_of,
     max_tokens,
@@ -235,10 +236,15 @@ def _common_unsupported(body: Fields) -> None:
 
 
 def _options(
-    body: Fields, state: ServerState, names: Sequence[str], default: int | None
+    request: Request, body: Fields, state: ServerState, names: Sequence[str], default: int | None
 ) -> tuple[dict[str, Any], dict[str, str]]:
     limit, field = max_tokens(body, state, names, default)
-    options = {"max_tokens": limit, **sampling(body, state), **extension_options(body)}
+    options = {
+        "max_tokens": limit,
+        **sampling(body, state),
+        **extension_options(body),
+        **cache_salt(body, request.scope),
+    }
     stop = body.strings("stop")
     if stop:
         options["stop"] = stop
@@ -274,7 +280,9 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
         for name in _UNSUPPORTED_CHAT:
             body.refuse(name)
         tools, choice, forced = _tools(body)
-        options, renames = _options(body, state, ("max_completion_tokens", "max_tokens"), None)
+        options, renames = _options(
+            request, body, state, ("max_completion_tokens", "max_tokens"), None
+        )
         stream, include_usage = _stream_flags(body)
         job = ChatJob(
             model=model,
@@ -425,7 +433,9 @@ async def completions(request: Request, state: ServerState) -> Response:
             if name == "echo" and not body.flag("echo"):
                 continue
             body.refuse(name)
-        options, renames = _options(body, state, ("max_tokens",), COMPLETION_DEFAULT_TOKENS)
+        options, renames = _options(
+            request, body, state, ("max_tokens",), COMPLETION_DEFAULT_TOKENS
+        )
         stream, include_usage = _stream_flags(body)
         state.check_model(model)
         job = ChatJob(model=model, messages=[], options=options, renames=renames)
