@@ -31,6 +31,7 @@ from .generation import (
     reply_unless_disconnected,
     start,
     stream_error,
+    stream_guard,
 )
 from .params import (
     EXTENSION_RENAMES,
@@ -289,7 +290,9 @@ async def messages(request: Request, state: ServerState) -> Response:
     message_id = "msg_" + secrets.token_hex(12)
     if stream:
         return EventStreamResponse(
-            _events(state, started, message_id), cleanup=lambda: close(started)
+            _events(state, started, message_id),
+            cleanup=lambda why: close(started, why),
+            guard=stream_guard(state, "anthropic"),
         )
     reply = await reply_unless_disconnected(request, state, started, "toolu_")
     if reply is None:

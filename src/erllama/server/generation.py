@@ -21,11 +21,17 @@ from starlette.requests import Request
 from ..errors import ErllamaError
 from ..events import Done, ThinkingDelta, ThinkingEnd, Token, ToolCallDelta, ToolCallEnd
 from ..grammar import check_schema, response_format_grammar
-from .errors import ApiError, from_engine
+from .errors import ApiError, Dialect, error_body, from_engine
 from .metrics import Track
 from .params import check_messages
 from .port import EventStream
-from .sse import unless_disconnected
+from .sse import (
+    Interruption,
+    StreamGuard,
+    anthropic_event,
+    openai_event,
+    unless_disconnected,
+)
 from .state import ServerState
 from .toolcalls import forced_call_grammar, mint_id, parse_call
 
@@ -48,6 +54,7 @@ __all__ = [
     "reply_unless_disconnected",
     "start",
     "stream_error",
+    "stream_guard",
 ]
 
 log = logging.getLogger("erllama.server")
@@ -294,9 +301,26 @@ def cancelled_error() -> ApiError:
     )
 
 
-async def close(started: Started) -> None:
+async def close(started: Started, interrupted: Interruption | None = None) -> None:
+    """A stream's cleanup: cancel the request in the model (when it has not ended) and
+    record how it ended."""
     await started.stream.aclose()
-    started.track.end_with(None)
+    if interrupted == "stalled":
+        started.track.end("stalled")
+    elif interrupted == "stopping":
+        started.track.end("cancelled")
+    else:
+        started.track.end_with(None)
+
+
+def stream_guard(state: ServerState, dialect: Dialect) -> StreamGuard:
+    """The bounds of one event stream on this server, with ``dialect``'s error event."""
+    encode = anthropic_event if dialect == "anthropic" else openai_event
+    return StreamGuard(
+        stopping=state.stopping,
+        buffer_bytes=state.config.server.stream_buffer_bytes,
+        error_event=lambda err: encode(error_body(err, dialect)),
+    )
 
 
 async def reply_unless_disconnected(

@@ -34,6 +34,7 @@ from .generation import (
     reply_unless_disconnected,
     start,
     stream_error,
+    stream_guard,
 )
 from .params import (
     EXTENSION_RENAMES,
@@ -304,7 +305,8 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     if stream:
         return EventStreamResponse(
             _chat_events(state, started, completion_id, created, include_usage),
-            cleanup=lambda: close(started),
+            cleanup=lambda why: close(started, why),
+            guard=stream_guard(state, "openai"),
         )
     reply = await reply_unless_disconnected(request, state, started, "call_")
     if reply is None:
@@ -474,7 +476,9 @@ async def completions(request: Request, state: ServerState) -> Response:
             except Exception as exc:
                 yield openai_event(error_body(stream_error(exc, started), "openai"))
 
-        return EventStreamResponse(events(), cleanup=lambda: close(started))
+        return EventStreamResponse(
+            events(), cleanup=lambda why: close(started, why), guard=stream_guard(state, "openai")
+        )
     reply = await reply_unless_disconnected(request, state, started, "call_")
     if reply is None:
         return NoResponse()

@@ -78,10 +78,12 @@ class ServerState:
 
     @classmethod
     def create(cls, engine: EnginePort, config: ServeConfig) -> ServerState:
+        transport = TransportStats()
         return cls(
             engine=engine,
             config=config,
-            metrics=Metrics(engine),
+            metrics=Metrics(engine, transport),
+            transport=transport,
             store=ToolCallStore(config.server.tool_call_ids),
             model_configs=dict(config.models),
             salts={k: key_salt(k) for k in (*config.server.api_keys, *config.server.admin_keys)},
