@@ -44,10 +44,12 @@ from ..config import (
     load_config_as,
 )
 
-__all__ = ["API_KEY_ENV", "ServeConfig", "ServerConfig", "load_serve_config"]
+__all__ = ["ADMIN_KEY_ENV", "API_KEY_ENV", "ServeConfig", "ServerConfig", "load_serve_config"]
 
 #: The environment variable holding an API key (added to ``server.api_keys``).
 API_KEY_ENV = "ERLLAMA_API_KEY"
+#: The environment variable holding an admin key (added to ``server.admin_keys``).
+ADMIN_KEY_ENV = "ERLLAMA_ADMIN_KEY"
 
 KIB = 1024
 MIB = 1024 * KIB
