@@ -35,6 +35,23 @@ async def test_a_wedging_pattern_is_refused_before_it_runs(
     await still_serves(llama_engine, smol)
 
 
+async def test_a_flat_schema_of_a_thousand_properties_runs(
+    llama_engine: erllama.Engine, smol: str
+) -> None:
+    """It failed with "maximum recursion depth exceeded" (within the documented limits)."""
+    properties = {f"p{i}": {"type": "integer"} for i in range(1000)}
+    rf = {
+        "type": "json_schema",
+        "json_schema": {"schema": {"type": "object", "properties": properties}},
+    }
+    stream = await llama_engine.chat(
+        smol, [{"role": "user", "content": "Give me a JSON object."}], response_format=rf,
+        max_tokens=6,
+    )  # fmt: skip
+    reply = await stream.collect()
+    assert reply.finish_reason in ("length", "stop") and reply.text.startswith("{")
+
+
 async def test_a_wedging_raw_grammar_is_refused_before_it_runs(
     llama_engine: erllama.Engine, smol: str
 ) -> None:

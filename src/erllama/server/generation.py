@@ -304,13 +304,15 @@ def cancelled_error() -> ApiError:
 async def close(started: Started, interrupted: Interruption | None = None) -> None:
     """A stream's cleanup: cancel the request in the model (when it has not ended) and
     record how it ended."""
-    await started.stream.aclose()
-    if interrupted == "stalled":
-        started.track.end("stalled")
-    elif interrupted == "stopping":
-        started.track.end("cancelled")
-    else:
-        started.track.end_with(None)
+    try:
+        await started.stream.aclose()
+    finally:  # recorded however closing went
+        if interrupted == "stalled":
+            started.track.end("stalled")
+        elif interrupted == "stopping":
+            started.track.end("cancelled")
+        else:
+            started.track.end_with(None)
 
 
 def stream_guard(state: ServerState, dialect: Dialect) -> StreamGuard:
