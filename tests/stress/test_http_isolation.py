@@ -283,3 +283,11 @@ async def test_a_backend_failure_names_the_request_id_not_the_python_error() -> 
         message = r.json()["error"]["message"]
         rid = r.headers["x-request-id"]
         assert rid in message and "RuntimeError" not in message and "injected" not in message
+        # The model failed for good: a second model fails its stream the same way.
+        await srv.server.engine.load_model("broken2", stub_config(fail_at="step", fail_step=1))
+        body = {"model": "broken2", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        async with h.stream("POST", "/v1/chat/completions", json=body) as s:
+            events = [line async for line in s.aiter_lines() if line.startswith("data: ")]
+            rid = s.headers["x-request-id"]
+        error = json.loads(events[-1][len("data: ") :])["error"]
+        assert rid in error["message"] and "RuntimeError" not in error["message"]

@@ -33,6 +33,7 @@ from .generation import (
     stream_error,
     stream_guard,
 )
+from .guard import request_id
 from .params import (
     EXTENSION_RENAMES,
     cache_salt,
@@ -283,7 +284,7 @@ async def messages(request: Request, state: ServerState) -> Response:
     try:
         job = parse(body, state, model, scope=request.scope)
         stream = body.flag("stream")
-        started = await start(state, job, track)
+        started = await start(state, job, track, request_id(request.scope))
     except BaseException as exc:
         track.end_with(exc)
         raise
@@ -432,7 +433,7 @@ async def _events(state: ServerState, started: Started, message_id: str) -> Asyn
                 if out:
                     yield "".join(out)
     except Exception as exc:
-        yield anthropic_event(error_body(stream_error(exc, started), "anthropic"))
+        yield anthropic_event(stream_error(exc, started, "anthropic"))
 
 
 async def count_tokens(request: Request, state: ServerState) -> Response:

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from ..errors import ErllamaError
 from ..events import Done, ThinkingDelta, ThinkingEnd, Token, ToolCallDelta, ToolCallEnd
 from ..grammar import check_schema, response_format_grammar
-from .errors import ApiError, Dialect, error_body, from_engine
+from .errors import ApiError, Dialect, error_body, from_engine, log_cause
 from .metrics import Track
 from .params import check_messages
 from .port import EventStream
@@ -94,6 +94,8 @@ class Started:
     stream: EventStream
     prompt_tokens: int
     track: Track
+    #: The guard's id of the HTTP request (named in a 5xx error event and its log line).
+    request_id: str | None = None
 
 
 @attrs.frozen
@@ -147,7 +149,9 @@ def _grammar(state: ServerState, job: ChatJob) -> str | None:
     return None
 
 
-async def start(state: ServerState, job: ChatJob, track: Track) -> Started:
+async def start(
+    state: ServerState, job: ChatJob, track: Track, request_id: str | None = None
+) -> Started:
     """Render the prompt and queue the request; ApiError (404, 429, 503, 400 naming the
     parameter) before anything runs."""
     state.check_model(job.model)
@@ -163,7 +167,9 @@ async def start(state: ServerState, job: ChatJob, track: Track) -> Started:
         stream = await engine.infer(job.model, prompt, grammar=grammar, **job.options)
     except ErllamaError as exc:
         raise from_engine(exc, renames) from exc
-    return Started(job=job, stream=stream, prompt_tokens=len(prompt), track=track)
+    return Started(
+        job=job, stream=stream, prompt_tokens=len(prompt), track=track, request_id=request_id
+    )
 
 
 async def pieces(
@@ -349,12 +355,19 @@ async def reply_unless_disconnected(
     return reply
 
 
-def stream_error(exc: Exception, started: Started) -> ApiError:
-    """The error event for a failure after the response began (its status is sent)."""
+def stream_error(exc: Exception, started: Started, dialect: Dialect) -> dict[str, Any]:
+    """The error event's body for a failure after the response began (its status is
+    sent); a server-side failure is logged with its cause and the request id, which the
+    event names."""
     started.track.end_midway(exc)
+    rid = started.request_id
     if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, ErllamaError):
-        return from_engine(exc, started.job.renames)
-    log.exception("request failed while streaming", exc_info=exc)
-    return ApiError(500, "internal", "internal error")
+        err = exc
+    elif isinstance(exc, ErllamaError):
+        err = from_engine(exc, started.job.renames)
+    else:
+        log.exception("request %s failed while streaming", rid, exc_info=exc)
+        err = ApiError(500, "internal", "internal error")
+    if err.status >= 500:
+        log_cause(err, rid)
+    return error_body(err, dialect, rid)

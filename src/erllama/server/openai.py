@@ -36,6 +36,7 @@ from .generation import (
     stream_error,
     stream_guard,
 )
+from .guard import request_id
 from .params import (
     EXTENSION_RENAMES,
     cache_salt,
@@ -296,7 +297,7 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
             options=options,
             renames={"prompt": "messages", "grammar": "response_format", **renames},
         )
-        started = await start(state, job, track)
+        started = await start(state, job, track, request_id(request.scope))
     except BaseException as exc:
         track.end_with(exc)
         raise
@@ -377,7 +378,7 @@ async def _chat_events(
                     for event in _end_events(piece, lambda f: chunk({}, f), include_usage):
                         yield event
     except Exception as exc:
-        yield openai_event(error_body(stream_error(exc, started), "openai"))
+        yield openai_event(stream_error(exc, started, "openai"))
 
 
 def _end_events(
@@ -445,7 +446,13 @@ async def completions(request: Request, state: ServerState) -> Response:
             infer = await state.engine.infer(model, prompt, **options)
         except ErllamaError as exc:
             raise from_engine(exc, renames) from exc
-        started = Started(job=job, stream=infer, prompt_tokens=0, track=track)
+        started = Started(
+            job=job,
+            stream=infer,
+            prompt_tokens=0,
+            track=track,
+            request_id=request_id(request.scope),
+        )
     except BaseException as exc:
         track.end_with(exc)
         raise
@@ -474,7 +481,7 @@ async def completions(request: Request, state: ServerState) -> Response:
                             for event in _end_events(piece, lambda f: shape("", f), include_usage):
                                 yield event
             except Exception as exc:
-                yield openai_event(error_body(stream_error(exc, started), "openai"))
+                yield openai_event(stream_error(exc, started, "openai"))
 
         return EventStreamResponse(
             events(), cleanup=lambda why: close(started, why), guard=stream_guard(state, "openai")
