@@ -146,3 +146,14 @@ async def test_an_adapter_change_waits_for_running_requests(
     # The request admitted before the change ran entirely with the old adapter set.
     assert tuple(tokens) == base.token_ids
     assert handle and engine.list_adapters(mid)[0].handle == handle[0]
+
+
+async def test_a_stub_model_remembers_a_bounded_history_of_steps(engine: erllama.Engine) -> None:
+    # It kept every step: about 263 KiB per 3,000-token request, for as long as it served.
+    from erllama.backends.stub import HISTORY_STEPS, StubControl
+
+    assert StubControl().history.maxlen == HISTORY_STEPS
+    control = StubControl(history_limit=16)
+    mid = await engine.load_model("bounded", stub_config(control=control, eog_every=0))
+    await engine.complete(mid, "hello", max_tokens=100)
+    assert control.steps > 100 and len(control.history) == 16

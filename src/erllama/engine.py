@@ -214,6 +214,11 @@ class Engine:
         - ``session_id`` keeps the request's sequence for the session's next request
           (``SessionBusy`` while one is queued or running; see ``end_session``).
         - ``parent_key`` is a previous ``finish_key`` to resume from.
+        - ``cache_salt``: only requests with the same salt share cached KV (rows and a
+          sequence's leftover live KV); a server passes one per API key, so one tenant
+          cannot learn another's prompts from cache hits (None: shared with every
+          unsalted request).
+        - ``logprobs=N``: each answer token's log-probability and N alternatives.
         """
         args = intake.RequestArgs.build(**kwargs)
         return await self._infer(model_id, prompt, args)
@@ -275,6 +280,7 @@ class Engine:
         *,
         parent_key: str | bytes | None = None,
         session_id: str | None = None,
+        cache_salt: str | None = None,
         add_special: bool = True,
     ) -> str | None:
         """Put ``prompt`` into the KV without generating, save it (whatever the policy's
@@ -282,7 +288,10 @@ class Engine:
         starting with these tokens restores them. None when the cache is off or dropped
         the save (its writers were full)."""
         args = intake.RequestArgs.build(
-            parent_key=parent_key, session_id=session_id, add_special=add_special
+            parent_key=parent_key,
+            session_id=session_id,
+            add_special=add_special,
+            cache_salt=cache_salt,
         )
         stream = await self._infer(model_id, prompt, args, prefill_only=True)
         async with stream:
@@ -365,17 +374,24 @@ class Engine:
     # ---- routing queries ----------------------------------------------------------------------
 
     async def longest_cached_prefix(
-        self, model_id: str, prompt: str | Sequence[int], *, add_special: bool = True
+        self,
+        model_id: str,
+        prompt: str | Sequence[int],
+        *,
+        add_special: bool = True,
+        cache_salt: str | None = None,
     ) -> CachedPrefix:
         """How many leading tokens of ``prompt`` a request would not prefill on this model
-        now, and from where (a cache tier, or a sequence's live KV). Loads nothing and counts
-        no hit: for routers placing requests."""
+        now, and from where (a cache tier, or a sequence's live KV); with ``cache_salt``,
+        what a request with that salt would find. Loads nothing and counts no hit: for
+        routers placing requests."""
         worker = self._worker(model_id)
+        salt = intake.check_cache_salt(cache_salt)
         if intake.prompt_kind(prompt) == "text":
             tokens = await self.tokenize(model_id, prompt, add_special=add_special)  # type: ignore[arg-type]
         else:
             tokens = intake.check_token_ids(prompt, worker.n_vocab(), "prompt")  # type: ignore[arg-type]
-        return worker.cached_prefix(tokens)
+        return worker.cached_prefix(tokens, salt)
 
     def list_cached_prefixes(self, model_id: str) -> list[CachedPrefix]:
         """Every cache row of the model under its current adapter set, newest first."""

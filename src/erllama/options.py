@@ -34,6 +34,7 @@ class SamplingOptions(TypedDict, total=False):
     thinking_budget_tokens: int | None
     session_id: str | None
     parent_key: str | bytes | None
+    cache_salt: str | None
 
 
 class RequestOptions(SamplingOptions, total=False):

@@ -9,6 +9,7 @@ from typing import Any
 import attrs
 
 from .errors import InvalidRequest
+from .grammar_cost import MAX_GRAMMAR_BYTES
 
 __all__ = ["SamplerParams", "validate_max_tokens"]
 
@@ -125,6 +126,10 @@ class SamplerParams:
             raise InvalidRequest("seed", f"must be in [0, 2**32 - 1], got {seed!r}")
         if grammar is not None and (not isinstance(grammar, str) or not grammar.strip()):
             raise InvalidRequest("grammar", "must be non-empty GBNF text")
+        if grammar is not None and len(grammar) > MAX_GRAMMAR_BYTES:
+            # The full cost check (grammar_cost) runs where the backend builds the
+            # sampler, off the event loop; the size alone is bounded here.
+            raise InvalidRequest("grammar", f"is longer than {MAX_GRAMMAR_BYTES} characters")
         return cls(
             temperature=t,
             top_k=k,

@@ -35,6 +35,9 @@ from erllama.server.state import ServerState
 from ..helpers import stub_config, unblock_stubs
 
 KEY = "sk-test-0123456789"
+ADMIN_KEY = "sk-admin-0123456789"
+#: What a raw body needs to be read at all (the server refuses any other content type).
+JSON_TYPE = {"content-type": "application/json"}
 SIGNING_KEY = "thinking-signing-key"
 TOOL_MARKERS = erllama.ToolCallMarkers(start="<tool_call>", end="</tool_call>")
 THINK_MARKERS = erllama.ThinkingMarkers(start="<think>", end="</think>")
@@ -92,6 +95,7 @@ def serve_config(**server: Any) -> ServeConfig:
         "max_tokens": 256,
         "max_body_bytes": 64 * 1024,
         "admin_backends": ("stub",),
+        "admin": True,
     }
     settings.update(server)
     return ServeConfig(

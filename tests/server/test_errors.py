@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from erllama.plugins import BackendRegistry
 
 from .conftest import (
+    ADMIN_KEY,
+    JSON_TYPE,
     KEY,
     Served,
     Server,
@@ -105,7 +107,7 @@ async def test_a_body_that_is_not_a_json_object_is_a_400(
     server: Server, body: bytes, param: str
 ) -> None:
     async with server.http() as h:
-        r = await h.post("/v1/chat/completions", content=body[:60_000])
+        r = await h.post("/v1/chat/completions", content=body[:60_000], headers=JSON_TYPE)
     openai_error(r, 400, param)
 
 
@@ -160,7 +162,7 @@ async def test_an_oversize_body_is_a_413_in_each_shape(server: Server, chunked: 
     async with server.http() as h:
         for path in ("/v1/chat/completions", "/v1/messages"):
             content: Any = chunks() if chunked else payload
-            r = await h.post(path, content=content)
+            r = await h.post(path, content=content, headers=JSON_TYPE)
             if path == "/v1/messages":
                 anthropic_error(r, 413, "request_too_large")
             else:
@@ -172,7 +174,8 @@ async def test_an_oversize_body_is_a_413_in_each_shape(server: Server, chunked: 
 
 @pytest.fixture(scope="module")
 async def keyed(anyio_backend: str, stub_registry: BackendRegistry) -> AsyncIterator[Server]:
-    async with running_server(serve_config(api_keys=(KEY,)), stub_registry) as srv:
+    config = serve_config(api_keys=(KEY,), admin_keys=(ADMIN_KEY,))
+    async with running_server(config, stub_registry) as srv:
         yield srv
 
 
@@ -335,7 +338,7 @@ async def test_bad_input_never_gives_a_500(server: Server) -> None:
     def check(body: dict[str, Any], path: str) -> None:
         raw = json.dumps(body, allow_nan=True)  # NaN and Infinity too: Python's json reads them
         with httpx.Client(base_url=url, timeout=30) as h:
-            r = h.post(path, content=raw)
+            r = h.post(path, content=raw, headers=JSON_TYPE)
         assert r.status_code < 500 or r.status_code == 503, (path, raw, r.text)
         assert r.headers["content-type"].startswith(
             ("application/json", "text/event-stream", "application/x-ndjson")

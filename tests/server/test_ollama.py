@@ -316,7 +316,7 @@ async def test_tags_ps_show_and_version(served: Served) -> None:
 async def test_a_key_is_needed_when_set_and_requests_are_counted(
     stub_registry: BackendRegistry,
 ) -> None:
-    async with running_server(serve_config(api_keys=(KEY,)), stub_registry) as keyed:
+    async with running_server(serve_config(api_keys=(KEY,), admin=False), stub_registry) as keyed:
         with pytest.raises(ollama.ResponseError) as err:
             await client(keyed).list()
         assert err.value.status_code == 401 and "API key" in err.value.error

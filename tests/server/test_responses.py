@@ -427,7 +427,7 @@ async def test_a_bad_parameter_is_a_400_naming_it(
 async def test_a_number_json_cannot_carry_is_a_400_naming_where(server: Server) -> None:
     raw = '{"model": "plain", "input": "x", "metadata": {"k": "v"}, "text": {"format": {"type": "json_schema", "schema": {"minimum": NaN}}}}'
     async with server.http() as h:
-        r = await h.post("/v1/responses", content=raw)
+        r = await h.post("/v1/responses", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "text.format.schema.minimum"
 
 

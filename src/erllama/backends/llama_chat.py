@@ -7,11 +7,18 @@ that, the way the model's authors wrote it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["render_chat_template", "split_verbatim"]
+import anyio
+import anyio.from_thread
+
+log = logging.getLogger("erllama.backends")
+
+__all__ = ["cancel_point", "render_chat_template", "split_verbatim"]
 
 
 def _raise(message: str) -> None:
@@ -36,11 +43,15 @@ def render_chat_template(
     add_generation_prompt: bool,
     bos_token: str,
     eos_token: str,
+    max_chars: int | None = None,
 ) -> str:
     """Render ``messages`` (plus an optional ``system`` prompt and ``tools``) to text.
 
     Templates that know about tools receive them as ``tools``; for the others the tool list
     is written into the system message, so the model still sees it.
+
+    Rendered piece by piece: a worker thread whose request was cancelled stops between
+    pieces (the client went away), and a render past ``max_chars`` is refused.
     """
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -59,17 +70,43 @@ def render_chat_template(
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     try:
         compiled = env.from_string(template)
-        return compiled.render(
+        pieces = compiled.generate(
             messages=msgs,
             tools=list(tools) if tools and template_knows_tools else None,
             add_generation_prompt=add_generation_prompt,
             bos_token=bos_token,
             eos_token=eos_token,
         )
+        out: list[str] = []
+        size = 0
+        for i, piece in enumerate(pieces):
+            out.append(piece)
+            size += len(piece)
+            if max_chars is not None and size > max_chars:
+                raise ValueError(f"the chat template rendered more than {max_chars} characters")
+            if i % 256 == 255:
+                cancel_point()
+        return "".join(out)
     except TemplateError as exc:
+        # The template's own words (raise_exception: "roles must alternate ...").
         raise ValueError(f"chat template failed to render: {exc}") from exc
-    except Exception as exc:  # a template's own code failing on odd input (a TypeError ...)
-        raise ValueError(f"chat template failed to render: {type(exc).__name__}: {exc}") from exc
+    except ValueError:
+        raise
+    except Exception as exc:  # (a cancellation is a BaseException: it passes)
+        # A template's own code failing on odd input (a TypeError ...): its text is a
+        # Python detail, not something the client can act on. Logged with its traceback.
+        log.warning("chat template failed to render", exc_info=True)
+        raise ValueError(
+            "chat template failed to render these messages (an unexpected value in them)"
+        ) from exc
+
+
+def cancel_point() -> None:
+    """Raise the host task's cancellation if this worker thread's request was cancelled
+    (its client went away while its prompt renders). Outside an anyio worker thread,
+    nothing."""
+    with contextlib.suppress(RuntimeError):  # RuntimeError: not an anyio worker thread
+        anyio.from_thread.check_cancelled()
 
 
 def split_verbatim(

@@ -13,10 +13,13 @@ a decode that asks for logits that do not exist is refused instead of reading ga
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import math
 import os
+import re
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,7 +57,25 @@ FTYPES = {
 }  # fmt: skip
 
 # Options the backend itself reads; every other key must name a llama.cpp parameter.
-OWN_OPTIONS = frozenset({"progress_callback", "embedding_n_ctx", "pooling"})
+OWN_OPTIONS = frozenset({"progress_callback", "embedding_n_ctx", "pooling", "grammar_step_limit_s"})
+#: llama.cpp's tokenizer splits text at each special token's text in time quadratic in
+#: their number (measured on SmolLM2: 10,000 take 4 s, 40,000 take 20 s; a 4 MiB body
+#: could hold 350,000), inside one native call that nothing interrupts. So a rendered chat
+#: prompt is tokenized in pieces of at most this many, cut just before one (where
+#: llama.cpp cuts too: the tokens are the same), with a cancellation point between pieces
+#: (linear then: 20,000 take 2 s).
+SPECIALS_PER_PIECE = 64
+#: Special-token texts one rendered chat prompt may hold at most (a chat turn has two or
+#: three).
+MAX_SPECIAL_TOKENS = 16384
+#: Characters a chat template may render (far beyond any context; a template that loops
+#: over its input must not fill memory).
+MAX_RENDERED_CHARS = 64 * 1024 * 1024
+#: A request whose grammar makes one sampling step take longer than this fails (its
+#: model serves on). The step cannot be interrupted (one native call): this bounds how
+#: long a costly grammar holds the model per token, once it shows; ``grammar_cost``
+#: refuses the grammars known to be costly before they run.
+GRAMMAR_STEP_LIMIT_S = 2.0
 
 _init_lock = threading.Lock()
 _initialised = False
@@ -149,6 +170,29 @@ def _set_fields(struct: Any, options: Mapping[str, Any]) -> dict[str, Any]:
     if problems:
         raise ConfigError(problems)
     return applied
+
+
+def _special_texts(vocab: Any, n_vocab: int) -> tuple[re.Pattern[str] | None, frozenset[str]]:
+    """A regex of every token text llama.cpp's tokenizer parses as special (control,
+    user-defined, unknown; None when there are none), and those of them that strip the
+    whitespace before them (a prompt is never cut just before one of those)."""
+    wanted = L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_USER_DEFINED
+    wanted |= L.LLAMA_TOKEN_ATTR_UNKNOWN
+    texts: set[str] = set()
+    lstrip: set[str] = set()
+    for t in range(n_vocab):
+        attr = int(L.llama_vocab_get_attr(vocab, t))
+        if attr & wanted:
+            raw = L.llama_vocab_get_text(vocab, t)
+            text = raw.decode("utf-8", errors="replace") if raw else ""
+            if text:
+                texts.add(text)
+                if attr & L.LLAMA_TOKEN_ATTR_LSTRIP:
+                    lstrip.add(text)
+    if not texts:
+        return None, frozenset()
+    longest_first = sorted(texts, key=len, reverse=True)
+    return re.compile("|".join(re.escape(t) for t in longest_first)), frozenset(lstrip)
 
 
 class LlamaModel:
@@ -247,6 +291,12 @@ class LlamaModel:
         self.greedy = L.llama_sampler_init_greedy()
         self.embedding_n_ctx = int(options.get("embedding_n_ctx", min(config.n_ctx, 2048)))
         self.pooling = options.get("pooling", "mean")
+        limit = options.get("grammar_step_limit_s", GRAMMAR_STEP_LIMIT_S)
+        if isinstance(limit, bool) or not isinstance(limit, int | float) or not limit > 0:
+            raise ConfigError(
+                [("options.grammar_step_limit_s", f"must be a number > 0, got {limit!r}")]
+            )
+        self.grammar_step_limit_s = float(limit)
         self.quant = FTYPES.get(int(_meta(self.model, "general.file_type") or -1), "unknown")
         self.chat_template = _meta(self.model, "tokenizer.chat_template")
         self.kv_layout = {
@@ -265,6 +315,7 @@ class LlamaModel:
             **{f"opt.{k}": v for k, v in sorted(ctx_applied.items())},
         }
         self.eog = frozenset(t for t in range(self.n_vocab) if L.llama_vocab_is_eog(self.vocab, t))
+        self.specials, self.lstrip = _special_texts(self.vocab, self.n_vocab)
         desc = ctypes.create_string_buffer(256)
         L.llama_model_desc(self.model, desc, 256)
         self.metadata = {
@@ -340,7 +391,7 @@ class LlamaModel:
         add_generation_prompt: bool,
         verbatim: Sequence[tuple[str, Sequence[int]]] = (),
     ) -> list[int]:
-        from .llama_chat import render_chat_template, split_verbatim
+        from .llama_chat import cancel_point, render_chat_template, split_verbatim
 
         if self.chat_template is None:
             raise InvalidRequest("messages", "the model's GGUF has no tokenizer.chat_template")
@@ -350,13 +401,16 @@ class LlamaModel:
             text = render_chat_template(
                 self.chat_template, messages, system=system, tools=tools,
                 add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos,
+                max_chars=MAX_RENDERED_CHARS,
             )  # fmt: skip
         except ValueError as exc:
             raise InvalidRequest("messages", str(exc)) from exc
         tokens: list[int] = []
         for part in split_verbatim(text, verbatim):
             if isinstance(part, str):
-                tokens += self.tokenize(part, add_special=False, parse_special=True)
+                for piece in self._chat_pieces(part):
+                    cancel_point()
+                    tokens += self.tokenize(piece, add_special=False, parse_special=True)
             else:
                 self._check_tokens(part, "verbatim")
                 tokens += part
@@ -365,6 +419,25 @@ class LlamaModel:
         if wants_bos and bos_id >= 0 and (not tokens or tokens[0] != bos_id):
             tokens.insert(0, bos_id)
         return tokens
+
+    def _chat_pieces(self, text: str) -> list[str]:
+        """``text`` cut just before every ``SPECIALS_PER_PIECE``-th special token (see
+        there); InvalidRequest past ``MAX_SPECIAL_TOKENS``."""
+        if self.specials is None:
+            return [text]
+        cuts = [0]
+        for n, m in enumerate(self.specials.finditer(text), 1):
+            if n > MAX_SPECIAL_TOKENS:
+                raise InvalidRequest(
+                    "messages",
+                    f"render to more than {MAX_SPECIAL_TOKENS} special tokens (the chat "
+                    "template's markers, or their text inside messages)",
+                )
+            at = m.start()
+            if n % SPECIALS_PER_PIECE == 0 and at > cuts[-1] and m.group() not in self.lstrip:
+                cuts.append(at)
+        cuts.append(len(text))
+        return [text[a:b] for a, b in itertools.pairwise(cuts) if b > a]
 
     def piece_text(self, token: int) -> str:
         if token < 0:
@@ -387,7 +460,19 @@ class LlamaModel:
                 if row < 0:
                     raise RuntimeError(f"sequence {op.seq} has no logits to sample from")
                 if isinstance(op.sampler, Sampler):
+                    t0 = time.perf_counter()
                     tok = op.sampler.sample(self.ctx, row, op.greedy)
+                    took = time.perf_counter() - t0
+                    if took > self.grammar_step_limit_s and op.sampler.has_grammar:
+                        # Sampling touched no KV: only this request fails, typed, naming
+                        # its grammar (the server answers a 400).
+                        err: Exception = InvalidRequest(
+                            "grammar",
+                            f"is too costly to run: one token took {took:.2f} s to sample "
+                            f"(limit {self.grammar_step_limit_s:g} s)",
+                        )
+                        results.append(SeqFailed(seq=op.seq, error=err))
+                        continue
                 else:
                     tok = int(L.llama_sampler_sample(self.greedy, self.ctx, row))
                 if not 0 <= tok < self.n_vocab:

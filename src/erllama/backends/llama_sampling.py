@@ -17,6 +17,7 @@ from typing import Any
 import llama_cpp as L
 
 from ..errors import InvalidRequest
+from ..grammar_cost import check_grammar
 from ..sampling import SamplerParams
 
 __all__ = ["Sampler", "new_sampler"]
@@ -58,6 +59,8 @@ class Sampler:
     def __init__(self, ptr: Any, greedy_ptr: Any = None) -> None:
         self.ptr = ptr
         self.greedy_ptr = greedy_ptr
+        #: The chain holds a grammar (its steps are timed against the model's limit).
+        self.has_grammar = False
 
     def sample(self, ctx: Any, row: int, greedy: bool) -> int:
         if greedy and self.greedy_ptr:
@@ -83,7 +86,13 @@ def new_sampler(vocab: Any, params: SamplerParams, n_ctx: int) -> Sampler:
 
     The penalties count the tokens the sampler has picked (the reply so far), not the
     prompt's."""
+    if params.grammar is not None:
+        # What it would cost llama.cpp's sampler, before llama.cpp sees it: some small
+        # grammars make one sampling step run for minutes (see grammar_cost). Here, not
+        # at intake: this runs on a worker thread, and the check is linear in the text.
+        check_grammar(params.grammar)
     sampler = Sampler(_chain(vocab, params, n_ctx, greedy=params.temperature <= 0))
+    sampler.has_grammar = params.grammar is not None
     try:
         if params.temperature > 0:
             sampler.greedy_ptr = _chain(vocab, params, n_ctx, greedy=True)

@@ -38,6 +38,7 @@ import struct
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,10 @@ def _word_index(word: str) -> int | None:
     return n - 1
 
 
+#: Steps a stub model remembers by default (about 90 bytes each).
+HISTORY_STEPS = 65_536
+
+
 @attrs.define(eq=False)
 class StubControl:
     """Knobs a test holds on to while the model runs (all read from the worker thread)."""
@@ -136,8 +141,15 @@ class StubControl:
     #: When set to an Event, ``load`` waits for it (tests watch a model while it loads).
     load_gate: threading.Event | None = None
     steps: int = 0
-    #: Every step's ops, for tests that check batching.
-    history: list[tuple[StepOp, ...]] = attrs.Factory(list)
+    #: How many of the latest steps ``history`` keeps (None: all; only for a test that
+    #: needs every step of a long run).
+    history_limit: int | None = HISTORY_STEPS
+    #: The latest steps' ops, for tests that check batching. Bounded: a stub model that
+    #: serves for long (``erllama serve`` on the stub) kept every step (about 263 KiB per
+    #: 3,000-token request).
+    history: deque[tuple[StepOp, ...]] = attrs.Factory(
+        lambda self: deque(maxlen=self.history_limit), takes_self=True
+    )
     #: Vocabulary calls (tokenize, detokenize, the chat template, sampler_new) take this
     #: long, as a long text would on a real model: tests widen the window an unload races.
     native_delay_s: float = 0.0

@@ -28,6 +28,7 @@ __all__ = [
     "kv_layout_hash",
     "parse_key",
     "quant_byte",
+    "salted",
 ]
 
 KEY_BYTES = 32
@@ -104,6 +105,16 @@ def effective_fingerprint(base: bytes, adapters: Iterable[tuple[bytes, float]]) 
         h.update(sha)
         h.update(struct.pack("<q", q))
     return h.digest()
+
+
+def salted(fingerprint: bytes, salt: str | None) -> bytes:
+    """A request's fingerprint with its cache salt folded in: requests with different
+    salts never share a row or a sequence's live KV (a server gives each API key its own
+    salt, so one key cannot learn another's prompts from cache hits). No salt gives the
+    fingerprint back."""
+    if salt is None:
+        return fingerprint
+    return hashlib.sha256(b"erllama-cache-salt\0" + fingerprint + salt.encode()).digest()
 
 
 def parse_key(value: str | bytes) -> bytes:

@@ -235,6 +235,29 @@ def _serve(sub: Any) -> None:
         "environment variable adds one too)",
     )
     s.add_argument(
+        "--admin",
+        action="store_true",
+        default=None,
+        help="serve the admin routes (load and unload models); off by default. With "
+        "--api-key they need an --admin-key",
+    )
+    s.add_argument(
+        "--admin-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a key for the admin routes, and only it (repeatable; turns them on; the "
+        "ERLLAMA_ADMIN_KEY environment variable adds one too); user keys get 403 there",
+    )
+    s.add_argument(
+        "--max-connections",
+        type=_integer(1),
+        default=None,
+        metavar="N",
+        help="open connections at most, 503 beyond (default: from the descriptor limit, "
+        "at most 1024)",
+    )
+    s.add_argument(
         "--max-tokens",
         type=_integer(1),
         default=None,

@@ -45,7 +45,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     """The config the options describe: the ``--config`` file, or the one model given by
     ``--model`` (default: the bundled SmolLM2); then --host, --port, --max-tokens and API
     keys (``--api-key``, ``ERLLAMA_API_KEY``) on top. ConfigError names a bad key."""
-    from ..server import API_KEY_ENV, ServeConfig, load_serve_config
+    from ..server import ADMIN_KEY_ENV, API_KEY_ENV, ServeConfig, load_serve_config
 
     if not args.ray:
         given = [o for o in ("replicas", "router") if getattr(args, o) is not None]
@@ -76,16 +76,20 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         )
         config = ServeConfig(cache=chat_cache_config(args.cache_dir), models={model_id: model})
     changes: dict[str, object] = {}
-    for option, field in (("host", "host"), ("port", "port"), ("max_tokens", "max_tokens")):
-        value = getattr(args, option)
+    for option in ("host", "port", "max_tokens", "max_connections", "admin"):
+        value = getattr(args, option, None)
         if value is not None:
-            changes[field] = value
-    keys = list(config.server.api_keys) + list(args.api_key)
-    env_key = os.environ.get(API_KEY_ENV)
-    if env_key:
-        keys.append(env_key)
-    if keys:
-        changes["api_keys"] = tuple(dict.fromkeys(keys))
+            changes[option] = value
+    for option, field, env in (
+        ("api_key", "api_keys", API_KEY_ENV),
+        ("admin_key", "admin_keys", ADMIN_KEY_ENV),
+    ):
+        keys = list(getattr(config.server, field)) + list(getattr(args, option, []))
+        env_key = os.environ.get(env)
+        if env_key:
+            keys.append(env_key)
+        if keys:
+            changes[field] = tuple(dict.fromkeys(keys))
     return config.with_server(**changes) if changes else config
 
 

@@ -21,6 +21,7 @@ from .stops import check_stops
 __all__ = [
     "RequestArgs",
     "check_budget",
+    "check_cache_salt",
     "check_prompt_length",
     "check_session",
     "check_flag",
@@ -32,6 +33,8 @@ __all__ = [
 
 #: Longest session id accepted (ids are kept in memory for the session's life).
 MAX_SESSION_ID = 256
+#: Longest cache salt accepted (a server derives one per API key; clients may add one).
+MAX_CACHE_SALT = 1024
 
 
 def prompt_kind(prompt: object) -> str:
@@ -153,6 +156,17 @@ def check_logprobs(value: object) -> int | None:
     return value
 
 
+def check_cache_salt(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > MAX_CACHE_SALT:
+        raise InvalidRequest(
+            "cache_salt", f"must be a non-empty string of at most {MAX_CACHE_SALT} characters"
+        )
+    check_text(value, "cache_salt")
+    return value
+
+
 def check_session(value: object) -> str | None:
     if value is None:
         return None
@@ -203,6 +217,9 @@ class RequestArgs:
     #: Report each generated token's log-probability and this many alternatives (0: the
     #: token's own only); None: none.
     logprobs: int | None = None
+    #: Only requests with the same salt share cached KV (rows and a sequence's leftover
+    #: live KV); see ``erllama.cache.key.salted``.
+    cache_salt: str | None = None
 
     @classmethod
     def build(cls, **kwargs: Any) -> RequestArgs:
@@ -224,6 +241,7 @@ class RequestArgs:
             parent_key=parse_parent_key(kwargs.get("parent_key")),
             add_special=check_flag(kwargs.get("add_special", True), "add_special"),
             logprobs=check_logprobs(kwargs.get("logprobs")),
+            cache_salt=check_cache_salt(kwargs.get("cache_salt")),
         )
 
     @staticmethod

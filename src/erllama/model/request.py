@@ -47,6 +47,8 @@ class RequestSpec:
     thinking_budget: int | None = None
     session: str | None = None
     logprobs: int | None = None
+    #: Only requests with the same salt share cache rows and live KV (``cache.key.salted``).
+    cache_salt: str | None = None
 
 
 @attrs.define(eq=False)

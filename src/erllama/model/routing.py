@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from ..cache.key import Namespace, common_prefix_tokens, encode_tokens
+from ..cache.key import Namespace, common_prefix_tokens, encode_tokens, salted
 from ..cache.port import CachePort
 from ..cluster.prefixes import PrefixSummary, chain_hashes
 from ..config import CachePolicy
@@ -27,10 +27,12 @@ def cached_prefix(
     policy: CachePolicy,
     view: ThreadView,
     tokens: Sequence[int],
+    cache_salt: str | None = None,
 ) -> CachedPrefix:
     """How many leading tokens of ``tokens`` a request would not have to prefill, and where
-    they would come from: a cache tier, or a sequence's live KV."""
-    fp = view.fingerprint
+    they would come from: a cache tier, or a sequence's live KV. Only what requests with
+    the same ``cache_salt`` left counts."""
+    fp = salted(view.fingerprint, cache_salt)
     best = CachedPrefix(tokens=0, tier=None)
     if cache.enabled:
         found = cache.peek_longest(namespace(fp), tokens, policy)

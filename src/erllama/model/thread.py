@@ -32,7 +32,7 @@ import attrs
 
 from .._loop import LoopHandoff, Mail
 from ..backends.types import Decode, LoadedModel, StepResult
-from ..cache.key import Namespace
+from ..cache.key import Namespace, salted
 from ..cache.port import CachePort, Restore, SaveReason
 from ..config import CachePolicy, ModelConfig
 from ..errors import BackendError, ErllamaError, ModelNotFound
@@ -365,7 +365,7 @@ class ModelThread:
     def _choose(self, job: RequestJob, free: Sequence[int]) -> int:
         assert self._kv is not None and self._adapters is not None
         req = job.owner
-        req.kv.fingerprint = self._adapters.fingerprint
+        req.kv.fingerprint = salted(self._adapters.fingerprint, req.spec.cache_salt)
         return self._kv.choose(req.kv, free)
 
     def _admitted(self, job: RequestJob) -> None:
@@ -375,7 +375,7 @@ class ModelThread:
         if job.session is not None and job.session in self._sessions:
             # Onto the session's own sequence: its live cells are the session's context.
             assert self._kv is not None and self._adapters is not None and job.seq is not None
-            req.kv.fingerprint = self._adapters.fingerprint
+            req.kv.fingerprint = salted(self._adapters.fingerprint, req.spec.cache_salt)
             self._kv.match(req.kv, job.seq, session=True)
             self._sessions.running(job.session)
         if self._cache.enabled:

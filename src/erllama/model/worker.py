@@ -383,10 +383,10 @@ class ModelWorker:
         assert facts is not None
         return facts.loaded.n_vocab
 
-    def cached_prefix(self, tokens: Sequence[int]) -> CachedPrefix:
+    def cached_prefix(self, tokens: Sequence[int], cache_salt: str | None = None) -> CachedPrefix:
         assert self._namespace is not None
         return routing.cached_prefix(
-            self.cache, self._namespace, self.policy, self.gate.view, tokens
+            self.cache, self._namespace, self.policy, self.gate.view, tokens, cache_salt
         )
 
     def cached_prefixes(self) -> list[CachedPrefix]:
@@ -459,6 +459,7 @@ class ModelWorker:
                 thinking_budget=args.thinking_budget_tokens,
                 session=args.session_id,
                 logprobs=args.logprobs,
+                cache_salt=args.cache_salt,
             )
             return self._submit(facts, spec, sampler, cancel)
 

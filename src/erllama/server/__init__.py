@@ -10,6 +10,7 @@ Needs the ``server`` extra (Starlette, Hypercorn, prometheus_client). See docs/s
 """
 
 from .app import build_app as build_app
+from .config import ADMIN_KEY_ENV as ADMIN_KEY_ENV
 from .config import API_KEY_ENV as API_KEY_ENV
 from .config import ServeConfig as ServeConfig
 from .config import ServerConfig as ServerConfig
@@ -19,6 +20,7 @@ from .run import open_server as open_server
 from .run import serve_http as serve_http
 
 __all__ = [
+    "ADMIN_KEY_ENV",
     "API_KEY_ENV",
     "RunningServer",
     "ServeConfig",

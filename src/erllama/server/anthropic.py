@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 from typing import Any
 
@@ -31,9 +31,13 @@ from .generation import (
     reply_unless_disconnected,
     start,
     stream_error,
+    stream_guard,
 )
+from .guard import request_id
 from .params import (
     EXTENSION_RENAMES,
+    cache_salt,
+    check_messages,
     extension_options,
     functions_of,
     max_tokens,
@@ -41,7 +45,7 @@ from .params import (
     tool_spec,
     unique,
 )
-from .sse import EventStreamResponse, anthropic_event
+from .sse import EventStreamResponse, NoResponse, anthropic_event
 from .state import ServerState
 from .toolcalls import fallback_text
 
@@ -206,7 +210,14 @@ def _output_format(body: Fields) -> dict[str, Any] | None:
     return {"type": "json_schema", "json_schema": {"schema": schema.data}}
 
 
-def parse(body: Fields, state: ServerState, model: str, *, counting: bool = False) -> ChatJob:
+def parse(
+    body: Fields,
+    state: ServerState,
+    model: str,
+    *,
+    counting: bool = False,
+    scope: Mapping[str, Any] | None = None,
+) -> ChatJob:
     messages = _messages(body, state, model)
     tools, choice, forced = _tools(body)
     options: dict[str, Any] = {}
@@ -222,7 +233,12 @@ def parse(body: Fields, state: ServerState, model: str, *, counting: bool = Fals
         if body.get("max_tokens") is None:
             raise body.bad("max_tokens", "is required")
         limit, _field = max_tokens(body, state, ("max_tokens",), None)
-        options = {"max_tokens": limit, **sampling(body, state), **extension_options(body)}
+        options = {
+            "max_tokens": limit,
+            **sampling(body, state),
+            **extension_options(body),
+            **cache_salt(body, scope or {}),
+        }
         options.update(_thinking(body))
         stop = body.array("stop_sequences")
         if stop:
@@ -266,20 +282,22 @@ async def messages(request: Request, state: ServerState) -> Response:
     model = body.req_text("model")
     track = state.metrics.track("anthropic", state.model_label(model))
     try:
-        job = parse(body, state, model)
+        job = parse(body, state, model, scope=request.scope)
         stream = body.flag("stream")
-        started = await start(state, job, track)
+        started = await start(state, job, track, request_id(request.scope))
     except BaseException as exc:
         track.end_with(exc)
         raise
     message_id = "msg_" + secrets.token_hex(12)
     if stream:
         return EventStreamResponse(
-            _events(state, started, message_id), cleanup=lambda: close(started)
+            _events(state, started, message_id),
+            cleanup=lambda why: close(started, why),
+            guard=stream_guard(state, "anthropic"),
         )
     reply = await reply_unless_disconnected(request, state, started, "toolu_")
     if reply is None:
-        return Response(status_code=499)
+        return NoResponse()
     assert reply.end is not None
     content: list[dict[str, Any]] = []
     for block in reply.blocks:
@@ -415,7 +433,7 @@ async def _events(state: ServerState, started: Started, message_id: str) -> Asyn
                 if out:
                     yield "".join(out)
     except Exception as exc:
-        yield anthropic_event(error_body(stream_error(exc, started), "anthropic"))
+        yield anthropic_event(stream_error(exc, started, "anthropic"))
 
 
 async def count_tokens(request: Request, state: ServerState) -> Response:
@@ -423,6 +441,7 @@ async def count_tokens(request: Request, state: ServerState) -> Response:
     model = body.req_text("model")
     job = parse(body, state, model, counting=True)
     state.check_model(model)
+    check_messages(job.messages, state)
     try:
         prompt = await state.engine.apply_chat_template(model, job.messages, None, job.tools)
     except ErllamaError as exc:

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -22,7 +23,9 @@ from . import admin, anthropic, ollama, ollama_models, openai, responses
 from .auth import Gate
 from .config import ServeConfig
 from .errors import ApiError, Dialect, dialect_of, error_response, from_engine, json_response
+from .guard import Guard, request_id
 from .port import EnginePort
+from .sse import NoResponse
 from .state import ServerState
 
 __all__ = ["build_app"]
@@ -34,21 +37,25 @@ Handler = Callable[[Request, ServerState], Awaitable[Response]]
 
 def _endpoint(handler: Handler, dialect: Dialect) -> Callable[[Request], Awaitable[Response]]:
     """A route: the handler with the app's state, every failure rendered in ``dialect``'s
-    error shape. Anything unexpected is logged and is a 500."""
+    error shape. Anything unexpected is logged with its cause and the request id, and is a
+    500 naming only the request id."""
 
     async def run(request: Request) -> Response:
         state: ServerState = request.app.state.erllama
+        rid = request_id(request.scope)
         try:
             return await handler(request, state)
         except ApiError as err:
-            return error_response(err, dialect)
+            return error_response(err, dialect, request_id=rid)
         except ErllamaError as exc:
-            return error_response(from_engine(exc), dialect)
+            return error_response(from_engine(exc), dialect, request_id=rid)
         except ClientDisconnect:
-            return Response(status_code=499)  # nobody is there to read it
+            return NoResponse()
         except Exception:
-            log.exception("%s %s failed", request.method, request.url.path)
-            return error_response(ApiError(500, "internal", "internal error"), dialect)
+            log.exception("%s %s failed (request id %s)", request.method, request.url.path, rid)
+            return error_response(
+                ApiError(500, "internal", "internal error"), dialect, request_id=rid
+            )
 
     run.__name__ = handler.__name__
     return run
@@ -68,7 +75,26 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     kind = "not_found" if exc.status_code == 404 else "invalid_request"
     err = ApiError(exc.status_code, kind, str(exc.detail))  # type: ignore[arg-type]
-    return error_response(err, dialect_of(request.url.path))
+    return error_response(err, dialect_of(request.url.path), request_id=request_id(request.scope))
+
+
+def _middleware(state: ServerState) -> list[Middleware]:
+    """Outermost first: request hygiene (host, origin, content type, body, disconnect;
+    guard.py), CORS when configured, then the API key."""
+    stack = [Middleware(Guard, state=state)]
+    origins = state.config.server.cors_origins
+    if origins:
+        stack.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(origins),
+                allow_methods=["GET", "POST", "DELETE"],
+                allow_headers=["*"],
+                expose_headers=["x-request-id", "retry-after"],
+            )
+        )
+    stack.append(Middleware(Gate, state=state))
+    return stack
 
 
 def build_app(engine: EnginePort, config: ServeConfig | None = None) -> Starlette:
@@ -106,7 +132,7 @@ def build_app(engine: EnginePort, config: ServeConfig | None = None) -> Starlett
         Route("/api/show", _endpoint(ollama_models.show, ol), methods=["POST"]),
         Route("/api/version", _endpoint(ollama_models.version, ol), methods=["GET"]),
     ]
-    if config.server.admin:
+    if config.server.admin_enabled:
         routes += [
             Route("/admin/models", _endpoint(admin.list_models, oa), methods=["GET"]),
             Route("/admin/models", _endpoint(admin.load_model, oa), methods=["POST"]),
@@ -118,7 +144,7 @@ def build_app(engine: EnginePort, config: ServeConfig | None = None) -> Starlett
         ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(Gate, state=state)],
+        middleware=_middleware(state),
         exception_handlers={HTTPException: _http_error},
     )
     app.state.erllama = state

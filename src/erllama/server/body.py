@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,10 +17,6 @@ from starlette.requests import Request
 from .errors import ApiError
 
 __all__ = ["Fields", "read_json"]
-
-#: A body longer than this is refused without reading it to the end (the connection may
-#: then be reset); shorter oversize bodies are read and dropped so the client gets the 413.
-DRAIN_CAP = 64 * 1024 * 1024
 
 
 def _too_large(limit: int) -> ApiError:
@@ -33,23 +30,12 @@ def _too_large(limit: int) -> ApiError:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The body, at most ``limit`` bytes (413 beyond). An oversize body is drained (up to
-    ``DRAIN_CAP``) before answering: replying while the client still sends makes the
-    server close the connection with unread data, which the client sees as a reset."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > DRAIN_CAP:
+    """The body, at most ``limit`` bytes (413 beyond). The guard (guard.py) has already
+    read it within its deadline and the server's cap; this holds a route to its own."""
+    body = await request.body()  # ClientDisconnect when the client went away
+    if len(body) > limit:
         raise _too_large(limit)
-    buf = bytearray()
-    seen = 0
-    async for chunk in request.stream():  # ClientDisconnect when the client goes away
-        seen += len(chunk)
-        if seen <= limit:
-            buf += chunk
-        elif seen > DRAIN_CAP:
-            raise _too_large(limit)
-    if seen > limit:
-        raise _too_large(limit)
-    return bytes(buf)
+    return body
 
 
 async def read_json(request: Request, limit: int) -> Fields:
@@ -63,7 +49,37 @@ async def read_json(request: Request, limit: int) -> Fields:
         raise ApiError.bad_param("body", f"is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise ApiError.bad_param("body", "must be a JSON object")
+    if _MAYBE_SURROGATE.search(raw):
+        _check_text(data)
     return Fields(data)
+
+
+#: A ``\uD800``-``\uDFFF`` escape: the only way a lone surrogate gets into parsed JSON
+#: (the raw bytes are valid UTF-8, which cannot encode one). Rarely present, so the walk
+#: below runs only then.
+_MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_text(data: Any) -> None:
+    """400 naming the first string (or key) holding a lone surrogate: text the model's
+    tokenizer cannot take, which is the client's mistake, not the server's."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ApiError.bad_param(
+                    path or "body", f"is not valid text (a lone surrogate at position {exc.start})"
+                ) from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else str(key)
+                stack.append((key, path or "body"))
+                stack.append((item, where))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
 
 
 def _kind(value: Any) -> str:

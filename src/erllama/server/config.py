@@ -44,10 +44,12 @@ from ..config import (
     load_config_as,
 )
 
-__all__ = ["API_KEY_ENV", "ServeConfig", "ServerConfig", "load_serve_config"]
+__all__ = ["ADMIN_KEY_ENV", "API_KEY_ENV", "ServeConfig", "ServerConfig", "load_serve_config"]
 
 #: The environment variable holding an API key (added to ``server.api_keys``).
 API_KEY_ENV = "ERLLAMA_API_KEY"
+#: The environment variable holding an admin key (added to ``server.admin_keys``).
+ADMIN_KEY_ENV = "ERLLAMA_ADMIN_KEY"
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -80,6 +82,21 @@ def _opt_path(value: Any) -> Path | None:
     return None if value is None else Path(value)
 
 
+def _opt_int(minimum: int) -> Any:
+    def check(value: Any) -> str | None:
+        if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+            return None if value is None or value >= minimum else f"must be >= {minimum}"
+        return f"must be an integer or absent, got {value!r}"
+
+    return check
+
+
+def _names(value: Any) -> str | None:
+    if all(isinstance(v, str) and v and not any(c.isspace() for c in v) for v in value):
+        return None
+    return "must be non-empty strings without whitespace"
+
+
 def _backends(value: Any) -> str | None:
     if all(isinstance(v, str) and v for v in value):
         return None
@@ -109,8 +126,12 @@ class ServerConfig:
     stored_responses: int = _int_field(1024, 0)
     #: Temperature of an OpenAI or Anthropic request that names none (both document 1.0).
     default_temperature: float = _number_field(1.0, 0)
-    #: Serve the admin routes (``/admin/models``); they need the API key when one is set.
-    admin: bool = True
+    #: Serve the admin routes (``/admin/models``: load and unload models). Off by default;
+    #: ``admin_keys`` turns them on too.
+    admin: bool = False
+    #: Keys for the admin routes, and only they (user keys get 403 there); they are valid
+    #: on every other route too. Required for the admin routes when ``api_keys`` is set.
+    admin_keys: tuple[str, ...] = _checked(_keys, default=(), converter=tuple)
     #: Admin loads may name a GGUF file under this directory (symbolic links resolved) ...
     models_dir: Path | None = attrs.field(default=None, converter=_opt_path)
     #: ... or one of these files, or a file a model in the config was loaded from.
@@ -119,9 +140,49 @@ class ServerConfig:
     admin_backends: tuple[str, ...] = _checked(_backends, default=("llama_cpp",), converter=tuple)
     #: How long in-flight requests get to finish when the server stops, in seconds.
     graceful_timeout_s: float = _number_field(5.0, 0)
+    #: ``Host`` header values accepted (the port is ignored; ``"*"``: any). Empty: on a
+    #: loopback address only ``localhost``, ``127.0.0.1`` and ``[::1]`` (a web page that
+    #: rebinds its DNS name to 127.0.0.1 is refused), on any other address any host.
+    allowed_hosts: tuple[str, ...] = _checked(_names, default=(), converter=tuple)
+    #: Web origins allowed to call from a browser (CORS; ``"*"``: any). Empty: a request
+    #: that carries an ``Origin`` header (a browser's cross-site request) is refused.
+    cors_origins: tuple[str, ...] = _checked(_names, default=(), converter=tuple)
+    #: Share cache hits between API keys. Off: each key's requests reuse only the KV of
+    #: that key's own earlier requests (cached_tokens would otherwise let one key
+    #: recover another's prompts token by token).
+    share_cache_across_keys: bool = False
+    #: Open connections at most (503 beyond). None: the descriptor limit less a reserve,
+    #: at most 1024.
+    max_connections: int | None = _checked(_opt_int(1), default=None)
+    #: From a connection's start (or a request's first byte) to its complete headers.
+    header_timeout_s: float = _number_field(10.0, 0.1)
+    #: From a request's headers to the end of its body (408 beyond).
+    body_timeout_s: float = _number_field(30.0, 0.1)
+    #: How long an idle connection is kept open between requests (longer than clients'
+    #: pools keep idle connections, so a client never reuses one the server just closed).
+    keep_alive_timeout_s: float = _number_field(75.0, 0.1)
+    #: How long a response may wait for a client that does not read before the connection
+    #: is closed and its request cancelled.
+    send_timeout_s: float = _number_field(30.0, 0.1)
+    #: Bytes of one stream's events held for a client that reads slower than the model
+    #: writes; beyond, the request is cancelled and the connection closed.
+    stream_buffer_bytes: int = _int_field(1 * MIB, 4 * KIB)
+    #: Messages in one chat request at most (each is rendered by the chat template).
+    max_messages: int = _int_field(2048, 1)
 
     def __attrs_post_init__(self) -> None:
-        _Problems(self).raise_any()
+        problems = _Problems(self)
+        problems.check(
+            not (self.admin_enabled and self.api_keys and not self.admin_keys),
+            "admin_keys",
+            "the admin routes of a server with api_keys need admin keys of their own "
+            "(user keys cannot load or unload models)",
+        )
+        problems.raise_any()
+
+    @property
+    def admin_enabled(self) -> bool:
+        return self.admin or bool(self.admin_keys)
 
 
 @attrs.frozen(kw_only=True)

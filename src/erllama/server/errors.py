@@ -15,6 +15,7 @@ erllama's own errors map by type (:func:`from_engine`); the table is in docs/ser
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -45,6 +46,8 @@ __all__ = [
     "from_engine",
     "json_response",
 ]
+
+log = logging.getLogger("erllama.server")
 
 Dialect = Literal["openai", "anthropic", "ollama"]
 Kind = Literal[
@@ -132,10 +135,15 @@ class ApiError(Exception):
 
 
 def from_engine(exc: ErllamaError, params: Mapping[str, str] | None = None) -> ApiError:
-    """The HTTP error for one of erllama's own errors. ``params`` renames the engine's
-    parameter names to the API's (``prompt`` -> ``messages``, ``max_tokens`` ->
-    ``max_completion_tokens``)."""
-    params = params or {}
+    """The HTTP error for one of erllama's own errors (``exc`` is its ``__cause__``).
+    ``params`` renames the engine's parameter names to the API's (``prompt`` ->
+    ``messages``, ``max_tokens`` -> ``max_completion_tokens``)."""
+    err = _from_engine(exc, params or {})
+    err.__cause__ = exc
+    return err
+
+
+def _from_engine(exc: ErllamaError, params: Mapping[str, str]) -> ApiError:
     if isinstance(exc, InvalidRequest):
         param = params.get(exc.param, exc.param)
         return ApiError.bad_param(param, exc.reason)
@@ -202,21 +210,31 @@ def from_engine(exc: ErllamaError, params: Mapping[str, str] | None = None) -> A
             retryable=False,
         )
     if isinstance(exc, BackendError | CacheError):
-        return ApiError(503, "unavailable", str(exc), code="backend_error", retryable=False)
+        # The detail (a native error's text, a path) is for the log, not for the client.
+        what = "the KV cache" if isinstance(exc, CacheError) else "the model"
+        return ApiError(
+            503, "unavailable", f"{what} failed while serving this request", code="backend_error",
+            retryable=False,
+        )  # fmt: skip
     return ApiError(500, "internal", "internal error", retryable=False)
 
 
-def error_body(err: ApiError, dialect: Dialect) -> dict[str, Any]:
+def error_body(err: ApiError, dialect: Dialect, request_id: str | None = None) -> dict[str, Any]:
+    """The error in ``dialect``'s shape. A server-side failure (5xx) names the request id,
+    which the log line with its cause names too."""
+    message = err.message
+    if err.status >= 500 and request_id is not None:
+        message = f"{message} (request id {request_id})"
     if dialect == "ollama":
-        return {"error": err.message}
+        return {"error": message}
     if dialect == "anthropic":
         return {
             "type": "error",
-            "error": {"type": _ANTHROPIC_TYPES[err.kind], "message": err.message},
+            "error": {"type": _ANTHROPIC_TYPES[err.kind], "message": message},
         }
     return {
         "error": {
-            "message": err.message,
+            "message": message,
             "type": _OPENAI_TYPES[err.kind],
             "param": err.param,
             "code": err.code,
@@ -232,8 +250,17 @@ def json_response(
     return Response(raw.encode(), status, headers=headers, media_type="application/json")
 
 
-def error_response(err: ApiError, dialect: Dialect) -> Response:
-    return json_response(error_body(err, dialect), err.status, err.headers)
+def error_response(err: ApiError, dialect: Dialect, request_id: str | None = None) -> Response:
+    if err.status >= 500:
+        log_cause(err, request_id)
+    return json_response(error_body(err, dialect, request_id), err.status, err.headers)
+
+
+def log_cause(err: ApiError, request_id: str | None) -> None:
+    """Log the engine error behind a 5xx (its detail is kept from the client)."""
+    cause = err.__cause__
+    if isinstance(cause, BackendError | CacheError):
+        log.warning("request %s: %s", request_id, cause)
 
 
 def dialect_of(path: str) -> Dialect:

@@ -10,20 +10,29 @@ calls, its exact text is stored under their ids (see toolcalls.py).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any, Literal
 
+import anyio
 import attrs
 from starlette.requests import Request
 
 from ..errors import ErllamaError
 from ..events import Done, ThinkingDelta, ThinkingEnd, Token, ToolCallDelta, ToolCallEnd
 from ..grammar import check_schema, response_format_grammar
-from .errors import ApiError, from_engine
+from .errors import ApiError, Dialect, error_body, from_engine, log_cause
 from .metrics import Track
+from .params import check_messages
 from .port import EventStream
-from .sse import unless_disconnected
+from .sse import (
+    Interruption,
+    StreamGuard,
+    anthropic_event,
+    ndjson_line,
+    openai_event,
+    unless_disconnected,
+)
 from .state import ServerState
 from .toolcalls import forced_call_grammar, mint_id, parse_call
 
@@ -47,6 +56,7 @@ __all__ = [
     "reply_unless_disconnected",
     "start",
     "stream_error",
+    "stream_guard",
 ]
 
 log = logging.getLogger("erllama.server")
@@ -92,6 +102,8 @@ class Started:
     stream: EventStream
     prompt_tokens: int
     track: Track
+    #: The guard's id of the HTTP request (named in a 5xx error event and its log line).
+    request_id: str | None = None
 
 
 @attrs.frozen
@@ -160,16 +172,20 @@ def _within(job: ChatJob, prompt_tokens: int) -> dict[str, Any]:
     return {**job.options, "max_tokens": room if asked is None else min(asked, room)}
 
 
-async def start(state: ServerState, job: ChatJob, track: Track) -> Started:
+async def start(
+    state: ServerState, job: ChatJob, track: Track, request_id: str | None = None
+) -> Started:
     """Render the prompt and queue the request; ApiError (404, 429, 503, 400 naming the
     parameter) before anything runs."""
     state.check_model(job.model)
+    check_messages(job.messages, state)
     engine = state.engine
     renames = dict(job.renames)
     if job.choice == "required" and job.tools is not None:
         renames["grammar"] = "tool_choice"  # the grammar is the forced call's
     try:
-        grammar = _grammar(state, job)
+        # Off the loop: converting a large schema takes a while (bounded by check_schema).
+        grammar = await anyio.to_thread.run_sync(_grammar, state, job)
         prompt = job.prompt
         if prompt is None:
             prompt = await engine.apply_chat_template(job.model, job.messages, None, job.tools)
@@ -177,7 +193,9 @@ async def start(state: ServerState, job: ChatJob, track: Track) -> Started:
         stream = await engine.infer(job.model, prompt, grammar=grammar, **options)
     except ErllamaError as exc:
         raise from_engine(exc, renames) from exc
-    return Started(job=job, stream=stream, prompt_tokens=len(prompt), track=track)
+    return Started(
+        job=job, stream=stream, prompt_tokens=len(prompt), track=track, request_id=request_id
+    )
 
 
 async def pieces(
@@ -315,9 +333,36 @@ def cancelled_error() -> ApiError:
     )
 
 
-async def close(started: Started) -> None:
-    await started.stream.aclose()
-    started.track.end_with(None)
+async def close(started: Started, interrupted: Interruption | None = None) -> None:
+    """A stream's cleanup: cancel the request in the model (when it has not ended) and
+    record how it ended."""
+    try:
+        await started.stream.aclose()
+    finally:  # recorded however closing went
+        if interrupted == "stalled":
+            started.track.end("stalled")
+        elif interrupted == "stopping":
+            started.track.end("cancelled")
+        else:
+            started.track.end_with(None)
+
+
+def stream_guard(
+    state: ServerState, dialect: Dialect, error_event: Callable[[ApiError], str] | None = None
+) -> StreamGuard:
+    """The bounds of one event stream on this server, with ``dialect``'s error event (or
+    ``error_event``, for a stream with its own shape, as the Responses API's)."""
+    if error_event is None:
+        if dialect == "ollama":
+            error_event = lambda err: ndjson_line(error_body(err, dialect))  # noqa: E731
+        else:
+            encode = anthropic_event if dialect == "anthropic" else openai_event
+            error_event = lambda err: encode(error_body(err, dialect))  # noqa: E731
+    return StreamGuard(
+        stopping=state.stopping,
+        buffer_bytes=state.config.server.stream_buffer_bytes,
+        error_event=error_event,
+    )
 
 
 async def reply_unless_disconnected(
@@ -344,12 +389,19 @@ async def reply_unless_disconnected(
     return reply
 
 
-def stream_error(exc: Exception, started: Started) -> ApiError:
-    """The error event for a failure after the response began (its status is sent)."""
+def stream_error(exc: Exception, started: Started, dialect: Dialect) -> dict[str, Any]:
+    """The error event's body for a failure after the response began (its status is
+    sent); a server-side failure is logged with its cause and the request id, which the
+    event names."""
     started.track.end_midway(exc)
+    rid = started.request_id
     if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, ErllamaError):
-        return from_engine(exc, started.job.renames)
-    log.exception("request failed while streaming", exc_info=exc)
-    return ApiError(500, "internal", "internal error")
+        err = exc
+    elif isinstance(exc, ErllamaError):
+        err = from_engine(exc, started.job.renames)
+    else:
+        log.exception("request %s failed while streaming", rid, exc_info=exc)
+        err = ApiError(500, "internal", "internal error")
+    if err.status >= 500:
+        log_cause(err, rid)
+    return error_body(err, dialect, rid)

@@ -24,8 +24,9 @@ from ..events import Stats
 
 if TYPE_CHECKING:
     from .port import EnginePort
+    from .transport import TransportStats
 
-__all__ = ["EngineCollector", "Metrics", "Outcome", "Track"]
+__all__ = ["EngineCollector", "Metrics", "Outcome", "Track", "TransportCollector"]
 
 #: How a generation request ended: a finish reason, or why it did not finish.
 Outcome = Literal[
@@ -34,6 +35,7 @@ Outcome = Literal[
     "tool_calls",
     "cancelled",  # the engine ended it (unload, shutdown)
     "disconnected",  # the client went away
+    "stalled",  # the client stopped reading (server.send_timeout_s, stream_buffer_bytes)
     "invalid",  # a 4xx for the request itself (bad parameter, unknown model)
     "rejected",  # queue full, session busy, model loading or failed (409, 429, 503)
     "error",  # a failure while generating, or a 5xx
@@ -45,7 +47,9 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 class Metrics:
     """The server's metrics and the registry that exposes them."""
 
-    def __init__(self, engine: EnginePort | None = None) -> None:
+    def __init__(
+        self, engine: EnginePort | None = None, transport: TransportStats | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.http = Counter(
@@ -95,6 +99,8 @@ class Metrics:
         )
         if engine is not None:
             r.register(EngineCollector(engine))
+        if transport is not None:
+            r.register(TransportCollector(transport))
 
     def track(self, api: str, model: str) -> Track:
         return Track(self, api, model)
@@ -164,6 +170,49 @@ class Track:
             self.end("disconnected")
         else:
             self.end("error")
+
+
+class TransportCollector(Collector):
+    """What the connection layer saw (transport.py), read at each scrape."""
+
+    def __init__(self, stats: TransportStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats
+        yield GaugeMetricFamily(
+            "erllama_http_connections_open", "Open HTTP connections", value=s.open
+        )
+        connections = CounterMetricFamily(
+            "erllama_http_connections",
+            "Connections by what became of them at accept: served, refused with 503 at "
+            "server.max_connections, or dropped unanswered (too many refusals at once)",
+            labels=["outcome"],
+        )
+        for outcome, value in (
+            ("accepted", s.accepted),
+            ("refused", s.refused),
+            ("dropped", s.dropped),
+        ):
+            connections.add_metric([outcome], value)
+        yield connections
+        yield CounterMetricFamily(
+            "erllama_http_accept_errors",
+            "accept() failures for lack of descriptors or memory",
+            value=s.accept_errors,
+        )
+        timeouts = CounterMetricFamily(
+            "erllama_http_timeouts",
+            "Connections or requests ended because headers, a body or a write took too long",
+            labels=["phase"],
+        )
+        for phase, value in (
+            ("headers", s.header_timeouts),
+            ("body", s.body_timeouts),
+            ("send", s.send_timeouts),
+        ):
+            timeouts.add_metric([phase], value)
+        yield timeouts
 
 
 class EngineCollector(Collector):

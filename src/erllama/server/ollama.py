@@ -47,9 +47,11 @@ from .generation import (
     reply_unless_disconnected,
     start,
     stream_error,
+    stream_guard,
 )
+from .guard import request_id
 from .keepalive import parse_keep_alive
-from .params import functions_of, tool_spec, unique
+from .params import cache_salt, functions_of, tool_spec, unique
 from .sse import NdjsonResponse, ndjson_line, unless_disconnected
 from .state import ServerState
 from .toolcalls import fallback_text
@@ -402,9 +404,13 @@ async def _run(
                                 await seen.remember(state, model, piece.done)
                             yield ndjson_line(last(piece.done))
             except Exception as exc:
-                yield ndjson_line(error_body(stream_error(exc, started), "ollama"))
+                yield ndjson_line(stream_error(exc, started, "ollama"))
 
-        return NdjsonResponse(lines(), cleanup=lambda: close(started))
+        return NdjsonResponse(
+            lines(),
+            cleanup=lambda why: close(started, why),
+            guard=stream_guard(state, "ollama"),
+        )
 
     reply = await reply_unless_disconnected(request, state, started, "call_")
     if reply is None:
@@ -455,11 +461,11 @@ async def chat(request: Request, state: ServerState) -> Response:
             functions=functions_of(tools or []),
             choice="auto" if tools else "none",
             response_format=_format(body),
-            options={**options, **_think(body, state, model)},
+            options={**options, **_think(body, state, model), **cache_salt(body, request.scope)},
             renames=RENAMES,
             context_limit=num_ctx,
         )
-        started = await start(state, job, track)
+        started = await start(state, job, track, request_id(request.scope))
     except BaseException as exc:
         track.end_with(exc)
         raise
@@ -520,12 +526,12 @@ async def generate(request: Request, state: ServerState) -> Response:
             model=model,
             messages=messages,
             response_format=_format(body),
-            options={**options, **_think(body, state, model)},
+            options={**options, **_think(body, state, model), **cache_salt(body, request.scope)},
             renames={**RENAMES, "prompt": "prompt"},
             prompt=prompt,
             context_limit=num_ctx,
         )
-        started = await start(state, job, track)
+        started = await start(state, job, track, request_id(request.scope))
     except BaseException as exc:
         track.end_with(exc)
         raise

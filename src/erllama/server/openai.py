@@ -34,9 +34,12 @@ from .generation import (
     reply_unless_disconnected,
     start,
     stream_error,
+    stream_guard,
 )
+from .guard import request_id
 from .params import (
     EXTENSION_RENAMES,
+    cache_salt,
     extension_options,
     functions_of,
     max_tokens,
@@ -44,7 +47,7 @@ from .params import (
     tool_spec,
     unique,
 )
-from .sse import EventStreamResponse, openai_done, openai_event, unless_disconnected
+from .sse import EventStreamResponse, NoResponse, openai_done, openai_event, unless_disconnected
 from .state import ServerState
 from .toolcalls import fallback_text
 
@@ -235,10 +238,15 @@ def _common_unsupported(body: Fields) -> None:
 
 
 def _options(
-    body: Fields, state: ServerState, names: Sequence[str], default: int | None
+    request: Request, body: Fields, state: ServerState, names: Sequence[str], default: int | None
 ) -> tuple[dict[str, Any], dict[str, str]]:
     limit, field = max_tokens(body, state, names, default)
-    options = {"max_tokens": limit, **sampling(body, state), **extension_options(body)}
+    options = {
+        "max_tokens": limit,
+        **sampling(body, state),
+        **extension_options(body),
+        **cache_salt(body, request.scope),
+    }
     stop = body.strings("stop")
     if stop:
         options["stop"] = stop
@@ -274,7 +282,9 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
         for name in _UNSUPPORTED_CHAT:
             body.refuse(name)
         tools, choice, forced = _tools(body)
-        options, renames = _options(body, state, ("max_completion_tokens", "max_tokens"), None)
+        options, renames = _options(
+            request, body, state, ("max_completion_tokens", "max_tokens"), None
+        )
         stream, include_usage = _stream_flags(body)
         job = ChatJob(
             model=model,
@@ -287,7 +297,7 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
             options=options,
             renames={"prompt": "messages", "grammar": "response_format", **renames},
         )
-        started = await start(state, job, track)
+        started = await start(state, job, track, request_id(request.scope))
     except BaseException as exc:
         track.end_with(exc)
         raise
@@ -296,11 +306,12 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     if stream:
         return EventStreamResponse(
             _chat_events(state, started, completion_id, created, include_usage),
-            cleanup=lambda: close(started),
+            cleanup=lambda why: close(started, why),
+            guard=stream_guard(state, "openai"),
         )
     reply = await reply_unless_disconnected(request, state, started, "call_")
     if reply is None:
-        return Response(status_code=499)
+        return NoResponse()
     assert reply.end is not None
     end = reply.end
     calls = reply.calls
@@ -367,7 +378,7 @@ async def _chat_events(
                     for event in _end_events(piece, lambda f: chunk({}, f), include_usage):
                         yield event
     except Exception as exc:
-        yield openai_event(error_body(stream_error(exc, started), "openai"))
+        yield openai_event(stream_error(exc, started, "openai"))
 
 
 def _end_events(
@@ -425,7 +436,9 @@ async def completions(request: Request, state: ServerState) -> Response:
             if name == "echo" and not body.flag("echo"):
                 continue
             body.refuse(name)
-        options, renames = _options(body, state, ("max_tokens",), COMPLETION_DEFAULT_TOKENS)
+        options, renames = _options(
+            request, body, state, ("max_tokens",), COMPLETION_DEFAULT_TOKENS
+        )
         stream, include_usage = _stream_flags(body)
         state.check_model(model)
         job = ChatJob(model=model, messages=[], options=options, renames=renames)
@@ -433,7 +446,13 @@ async def completions(request: Request, state: ServerState) -> Response:
             infer = await state.engine.infer(model, prompt, **options)
         except ErllamaError as exc:
             raise from_engine(exc, renames) from exc
-        started = Started(job=job, stream=infer, prompt_tokens=0, track=track)
+        started = Started(
+            job=job,
+            stream=infer,
+            prompt_tokens=0,
+            track=track,
+            request_id=request_id(request.scope),
+        )
     except BaseException as exc:
         track.end_with(exc)
         raise
@@ -462,12 +481,14 @@ async def completions(request: Request, state: ServerState) -> Response:
                             for event in _end_events(piece, lambda f: shape("", f), include_usage):
                                 yield event
             except Exception as exc:
-                yield openai_event(error_body(stream_error(exc, started), "openai"))
+                yield openai_event(stream_error(exc, started, "openai"))
 
-        return EventStreamResponse(events(), cleanup=lambda: close(started))
+        return EventStreamResponse(
+            events(), cleanup=lambda why: close(started, why), guard=stream_guard(state, "openai")
+        )
     reply = await reply_unless_disconnected(request, state, started, "call_")
     if reply is None:
-        return Response(status_code=499)
+        return NoResponse()
     assert reply.end is not None
     out = shape(reply.text, reply.end.finish)
     out["usage"] = _usage(reply.end.done)
@@ -532,7 +553,7 @@ async def embeddings(request: Request, state: ServerState) -> Response:
     except ErllamaError as exc:
         raise from_engine(exc, {"prompt": "input", "tokens": "input"}) from exc
     if result is None:
-        return Response(status_code=499)
+        return NoResponse()
     vectors, n_tokens = result
     data = []
     for i, vec in enumerate(vectors):

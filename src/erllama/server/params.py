@@ -12,7 +12,17 @@ from .errors import ApiError
 from .state import ServerState
 from .toolcalls import NAME_RE
 
-__all__ = ["extension_options", "max_tokens", "sampling", "tool_spec"]
+__all__ = [
+    "cache_salt",
+    "check_messages",
+    "extension_options",
+    "max_tokens",
+    "sampling",
+    "tool_spec",
+]
+
+#: Longest ``cache_salt`` a request may send.
+MAX_REQUEST_SALT = 256
 
 
 def max_tokens(
@@ -50,6 +60,31 @@ def sampling(body: Fields, state: ServerState) -> dict[str, Any]:
     if seed is not None:
         out["seed"] = seed
     return out
+
+
+def cache_salt(body: Fields, scope: Mapping[str, Any]) -> dict[str, Any]:
+    """The engine's ``cache_salt`` for this request: its API key's salt (set by the key
+    check unless ``server.share_cache_across_keys``) and the request's own ``cache_salt``
+    field (vLLM's name), so a client may also keep its own requests apart."""
+    key_salt = (scope.get("state") or {}).get("cache_salt")
+    own = body.text("cache_salt", empty=False)
+    if own is not None and len(own) > MAX_REQUEST_SALT:
+        raise body.bad("cache_salt", f"must be at most {MAX_REQUEST_SALT} characters")
+    if own is None and key_salt is None:
+        return {}
+    parts = [p for p in (key_salt, own) if p is not None]
+    return {"cache_salt": "\x1f".join(parts)}
+
+
+def check_messages(messages: Sequence[object], state: ServerState) -> None:
+    """At most ``server.max_messages`` messages go to the chat template: each is rendered
+    and tokenized, on a worker thread that a vanished client can only stop between
+    pieces, so the work is bounded before it starts."""
+    limit = state.config.server.max_messages
+    if len(messages) > limit:
+        raise ApiError.bad_param(
+            "messages", f"at most {limit} messages per request (server.max_messages)"
+        )
 
 
 def extension_options(body: Fields) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -36,7 +36,7 @@ from ..errors import ErllamaError
 from ..events import Done
 from .body import Fields, read_json
 from .chaining import NoContinuation, continuation
-from .errors import ApiError, from_engine, json_response
+from .errors import ApiError, error_body, from_engine, json_response
 from .generation import (
     Call,
     ChatJob,
@@ -54,10 +54,13 @@ from .generation import (
     reply_unless_disconnected,
     start,
     stream_error,
+    stream_guard,
 )
+from .guard import request_id
 from .outputs import Output, item_id
 from .params import (
     EXTENSION_RENAMES,
+    cache_salt,
     extension_options,
     functions_of,
     max_tokens,
@@ -304,7 +307,7 @@ class _Turn:
     echo: dict[str, Any]
 
 
-async def _parse(body: Fields, state: ServerState, name: str) -> _Turn:
+async def _parse(body: Fields, state: ServerState, name: str, scope: Mapping[str, Any]) -> _Turn:
     model = name
     _refuse(body)
     state.check_model(model)
@@ -316,6 +319,7 @@ async def _parse(body: Fields, state: ServerState, name: str) -> _Turn:
         "max_tokens": limit,
         **sampling(body, state),
         **extension_options(body),
+        **cache_salt(body, scope),
     }
     if state.engine.model_info(model).thinking_markers is not None:
         options["thinking"] = True  # the thinking span becomes a reasoning item
@@ -522,16 +526,26 @@ async def create(request: Request, state: ServerState) -> Response:
     name = body.req_text("model")
     track = state.metrics.track("responses", state.model_label(name))
     try:
-        turn = await _parse(body, state, name)
-        started = await start(state, turn.job, track)
+        turn = await _parse(body, state, name, request.scope)
+        started = await start(state, turn.job, track, request_id(request.scope))
     except BaseException as exc:
         track.end_with(exc)
         raise
     response_id = new_response_id()
     created = int(time.time())
     if body.flag("stream"):
+        numbers = itertools.count()
+        guard = stream_guard(
+            state,
+            "openai",
+            error_event=lambda err: typed_event(
+                {**_error_event(error_body(err, "openai")), "sequence_number": next(numbers)}
+            ),
+        )
         return EventStreamResponse(
-            _events(state, turn, started, response_id, created), cleanup=lambda: close(started)
+            _events(state, turn, started, response_id, created, numbers),
+            cleanup=lambda why: close(started, why),
+            guard=guard,
         )
     reply = await reply_unless_disconnected(request, state, started, "call_")
     if reply is None:
@@ -558,10 +572,13 @@ def _replay(reply: Reply) -> Output:
 
 
 async def _events(
-    state: ServerState, turn: _Turn, started: Started, response_id: str, created: int
+    state: ServerState,
+    turn: _Turn,
+    started: Started,
+    response_id: str,
+    created: int,
+    numbers: Iterator[int],
 ) -> AsyncIterator[str]:
-    numbers = itertools.count()
-
     def encode(events: list[dict[str, Any]]) -> str:
         return "".join(typed_event({**e, "sequence_number": next(numbers)}) for e in events)
 
@@ -589,7 +606,7 @@ async def _events(
                 else:
                     assert isinstance(piece, End)
                     if piece.finish == "cancelled":
-                        yield encode([_error_event(cancelled_error())])
+                        yield encode([_error_event(error_body(cancelled_error(), "openai"))])
                         return
                     incomplete = piece.finish == "length"
                     events = output.close("incomplete" if incomplete else "completed")
@@ -599,21 +616,20 @@ async def _events(
                 if events:
                     yield encode(events)
     except Exception as exc:
-        yield encode([_error_event(stream_error(exc, started))])
+        yield encode([_error_event(stream_error(exc, started, "openai"))])
 
 
-def _error_event(err: ApiError) -> dict[str, Any]:
-    """The Responses API's ``error`` event; its ``error`` object is what makes the openai
-    package raise (as it does for a failed chat stream) instead of ending quietly."""
-    from .errors import error_body
-
-    body = error_body(err, "openai")["error"]
+def _error_event(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The Responses API's ``error`` event from an OpenAI error body; its ``error`` object
+    is what makes the openai package raise (as it does for a failed chat stream) instead
+    of ending quietly."""
+    err = body["error"]
     return {
         "type": "error",
-        "code": err.code,
-        "message": err.message,
-        "param": err.param,
-        "error": body,
+        "code": err["code"],
+        "message": err["message"],
+        "param": err["param"],
+        "error": err,
     }
 
 

@@ -1,39 +1,37 @@
-"""Serving the app with Hypercorn, on asyncio or trio (whichever loop runs this code).
+"""Serving the app on asyncio or trio (whichever loop runs this code).
 
-Hypercorn is the ASGI server because it runs on both loops (``hypercorn.asyncio.serve`` and
-``hypercorn.trio.serve`` over one protocol core). Two things learnt the hard way:
+Hypercorn is the HTTP core because it runs on both loops over one protocol implementation;
+the accept loop and each connection's limits are ours (:mod:`.transport` says why). Two
+things learnt the hard way:
 
 * Hypercorn must never see a cancellation: cancelling ``hypercorn.asyncio.serve`` with a
   request in flight raises ``InvalidStateError`` (pgjones/hypercorn#184) and skips the
-  graceful drain. So it runs shielded, and our cancellation becomes its
-  ``shutdown_trigger``: in-flight requests get ``graceful_timeout``, then are cancelled.
-* To serve on port 0 and learn the port on both loops, the socket is bound here and handed
-  over as ``fd://N`` (Hypercorn takes ownership and closes it).
+  graceful drain. So our cancellation is a graceful stop: in-flight requests get
+  ``graceful_timeout_s``, then streams send their error event, then what is left is
+  cancelled.
+* To serve on port 0 and learn the port on both loops, the socket is bound here.
 """
 
 from __future__ import annotations
 
-import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
 import attrs
-import sniffio
-from anyio.abc import TaskStatus
-from hypercorn.config import Config as HypercornConfig
 from starlette.applications import Starlette
-from starlette.types import ASGIApp
 
 from .app import build_app
-from .config import ServeConfig
+from .config import ServeConfig, ServerConfig
 from .port import EnginePort
 from .state import ServerState
+from .transport import Limits, auto_max_connections, serve_connections
 
-__all__ = ["RunningServer", "bind_socket", "open_server", "serve_http"]
+__all__ = ["RunningServer", "bind_socket", "limits_of", "open_server", "serve_http"]
 
-log = logging.getLogger("erllama.server")
+#: Serve an app on a listening socket until cancelled (see :func:`.transport.serve_connections`).
+serve_http = serve_connections
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -43,30 +41,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return socket.create_server(address[:2], family=family, backlog=128)
 
 
-async def serve_http(
-    app: ASGIApp,
-    config: HypercornConfig,
-    *,
-    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve ``app`` until cancelled; the cancellation becomes a graceful shutdown."""
-    if sniffio.current_async_library() == "trio":
-        from hypercorn.trio import serve
-    else:
-        from hypercorn.asyncio import serve  # type: ignore[assignment]
-    stop = anyio.Event()
-
-    async def run() -> None:
-        with anyio.CancelScope(shield=True):
-            await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(run)
-        task_status.started()
-        try:
-            await anyio.sleep_forever()
-        finally:
-            stop.set()
+def limits_of(server: ServerConfig) -> Limits:
+    return Limits(
+        max_connections=server.max_connections or auto_max_connections(),
+        header_timeout_s=server.header_timeout_s,
+        keep_alive_s=server.keep_alive_timeout_s,
+        send_timeout_s=server.send_timeout_s,
+        graceful_timeout_s=server.graceful_timeout_s,
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -90,20 +72,24 @@ async def open_server(engine: EnginePort, config: ServeConfig) -> AsyncIterator[
     them."""
     server = config.server
     app = build_app(engine, config)
+    state: ServerState = app.state.erllama
     sock = bind_socket(server.host, server.port)
     port = sock.getsockname()[1]
-    hc = HypercornConfig()
-    hc.bind = [f"fd://{sock.detach()}"]
-    hc.accesslog = None
-    hc.errorlog = logging.getLogger("erllama.server.http")
-    hc.graceful_timeout = server.graceful_timeout_s
-    hc.keep_alive_timeout = 75.0  # longer than clients' pools keep idle connections
     host = f"[{server.host}]" if ":" in server.host else server.host
     running = RunningServer(url=f"http://{host}:{port}", host=server.host, port=port, app=app)
     body_error: BaseException | None = None
     try:
         async with anyio.create_task_group() as tg:
-            await tg.start(serve_http, app, hc)
+            await tg.start(
+                lambda task_status: serve_connections(
+                    app,
+                    sock,
+                    limits_of(server),
+                    state.transport,
+                    on_deadline=state.stopping.set,
+                    task_status=task_status,
+                )
+            )
             try:
                 yield running
             except anyio.get_cancelled_exc_class():

@@ -3,10 +3,12 @@ responses and the metrics."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import anyio
 import attrs
 
 from .._version import __version__
@@ -18,8 +20,39 @@ from .metrics import Metrics
 from .port import EnginePort
 from .stored import ResponseStore
 from .toolcalls import DEFAULT_MARKERS, ToolCallStore
+from .transport import TransportStats
 
-__all__ = ["ServerState"]
+__all__ = ["Latch", "ServerState", "key_salt"]
+
+
+def key_salt(key: str) -> str:
+    """The cache salt of an API key: a hash, so the key itself never reaches the engine
+    (nor its logs or cache files)."""
+    return hashlib.sha256(b"erllama-cache-salt\0" + key.encode()).hexdigest()
+
+
+class Latch:
+    """A one-way event that may be made outside an event loop (``build_app`` is
+    synchronous; an ``anyio.Event`` needs a running loop)."""
+
+    def __init__(self) -> None:
+        self._set = False
+        self._event: anyio.Event | None = None
+
+    def set(self) -> None:
+        self._set = True
+        if self._event is not None:
+            self._event.set()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        if self._event is None:
+            self._event = anyio.Event()
+        await self._event.wait()
 
 
 @attrs.define(eq=False)
@@ -32,6 +65,13 @@ class ServerState:
     store: ToolCallStore
     #: Responses-API responses by id (``previous_response_id``, ``GET /v1/responses/{id}``).
     responses: ResponseStore
+    #: What the transport saw (connections, refusals, timeouts), for the metrics.
+    transport: TransportStats = attrs.Factory(TransportStats)
+    #: Set when the server's graceful timeout ran out: streams still running send their
+    #: error event and end.
+    stopping: Latch = attrs.Factory(Latch)
+    #: Each API key's cache salt (see :func:`key_salt`).
+    salts: dict[str, str] = attrs.Factory(dict)
     #: The config each model was loaded with (from the config file or an admin load), for
     #: its tool-call markers.
     model_configs: dict[str, ModelConfig] = attrs.Factory(dict)
@@ -43,18 +83,22 @@ class ServerState:
 
     @classmethod
     def create(cls, engine: EnginePort, config: ServeConfig) -> ServerState:
+        transport = TransportStats()
         return cls(
             engine=engine,
             config=config,
-            metrics=Metrics(engine),
+            metrics=Metrics(engine, transport),
+            transport=transport,
             store=ToolCallStore(config.server.tool_call_ids),
             responses=ResponseStore(config.server.stored_responses, _responses_dir(config)),
             model_configs=dict(config.models),
+            salts={k: key_salt(k) for k in (*config.server.api_keys, *config.server.admin_keys)},
         )
 
     @property
     def keys(self) -> tuple[str, ...]:
-        return self.config.server.api_keys
+        """Every key that may call the user routes (admin keys included)."""
+        return self.config.server.api_keys + self.config.server.admin_keys
 
     def markers(self, model_id: str) -> ToolCallMarkers:
         config = self.model_configs.get(model_id)

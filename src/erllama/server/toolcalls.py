@@ -29,7 +29,8 @@ from typing import Any
 import attrs
 
 from ..config import ToolCallMarkers
-from ..errors import InvalidRequest, NotSupported
+from ..errors import NotSupported
+from ..grammar import conversion_error, schema_converter
 
 __all__ = [
     "DEFAULT_MARKERS",
@@ -154,13 +155,9 @@ def forced_call_grammar(
     ``<start>{"name":"<fn>","arguments":<object>}<end>``. Schemas were checked with
     :func:`check_schema`; one the converter cannot express raises InvalidRequest."""
     try:
-        from llama_cpp import llama_grammar
+        conv = schema_converter()
     except ImportError:
         raise NotSupported("engine", "tool_choice (install erllama[llama])") from None
-    grammar_module: Any = llama_grammar  # untyped
-    conv = grammar_module.SchemaConverter(
-        prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False
-    )
     alternatives = []
     for i, (name, params) in enumerate(tools):
         schema: Any = copy.deepcopy(dict(params)) if params else {"type": "object"}
@@ -171,9 +168,8 @@ def forced_call_grammar(
             schema = conv.resolve_refs(schema, f"tool{i}")
             args_rule = conv.visit(schema, f"tool{i}-arguments")
         except Exception as exc:  # the converter asserts on schemas it cannot express
-            raise InvalidRequest(
-                "tools", f"the parameters of {name!r} cannot be turned into a grammar: {exc}"
-            ) from exc
+            what = f"the parameters of {name!r} cannot be turned into a grammar"
+            raise conversion_error(exc, "tools", what) from exc
         head = _literal('{"name":' + json.dumps(name, ensure_ascii=False) + ',"arguments":')
         alternatives.append(f'{head} {args_rule} "}}"')
     call = " | ".join(f"( {a} )" for a in alternatives)
