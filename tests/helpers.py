@@ -6,7 +6,7 @@ import contextlib
 import errno
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +38,29 @@ def metered() -> StubControl:
     return StubControl(permits=threading.Semaphore(0))
 
 
+def gated() -> StubControl:
+    """A stub control whose every step waits until the test sets ``control.gate``."""
+    return StubControl(gate=threading.Event())
+
+
 def release(control: StubControl, n: int = 1) -> None:
+    """Hand a metered control ``n`` more permits (``control.open()`` lets it run free)."""
     assert control.permits is not None
     control.permits.release(n)
 
 
-async def wait_for(predicate: object, within: float = 5.0) -> None:
-    """Poll a condition every millisecond. For facts set by worker threads, which cannot
-    set an anyio.Event, polling is the honest way to wait."""
-    with anyio.fail_after(within):
-        while not predicate():  # type: ignore[operator]  # noqa: ASYNC110
-            await anyio.sleep(0.001)
+async def wait_for(
+    predicate: Callable[[], object], within: float = 10.0, what: str = "a condition"
+) -> None:
+    """Poll a fact every millisecond, for at most ``within`` seconds. For facts set by
+    worker threads (which cannot set an anyio.Event) or other processes, polling the fact
+    itself is the honest way to wait; ``what`` names it when the wait times out."""
+    try:
+        with anyio.fail_after(within):
+            while not predicate():  # noqa: ASYNC110
+                await anyio.sleep(0.001)
+    except TimeoutError:
+        raise TimeoutError(f"waited {within} s for {what}") from None
 
 
 def unblock_stubs() -> None:
@@ -65,12 +77,21 @@ def words(n: int, start: int = 0) -> str:
 
 
 async def cold_run(
-    registry: BackendRegistry, prompt: str | list[int], **kw: Any
+    registry: BackendRegistry | None,
+    prompt: str | list[int],
+    stub_options: Mapping[str, object] | None = None,
+    *,
+    model: erllama.ModelConfig | None = None,
+    **kw: Any,
 ) -> erllama.Completion:
-    """What the stub answers with no cache at all (the reference every warm run must equal)."""
+    """What a fresh engine with the cache off answers (the reference every warm run must
+    equal): a stub loaded with ``stub_options`` (``eog_every`` changes what it says), or
+    ``model`` with live-KV reuse off (a real model: pass ``registry=None`` for the default
+    registry). Keyword arguments go to ``complete``."""
     cfg = erllama.EngineConfig(cache=erllama.CacheConfig(enabled=False, ram_file_dir=None))
+    config = stub_config(**stub_options or {}) if model is None else model
     async with erllama.open_engine(cfg, backends=registry) as engine:
-        mid = await engine.load_model("m", stub_config())
+        mid = await engine.load_model("cold", attrs.evolve(config, keep_live_kv=False))
         return await engine.complete(mid, prompt, **kw)
 
 

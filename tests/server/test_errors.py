@@ -16,18 +16,16 @@ from hypothesis import strategies as st
 
 from erllama.plugins import BackendRegistry
 
+from ..helpers import gated, wait_for
 from .conftest import (
     KEY,
     Served,
     Server,
     chat_body,
-    gated,
     messages_body,
     own_model,
-    release_all,
     running_server,
     serve_config,
-    wait_for,
 )
 
 pytestmark = pytest.mark.anyio
@@ -211,7 +209,7 @@ async def test_a_full_queue_is_a_429_with_retry_after(server: Server) -> None:
             r = await h.post("/v1/chat/completions", json=chat_body(mid))
             a = await h.post("/v1/messages", json=messages_body(mid))
         finally:
-            release_all(control)
+            control.open()
     assert openai_error(r, 429)["type"] == "rate_limit_error"
     assert r.headers["retry-after"] == "1"
     anthropic_error(a, 429, "rate_limit_error")
@@ -230,7 +228,7 @@ async def test_a_busy_session_is_a_409(server: Server) -> None:
             await wait_for(lambda: control.waiting == 1)
             r = await h.post("/v1/chat/completions", json=body)
         finally:
-            release_all(control)
+            control.open()
     assert openai_error(r, 409, "erllama.session_id")["code"] == "session_busy"
 
 

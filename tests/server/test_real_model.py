@@ -18,7 +18,8 @@ from erllama.backends import llama_cpp, stub
 from erllama.bundled import INSTALL_HINT, bundled_model_path
 from erllama.server import ServeConfig, ServerConfig
 
-from .conftest import KEY, TOOL_MARKERS, WEATHER_TOOL, Server, running_server, wait_for
+from ..helpers import wait_for
+from .conftest import KEY, TOOL_MARKERS, WEATHER_TOOL, Server, running_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.real_model]
 

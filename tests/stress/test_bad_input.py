@@ -30,8 +30,8 @@ from erllama.backends import stub
 from erllama.config import structure_config
 from erllama.plugins import BackendRegistry
 
-from ..helpers import stub_config, unblock_stubs, wait_for
-from .conftest import cold_reference, record
+from ..helpers import cold_run, stub_config, unblock_stubs, wait_for
+from .conftest import record
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -696,7 +696,7 @@ async def still_serves(c: Ctx) -> None:
     assert got.finish_reason == "length" and len(got.token_ids) == 2
     if not engine.list_adapters(c.mid):
         if not _SERVED:
-            cold = await cold_reference(c.registry, SERVE_PROMPT, max_tokens=2)
+            cold = await cold_run(c.registry, SERVE_PROMPT, max_tokens=2)
             _SERVED.append(cold.token_ids)
         assert got.token_ids == _SERVED[0]
 
