@@ -13,12 +13,19 @@ from typing import Any
 import anyio
 import attrs
 import pytest
+from hypothesis import settings
 
 import erllama
 from erllama.backends import stub
 from erllama.backends.stub import StubControl, _word
 from erllama.cache.tiers import FileTier
 from erllama.plugins import BackendRegistry
+
+
+def examples(share: float) -> int:
+    """Hypothesis examples for a test whose examples cost more (``share`` > 1) or less than
+    most: that share of the loaded profile's ``max_examples`` (tests/conftest.py)."""
+    return max(1, round(settings.default.max_examples * share))
 
 
 def stub_config(**options: object) -> erllama.ModelConfig:

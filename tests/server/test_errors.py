@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from erllama.plugins import BackendRegistry
 
-from ..helpers import gated, wait_for
+from ..helpers import examples, gated, wait_for
 from .conftest import (
     KEY,
     Served,
@@ -314,9 +314,7 @@ PATHS = [
 async def test_bad_input_never_gives_a_500(server: Server) -> None:
     url = server.url  # read on the loop; hypothesis runs in a worker thread
 
-    @settings(
-        max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None
-    )
+    @settings(max_examples=examples(0.4), suppress_health_check=list(HealthCheck))
     @given(body=bodies(), path=st.sampled_from(PATHS))
     def check(body: dict[str, Any], path: str) -> None:
         raw = json.dumps(body, allow_nan=True)  # NaN and Infinity too: Python's json reads them
