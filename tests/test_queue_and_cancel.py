@@ -59,14 +59,26 @@ async def test_requests_run_in_fifo_order_and_infer_returns_while_queued(
 async def test_cancel_unknown_or_finished_ref_is_silent_and_idempotent(
     engine: erllama.Engine,
 ) -> None:
-    mid = await engine.load_model("m", stub_config())
-    engine.cancel("no-such-ref")
+    ctl = metered()
+    mid = await engine.load_model("m", stub_config(control=ctl))
     stream = await engine.infer(mid, "hello", max_tokens=2)
-    _, done = await drain(stream)
-    assert done.finish_reason == "length"
+    await wait_for(lambda: ctl.steps == 1 and ctl.waiting == 1)  # its prefill is parked
+    engine.cancel("no-such-ref")  # touches no request: the running one goes on
+    release(ctl, 100)
+    tokens, done = await drain(stream)
+    assert done.finish_reason == "length" and len(tokens) == 2
     engine.cancel(stream.ref)
     engine.cancel(stream.ref)
     stream.cancel()
+    # The finished stream gets no second terminal event; the model holds nothing ...
+    assert [ev async for ev in stream] == []
+    assert engine.in_flight() == []
+    info = engine.model_info(mid)
+    assert (info.status, info.running, info.queue_len) == ("idle", 0, 0)
+    # ... and its next request is not the one a stale cancel lands on.
+    again = await engine.complete(mid, "hello", max_tokens=2)
+    assert again.finish_reason == "length"
+    assert again.token_ids == tuple(t.token_id for t in tokens)
 
 
 async def test_cancel_removes_a_queued_request_at_once_and_it_never_runs(
