@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -57,17 +58,39 @@ def release(control: StubControl, n: int = 1) -> None:
 
 
 async def wait_for(
-    predicate: Callable[[], object], within: float = 10.0, what: str = "a condition"
+    predicate: Callable[[], object],
+    within: float = 10.0,
+    what: str = "a condition",
+    every: float = 0.001,
 ) -> None:
-    """Poll a fact every millisecond, for at most ``within`` seconds. For facts set by
+    """Poll a fact every ``every`` seconds, for at most ``within`` seconds. For facts set by
     worker threads (which cannot set an anyio.Event) or other processes, polling the fact
-    itself is the honest way to wait; ``what`` names it when the wait times out."""
+    itself is the honest way to wait; ``what`` names it when the wait times out. An async
+    predicate (one that asks a server, say) is awaited each time."""
     try:
         with anyio.fail_after(within):
-            while not predicate():  # noqa: ASYNC110
-                await anyio.sleep(0.001)
+            while True:
+                holds = predicate()
+                if inspect.isawaitable(holds):
+                    holds = await holds
+                if holds:
+                    return
+                await anyio.sleep(every)
     except TimeoutError:
         raise TimeoutError(f"waited {within} s for {what}") from None
+
+
+async def settled(engine: erllama.Engine, model_id: str) -> None:
+    """Return once ``model_id``'s thread has been round its loop since this was called.
+
+    The thread takes the calls queued for it, then plans and runs a step, then takes calls
+    again: this passes it two calls, the second sent when the first has answered, so a
+    step it was about to run when this was called has run by the time this returns. A test
+    that checks a step did *not* happen checks after this. (The calls end a session that
+    no one holds, which changes nothing.) Not for a model held mid-step: it would wait.
+    """
+    for _ in range(2):
+        await engine.end_session(model_id, "tests.helpers.settled")
 
 
 def unblock_stubs() -> None:

@@ -117,13 +117,15 @@ async def test_a_stream_the_client_leaves_ends_its_request_in_the_model(
                 data_lines += line.startswith("data:")
                 if data_lines == 3:  # tokens are flowing
                     break
-        with anyio.fail_after(10):
-            while True:
-                text = (await h.get("/metrics")).text
-                idle = metric(text, "erllama_queue_depth", model="slow") == 0
-                if idle and metric(text, "erllama_requests_total", **labels) == before + 1:
-                    break
-                await anyio.sleep(0.05)
+
+        async def ended() -> bool:
+            text = (await h.get("/metrics")).text
+            idle = metric(text, "erllama_queue_depth", model="slow") == 0
+            return idle and metric(text, "erllama_requests_total", **labels) == before + 1
+
+        await wait_for(
+            ended, what="the model idle and the request counted as disconnected", every=0.05
+        )
 
 
 async def test_a_non_streaming_request_the_client_leaves_is_cancelled(server: Server) -> None:

@@ -41,7 +41,7 @@ from erllama.backends import Prefill
 from erllama.backends.stub import WORD_BASE, StubControl
 from erllama.plugins import BackendRegistry
 
-from ..helpers import cold_run, stub_config, unblock_stubs, wait_for
+from ..helpers import cold_run, settled, stub_config, unblock_stubs, wait_for
 from .conftest import record
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
@@ -373,9 +373,11 @@ async def no_leak(s: Storm) -> None:
         info = engine.model_info(name)
         assert (info.status, info.queue_len, info.running) == ("idle", 0, 0), info
     assert engine.queue_depth() == 0
-    # Nothing generates for a request nobody wants any more.
+    # Nothing generates for a request nobody wants any more: each model's thread goes
+    # round its loop, and runs no step doing so.
     steps = {name: c.steps for name, c in s.controls.items()}
-    await anyio.sleep(0.05)
+    for name in MODELS:
+        await settled(engine, name)
     assert {name: c.steps for name, c in s.controls.items()} == steps
 
 
