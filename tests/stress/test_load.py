@@ -145,7 +145,7 @@ def plan(rng: random.Random) -> list[Planned]:
 
 
 async def run_one(engine: erllama.Engine, p: Planned) -> None:
-    await anyio.sleep(p.delay)
+    await anyio.sleep(p.delay)  # its planned arrival: random jitter, not synchronisation
     try:
         stream = await engine.infer(p.model, p.prompt, max_tokens=p.max_tokens, **p.sampling)
     except erllama.QueueFull as exc:
