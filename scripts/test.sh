@@ -10,4 +10,6 @@ echo "== ruff"
 echo "== mypy"
 .venv/bin/mypy src
 echo "== pytest"
+# Derandomized hypothesis examples, as many as CI runs (tests/conftest.py has the profiles).
+export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
 .venv/bin/python -m pytest "$@"

@@ -1,17 +1,68 @@
-"""Shared fixtures. Async tests run on both asyncio and trio via anyio's pytest plugin."""
+"""Shared fixtures. Async tests run on both asyncio and trio via anyio's pytest plugin.
+
+Hypothesis runs under one of two profiles, named by ``HYPOTHESIS_PROFILE``:
+
+- ``ci``: derandomized (the same examples on every run, so a red CI is reproducible and a
+  green one is not luck), ``CI_EXAMPLES`` examples a test, failures printed with their
+  reproduction blob, no example database. The default where ``CI`` is set or no one is at
+  a terminal; ``scripts/test.sh`` names it.
+- ``dev``: random examples, a third as many (a quick local run), the local database
+  (``.hypothesis/``) replaying earlier failures first.
+
+Neither has a deadline: on a shared machine one slow example is load, not a bug. Tests
+never hard-code these; a test whose examples cost more or less than most asks for a share
+of the profile's count (:func:`tests.helpers.examples`).
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 import erllama
 from erllama.backends import stub
 from erllama.plugins import BackendRegistry
 
 from .helpers import SmallDisk, unblock_stubs
+
+#: Examples a hypothesis test runs in CI (the ``ci`` profile).
+CI_EXAMPLES = 150
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    max_examples=CI_EXAMPLES,
+    deadline=None,
+    print_blob=True,
+)
+settings.register_profile("dev", max_examples=CI_EXAMPLES // 3, deadline=None, print_blob=True)
+
+
+def _default_profile() -> str:
+    if os.environ.get("CI"):
+        return "ci"
+    # Someone at a terminal has one controlling it. (Not ``sys.stdin.isatty()``: pytest's
+    # capture has already put /dev/null on stdin when this file is read.)
+    try:
+        os.close(os.open("/dev/tty", os.O_RDONLY))
+    except OSError:
+        return "ci"
+    return "dev"
+
+
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or _default_profile())
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    # Hypothesis's own header line shows only with -v.
+    if config.option.verbose >= 1:
+        return None
+    return f"hypothesis profile: {settings.get_current_profile_name()}"
 
 
 @pytest.fixture(params=["asyncio", "trio"])

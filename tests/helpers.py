@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import anyio
 import attrs
 import pytest
+from hypothesis import settings
 
 import erllama
 from erllama.backends import stub
 from erllama.backends.stub import StubControl, _word
 from erllama.cache.tiers import FileTier
 from erllama.plugins import BackendRegistry
+
+
+def examples(share: float) -> int:
+    """Hypothesis examples for a test whose examples cost more (``share`` > 1) or less than
+    most: that share of the loaded profile's ``max_examples`` (tests/conftest.py)."""
+    return max(1, round(settings.default.max_examples * share))
 
 
 def stub_config(**options: object) -> erllama.ModelConfig:
@@ -38,17 +46,51 @@ def metered() -> StubControl:
     return StubControl(permits=threading.Semaphore(0))
 
 
+def gated() -> StubControl:
+    """A stub control whose every step waits until the test sets ``control.gate``."""
+    return StubControl(gate=threading.Event())
+
+
 def release(control: StubControl, n: int = 1) -> None:
+    """Hand a metered control ``n`` more permits (``control.open()`` lets it run free)."""
     assert control.permits is not None
     control.permits.release(n)
 
 
-async def wait_for(predicate: object, within: float = 5.0) -> None:
-    """Poll a condition every millisecond. For facts set by worker threads, which cannot
-    set an anyio.Event, polling is the honest way to wait."""
-    with anyio.fail_after(within):
-        while not predicate():  # type: ignore[operator]  # noqa: ASYNC110
-            await anyio.sleep(0.001)
+async def wait_for(
+    predicate: Callable[[], object],
+    within: float = 10.0,
+    what: str = "a condition",
+    every: float = 0.001,
+) -> None:
+    """Poll a fact every ``every`` seconds, for at most ``within`` seconds. For facts set by
+    worker threads (which cannot set an anyio.Event) or other processes, polling the fact
+    itself is the honest way to wait; ``what`` names it when the wait times out. An async
+    predicate (one that asks a server, say) is awaited each time."""
+    try:
+        with anyio.fail_after(within):
+            while True:
+                holds = predicate()
+                if inspect.isawaitable(holds):
+                    holds = await holds
+                if holds:
+                    return
+                await anyio.sleep(every)
+    except TimeoutError:
+        raise TimeoutError(f"waited {within} s for {what}") from None
+
+
+async def settled(engine: erllama.Engine, model_id: str) -> None:
+    """Return once ``model_id``'s thread has been round its loop since this was called.
+
+    The thread takes the calls queued for it, then plans and runs a step, then takes calls
+    again: this passes it two calls, the second sent when the first has answered, so a
+    step it was about to run when this was called has run by the time this returns. A test
+    that checks a step did *not* happen checks after this. (The calls end a session that
+    no one holds, which changes nothing.) Not for a model held mid-step: it would wait.
+    """
+    for _ in range(2):
+        await engine.end_session(model_id, "tests.helpers.settled")
 
 
 def unblock_stubs() -> None:
@@ -65,12 +107,21 @@ def words(n: int, start: int = 0) -> str:
 
 
 async def cold_run(
-    registry: BackendRegistry, prompt: str | list[int], **kw: Any
+    registry: BackendRegistry | None,
+    prompt: str | list[int],
+    stub_options: Mapping[str, object] | None = None,
+    *,
+    model: erllama.ModelConfig | None = None,
+    **kw: Any,
 ) -> erllama.Completion:
-    """What the stub answers with no cache at all (the reference every warm run must equal)."""
+    """What a fresh engine with the cache off answers (the reference every warm run must
+    equal): a stub loaded with ``stub_options`` (``eog_every`` changes what it says), or
+    ``model`` with live-KV reuse off (a real model: pass ``registry=None`` for the default
+    registry). Keyword arguments go to ``complete``."""
     cfg = erllama.EngineConfig(cache=erllama.CacheConfig(enabled=False, ram_file_dir=None))
+    config = stub_config(**stub_options or {}) if model is None else model
     async with erllama.open_engine(cfg, backends=registry) as engine:
-        mid = await engine.load_model("m", stub_config())
+        mid = await engine.load_model("cold", attrs.evolve(config, keep_live_kv=False))
         return await engine.complete(mid, prompt, **kw)
 
 

@@ -319,34 +319,57 @@ async def test_a_parent_row_still_being_written_is_usable_at_once(
 async def test_a_parent_key_saved_by_another_engine_is_found_on_disk(
     registry: BackendRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = FileTier.publish
+    publish, probe = FileTier.publish, FileTier.probe
+    may_publish = threading.Event()
+    #: Keys a lookup found still being written (a temp, no row file yet).
+    seen_writing: list[bytes] = []
 
-    def slow_publish(self: FileTier, *a: Any) -> Any:
-        import time
+    def held_publish(self: FileTier, *a: Any) -> Any:
+        may_publish.wait(30)
+        return publish(self, *a)
 
-        time.sleep(0.3)
-        return original(self, *a)
+    def watched_probe(self: FileTier, key: bytes) -> Any:
+        meta, writing = probe(self, key)
+        if writing:
+            seen_writing.append(key)
+        return meta, writing
 
-    monkeypatch.setattr(FileTier, "publish", slow_publish)
-    policy = attrs.evolve(POLICY, resume_wait_s=10.0)
+    monkeypatch.setattr(FileTier, "publish", held_publish)
+    monkeypatch.setattr(FileTier, "probe", watched_probe)
+    # Finish rows only (no cold save): the one publish held is the parent's.
+    policy = attrs.evolve(POLICY, resume_wait_s=10.0, cold_min_tokens=10_000)
     cfg = cache_cfg(tmp_path, ram_bytes=0, ram_file_dir=None, policy=policy)
-    async with (
-        erllama.open_engine(cfg, backends=registry) as saver,
-        erllama.open_engine(cfg, backends=registry) as other,
-    ):
-        a = await saver.load_model("m", stub_config())
-        b = await other.load_model("m", stub_config())
-        t1 = await saver.tokenize(a, words(20))
-        r1 = await saver.complete(a, t1, max_tokens=3)
-        # The saver is publishing now: its temp exists, the row file does not yet.
-        await wait_for(lambda: any((tmp_path / "disk").glob(f"{r1.finish_key}.kvc.*.tmp")))
-        r2 = await other.complete(
-            b, [*t1, *r1.token_ids, 300], parent_key=r1.finish_key, max_tokens=2
-        )
-        assert r2.cache_hit_kind == "partial"
-        assert r2.cache_delta.read == len(t1) + 3
-        c = other.cache_counters()
-        assert c.hits_resume == 1 and c.adopted == 1
+    try:
+        async with (
+            erllama.open_engine(cfg, backends=registry) as saver,
+            erllama.open_engine(cfg, backends=registry) as other,
+        ):
+            a = await saver.load_model("m", stub_config())
+            b = await other.load_model("m", stub_config())
+            t1 = await saver.tokenize(a, words(20))
+            r1 = await saver.complete(a, t1, max_tokens=3)
+            assert r1.finish_key is not None
+            # The saver is publishing now: its temp exists, the row file does not yet.
+            await wait_for(lambda: any((tmp_path / "disk").glob(f"{r1.finish_key}.kvc.*.tmp")))
+            got: list[erllama.Completion] = []
+
+            async def resume() -> None:
+                prompt = [*t1, *r1.token_ids, 300]
+                got.append(await other.complete(b, prompt, parent_key=r1.finish_key, max_tokens=2))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(resume)
+                # The other engine found the row being written and waits for it: now the
+                # saver may publish.
+                await wait_for(lambda: bytes.fromhex(r1.finish_key) in seen_writing)
+                may_publish.set()
+            (r2,) = got
+            assert r2.cache_hit_kind == "partial"
+            assert r2.cache_delta.read == len(t1) + 3
+            c = other.cache_counters()
+            assert c.hits_resume == 1 and c.adopted == 1
+    finally:
+        may_publish.set()
 
 
 async def test_a_corrupt_file_is_a_miss_counted_and_removed(

@@ -5,16 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 from erllama.cache.format import read_row
 
 SCRIPT = textwrap.dedent(
     """
-    import sys, time, pathlib, anyio, erllama
+    import sys, pathlib, anyio, erllama
     from erllama.backends import stub
-    disk, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+    disk = pathlib.Path(sys.argv[1])
 
     async def main():
         cfg = erllama.EngineConfig(cache=erllama.CacheConfig(
@@ -24,8 +23,9 @@ SCRIPT = textwrap.dedent(
         reg = erllama.make_backend_registry({"stub": stub}, autoload=False)
         async with erllama.open_engine(cfg, backends=reg) as engine:
             mid = await engine.load_model("m", erllama.ModelConfig(backend="stub", n_ctx=512))
-            while not go.exists():
-                await anyio.sleep(0.001)
+            print("ready", flush=True)
+            # Both processes start saving when the test says go (a line on stdin).
+            assert (await anyio.to_thread.run_sync(sys.stdin.readline)).strip() == "go"
             keys = []
             for i in range(20):
                 prompt = " ".join(f"ka{'be' * (i % 5)}" for _ in range(20 + i))
@@ -40,20 +40,28 @@ SCRIPT = textwrap.dedent(
 
 
 def test_two_processes_saving_the_same_keys_end_with_one_valid_file_each(tmp_path: Path) -> None:
-    disk, go = tmp_path / "disk", tmp_path / "go"
+    disk = tmp_path / "disk"
     script = tmp_path / "saver.py"
     script.write_text(SCRIPT)
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), str(disk), str(go)],
+            [sys.executable, str(script), str(disk)],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         for _ in range(2)
     ]
-    time.sleep(1.0)  # both engines open and waiting
-    go.touch()
+    # Both engines open, their models loaded: then both start at once.
+    for p in procs:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        assert line == "ready\n", p.communicate(timeout=60)[1]  # else it failed: its stderr
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
     outputs = [p.communicate(timeout=120) for p in procs]
     for p, (_out, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err

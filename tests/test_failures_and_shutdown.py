@@ -51,7 +51,8 @@ async def test_failure_at_step_fails_that_models_requests_only(engine: erllama.E
         async for _ in queued:
             pass
     assert engine.status(bad) == "failed"
-    assert engine.model_info(bad).error is not None
+    assert engine.model_info(bad).error == str(exc.value)
+    assert str(exc.value).endswith("RuntimeError: stub: injected failure at step 3")
     with pytest.raises(erllama.ModelFailed) as failed:
         await engine.infer(bad, "again")
     assert failed.value.model_id == bad

@@ -10,20 +10,13 @@ import erllama
 from erllama.backends import Prefill
 from erllama.plugins import BackendRegistry
 
-from .helpers import metered, release, stub_config
+from .helpers import cold_run, metered, release, stub_config
 
 pytestmark = pytest.mark.anyio
 
 
 def prefills(ctl: object) -> list[tuple[int, ...]]:
     return [tuple(op.tokens) for ops in ctl.history for op in ops if isinstance(op, Prefill)]  # type: ignore[attr-defined]
-
-
-async def cold(registry: BackendRegistry, prompt: list[int], n: int) -> tuple[int, ...]:
-    cfg = erllama.EngineConfig(cache=erllama.CacheConfig(enabled=False, ram_file_dir=None))
-    async with erllama.open_engine(cfg, backends=registry) as engine:
-        mid = await engine.load_model("m", stub_config(keep_live_kv=False))
-        return (await engine.complete(mid, prompt, max_tokens=n)).token_ids
 
 
 async def test_a_following_prompt_prefills_only_what_the_live_kv_lacks(
@@ -42,7 +35,7 @@ async def test_a_following_prompt_prefills_only_what_the_live_kv_lacks(
     assert engine.model_info(mid).last_cache_hit == erllama.CacheHit(
         kind="partial", prefix_len=len(p1) + 4, source="live"
     )
-    assert r2.token_ids == await cold(registry, p2, 5)
+    assert r2.token_ids == (await cold_run(registry, p2, max_tokens=5)).token_ids
 
 
 async def test_an_exact_resend_redecodes_only_the_last_token(
@@ -58,7 +51,7 @@ async def test_an_exact_resend_redecodes_only_the_last_token(
     r2 = await engine.complete(mid, resent, max_tokens=3)
     assert prefills(ctl)[before:] == [(resent[-1],)]
     assert r2.cache_hit_kind == "exact"
-    assert r2.token_ids == await cold(registry, resent, 3)
+    assert r2.token_ids == (await cold_run(registry, resent, max_tokens=3)).token_ids
 
 
 async def test_a_diverging_prompt_keeps_only_the_common_prefix(
@@ -69,7 +62,7 @@ async def test_a_diverging_prompt_keeps_only_the_common_prefix(
     await engine.complete(mid, [*shared, 341, 342, 343], max_tokens=3)
     r = await engine.complete(mid, [*shared, 999, 998], max_tokens=3)
     assert r.cache_delta.read == len(shared)
-    assert r.token_ids == await cold(registry, [*shared, 999, 998], 3)
+    assert r.token_ids == (await cold_run(registry, [*shared, 999, 998], max_tokens=3)).token_ids
     # A prefix too short to matter (under min_tokens) is not reused.
     short = await engine.complete(mid, [1, 300, 301, 7], max_tokens=2)
     assert short.cache_hit_kind == "cold"

@@ -212,10 +212,22 @@ async def test_a_control_call_that_ran_keeps_its_effect_when_its_caller_has_gone
         mid = await engine.load_model("m", stub_config(control=ctl))
         stream = await engine.infer(mid, "kabo rite sanu " * 10, max_tokens=100)
         release(ctl, 3)
-        await wait_for(lambda: ctl.steps == 4 and ctl.waiting == 1)
-        with anyio.move_on_after(0.2):
+        await wait_for(lambda: ctl.steps == 4 and ctl.waiting == 1)  # step 4 wants a permit
+
+        async def give_up(caller: anyio.CancelScope) -> None:
+            # The evict call is queued behind step 4. Once that step ends, the thread runs
+            # the call, whose packing waits at the gate (no step under way): the caller
+            # gives up then.
+            await anyio.wait_all_tasks_blocked()
             release(ctl, 1)
-            await engine.evict(mid)  # packing is held by the gate: the caller gives up
+            await wait_for(lambda: ctl.steps == 4 and ctl.active == 0 and ctl.waiting == 1)
+            caller.cancel()
+
+        async with anyio.create_task_group() as tg:
+            with anyio.CancelScope() as caller:
+                tg.start_soon(give_up, caller)
+                await engine.evict(mid)
+        assert caller.cancelled_caught
         assert engine.cache_counters().saves_evict == 0
         gate.set()
         await wait_for(lambda: engine.cache_counters().saves_evict == 1)

@@ -8,7 +8,7 @@ import pytest
 import erllama
 from erllama import Done, Token
 
-from .helpers import metered, release, stub_config, wait_for
+from .helpers import metered, release, settled, stub_config, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -59,14 +59,26 @@ async def test_requests_run_in_fifo_order_and_infer_returns_while_queued(
 async def test_cancel_unknown_or_finished_ref_is_silent_and_idempotent(
     engine: erllama.Engine,
 ) -> None:
-    mid = await engine.load_model("m", stub_config())
-    engine.cancel("no-such-ref")
+    ctl = metered()
+    mid = await engine.load_model("m", stub_config(control=ctl))
     stream = await engine.infer(mid, "hello", max_tokens=2)
-    _, done = await drain(stream)
-    assert done.finish_reason == "length"
+    await wait_for(lambda: ctl.steps == 1 and ctl.waiting == 1)  # its prefill is parked
+    engine.cancel("no-such-ref")  # touches no request: the running one goes on
+    release(ctl, 100)
+    tokens, done = await drain(stream)
+    assert done.finish_reason == "length" and len(tokens) == 2
     engine.cancel(stream.ref)
     engine.cancel(stream.ref)
     stream.cancel()
+    # The finished stream gets no second terminal event; the model holds nothing ...
+    assert [ev async for ev in stream] == []
+    assert engine.in_flight() == []
+    info = engine.model_info(mid)
+    assert (info.status, info.running, info.queue_len) == ("idle", 0, 0)
+    # ... and its next request is not the one a stale cancel lands on.
+    again = await engine.complete(mid, "hello", max_tokens=2)
+    assert again.finish_reason == "length"
+    assert again.token_ids == tuple(t.token_id for t in tokens)
 
 
 async def test_cancel_removes_a_queued_request_at_once_and_it_never_runs(
@@ -115,9 +127,8 @@ async def test_cancel_mid_generation_stops_before_the_next_token(engine: erllama
     assert done.stats.completion_tokens == 2  # ... nor counted
     assert done.stats.context_tokens == done.stats.prompt_tokens + 3  # though in the KV
     await wait_for(lambda: engine.status(mid) == "idle")
-    steps = ctl.steps
-    await anyio.sleep(0.05)
-    assert ctl.steps == steps  # no generation continued
+    await settled(engine, mid)  # its thread went round since: a further step would have run
+    assert ctl.steps == 4  # no generation continued
     after = await engine.complete(mid, "tell me a story", max_tokens=4)
     assert after.finish_reason == "length" and len(after.token_ids) == 4
 
@@ -138,15 +149,21 @@ async def test_cancelling_the_callers_scope_cancels_the_request_in_the_model(
     ctl = metered()
     mid = await engine.load_model("m", stub_config(control=ctl))
     release(ctl, 5)
-    with anyio.move_on_after(0.2) as scope:
-        await engine.complete(mid, "a long answer please", max_tokens=10_000)
+
+    async def give_up(scope: anyio.CancelScope) -> None:
+        # Five steps ran and the sixth waits for a permit: the caller's scope ends then.
+        await wait_for(lambda: ctl.steps == 6 and ctl.waiting == 1)
+        scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        with anyio.CancelScope() as scope:
+            tg.start_soon(give_up, scope)
+            await engine.complete(mid, "a long answer please", max_tokens=10_000)
     assert scope.cancelled_caught
     release(ctl, 100)
     await wait_for(lambda: engine.status(mid) == "idle")
-    steps = ctl.steps
-    release(ctl, 100)
-    await anyio.sleep(0.05)
-    assert ctl.steps == steps
+    await settled(engine, mid)  # its thread went round since: a further step would have run
+    assert ctl.steps == 6  # the step under way when the caller left, and no other
     assert engine.model_info(mid).running == 0
 
 

@@ -110,7 +110,7 @@ def test_sigkilled_writer_never_leaves_a_bad_or_lost_row(
         # Start the next writer now: its interpreter start-up overlaps this run.
         if run + 1 < RUNS:
             upcoming = spawn(run + 1)
-        time.sleep(rng.uniform(0.0, 0.3))
+        time.sleep(rng.uniform(0.0, 0.3))  # a random point to kill it at (jitter)
         child.kill()
         child.wait()
         for stream in (child.stdin, child.stdout):

@@ -28,6 +28,8 @@ from erllama.cache.format import (
 from erllama.cache.key import Namespace, encode_tokens
 from erllama.cache.port import SAVE_REASONS
 
+from ..helpers import examples
+
 NS = Namespace(b"\x11" * 32, 3, b"\x22" * 32)
 OTHER_NS = Namespace(b"\x11" * 32, 4, b"\x22" * 32)
 
@@ -125,7 +127,6 @@ def test_reason_codes_cover_every_save_reason() -> None:
     payload=st.binary(max_size=4096),
     hits=st.integers(0, 2**32 - 1),
 )
-@settings(max_examples=150, deadline=None)
 def test_any_row_round_trips(
     scratch: Path, tokens: list[int], reason: str, payload: bytes, hits: int
 ) -> None:
@@ -188,7 +189,6 @@ def test_every_single_bit_flip_outside_the_hit_count_is_caught(tmp_path: Path) -
     payload=st.binary(max_size=2048),
     data=st.data(),
 )
-@settings(max_examples=150, deadline=None)
 def test_random_bit_flip_is_caught(
     scratch: Path, tokens: list[int], payload: bytes, data: st.DataObject
 ) -> None:
@@ -217,7 +217,7 @@ def test_truncation_at_every_length_is_caught(tmp_path: Path) -> None:
 
 
 @given(extra=st.binary(min_size=1, max_size=100))
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=examples(1 / 3))
 def test_trailing_bytes_are_caught(scratch: Path, extra: bytes) -> None:
     path = write(scratch / "tail", row_bytes([1], b"abc") + extra)
     with pytest.raises(CorruptRow):

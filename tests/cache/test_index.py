@@ -9,6 +9,8 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 from erllama.cache.index import PrefixIndex
 from erllama.cache.key import encode_tokens
 
+from ..helpers import examples
+
 NS_IDS = st.sampled_from([b"ns-a", b"ns-b"])
 TOKENS = st.lists(st.integers(0, 2), max_size=8).map(tuple)
 # Few keys: the same key under different tokens (or namespaces) must be handled too.
@@ -130,7 +132,7 @@ class IndexMachine(RuleBasedStateMachine):
         self.index._check()
 
 
-IndexMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+IndexMachine.TestCase.settings = settings(max_examples=examples(2), stateful_step_count=40)
 test_index_matches_brute_force = IndexMachine.TestCase
 
 

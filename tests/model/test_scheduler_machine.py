@@ -36,6 +36,8 @@ from erllama.model.scheduler import (
     SchedulerClosed,
 )
 
+from ..helpers import examples
+
 N_CTX = 16
 SESSIONS = ("a", "b")
 #: A token that ends generation though the backend does not flag it (the model's eog set).
@@ -701,7 +703,5 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert not closed.jobs and not closed.barriers
 
 
-SchedulerMachine.TestCase.settings = settings(
-    max_examples=300, stateful_step_count=50, deadline=None
-)
+SchedulerMachine.TestCase.settings = settings(max_examples=examples(2), stateful_step_count=50)
 TestScheduler = SchedulerMachine.TestCase

@@ -13,10 +13,11 @@ import attrs
 import pytest
 
 import erllama
-from erllama.backends.stub import _word
 from erllama.plugins import BackendRegistry
 from erllama.pressure import custom, nvidia_smi, psutil_source
 from erllama.pressure.registry import PressureSourceRegistry
+
+from ..helpers import words
 
 #: Cache policy that saves a finish row for every request and nothing else.
 POLICY = erllama.CachePolicy(
@@ -63,11 +64,6 @@ class Meter:
 @pytest.fixture
 def meter() -> Meter:
     return Meter()
-
-
-def words(n: int, start: int = 0) -> str:
-    """``n`` stub vocabulary words: one token each."""
-    return " ".join(_word(start + i) for i in range(n))
 
 
 async def fill(engine: erllama.Engine, model_id: str, rows: int, start: int = 0) -> None:

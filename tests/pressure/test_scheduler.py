@@ -223,7 +223,7 @@ async def test_with_the_cache_off_it_goes_straight_to_models(
 
 async def test_async_custom_callable(open_engine: OpenEngine) -> None:
     async def reading() -> tuple[int, int]:
-        await anyio.sleep(0.001)
+        await anyio.lowlevel.checkpoint()  # it does wait for something
         return 3, 4
 
     cfg = erllama.PressureConfig(enabled=True, source="custom", custom=reading)
@@ -296,7 +296,7 @@ async def test_a_failing_or_bogus_custom_source_is_unavailable_not_a_crash(
 
 async def test_a_hanging_source_times_out_as_unavailable(open_engine: OpenEngine) -> None:
     async def hang() -> tuple[int, int]:
-        await anyio.sleep(3600)
+        await anyio.sleep_forever()
         raise AssertionError("unreachable")
 
     cfg = erllama.PressureConfig(enabled=True, source="custom", custom=hang, sample_timeout_s=0.05)

@@ -142,6 +142,25 @@ def where_all(handle: Any, requests: list[GenerateRequest]) -> list[str]:
     return chosen
 
 
+def expected_in(handle: Any, request: GenerateRequest, holder: str) -> float | None:
+    """How soon the router expects ``holder`` to hold the prefix of ``request`` it sent
+    there and ``holder`` is still prefilling (``request.filling``, which a replica reads to
+    decide whether to wait for that row); None when it expects no such row there.
+
+    Asks with a copy pinned to ``holder``: the choice counts on ``holder`` for up to
+    ``PROVISIONAL_S`` (as :func:`where` explains), with a prompt it was already sent, so
+    it changes neither where other requests go nor what they expect of ``holder``."""
+    probe = attrs.evolve(request, pin=holder, holders={}, filling={})
+
+    async def pick() -> None:
+        async with handle.options(method_name="generate").choose_replica(probe):
+            pass
+
+    asyncio.run(pick())
+    found = probe.filling.get(holder)
+    return None if found is None else found[1]
+
+
 def wait_until(predicate: Callable[[], bool], within: float = 20.0, what: str = "it") -> None:
     """Poll ``predicate`` (a fact another process makes true) for at most ``within`` s."""
     deadline = time.monotonic() + within

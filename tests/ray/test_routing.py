@@ -8,8 +8,6 @@ would go without sending one, so waiting for a report to arrive never changes th
 
 from __future__ import annotations
 
-import time
-
 import anyio
 import pytest
 
@@ -18,8 +16,8 @@ from erllama.backends import stub
 from erllama.cluster import chain_hashes
 from erllama.ray.wire import Accepted, GenerateRequest, Pin
 
-from ..helpers import cold_run, stub_config
-from .cluster import generate, wait_until, where, where_all
+from ..helpers import cold_run
+from .cluster import expected_in, generate, wait_until, where, where_all
 from .conftest import Fleet, fresh_tokens
 
 pytestmark = pytest.mark.ray
@@ -141,24 +139,27 @@ def test_a_row_still_being_prefilled_is_waited_for_and_fetched(fleet: Fleet) -> 
     )
     try:
         assert isinstance(next(first), Accepted)
-        time.sleep(1.0)  # a is halfway through: its row is nearer than b's own prefill
-        follow = [*prompt, 300, 301]
+        follow = request([*prompt, 300, 301], "slow", pin=b)
+        # Until a is halfway through by the router's own expectation (what b reads to
+        # decide): then a's row is nearer than b's own prefill, with time to spare. (a's
+        # progress itself is not visible outside its process.)
+        at_first = expected_in(fleet.handle, follow, a)
+        assert at_first is not None and at_first > 0
+        wait_until(
+            lambda: (expected_in(fleet.handle, follow, a) or 0.0) <= at_first / 2,
+            what="the router expecting a's row within half the time it first did",
+        )
         before = fleet.handle.options(method_name="transfer_stats").remote(Pin(b)).result()
-        second = generate(fleet.handle, request(follow, "slow", pin=b))
+        second = generate(fleet.handle, follow)
         after = fleet.handle.options(method_name="transfer_stats").remote(Pin(b)).result()
     finally:
         list(first)
+    # b was told a was still prefilling the prompt when its request was placed ...
+    assert a in follow.filling and a not in follow.holders
     assert second.replica == b
     assert second.fetched_tokens >= 1700  # a's cold save: the prompt less its last tokens
     assert after["transfers"] == before["transfers"] + 1
     assert second.done.stats.cache_delta.read >= 1700
-    assert second.done.token_ids == anyio.run(lambda: reference(follow))
-
-
-async def reference(prompt: list[int]) -> tuple[int, ...]:
-    """What the stub answers for a long prompt with no cache at all."""
-    cfg = erllama.EngineConfig(cache=erllama.CacheConfig(enabled=False, ram_file_dir=None))
     registry = erllama.make_backend_registry({"stub": stub}, autoload=False)
-    async with erllama.open_engine(cfg, backends=registry) as engine:
-        mid = await engine.load_model("m", stub_config(n_ctx=2048))
-        return (await engine.complete(mid, prompt, max_tokens=8)).token_ids
+    cold = anyio.run(lambda: cold_run(registry, list(follow.tokens), {"n_ctx": 2048}, max_tokens=8))
+    assert second.done.token_ids == cold.token_ids

@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
 
 import erllama
+
+from ..helpers import cold_run
 
 pytestmark = pytest.mark.anyio
 
@@ -51,12 +54,9 @@ async def warm(cache_on: erllama.EngineConfig) -> AsyncIterator[erllama.Engine]:
         yield engine
 
 
-async def cold(config: erllama.ModelConfig, prompt: list[int], **kw: object) -> erllama.Completion:
+async def cold(config: erllama.ModelConfig, prompt: list[int], **kw: Any) -> erllama.Completion:
     """The same request on a fresh engine with the cache off: shares no KV with anything."""
-    off = erllama.EngineConfig(cache=erllama.CacheConfig(enabled=False, ram_file_dir=None))
-    async with erllama.open_engine(off) as engine:
-        mid = await engine.load_model("ref", attrs.evolve(config, keep_live_kv=False))
-        return await engine.complete(mid, prompt, **kw)  # type: ignore[arg-type]
+    return await cold_run(None, prompt, model=config, **kw)
 
 
 async def unbroken(

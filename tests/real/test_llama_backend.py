@@ -205,28 +205,11 @@ async def test_cancel_mid_generation(llama_engine: erllama.Engine, smol: str) ->
     assert (await llama_engine.complete(smol, "Hello", max_tokens=3)).token_ids
 
 
-class _CountingLlama:
-    """The llama_cpp plugin with its step counted: a spy plugin, registered like any other."""
-
-    def __init__(self) -> None:
-        self.steps: list[int] = []
-        for name in dir(llama_plugin):
-            fn = getattr(llama_plugin, name)
-            if callable(fn) and hasattr(fn, "erllama_impl") and name != "step":
-                setattr(self, name, fn)
-
-    @erllama.backends.hookimpl
-    def step(self, model: Any, ops: Any, on_sampled: Any) -> Any:
-        self.steps.append(sum(len(getattr(op, "tokens", (0,))) for op in ops))
-        return llama_plugin.step(model, ops, on_sampled)
-
-
 async def test_cancel_during_a_long_prefill_acts_within_one_chunk(
     no_cache: erllama.EngineConfig, smol_config: erllama.ModelConfig
 ) -> None:
-    spy = _CountingLlama()
-    registry = erllama.make_backend_registry({"spy": spy}, autoload=False)
-    async with erllama.open_engine(no_cache, backends=registry) as engine:
+    spy = RecordingLlama()
+    async with erllama.open_engine(no_cache, backends=spy.registry()) as engine:
         config = attrs.evolve(smol_config, backend="spy", prefill_chunk=32)
         mid = await engine.load_model("m", config)
         prompt = list(range(1000, 1900))  # 900 tokens: 29 chunks of 32
@@ -236,7 +219,7 @@ async def test_cancel_during_a_long_prefill_acts_within_one_chunk(
         events = [ev async for ev in stream]
         assert events[-1].finish_reason == "cancelled"  # type: ignore[union-attr]
         assert len(spy.steps) <= 3  # at most the chunk in flight and one more
-        assert all(n <= 32 for n in spy.steps)
+        assert all(len(tokens) <= 32 for step in spy.steps for _, _, tokens, _ in step)
 
 
 async def test_bad_input_gets_typed_errors_and_the_engine_keeps_serving(

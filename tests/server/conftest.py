@@ -14,12 +14,10 @@ Ray instance), so both are held to the same behaviour.
 from __future__ import annotations
 
 import itertools
-import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import anyio
 import attrs
 import httpx
 import pytest
@@ -199,28 +197,8 @@ async def own_model(server: Server, **options: Any) -> AsyncIterator[tuple[str, 
     try:
         yield model_id, control
     finally:
-        release_all(control)
+        control.open()
         await server.engine.unload(model_id)
-
-
-def release_all(control: StubControl) -> None:
-    control.open()
-
-
-def gated() -> StubControl:
-    """Every step waits until the test sets ``control.gate``."""
-    return StubControl(gate=threading.Event())
-
-
-def metered() -> StubControl:
-    return StubControl(permits=threading.Semaphore(0))
-
-
-async def wait_for(predicate: Any, within: float = 10.0, what: str = "a condition") -> None:
-    """Poll a fact every few milliseconds, for at most ``within`` seconds."""
-    with anyio.fail_after(within):
-        while not predicate():  # noqa: ASYNC110 - facts set by other threads and tasks
-            await anyio.sleep(0.002)
 
 
 def chat_body(model: str = "plain", content: str = "hello", **extra: Any) -> dict[str, Any]:

@@ -16,18 +16,15 @@ import pytest
 from erllama.backends.stub import StubControl
 from erllama.plugins import BackendRegistry
 
-from ..helpers import stub_config
+from ..helpers import metered, release, stub_config, wait_for
 from .conftest import (
     Served,
     Server,
     chat_body,
     messages_body,
-    metered,
     own_model,
-    release_all,
     running_server,
     serve_config,
-    wait_for,
 )
 
 pytestmark = pytest.mark.anyio
@@ -51,7 +48,7 @@ async def steps_until_idle(server: Server, model: str, control: StubControl) -> 
     for given in range(5):
         if idle():
             return given
-        control.permits.release(1)
+        release(control, 1)
         # Then the model either goes idle or parks at its next step.
         await wait_for(lambda: idle() or (control.waiting == 1 and control.permits._value == 0))  # type: ignore[union-attr]
     return 99
@@ -93,8 +90,7 @@ async def test_a_stream_the_client_leaves_is_cancelled_within_one_step(
     api = APIS[path]
     async with own_model(server, control=metered()) as (mid, control):
         before = outcomes(server, api, mid, "disconnected")
-        assert control.permits is not None
-        control.permits.release(3)  # prefill and two tokens; the model then waits
+        release(control, 3)  # prefill and two tokens; the model then waits
         async with server.http() as h, h.stream("POST", path, json={**body, "model": mid}) as r:
             assert r.status_code == 200
             data_lines = 0
@@ -110,7 +106,7 @@ async def test_a_stream_the_client_leaves_is_cancelled_within_one_step(
         assert await steps_until_idle(server, mid, control) <= 1
         assert outcomes(server, api, mid, "disconnected") == before + 1
         # The model serves the next request.
-        release_all(control)
+        control.open()
         async with server.http() as h:
             r = await h.post("/v1/chat/completions", json=chat_body(mid, max_tokens=3))
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
@@ -151,25 +147,26 @@ async def test_a_stream_the_client_leaves_ends_its_request_in_the_model(
                 data_lines += is_event(line)
                 if data_lines == 5:  # tokens are flowing
                     break
-        with anyio.fail_after(10):
-            while True:
-                text = (await h.get("/metrics")).text
-                idle = metric(text, "erllama_queue_depth", model="slow") == 0
-                if idle and metric(text, "erllama_requests_total", **labels) == before + 1:
-                    break
-                await anyio.sleep(0.05)
+
+        async def ended() -> bool:
+            text = (await h.get("/metrics")).text
+            idle = metric(text, "erllama_queue_depth", model="slow") == 0
+            return idle and metric(text, "erllama_requests_total", **labels) == before + 1
+
+        await wait_for(
+            ended, what="the model idle and the request counted as disconnected", every=0.05
+        )
 
 
 async def test_a_non_streaming_request_the_client_leaves_is_cancelled(server: Server) -> None:
     async with own_model(server, control=metered()) as (mid, control):
-        assert control.permits is not None
         async with server.http() as h, anyio.create_task_group() as tg:
 
             async def ask() -> None:
                 await h.post("/v1/chat/completions", json=chat_body(mid, max_tokens=200))
 
             tg.start_soon(ask)
-            control.permits.release(2)
+            release(control, 2)
             await wait_for(lambda: control.steps >= 3 and control.waiting == 1)
             tg.cancel_scope.cancel()  # the client gives up: httpx closes the connection
         await wait_for(lambda: in_flight(server, "openai") == 0)
@@ -201,9 +198,8 @@ async def test_the_server_stops_while_a_stream_is_open(stub_registry: BackendReg
     with anyio.fail_after(20):
         async with running_server(serve_config(), stub_registry) as srv:
             control = metered()
-            assert control.permits is not None
             await srv.engine.load_model("held", stub_config(control=control))
-            control.permits.release(2)
+            release(control, 2)
             h = httpx.AsyncClient(base_url=srv.url, timeout=30)
             request = h.build_request(
                 "POST", "/v1/chat/completions", json=chat_body("held", stream=True)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from erllama.plugins import BackendRegistry
 
+from ..helpers import examples, gated, wait_for
 from .conftest import (
     ADMIN_KEY,
     JSON_TYPE,
@@ -23,13 +24,10 @@ from .conftest import (
     Served,
     Server,
     chat_body,
-    gated,
     messages_body,
     own_model,
-    release_all,
     running_server,
     serve_config,
-    wait_for,
 )
 
 pytestmark = pytest.mark.anyio
@@ -214,7 +212,7 @@ async def test_a_full_queue_is_a_429_with_retry_after(server: Server) -> None:
             r = await h.post("/v1/chat/completions", json=chat_body(mid))
             a = await h.post("/v1/messages", json=messages_body(mid))
         finally:
-            release_all(control)
+            control.open()
     assert openai_error(r, 429)["type"] == "rate_limit_error"
     assert r.headers["retry-after"] == "1"
     anthropic_error(a, 429, "rate_limit_error")
@@ -233,7 +231,7 @@ async def test_a_busy_session_is_a_409(server: Server) -> None:
             await wait_for(lambda: control.waiting == 1)
             r = await h.post("/v1/chat/completions", json=body)
         finally:
-            release_all(control)
+            control.open()
     assert openai_error(r, 409, "erllama.session_id")["code"] == "session_busy"
 
 
@@ -331,9 +329,7 @@ PATHS = [
 async def test_bad_input_never_gives_a_500(server: Server) -> None:
     url = server.url  # read on the loop; hypothesis runs in a worker thread
 
-    @settings(
-        max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None
-    )
+    @settings(max_examples=examples(1.0), suppress_health_check=list(HealthCheck))
     @given(body=bodies(), path=st.sampled_from(PATHS))
     def check(body: dict[str, Any], path: str) -> None:
         raw = json.dumps(body, allow_nan=True)  # NaN and Infinity too: Python's json reads them

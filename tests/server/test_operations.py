@@ -14,17 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from erllama.plugins import BackendRegistry
 
-from ..helpers import stub_config
-from .conftest import (
-    Server,
-    chat_body,
-    gated,
-    messages_body,
-    release_all,
-    running_server,
-    serve_config,
-    wait_for,
-)
+from ..helpers import gated, stub_config, wait_for
+from .conftest import Server, chat_body, messages_body, running_server, serve_config
 
 pytestmark = pytest.mark.anyio
 
@@ -196,8 +187,8 @@ async def test_unloading_a_model_mid_request_ends_it_with_a_503(admin_server: Se
             async with anyio.create_task_group() as unloading:
                 unloading.start_soon(h.delete, "/admin/models/doomed")
                 await wait_for(lambda: admin_server.engine.status("doomed") == "unloading")
-                release_all(control)
+                control.open()
         finally:
-            release_all(control)
+            control.open()
     (answer,) = answers
     assert answer.status_code == 503 and answer.json()["error"]["code"] == "cancelled"

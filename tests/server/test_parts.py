@@ -13,6 +13,7 @@ from erllama.grammar import MAX_REPEAT, check_schema
 from erllama.server import ServeConfig, load_serve_config
 from erllama.server.toolcalls import (
     DEFAULT_MARKERS,
+    ParsedCall,
     ToolCallStore,
     fallback_text,
     forced_call_grammar,
@@ -148,7 +149,7 @@ def test_what_is_not_a_call_is_none(text: str) -> None:
 def test_the_fallback_is_the_forced_format_in_compact_json() -> None:
     text = fallback_text(DEFAULT_MARKERS, "get_weather", '{"city": "Paris"}')
     assert text == '<tool_call>{"name":"get_weather","arguments":{"city":"Paris"}}</tool_call>'
-    assert parse_call(text) is not None
+    assert parse_call(text) == ParsedCall(name="get_weather", arguments={"city": "Paris"})
     # Arguments that are not JSON are carried as the string they are.
     odd = fallback_text(DEFAULT_MARKERS, "f", "not json")
     assert json.loads(odd[len("<tool_call>") : -len("</tool_call>")])["arguments"] == "not json"

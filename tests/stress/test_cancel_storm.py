@@ -41,8 +41,8 @@ from erllama.backends import Prefill
 from erllama.backends.stub import WORD_BASE, StubControl
 from erllama.plugins import BackendRegistry
 
-from ..helpers import stub_config, unblock_stubs, wait_for
-from .conftest import cold_reference, record
+from ..helpers import cold_run, settled, stub_config, unblock_stubs, wait_for
+from .conftest import record
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -91,7 +91,7 @@ class Refs:
 async def refs(registry: BackendRegistry) -> Refs:
     answers = []
     for j in range(N_PROMPTS):
-        cold = await cold_reference(registry, base_prompt(j), max_tokens=REF_LEN)
+        cold = await cold_run(registry, base_prompt(j), max_tokens=REF_LEN)
         assert len(cold.token_ids) == REF_LEN
         answers.append(cold.token_ids)
     return Refs(tuple(answers))
@@ -373,15 +373,17 @@ async def no_leak(s: Storm) -> None:
         info = engine.model_info(name)
         assert (info.status, info.queue_len, info.running) == ("idle", 0, 0), info
     assert engine.queue_depth() == 0
-    # Nothing generates for a request nobody wants any more.
+    # Nothing generates for a request nobody wants any more: each model's thread goes
+    # round its loop, and runs no step doing so.
     steps = {name: c.steps for name, c in s.controls.items()}
-    await anyio.sleep(0.05)
+    for name in MODELS:
+        await settled(engine, name)
     assert {name: c.steps for name, c in s.controls.items()} == steps
 
 
 async def unchanged(s: Storm, registry: BackendRegistry, refs: Refs) -> None:
     prompt, _ = refs.prompt(0, 3)
-    cold = await cold_reference(registry, prompt, max_tokens=16)
+    cold = await cold_run(registry, prompt, max_tokens=16)
     for name in MODELS:
         after = await s.engine.complete(name, prompt, max_tokens=16)
         assert (after.text, after.token_ids) == (cold.text, cold.token_ids)

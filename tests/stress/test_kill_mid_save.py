@@ -124,7 +124,7 @@ async def test_rows_left_by_an_engine_killed_mid_save_are_valid_or_gone(
             assert child.proc.stdin is not None
             await child.proc.stdin.send(b"go\n")
             await child.expect(b"saving", errors_path)
-            await anyio.sleep(rng.uniform(*SAVING_S))
+            await anyio.sleep(rng.uniform(*SAVING_S))  # a random point to kill at (jitter)
             # Start the next child now: its interpreter start-up overlaps the checks below.
             if kill + 1 < KILLS:
                 upcoming = await spawn(spawned, disk, anyio_backend, kill + 1, stderr)
@@ -137,7 +137,8 @@ async def test_rows_left_by_an_engine_killed_mid_save_are_valid_or_gone(
 
             with anyio.fail_after(10):
                 async with erllama.open_engine(reader, backends=registry) as engine:
-                    await anyio.sleep(TTL_S)  # every temp is now older than the TTL
+                    # A wall-clock wait on purpose: every temp is now older than the TTL.
+                    await anyio.sleep(TTL_S)
                     await engine.sweep_cache()
                     assert list(disk.glob("*.tmp")) == []
                     mid = await engine.load_model("m", saver_child.model())

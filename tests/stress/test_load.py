@@ -38,8 +38,8 @@ from erllama.backends import Prefill
 from erllama.backends.stub import EOS, WORD_BASE, StubControl, _word
 from erllama.plugins import BackendRegistry
 
-from ..helpers import stub_config
-from .conftest import cold_reference, record
+from ..helpers import cold_run, stub_config
+from .conftest import record
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -145,7 +145,7 @@ def plan(rng: random.Random) -> list[Planned]:
 
 
 async def run_one(engine: erllama.Engine, p: Planned) -> None:
-    await anyio.sleep(p.delay)
+    await anyio.sleep(p.delay)  # its planned arrival: random jitter, not synchronisation
     try:
         stream = await engine.infer(p.model, p.prompt, max_tokens=p.max_tokens, **p.sampling)
     except erllama.QueueFull as exc:
@@ -213,7 +213,7 @@ async def test_a_thousand_concurrent_requests_are_answered_or_refused_in_fifo_or
             ),
         )
     cold = {
-        name: await cold_reference(registry, list(FIXED), spec.options, max_tokens=FIXED_MAX)
+        name: await cold_run(registry, list(FIXED), spec.options, max_tokens=FIXED_MAX)
         for name, spec in MODELS.items()
     }
     planned = plan(random.Random(20240601))
