@@ -80,12 +80,13 @@ async def test_resending_a_conversation_hits_exactly_and_continues_identically(
     resent = [*prompt, *first.token_ids]
     warm = await cached.complete(mid, resent, max_tokens=8)
     assert warm.cache_hit_kind == "exact"
-    assert warm.cache_delta.read == len(resent)
+    # All but the last token restored: it is fed again for the logits a state lacks.
+    assert warm.cache_delta.read == len(resent) - 1
     assert warm.token_ids == (await cold_run(registry, resent, max_tokens=8)).token_ids
     c = cached.cache_counters()
     assert c.hits_exact == 1 and c.misses == 1 and c.saves_finish == 2 and c.saves_cold == 1
     assert cached.model_info(mid).last_cache_hit == erllama.CacheHit(
-        kind="exact", prefix_len=len(resent), source="exact", tier="ram"
+        kind="exact", prefix_len=len(resent) - 1, source="exact", tier="ram"
     )
 
 
@@ -136,7 +137,7 @@ async def test_a_prompt_that_ends_inside_a_row_restores_all_of_itself(
     found = await cached.longest_cached_prefix(mid, short)
     assert (found.tokens, found.tier) == (50, "ram") and found.key is not None
     r = await cached.complete(mid, short, max_tokens=6)
-    assert (r.cache_hit_kind, r.cache_delta.read) == ("exact", 50)
+    assert (r.cache_hit_kind, r.cache_delta.read) == ("exact", 49)  # its last token re-fed
     assert r.token_ids == (await cold_run(registry, short, max_tokens=6)).token_ids
 
 
@@ -179,15 +180,26 @@ async def test_rows_never_cross_models_adapters_or_context_shapes(
     assert (await cached.complete(a, resent, max_tokens=2)).cache_hit_kind == "exact"
 
 
-async def test_continued_saves_fire_every_interval(
+async def test_no_continued_saves_and_generated_tokens_are_saved_only_where_exact(
     registry: BackendRegistry, tmp_path: Path
 ) -> None:
+    """Generated tokens' cells come from one-token decodes: on a backend whose cells depend
+    on batching (the stub told so), a cold prefill of the same text computes them otherwise,
+    so no row holds them; the finish row is the prompt's whole grid cells. (The stub's own
+    cells do not depend on batching: its finish rows hold the reply.)"""
     policy = attrs.evolve(POLICY, continued_interval=10)
-    async with erllama.open_engine(cache_cfg(tmp_path, policy=policy), backends=registry) as engine:
-        mid = await engine.load_model("m", stub_config())
-        await engine.complete(mid, words(5), max_tokens=35)
-        # 6 prompt tokens + 35 generated: continued saves at 10, 20, 30 and 40 tokens of context.
-        assert engine.cache_counters().saves_continued == 4
+    done = []
+    for i, options in enumerate(({}, {"batch_invariant": False})):
+        config = cache_cfg(tmp_path / str(i), policy=policy)
+        async with erllama.open_engine(config, backends=registry) as engine:
+            mid = await engine.load_model("m", stub_config(prefill_chunk=8, **options))
+            prompt = await engine.tokenize(mid, words(20))  # 21 tokens: 2 whole cells of 8
+            done.append(await engine.complete(mid, prompt, max_tokens=35))
+            assert engine.cache_counters().saves_continued == 0
+    a, b = done
+    assert a.finish_key is not None and b.finish_key is not None
+    assert a.stats.cache_delta.created == len(prompt) + 35
+    assert b.stats.cache_delta.created == 16
 
 
 async def test_evict_saves_in_flight_sequences(cached: erllama.Engine) -> None:

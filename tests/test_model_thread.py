@@ -61,10 +61,11 @@ async def test_n_batch_below_n_seq_max_is_a_config_error_naming_n_batch() -> Non
     assert exc.value.paths == ["n_batch"]
 
 
-async def test_the_default_prefill_chunk_is_a_quarter_batch_with_a_floor_of_64() -> None:
-    assert erllama.ModelConfig(n_batch=512).effective_prefill_chunk == 128
-    assert erllama.ModelConfig(n_batch=128).effective_prefill_chunk == 64
+async def test_the_default_prefill_chunk_is_64_on_the_cpu_and_a_quarter_batch_on_a_gpu() -> None:
+    assert erllama.ModelConfig(n_batch=512).effective_prefill_chunk == 64
     assert erllama.ModelConfig(n_batch=32).effective_prefill_chunk == 32
+    assert erllama.ModelConfig(n_batch=2048, n_gpu_layers=-1).effective_prefill_chunk == 512
+    assert erllama.ModelConfig(n_batch=128, n_gpu_layers=10).effective_prefill_chunk == 64
     assert erllama.ModelConfig(n_batch=512, prefill_chunk=300).effective_prefill_chunk == 300
 
 

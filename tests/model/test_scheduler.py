@@ -355,11 +355,12 @@ def test_feeders_of_equal_length_share_what_is_left_of_n_batch_in_admission_orde
         sched.admit(highest)
         sched.start(job, n_context=0, cursor=list(range(20)), pause_at=None)
         feeders.append(job)
-    a, b, _c = feeders
+    a, _b, _c = feeders
     plan = sched.schedule()
     assert op_for(plan.ops, decoder) == Decode(seq=seq_of(decoder))
-    # 15 tokens are left after the decode: 8 to the first feeder, 7 to the next.
-    assert slices(plan) == [(a.seq, 8), (b.seq, 7)]
+    # 15 tokens are left after the decode: a whole grid cell (8) to the first feeder; the
+    # next would need 8 and 7 are left: it waits, never cut short of its cell.
+    assert slices(plan) == [(a.seq, 8)]
 
 
 def test_a_slice_is_at_most_prefill_chunk_tokens(sched: Sched) -> None:
@@ -367,11 +368,16 @@ def test_a_slice_is_at_most_prefill_chunk_tokens(sched: Sched) -> None:
     assert slices(sched.schedule()) == [(job.seq, 8)]
 
 
-def test_a_slice_feeds_the_cursor_from_its_start(sched: Sched) -> None:
+def test_a_slice_feeds_the_cursor_from_its_start_to_the_next_grid_point(sched: Sched) -> None:
     job = running(sched, prompt=30, n_context=10)
     op = op_for(sched.schedule().ops, job)
     assert isinstance(op, Prefill)
-    assert list(op.tokens) == list(range(10, 18))
+    # Chunks lie on the grid of absolute positions (G = 8): [10, 16), then [16, 24) ...
+    assert list(op.tokens) == list(range(10, 16))
+    step_only(sched, job)
+    op = op_for(sched.schedule().ops, job)
+    assert isinstance(op, Prefill)
+    assert list(op.tokens) == list(range(16, 24))
 
 
 def test_feeding_never_goes_past_the_pause_point(sched: Sched) -> None:
@@ -383,7 +389,7 @@ def test_feeding_never_goes_past_the_pause_point(sched: Sched) -> None:
 
 
 def test_a_pause_point_at_or_before_the_restored_context_is_dropped(sched: Sched) -> None:
-    job = running(sched, prompt=30, n_context=10, pause_at=10)
+    job = running(sched, prompt=30, n_context=16, pause_at=16)
     assert job.pause_at is None
     assert slices(sched.schedule()) == [(job.seq, 8)]
 
@@ -397,7 +403,7 @@ def test_a_paused_job_gets_no_op_until_the_driver_resumes_it(sched: Sched) -> No
     sched.resume(job)  # the driver made its cold save
     assert not job.paused
     assert sched.housekeeping() == Housekeeping()
-    assert slices(sched.schedule()) == [(job.seq, 8)]
+    assert slices(sched.schedule()) == [(job.seq, 3)]  # back onto the grid: [5, 8)
 
 
 def test_logits_only_on_the_last_token_of_the_cursor(sched: Sched) -> None:
@@ -461,7 +467,9 @@ def test_feeders_are_served_shortest_remaining_first() -> None:
     long = running(sched, prompt=40)
     mid = running(sched, prompt=6)
     short = running(sched, prompt=2)
-    assert slices(sched.schedule()) == [(short.seq, 2), (mid.seq, 6), (long.seq, 2)]
+    # 2 + 6 fit; the long prompt's first cell (8) does not fit the 2 left: it waits.
+    assert slices(sched.schedule()) == [(short.seq, 2), (mid.seq, 6)]
+    assert long.seq not in {op.seq for op in sched.schedule().ops}
 
 
 def test_a_decoder_is_never_starved_by_feeders() -> None:
@@ -473,7 +481,9 @@ def test_a_decoder_is_never_starved_by_feeders() -> None:
         sched.start(job, n_context=0, cursor=list(range(50)), pause_at=None)
     plan = sched.schedule()
     assert op_for(plan.ops, decoder) == Decode(seq=seq_of(decoder))
-    assert slices(plan) == [(first.seq, 2)]
+    # A step's first chunk goes even past the batch (whole cells only, and nothing starves);
+    # the second waits.
+    assert slices(plan) == [(first.seq, 8)]
     assert second.seq not in {op.seq for op in plan.ops}
 
 
@@ -482,10 +492,10 @@ def test_a_decoder_is_never_starved_by_feeders() -> None:
 
 def test_prefilled_advances_the_cursor_and_the_context(sched: Sched) -> None:
     job = running(sched, prompt=20, n_context=2)
-    out = sched.update_from_output(sched.schedule(), [Prefilled(seq=seq_of(job), n_tokens=8)])
-    assert job.cursor == list(range(10, 20))
-    assert job.n_context == 10
-    assert out == StepOutputs(fed=((job, tuple(range(2, 10))),))
+    out = sched.update_from_output(sched.schedule(), [Prefilled(seq=seq_of(job), n_tokens=6)])
+    assert job.cursor == list(range(8, 20))
+    assert job.n_context == 8
+    assert out == StepOutputs(fed=((job, tuple(range(2, 8))),))
 
 
 def test_sampled_counts_one_more_token_and_is_returned(sched: Sched) -> None:

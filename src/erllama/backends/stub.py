@@ -309,6 +309,9 @@ def load(config: ModelConfig) -> LoadedModel:
         metadata={"architecture": "stub", "n_vocab": str(n_vocab)},
         chat_template=opts.get("chat_template"),
         features=frozenset({"logprobs"}),
+        # The stub's cells are a pure function of the tokens: reuse needs no grid (a test
+        # turns this off to exercise the engine's exactness rule).
+        batch_invariant=bool(opts.get("batch_invariant", True)),
     )
 
 

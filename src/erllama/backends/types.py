@@ -53,6 +53,11 @@ class LoadedModel:
     #: ``Sampled.logprob`` for a ``Decode`` that asks (requests for them are refused with
     #: NotSupported otherwise).
     features: frozenset[str] = frozenset()
+    #: A token's KV cell is the same however its prompt was cut into calls (true of a
+    #: backend that computes each token on its own). False (the safe default, and
+    #: llama.cpp's case) makes the engine reuse prefixes only in whole prefill-grid cells
+    #: fed the same way, and never reuse generated tokens' cells (docs/caching.md#exactness).
+    batch_invariant: bool = False
 
 
 @attrs.frozen(kw_only=True)

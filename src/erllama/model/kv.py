@@ -7,6 +7,19 @@
   and handed to the event loop as :class:`SaveOrder` s; the cache's writers take it from
   there, so a save never waits on I/O.
 
+**Exactness: a cache hit never changes an answer.** llama.cpp computes a token's KV cell
+with kernels chosen by the size of its micro-batch, so the same prompt fed in other chunks
+gives cells that differ in the last bits, and a temperature-0 answer may then differ. So
+every prompt is fed on one fixed grid of absolute positions, ``[jG, (j+1)G)`` with G the
+model's ``prefill_chunk`` (``Scheduler.schedule``), each chunk in a call of its own, and a
+prefix is reused only in whole grid cells computed that way (:meth:`SequenceKV.setup`): a
+warm start then makes exactly the calls the cold run made from the same point, and its
+cells, logits and tokens are the cold run's, bit for bit. Cells that were computed any other
+way are never kept or saved: a prompt's last partial cell (fed as a shorter chunk) and every
+generated token (fed one at a time); when a request ends its sequence is cut back to its
+prompt's whole cells (:meth:`SequenceKV.finish`). Every row and every live prefix therefore
+holds exactly-computed cells only, and a lookup needs no further rule.
+
 Every method runs on the model thread. Effects on the cache (which lives on the event loop)
 go through ``post``.
 """
@@ -27,7 +40,7 @@ from ..cache.key import (
     encode_tokens,
     kv_layout_hash,
 )
-from ..cache.policy import cold_save_point, passes_gate, wants_continued
+from ..cache.policy import cold_save_point, passes_gate
 from ..cache.port import CachePort, Restore, SaveReason
 from ..config import CachePolicy
 from ..errors import BackendError
@@ -115,6 +128,8 @@ class SequenceKV:
         namespace: Callable[[bytes], Namespace],
         post: Callable[..., object],
         on_live: Callable[[tuple[LivePrefix, ...]], None],
+        grid: int,
+        batch_invariant: bool = False,
     ) -> None:
         self.backend = backend
         self.handle = handle
@@ -124,6 +139,10 @@ class SequenceKV:
         self.namespace = namespace
         self._post = post
         self._on_live = on_live
+        #: G: the prefill grid (``ModelConfig.effective_prefill_chunk``); 1 for a backend
+        #: whose cells do not depend on batching (any prefix is then reusable as computed).
+        self.grid = 1 if batch_invariant else grid
+        self.batch_invariant = batch_invariant
         #: Free or pinned sequences still holding their last request's KV: (token bytes,
         #: fingerprint). Published through ``on_live`` after every change.
         self.live: dict[int, tuple[bytes, bytes]] = {}
@@ -166,12 +185,13 @@ class SequenceKV:
     def setup(self, track: KVTrack, seq: int, restore: Restore | None) -> Setup:
         """Put the prompt's best known prefix into ``seq``, or clear it.
 
-        The prefix comes from a cache row (restored), from the sequence's own live KV (cells
-        past the common prefix removed), or nowhere (cold). States carry no logits. A
-        partial hit needs none from the known part: the rest of the prompt is fed after its
-        cells exactly as a cold run (with the same chunk boundaries) would. Only an exact hit
-        drops the last cell and feeds that one token again, alone, as it was fed when the
-        cell was first made; so greedy output after a hit matches the unbroken run.
+        The prefix comes from a cache row (restored), from the sequence's own live KV, or
+        nowhere (cold). **Only whole grid cells are kept** (see the module docstring): of
+        the known prefix, the part up to the last multiple of G that leaves at least one
+        prompt token to feed; the rest of the prompt is then fed in the grid's chunks, the
+        same ``llama_decode`` calls the cold run made from there, so the cells, the logits
+        and a greedy answer are bit for bit the cold run's. An exact hit re-feeds the last
+        grid cell of the prompt (up to G tokens) for its logits: states carry none.
         """
         had_live = self.live.pop(seq, None) is not None
         if had_live:
@@ -179,74 +199,86 @@ class SequenceKV:
         prompt = track.prompt
         n_prompt = len(prompt)
         backend, handle = self.backend, self.handle
-        if restore is not None:
-            exact = len(restore.tokens) == n_prompt
-            try:
-                if had_live:
-                    backend.seq_rm(handle, seq, 0, None)
-                backend.kv_unpack(handle, seq, restore.payload)
-                if restore.row_tokens > len(restore.tokens):
-                    # A covering row: keep only what the prompt shares with it.
-                    backend.seq_rm(handle, seq, len(restore.tokens), None)
-                if exact:
-                    backend.seq_rm(handle, seq, n_prompt - 1, None)
-            except BackendError as exc:
-                self._post(self.cache.reject, restore, str(exc))
-                restore, had_live, track.live_len = None, True, 0
-            finally:
-                if restore is not None:
-                    self._post(self.cache.release, restore)
+        start = 0
+        exact = False
         if restore is not None:
             known = len(restore.tokens)
+            start = self.grid_floor(min(known, n_prompt - 1))
+            if start == 0:
+                # Less than one whole cell in common: nothing worth unpacking.
+                self._post(self.cache.release, restore)
+                restore = None
+            else:
+                exact = known == n_prompt
+                try:
+                    if had_live:
+                        backend.seq_rm(handle, seq, 0, None)
+                    backend.kv_unpack(handle, seq, restore.payload)
+                    # A longer (covering) row, or cells past the grid: not the cold run's.
+                    backend.seq_rm(handle, seq, start, None)
+                except BackendError as exc:
+                    self._post(self.cache.reject, restore, str(exc))
+                    restore, had_live, track.live_len, start = None, True, 0, 0
+                finally:
+                    if restore is not None:
+                        self._post(self.cache.release, restore)
+        if restore is not None:
             track.hit = CacheHit(
                 kind="exact" if exact else "partial",
-                prefix_len=known,
+                prefix_len=start,
                 source=restore.source,
                 tier=restore.tier,
             )
-        elif track.live_len:
-            known = track.live_len
-            exact = known == n_prompt
-            backend.seq_rm(handle, seq, known - 1 if exact else known, None)
+        elif track.live_len and (start := self.grid_floor(min(track.live_len, n_prompt - 1))):
+            backend.seq_rm(handle, seq, start, None)
             track.hit = CacheHit(
-                kind="exact" if exact else "partial",
-                prefix_len=known,
+                kind="exact" if track.live_len == n_prompt else "partial",
+                prefix_len=start,
                 source="session" if track.session else "live",
             )
             self._post(self.cache.note_live_hit)
         else:
-            known, exact = 0, False
+            start = 0
             backend.seq_rm(handle, seq, 0, None)
             track.hit = COLD
-        n_context = known - 1 if exact else known
-        track.context = list(prompt[:n_context])
-        track.last_save_at = known
-        point = cold_save_point(n_prompt, self.policy) if self.cache.enabled else None
+        track.context = list(prompt[:start])
+        track.last_save_at = start
+        point = cold_save_point(n_prompt, self.policy, self.grid) if self.cache.enabled else None
         return Setup(
-            n_context=n_context,
-            cursor=list(prompt[n_context:]),
-            pause_at=point if point is not None and point > known else None,
+            n_context=start,
+            cursor=list(prompt[start:]),
+            pause_at=point if point is not None and point > start else None,
         )
+
+    def grid_floor(self, n: int) -> int:
+        """``n`` rounded down to a whole number of grid cells."""
+        return n // self.grid * self.grid
+
+    def exact_len(self, track: KVTrack) -> int:
+        """How many leading cells of ``track``'s sequence are what a cold prefill of any
+        prompt starting with them computes: the whole grid cells of the prompt part. (The
+        last partial cell was fed as a chunk shorter than G, and generated tokens one at a
+        time: a prompt that goes on past them is computed in other chunks cold.)"""
+        if self.batch_invariant:
+            return len(track.context)
+        return self.grid_floor(min(len(track.context), len(track.prompt)))
 
     # ---- saves ------------------------------------------------------------------------------
-
-    def wants_continued(self, track: KVTrack) -> bool:
-        return self.cache.enabled and wants_continued(
-            len(track.context), track.last_save_at, self.policy
-        )
 
     def save(
         self, track: KVTrack, seq: int, reason: SaveReason, *, force: bool = False
     ) -> SaveOrder | None:
-        """Pack ``seq`` for a save of ``track.context`` if the policy and the cache want it
-        (``force``: whatever the policy's minimum length, as ``prefill_only`` asks).
+        """Pack ``seq`` for a save of ``track.context``, if it holds exactly-computed cells
+        only and the policy and the cache want it (``force``: whatever the policy's minimum
+        length). A cold save happens at a grid point of the prompt; a request that has gone
+        past its prompt's whole cells is saved by :meth:`finish` instead, trimmed.
 
         A row the cache already holds is not packed again (the order then carries only its
         key). A failing pack loses this save only: the KV is untouched, so the model serves
         on; it is logged and counted as dropped.
         """
         tokens = tuple(track.context)
-        if not self.cache.enabled or not tokens:
+        if not self.cache.enabled or not tokens or len(tokens) != self.exact_len(track):
             return None
         if not force and not passes_gate(len(tokens), reason, self.policy):
             return None
@@ -255,8 +287,30 @@ class SequenceKV:
             track.last_save_at = len(tokens)
         return order
 
+    def finish(
+        self, track: KVTrack, seq: int, reason: SaveReason, *, force: bool = False, keep: bool
+    ) -> SaveOrder | None:
+        """The request on ``seq`` ended: cut the sequence back to its exactly-computed
+        cells (:meth:`exact_len`), save them (the finish row: what ``parent_key`` resumes
+        from), and keep them live for the next prompt admitted there (always for a
+        session's pinned sequence: ``keep``), or clear the sequence."""
+        n = self.exact_len(track)
+        tokens = tuple(track.context[:n])
+        self.backend.seq_rm(self.handle, seq, n, None)
+        order = None
+        if self.cache.enabled and tokens and (force or passes_gate(n, reason, self.policy)):
+            order = self._pack(seq, tokens, track.fingerprint, reason)
+        if (keep or self.keep_live) and tokens:
+            self.live[seq] = (encode_tokens(tokens), track.fingerprint)
+        else:
+            self.backend.seq_rm(self.handle, seq, 0, None)
+            self.live.pop(seq, None)
+        self._live_changed()
+        return order
+
     def save_live(self, seq: int, reason: SaveReason) -> SaveOrder | None:
-        """Save the live KV a free or pinned sequence holds (unconditionally)."""
+        """Save the live KV a free or pinned sequence holds (unconditionally): it holds
+        exactly-computed cells only (:meth:`finish` cut it)."""
         live = self.live.get(seq)
         if live is None or not self.cache.enabled:
             return None
@@ -279,11 +333,13 @@ class SequenceKV:
             self._post(self.cache.note_pack, time.perf_counter() - t0)
         return SaveOrder(ns=ns, tokens=tokens, payload=payload, reason=reason, key=key)
 
-    def release(self, track: KVTrack, seq: int, *, keep: bool = False) -> None:
-        """The request on ``seq`` ended: keep its cells for the next prompt (always for a
-        session's pinned sequence), or clear them."""
-        if keep or self.keep_live:
-            self.live[seq] = (encode_tokens(track.context), track.fingerprint)
+    def release(self, track: KVTrack, seq: int) -> None:
+        """The request on ``seq`` failed: its KV is as before its failed step; keep its
+        exactly-computed cells live (when ``keep_live_kv``), or clear the sequence."""
+        n = self.exact_len(track)
+        if self.keep_live and n:
+            self.backend.seq_rm(self.handle, seq, n, None)
+            self.live[seq] = (encode_tokens(track.context[:n]), track.fingerprint)
         else:
             self.backend.seq_rm(self.handle, seq, 0, None)
             self.live.pop(seq, None)

@@ -393,12 +393,21 @@ class Scheduler(Generic[R, B]):
     # ---- one step (the model thread) ----------------------------------------------------------
 
     def schedule(self) -> StepPlan:
-        """The next step's ops: every decoding job gets one token; feeding jobs share what is
-        left of ``n_batch``, shortest remaining first, each at most ``prefill_chunk`` tokens
-        (so a long prompt never starves decoders or a short prompt beside it) and never past
-        its pause point."""
+        """The next step's ops: every decoding job gets one token; feeding jobs get prefill
+        chunks, shortest remaining first, while the step has room in ``n_batch``.
+
+        **Chunks lie on a fixed grid.** A chunk is ``[jG, (j+1)G)`` of absolute positions
+        (G = ``prefill_chunk``), clipped to what remains to feed and to the job's pause
+        point, whatever position the prompt's feeding started from: a prompt fed after a
+        restore at a grid point makes exactly the chunks its cold run made from there, so
+        llama.cpp computes exactly the same cells (its kernels depend on a micro-batch's
+        size, so another split would change the last bits of the KV and then, at
+        temperature 0, the answer). A chunk is never shortened to fit the step: one that
+        does not fit waits for the next step, except the step's first, so nothing starves.
+        """
         with self._lock:
             budget = self._n_batch
+            grid = self._prefill_chunk
             ops: list[StepOp] = []
             feeders: list[Job[R]] = []
             for seq, job in self._admitted.items():
@@ -414,22 +423,23 @@ class Scheduler(Generic[R, B]):
                     )
                     budget -= 1
             # Shortest remaining first: a short prompt that arrives while a long one prefills
-            # is fed whole at once (and samples next step) instead of waiting for the long
-            # prompt's slices to end; the long one takes what is left, and it always gets the
-            # rest of the batch, since feeders are at most n_seq and each takes at most
-            # prefill_chunk.
+            # is fed at once (and samples next step) instead of waiting for the long prompt's
+            # chunks to end.
             feeders.sort(key=lambda j: len(j.cursor))
+            fed = False
             for job in feeders:
-                if budget <= 0:
-                    break
-                n = min(len(job.cursor), budget, self._prefill_chunk)
+                to_grid = (job.n_context // grid + 1) * grid - job.n_context
+                n = min(len(job.cursor), to_grid)
                 if job.pause_at is not None:
                     n = min(n, job.pause_at - job.n_context)
+                if fed and n > budget:
+                    continue  # whole chunks only: this one waits for a step with room
                 # Logits only where the next decode samples from: the last token fed.
                 logits = n == len(job.cursor) and job.max_tokens != 0
                 assert job.seq is not None
                 ops.append(Prefill(seq=job.seq, tokens=tuple(job.cursor[:n]), logits=logits))
                 budget -= n
+                fed = True
             return StepPlan(tuple(ops))
 
     def job_on(self, seq: int) -> Job[R] | None:

@@ -155,6 +155,8 @@ class ModelThread:
             namespace,
             self.post,
             self._live_changed,
+            cfg.effective_prefill_chunk,
+            batch_invariant=loaded.batch_invariant,
         )
         detokenize, handle = self._backend.direct_detokenize, self._handle
         self._pieces = PieceCache(lambda t: detokenize(handle, (t,)))
@@ -484,8 +486,6 @@ class ModelThread:
             reason: FinishReason | None = "stop" if req.output.stop_sequence else s.finish
             if reason is not None:
                 self._finish(sched, job, reason)
-            elif self._kv is not None and self._kv.wants_continued(req.kv):
-                self._save(req, job, "continued")
 
     # ---- ending requests -------------------------------------------------------------------
 
@@ -516,23 +516,25 @@ class ModelThread:
                 req.reply_text = None
         order = None
         running = job.state is JobState.RUNNING
-        if running and req.kv.context:
-            order = self._save(
-                req,
-                job,
-                "shutdown" if self._stopping else "finish",
-                force=job.max_tokens == 0,  # prefill_only: the caller asked for this row
-            )
         session = job.session
         pin = running and session is not None and session not in self._sessions.ending
         if running:
+            # The finish save first (so the loop reserves its key before Done), of the
+            # sequence cut back to its exactly-computed cells, which stay live.
             assert self._kv is not None and job.seq is not None
-            self._kv.release(req.kv, job.seq, keep=pin)
+            order = self._kv.finish(
+                req.kv,
+                job.seq,
+                "shutdown" if self._stopping else "finish",
+                force=job.max_tokens == 0,  # prefill_only: the caller asked for this row
+                keep=pin,
+            )
         self._free_sampler(job.sampler)
         sched.finish_request(job, reason, pin=pin)
         if pin:
             assert session is not None and job.seq is not None
-            self._sessions.pinned(session, job.seq, len(req.kv.context))
+            assert self._kv is not None
+            self._sessions.pinned(session, job.seq, self._kv.exact_len(req.kv))
         elif session is not None:
             self._sessions.dropped(session)
         self.post(self._loop.finished, req, reason, order)

@@ -170,7 +170,9 @@ class BackendConformance:
         registry = make_backend_registry({NAME: backend_plugin}, autoload=False)
         config = EngineConfig(cache=_tier_only(tier, tmp_path))
         # No live KV: the second request must come from the cache, not from the sequence.
-        model = attrs.evolve(model_config, backend=NAME, keep_live_kv=False)
+        # A grid of 2 tokens, so that a short prompt has whole cells to save and restore
+        # (a backend that is not batch-invariant reuses whole grid cells only).
+        model = attrs.evolve(model_config, backend=NAME, keep_live_kv=False, prefill_chunk=2)
         async with open_engine(config, backends=registry) as engine:
             mid = await engine.load_model("m", model)
             cold = await engine.complete(mid, self.prompt, max_tokens=4)
