@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from types import TracebackType
 from typing import Any, Unpack
 
@@ -39,7 +39,8 @@ from ..errors import (
     ModelNotFound,
     QueueFull,
 )
-from ..events import Done, Event, ModelInfo
+from ..events import Done, Event, LifecycleState, ModelInfo, ModelState
+from ..lifecycle import KeepAlive
 from ..options import RequestOptions
 from ..pressure import PressureStatus
 from .wire import (
@@ -221,6 +222,43 @@ class FleetEngine:
             if info.id == model_id:
                 return info
         raise ModelNotFound(model_id)
+
+    def model_states(self) -> list[ModelState]:
+        """The fleet's models as the replicas last described them: every model listed is
+        loaded (replicas load every configured model at start and nothing on demand)."""
+        states: dict[str, LifecycleState] = {
+            "loading": "loading", "unloading": "unloading", "failed": "failed"
+        }  # fmt: skip
+        return [
+            ModelState(
+                id=info.id,
+                state=states.get(info.status, "loaded"),
+                keep_alive_s=None,
+                last_used_at=None,
+                expires_at=None,
+                loaded_at=None,
+                configured=True,
+                holds=0,
+                loads=1,
+                info=info,
+            )
+            for info in self.list_models()
+        ]
+
+    def hold(
+        self,
+        model_id: str,
+        *,
+        keep_alive_s: float | KeepAlive | None = KeepAlive.DEFAULT,
+        wait_s: float | None = None,
+    ) -> AbstractAsyncContextManager[ModelInfo]:
+        """The model as the fleet sees it (ModelNotFound when no replica lists it); the
+        fleet loads nothing on demand and applies no keep-alive."""
+        return self._hold(model_id)
+
+    @asynccontextmanager
+    async def _hold(self, model_id: str) -> AsyncIterator[ModelInfo]:
+        yield self.model_info(model_id)
 
     def cache_counters(self) -> CacheCounters:
         return _sum_counters([d.counters for d in self._view.values()])

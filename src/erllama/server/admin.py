@@ -21,6 +21,7 @@ from ..errors import ModelAlreadyLoaded
 from ..events import ModelInfo
 from .body import Fields, read_json
 from .errors import ApiError, json_response
+from .openai import lifecycle_facts
 from .state import ServerState
 
 __all__ = ["allowed_model_path", "list_models", "load_model", "unload_model"]
@@ -53,6 +54,10 @@ async def list_models(request: Request, state: ServerState) -> Response:
             "models": [_info(m) for m in state.engine.list_models()],
             "loading": sorted(state.loading),
             "configured": sorted(state.config.models),
+            "lifecycle": [
+                {"id": m.id, **lifecycle_facts(m), "loads": m.loads, "unloads": dict(m.unloads)}
+                for m in state.engine.model_states()
+            ],
         }
     )
 

@@ -21,6 +21,7 @@ from starlette.requests import Request
 from ..errors import ErllamaError
 from ..events import Done, ThinkingDelta, ThinkingEnd, Token, ToolCallDelta, ToolCallEnd
 from ..grammar import check_schema, response_format_grammar
+from ..lifecycle import KeepAlive
 from .errors import ApiError, Dialect, error_body, from_engine, log_cause
 from .metrics import Track
 from .params import check_messages
@@ -90,6 +91,9 @@ class ChatJob:
     #: A context smaller than the model's the request must fit in, prompt and reply
     #: (Ollama's ``num_ctx``); ``renames["context_limit"]`` names it in errors.
     context_limit: int | None = None
+    #: How long the model stays loaded once idle after this request (Ollama's
+    #: ``keep_alive``, in seconds; None: for good); the model's own by default.
+    keep_alive: float | KeepAlive | None = KeepAlive.DEFAULT
 
     @property
     def parses_calls(self) -> bool:
@@ -176,8 +180,8 @@ async def start(
     state: ServerState, job: ChatJob, track: Track, request_id: str | None = None
 ) -> Started:
     """Render the prompt and queue the request; ApiError (404, 429, 503, 400 naming the
-    parameter) before anything runs."""
-    state.check_model(job.model)
+    parameter) before anything runs. The model is loaded first if it is not."""
+    await state.use_model(job.model, job.keep_alive)
     check_messages(job.messages, state)
     engine = state.engine
     renames = dict(job.renames)
