@@ -141,7 +141,12 @@ class Lifecycle:
         #: Seconds, monotonic: ``anyio.current_time`` (a test may set another).
         self.clock = clock
         self.known: dict[str, Known] = {}
+        #: Set (and replaced) when a load, an unload or the end of a use may let a waiter
+        #: go on: callers waiting for a load, a load waiting for room.
         self._changed = anyio.Event()
+        #: Wakes the expiry task when a keep-alive may run out before it meant to wake.
+        self._expiry = anyio.Event()
+        self._wake_at = -math.inf  # the expiry task's next check, on ``clock``
         self._room = anyio.Lock()
         self._expiring = anyio.Lock()
         self._scope: anyio.CancelScope | None = None
@@ -194,24 +199,32 @@ class Lifecycle:
             entry.keep_alive_s = _rule(entry.config.keep_alive_s)
         elif keep_alive is not KeepAlive.UNCHANGED:
             entry.keep_alive_s = _rule(keep_alive)
-        self._touch(entry)
+        self._touch(entry)  # a new hold lets no waiter go on: nobody to wake
         return Hold(entry, worker)
 
     def release(self, hold: Hold) -> None:
         """End a use: the model's keep-alive runs from now."""
         hold.entry.holds -= 1
         self._touch(hold.entry)
+        self._notify()
 
     def used(self, model_id: str) -> None:
         """A request of the model ended: its keep-alive runs from now."""
         entry = self.known.get(model_id)
         if entry is not None:
             self._touch(entry)
+            self._notify()
 
     def _touch(self, entry: Known) -> None:
+        """A use now. The expiry task is woken only if this keep-alive runs out before its
+        next check (a use moves a deadline later, except when it shortens the rule), so a
+        busy model's calls do not wake it each time."""
         entry.last_used = self.clock()
         entry.last_used_at = time.time()
-        self._notify()
+        deadline = self._deadline(entry)
+        if deadline is not None and deadline < self._wake_at:
+            self._wake_at = -math.inf
+            self._expiry.set()
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, anyio.Event()
@@ -411,15 +424,22 @@ class Lifecycle:
             return gone
 
     def _next_check(self) -> float:
-        """Seconds until the next keep-alive runs out (POLL_S for one that has run out on a
-        model still in use); infinite when none will."""
+        """Seconds until the next keep-alive runs out: 0 when one has run out on a model
+        that is idle now (its use ended during the last check), POLL_S when one has run
+        out on a model still in use (the end of each use wakes the task anyway); infinite
+        when none will."""
         now = self.clock()
         wait = math.inf
         for entry in self.known.values():
             deadline = self._deadline(entry)
             if deadline is None or entry.id not in self._engine._models:
                 continue
-            wait = min(wait, deadline - now if deadline > now else POLL_S)
+            if deadline > now:
+                wait = min(wait, deadline - now)
+            elif self.is_idle(entry.id):
+                return 0.0
+            else:
+                wait = min(wait, POLL_S)
         return wait
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -428,17 +448,20 @@ class Lifecycle:
             self._scope = scope
             task_status.started()
             while True:
+                self._expiry = anyio.Event()
                 try:
                     await self.expire()
                 except Exception:
                     log.exception("keep-alive expiry failed")
-                changed = self._changed
-                with anyio.move_on_after(self._next_check()):
-                    await changed.wait()
+                delay = self._next_check()
+                self._wake_at = self.clock() + delay
+                with anyio.move_on_after(delay):
+                    await self._expiry.wait()
 
     def stop(self) -> None:
         if self._scope is not None:
             self._scope.cancel()
+        self._wake_at = -math.inf
         self._notify()
 
     # ---- the view ---------------------------------------------------------------------------------

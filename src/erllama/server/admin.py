@@ -127,7 +127,8 @@ async def load_model(request: Request, state: ServerState) -> Response:
 
 async def unload_model(request: Request, state: ServerState) -> Response:
     model_id = request.path_params["model_id"]
-    if model_id in state.loading:
+    loading = any(m.id == model_id and m.state == "loading" for m in state.engine.model_states())
+    if model_id in state.loading or loading:
         raise ApiError(409, "conflict", f"model {model_id!r} is loading", param="model_id")
     await state.engine.unload(model_id)
     if model_id not in state.config.models:
