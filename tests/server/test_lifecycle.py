@@ -23,8 +23,8 @@ from erllama.backends.stub import StubControl
 from erllama.plugins import BackendRegistry
 from erllama.server import ServeConfig, ServerConfig
 
-from ..helpers import stub_config
-from .conftest import PLAIN_SCRIPT, Server, chat_body, running_server, wait_for
+from ..helpers import stub_config, wait_for
+from .conftest import PLAIN_SCRIPT, Server, chat_body, running_server
 
 pytestmark = pytest.mark.anyio
 

@@ -18,6 +18,7 @@ from erllama.plugins import BackendRegistry
 from erllama.server.keepalive import DEFAULT_KEEP_ALIVE_S, parse_keep_alive
 from erllama.server.ollama_models import OLLAMA_VERSION
 
+from ..helpers import wait_for
 from .conftest import (
     KEY,
     PLAIN_SCRIPT,
@@ -27,7 +28,6 @@ from .conftest import (
     own_model,
     running_server,
     serve_config,
-    wait_for,
 )
 
 pytestmark = pytest.mark.anyio
