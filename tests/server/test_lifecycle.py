@@ -170,3 +170,29 @@ async def test_ollama_lists_every_model_and_reports_expiry(
         a = next(m for m in srv.engine.model_states() if m.id == "a")
         assert a.expires_at is not None and a.keep_alive_s == 600
         assert ps["a:latest"]["expires_at"][:4] != "2318"
+
+
+async def test_erllama_keep_alive_on_the_openai_and_anthropic_routes(
+    stub_registry: BackendRegistry,
+) -> None:
+    cfg = config({"a": scripted()}, preload=["a"])
+    async with serving(stub_registry, cfg) as (srv, http):
+        body = {**messages("a"), "max_tokens": 8, "erllama": {"keep_alive": "5m"}}
+        assert (await http.post("/v1/messages", json=body)).status_code == 200
+        (a,) = srv.engine.model_states()
+        assert a.keep_alive_s == 300 and a.expires_at is not None
+        bad = await http.post(
+            "/v1/chat/completions", json={**chat_body("a"), "erllama": {"keep_alive": "soon"}}
+        )
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "erllama.keep_alive"
+        for route, extra in (
+            ("/v1/chat/completions", chat_body("a", max_tokens=4)),
+            ("/v1/completions", {"model": "a", "prompt": "hello", "max_tokens": 4}),
+        ):
+            r = await http.post(route, json={**extra, "erllama": {"keep_alive": 0}})
+            assert r.status_code == 200, r.text
+            await wait_for(lambda: states(srv) == {"a": "unloaded"})
+        # Without one, a request sets the model's own keep-alive back (for good here).
+        assert (await chat(http, "a")).status_code == 200
+        (a,) = srv.engine.model_states()
+        assert a.state == "loaded" and a.keep_alive_s is None and a.expires_at is None

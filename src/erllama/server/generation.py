@@ -52,6 +52,7 @@ __all__ = [
     "close",
     "collect",
     "extension",
+    "keep_alive_of",
     "pieces",
     "reply_text",
     "reply_unless_disconnected",
@@ -161,19 +162,30 @@ def _grammar(state: ServerState, job: ChatJob) -> str | None:
     return None
 
 
-def _within(job: ChatJob, prompt_tokens: int) -> dict[str, Any]:
+def _within(job: ChatJob, options: dict[str, Any], prompt_tokens: int) -> dict[str, Any]:
     """The job's engine options, the reply capped to what ``context_limit`` leaves."""
     limit = job.context_limit
     if limit is None:
-        return job.options
+        return options
     room = limit - prompt_tokens
     if room < 1:
         raise ApiError.bad_param(
             job.renames.get("context_limit", "context_limit"),
             f"the prompt is {prompt_tokens} tokens, which leaves no room in {limit}",
         )
-    asked = job.options.get("max_tokens")
-    return {**job.options, "max_tokens": room if asked is None else min(asked, room)}
+    asked = options.get("max_tokens")
+    return {**options, "max_tokens": room if asked is None else min(asked, room)}
+
+
+def keep_alive_of(
+    options: dict[str, Any], default: float | KeepAlive | None = KeepAlive.DEFAULT
+) -> tuple[float | KeepAlive | None, dict[str, Any]]:
+    """A request's ``erllama.keep_alive`` (see params.extension_options), and its engine
+    options without it."""
+    if "keep_alive" not in options:
+        return default, options
+    rest = dict(options)
+    return rest.pop("keep_alive"), rest
 
 
 async def start(
@@ -181,7 +193,8 @@ async def start(
 ) -> Started:
     """Render the prompt and queue the request; ApiError (404, 429, 503, 400 naming the
     parameter) before anything runs. The model is loaded first if it is not."""
-    await state.use_model(job.model, job.keep_alive)
+    keep_alive, engine_options = keep_alive_of(job.options, job.keep_alive)
+    await state.use_model(job.model, keep_alive)
     check_messages(job.messages, state)
     engine = state.engine
     renames = dict(job.renames)
@@ -193,7 +206,7 @@ async def start(
         prompt = job.prompt
         if prompt is None:
             prompt = await engine.apply_chat_template(job.model, job.messages, None, job.tools)
-        options = _within(job, len(prompt))
+        options = _within(job, engine_options, len(prompt))
         stream = await engine.infer(job.model, prompt, grammar=grammar, **options)
     except ErllamaError as exc:
         raise from_engine(exc, renames) from exc

@@ -30,6 +30,7 @@ from .generation import (
     cancelled_error,
     close,
     extension,
+    keep_alive_of,
     pieces,
     reply_unless_disconnected,
     start,
@@ -472,7 +473,8 @@ async def completions(request: Request, state: ServerState) -> Response:
             request, body, state, ("max_tokens",), COMPLETION_DEFAULT_TOKENS
         )
         stream, include_usage = _stream_flags(body)
-        await state.use_model(model)
+        keep_alive, options = keep_alive_of(options)
+        await state.use_model(model, keep_alive)
         job = ChatJob(model=model, messages=[], options=options, renames=renames)
         try:
             infer = await state.engine.infer(model, prompt, **options)
