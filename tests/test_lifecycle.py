@@ -472,3 +472,36 @@ def test_lifecycle_settings_are_checked() -> None:
         {"models": {"a": {"backend": "stub"}}, "preload": [], "max_loaded_models": 1}
     )
     assert ok.preload == () and ok.max_loaded_models == 1
+
+
+async def test_a_load_runs_a_pressure_round_first(registry: BackendRegistry) -> None:
+    from erllama.pressure import custom
+
+    sources = erllama.make_pressure_registry({"custom": custom}, autoload=False)
+    reading = {"used": 10}
+    pressure = erllama.PressureConfig(
+        enabled=True,
+        source="custom",
+        custom=lambda: (reading["used"], 100),
+        interval_s=3600.0,  # no periodic round in this test: only the one before a load
+        evict_tiers=(),
+        high_watermark=0.9,
+        low_watermark=0.5,
+    )
+    cfg = erllama.EngineConfig(
+        models={"a": stub_config(), "b": stub_config()},
+        preload=["a"],
+        pressure=pressure,
+        cache=erllama.CacheConfig(enabled=False, ram_file_dir=None),
+    )
+    async with erllama.open_engine(cfg, backends=registry, pressure_sources=sources) as engine:
+        await engine.ensure_loaded("b")  # below the watermark: a stays
+        assert loaded(engine) == ["a", "b"]
+        await engine.unload("b")
+        reading["used"] = 95
+        await engine.ensure_loaded("b")  # the round before the load unloads idle a
+        assert loaded(engine) == ["b"]
+        assert state(engine, "a").unloads == {"pressure": 1}
+        assert engine.pressure_status().unloaded_models == 1
+        reading["used"] = 10
+        assert (await engine.complete("a", words(4), max_tokens=2)).token_ids  # known still
