@@ -138,6 +138,30 @@ async def test_a_load_longer_than_load_wait_s_is_a_503_with_retry_after(
         assert (await chat(http, "a")).status_code == 200
 
 
+async def test_ollamas_load_duration_is_the_wait_for_the_model(
+    stub_registry: BackendRegistry,
+) -> None:
+    control = StubControl(load_gate=threading.Event())
+    cfg = config({"a": scripted(control=control)}, preload=[])
+    async with serving(stub_registry, cfg) as (_, http):
+        async with anyio.create_task_group() as tg:
+            answers: list[dict[str, Any]] = []
+
+            async def ask() -> None:
+                r = await http.post("/api/chat", json={**messages("a"), "stream": False})
+                answers.append(r.json())
+
+            tg.start_soon(ask)
+            await wait_for(lambda: control.waiting > 0)
+            await anyio.sleep(0.05)  # a wall-clock wait on purpose: the load takes 50 ms
+            control.load_gate.set()  # type: ignore[union-attr]
+        (first,) = answers
+        assert first["done"] and first["load_duration"] >= 50_000_000  # ns: it waited 50 ms
+        assert first["load_duration"] <= first["total_duration"]
+        again = (await http.post("/api/chat", json={**messages("a"), "stream": False})).json()
+        assert again["load_duration"] < 50_000_000  # loaded already
+
+
 async def test_a_model_that_fails_to_load_is_a_503_and_is_tried_again(
     stub_registry: BackendRegistry,
 ) -> None:

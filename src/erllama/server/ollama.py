@@ -310,14 +310,15 @@ def _messages(body: Fields, state: ServerState, model: str) -> list[dict[str, st
 # ---- replies ---------------------------------------------------------------------------------
 
 
-def _figures(done: Done, arrived: float) -> dict[str, Any]:
-    """Ollama's figures of a finished request (durations in nanoseconds), and erllama's
-    own (the cached prompt tokens among them)."""
+def _figures(done: Done, arrived: float, loaded_s: float) -> dict[str, Any]:
+    """Ollama's figures of a finished request (durations in nanoseconds; ``loaded_s``: how
+    long it waited for its model to load), and erllama's own (the cached prompt tokens
+    among them)."""
     st = done.stats
     return {
         "done_reason": "length" if done.finish_reason == "length" else "stop",
         "total_duration": _ns(time.monotonic() - arrived),
-        "load_duration": 0,  # models are loaded before requests, never by one
+        "load_duration": _ns(loaded_s),
         "prompt_eval_count": st.prompt_tokens,
         "prompt_eval_duration": _ns(st.prefill_s),
         "eval_count": st.completion_tokens,
@@ -378,6 +379,7 @@ async def _run(
     arrived: float,
     chat: bool,
     stream: bool,
+    loaded_s: float,
 ) -> Response:
     model = started.job.model
 
@@ -406,7 +408,7 @@ async def _run(
         body["done"] = True
         if not chat:
             body["context"] = list(done.context)
-        body.update(_figures(done, arrived))
+        body.update(_figures(done, arrived, loaded_s))
         return body
 
     if stream:
@@ -474,7 +476,7 @@ async def chat(request: Request, state: ServerState) -> Response:
         return await _load_only(state, name, model, keep_alive, chat=True)
     track = state.metrics.track("ollama", state.model_label(model))
     try:
-        await state.use_model(model, keep_alive)
+        loaded_s = await state.use_model(model, keep_alive)
         tools = _tools(body)
         options, num_ctx = _options(body, state)
         job = ChatJob(
@@ -493,7 +495,8 @@ async def chat(request: Request, state: ServerState) -> Response:
     except BaseException as exc:
         track.end_with(exc)
         raise
-    return await _run(request, state, name, started, arrived, True, body.flag("stream", True))
+    stream = body.flag("stream", True)
+    return await _run(request, state, name, started, arrived, True, stream, loaded_s)
 
 
 async def _generate_prompt(
@@ -543,7 +546,7 @@ async def generate(request: Request, state: ServerState) -> Response:
         return await _load_only(state, name, model, keep_alive, chat=False)
     track = state.metrics.track("ollama", state.model_label(model))
     try:
-        await state.use_model(model, keep_alive)
+        loaded_s = await state.use_model(model, keep_alive)
         messages, prompt = await _generate_prompt(body, state, model)
         options, num_ctx = _options(body, state)
         job = ChatJob(
@@ -560,7 +563,8 @@ async def generate(request: Request, state: ServerState) -> Response:
     except BaseException as exc:
         track.end_with(exc)
         raise
-    return await _run(request, state, name, started, arrived, False, body.flag("stream", True))
+    stream = body.flag("stream", True)
+    return await _run(request, state, name, started, arrived, False, stream, loaded_s)
 
 
 # ---- embeddings ------------------------------------------------------------------------------
@@ -616,7 +620,7 @@ async def embed(request: Request, state: ServerState) -> Response:
     for i, text in enumerate(texts):
         if not isinstance(text, str) or not text:
             raise ApiError.bad_param(f"input[{i}]", "must be a non-empty string")
-    await state.use_model(model, keep_alive)
+    loaded_s = await state.use_model(model, keep_alive)
     result = await _embed_all(request, state, model, texts, body.flag("truncate", True), "input")
     if result is None:
         return Response(status_code=499)
@@ -626,7 +630,7 @@ async def embed(request: Request, state: ServerState) -> Response:
             "model": name,
             "embeddings": vectors,
             "total_duration": _ns(time.monotonic() - arrived),
-            "load_duration": 0,
+            "load_duration": _ns(loaded_s),
             "prompt_eval_count": n_tokens,
         }
     )

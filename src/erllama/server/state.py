@@ -139,13 +139,15 @@ class ServerState:
 
     async def use_model(
         self, model_id: str, keep_alive: float | KeepAlive | None = KeepAlive.DEFAULT
-    ) -> None:
+    ) -> float:
         """The model loaded and serving for the rest of the route (loaded first if it is
         not: a request arriving during any load, an admin's too, waits for it), or
         ApiError: 404 for a model the server does not know; 503 past
         ``server.load_wait_s`` (with ``Retry-After``; the load goes on), for a failed model
         or a load that failed. ``keep_alive``: Ollama's, in seconds (None: for good); left
-        out, the model's configured ``keep_alive_s``."""
+        out, the model's configured ``keep_alive_s``. Returns the seconds it waited for
+        the model (Ollama's ``load_duration``)."""
+        start = time.monotonic()
         held = self.engine.hold(
             model_id, keep_alive_s=keep_alive, wait_s=self.config.server.load_wait_s
         )
@@ -172,6 +174,7 @@ class ServerState:
         except ErllamaError as exc:
             raise from_engine(exc) from exc
         self.check_model(model_id)
+        return time.monotonic() - start
 
     def check_model(self, model_id: str) -> None:
         """ApiError unless the model is loaded and serving: 404 unknown, 503 loading,
