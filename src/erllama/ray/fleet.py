@@ -163,16 +163,31 @@ def _sum_counters(counters: Sequence[CacheCounters]) -> CacheCounters:
     return CacheCounters(**totals)
 
 
-def tokenizer_config(config: EngineConfig) -> EngineConfig:
-    """The ingress's own engine: the same models for text work only (no cache, one
-    sequence each, no memory-pressure rounds)."""
-    from ..config import CacheConfig, PressureConfig
-
+def every_model_loaded(config: EngineConfig) -> EngineConfig:
+    """``config`` without the model lifecycle: a fleet loads every model on every replica
+    at start and keeps it (no ``preload``, ``max_loaded_models`` or ``keep_alive_s``): the
+    router places requests on the replicas that list a model, and loads nothing on
+    demand."""
     return attrs.evolve(
         config,
-        cache=CacheConfig(enabled=False, ram_file_dir=None),
-        pressure=PressureConfig(),
-        models={k: _tokenizer_model(m) for k, m in config.models.items()},
+        preload=None,
+        max_loaded_models=None,
+        models={k: attrs.evolve(m, keep_alive_s=None) for k, m in config.models.items()},
+    )
+
+
+def tokenizer_config(config: EngineConfig) -> EngineConfig:
+    """The ingress's own engine: the same models for text work only (no cache, one
+    sequence each, no memory-pressure rounds, every model loaded)."""
+    from ..config import CacheConfig, PressureConfig
+
+    return every_model_loaded(
+        attrs.evolve(
+            config,
+            cache=CacheConfig(enabled=False, ram_file_dir=None),
+            pressure=PressureConfig(),
+            models={k: _tokenizer_model(m) for k, m in config.models.items()},
+        )
     )
 
 
@@ -373,6 +388,7 @@ class FleetEngine:
             config = structure_config(config, ModelConfig)
         if not isinstance(model_id, str) or not isinstance(config, ModelConfig):
             raise ConfigError([("model_id", "the fleet loads a model by id and ModelConfig")])
+        config = attrs.evolve(config, keep_alive_s=None)  # a fleet keeps what it loads
         await self._local.load_model(model_id, _tokenizer_model(config))
         try:
             results = await self._broadcast("load_model", LoadRequest(model_id, config))
