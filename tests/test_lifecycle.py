@@ -219,6 +219,32 @@ async def test_register_model_makes_a_model_known_without_loading_it(
         assert state(engine, "late").loads == 2
 
 
+async def test_a_call_during_the_unload_of_a_configured_model_waits_and_loads_it_again(
+    registry: BackendRegistry,
+) -> None:
+    control = metered()
+    async with opened(registry, {"a": stub_config(control=control)}) as engine:
+        running = await engine.infer("a", words(4), max_tokens=50)
+        await wait_for(lambda: control.waiting > 0)  # its step waits for a permit
+        late: list[erllama.Completion] = []
+
+        async def call() -> None:
+            late.append(await engine.complete("a", words(4), max_tokens=2))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.unload, "a")
+            await wait_for(lambda: engine.status("a") == "unloading")  # held by the step
+            tg.start_soon(call)
+            await wait_for(lambda: state(engine, "a").holds == 1)
+            assert late == [] and state(engine, "a").state == "unloading"
+            release(control, 1000)
+        async with running:
+            assert (await running.collect()).finish_reason == "cancelled"
+        (done,) = late
+        assert done.finish_reason == "length"
+        assert state(engine, "a").loads == 2 and state(engine, "a").unloads == {"unload": 1}
+
+
 async def test_an_explicit_unload_forgets_a_model_load_model_brought_in(
     registry: BackendRegistry,
 ) -> None:

@@ -120,6 +120,14 @@ _STATES: dict[str, LifecycleState] = {
 }
 
 
+def _usable(worker: ModelWorker) -> bool:
+    """Serving, or failed (its calls raise ModelFailed until it is unloaded): not loading,
+    and not being unloaded."""
+    if worker.state == "failed":
+        return True
+    return worker.state != "loading" and not worker.closing
+
+
 def _rule(value: float | None) -> float | None:
     if value is None or value < 0 or value == math.inf:
         return None
@@ -232,9 +240,7 @@ class Lifecycle:
 
     def _serving(self, entry: Known) -> ModelWorker | None:
         worker = self._engine._models.get(entry.id)
-        if worker is None or worker.state in ("loading", "unloading"):
-            return None
-        return worker
+        return worker if worker is not None and _usable(worker) else None
 
     async def _ready(self, entry: Known) -> ModelWorker:
         """Wait until the model serves (or has failed), starting its load if nobody has."""
@@ -245,11 +251,13 @@ class Lifecycle:
             changed = self._changed
             worker = engine._models.get(entry.id)
             if worker is not None:
-                if worker.state not in ("loading", "unloading"):
+                if _usable(worker):
                     return worker
-                if worker.state == "unloading" and not entry.configured:
+                if worker.closing and not entry.configured:
                     raise ModelUnloading(entry.id)  # and then forgotten: nothing to wait for
-                await changed.wait()  # an explicit load, or an unload, settling
+                # An explicit load, or an unload, settling: a configured model being
+                # unloaded is loaded again once it is gone.
+                await changed.wait()
                 continue
             load = entry.load
             if load is None:
