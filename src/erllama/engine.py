@@ -174,15 +174,11 @@ class Engine:
         finally:
             self._lifecycle.release(held)
 
-    @asynccontextmanager
-    async def _use(self, model_id: str) -> AsyncIterator[ModelWorker]:
-        """A call that uses a model: loaded first if known and not loaded, held while the
-        call runs (its keep-alive rule unchanged)."""
-        held: Hold = await self._lifecycle.acquire(model_id, KeepAlive.UNCHANGED, None)
-        try:
-            yield held.worker
-        finally:
-            self._lifecycle.release(held)
+    def _use(self, model_id: str) -> _Use:
+        """``async with self._use(model_id) as worker``: a call that uses a model, loaded
+        first if known and not loaded, held while the call runs (its keep-alive rule
+        unchanged)."""
+        return _Use(self._lifecycle, model_id)
 
     def model_states(self) -> list[ModelState]:
         """Every model the engine knows, loaded or not: its lifecycle state (``loaded``,
@@ -657,6 +653,30 @@ class Engine:
                     # model still in use by a native call allocated rather than free it.
                     tg.start_soon(functools.partial(worker.close, force=True))
         self._models.clear()
+
+
+class _Use:
+    """The engine's own hold on a model for one call (a class, not a generator: it is on
+    every request's path)."""
+
+    __slots__ = ("_held", "_lifecycle", "_model_id")
+
+    def __init__(self, lifecycle: Lifecycle, model_id: str) -> None:
+        self._lifecycle = lifecycle
+        self._model_id = model_id
+        self._held: Hold | None = None
+
+    async def __aenter__(self) -> ModelWorker:
+        held = self._lifecycle.hold_now(self._model_id)
+        if held is None:
+            held = await self._lifecycle.acquire(self._model_id, KeepAlive.UNCHANGED, None)
+        self._held = held
+        return held.worker
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._held is not None:
+            self._lifecycle.release(self._held)
+            self._held = None
 
 
 class _PressureModels:

@@ -142,16 +142,19 @@ class Lifecycle:
         self,
         engine: Engine,
         max_loaded: int | None,
-        clock: Callable[[], float] = anyio.current_time,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._engine = engine
         self.max_loaded = max_loaded
-        #: Seconds, monotonic: ``anyio.current_time`` (a test may set another).
+        #: Seconds, monotonic (a test may set another clock; the expiry task sleeps for the
+        #: differences it reads on it).
         self.clock = clock
         self.known: dict[str, Known] = {}
-        #: Set (and replaced) when a load, an unload or the end of a use may let a waiter
-        #: go on: callers waiting for a load, a load waiting for room.
-        self._changed = anyio.Event()
+        #: Counts loads, unloads and ends of uses (what may let a waiter go on: callers
+        #: waiting for a load, a load waiting for room); an event exists only while
+        #: someone waits, so a busy model's calls cost an increment, not an event.
+        self._generation = 0
+        self._waiter: anyio.Event | None = None
         #: Wakes the expiry task when a keep-alive may run out before it meant to wake.
         self._expiry = anyio.Event()
         self._wake_at = -math.inf  # the expiry task's next check, on ``clock``
@@ -210,6 +213,20 @@ class Lifecycle:
         self._touch(entry)  # a new hold lets no waiter go on: nobody to wake
         return Hold(entry, worker)
 
+    def hold_now(self, model_id: str) -> Hold | None:
+        """:meth:`acquire` for a model serving now, without waiting and without changing
+        its keep-alive rule (the engine's own calls); None when it is not (then call
+        :meth:`acquire`, which loads it or raises)."""
+        entry = self.known.get(model_id)
+        if entry is None or self._engine._closed:
+            return None
+        worker = self._serving(entry)
+        if worker is None:
+            return None
+        entry.holds += 1
+        self._touch(entry)
+        return Hold(entry, worker)
+
     def release(self, hold: Hold) -> None:
         """End a use: the model's keep-alive runs from now."""
         hold.entry.holds -= 1
@@ -235,8 +252,18 @@ class Lifecycle:
             self._expiry.set()
 
     def _notify(self) -> None:
-        changed, self._changed = self._changed, anyio.Event()
-        changed.set()
+        self._generation += 1
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.set()
+
+    async def _changed_since(self, generation: int) -> None:
+        """Return once anything changed after ``generation`` was read (at once if it has)."""
+        if self._generation != generation:
+            return
+        if self._waiter is None:
+            self._waiter = anyio.Event()
+        await self._waiter.wait()
 
     def _serving(self, entry: Known) -> ModelWorker | None:
         worker = self._engine._models.get(entry.id)
@@ -248,7 +275,7 @@ class Lifecycle:
         while True:
             if engine._closed or self.known.get(entry.id) is not entry:
                 raise ModelNotFound(entry.id)
-            changed = self._changed
+            seen = self._generation
             worker = engine._models.get(entry.id)
             if worker is not None:
                 if _usable(worker):
@@ -257,7 +284,7 @@ class Lifecycle:
                     raise ModelUnloading(entry.id)  # and then forgotten: nothing to wait for
                 # An explicit load, or an unload, settling: a configured model being
                 # unloaded is loaded again once it is gone.
-                await changed.wait()
+                await self._changed_since(seen)
                 continue
             load = entry.load
             if load is None:
@@ -341,7 +368,7 @@ class Lifecycle:
         limit = self.max_loaded
         models = self._engine._models
         while limit is not None:
-            changed = self._changed
+            seen = self._generation
             if sum(1 for m in models if m != entry.id) < limit:
                 return
             for victim in self.idle_by_age(exclude=entry.id):
@@ -350,7 +377,7 @@ class Lifecycle:
             else:
                 if lazy and entry.holds == 0:
                     raise _Abandoned
-                await changed.wait()
+                await self._changed_since(seen)
 
     # ---- unloading ------------------------------------------------------------------------------
 
