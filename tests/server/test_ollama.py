@@ -415,10 +415,11 @@ async def test_keep_alive_zero_unloads_the_model_after_the_request(
     server: Server, keep_alive: Any
 ) -> None:
     c = client(server)
+    before = plain_state(server).unloads.get("keep_alive", 0)
     r = await c.chat(model="plain", messages=user(), stream=False, keep_alive=keep_alive)
     assert r.done and r.message.content
     await wait_for(lambda: plain_state(server).state == "unloaded")
-    assert plain_state(server).unloads.get("keep_alive", 0) >= 1
+    assert plain_state(server).unloads.get("keep_alive", 0) == before + 1
     # The next request loads it again, with the model's own keep-alive.
     again = await c.chat(model="plain", messages=user(), stream=False)
     assert again.message.content == r.message.content
