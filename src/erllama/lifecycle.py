@@ -371,12 +371,12 @@ class Lifecycle:
             seen = self._generation
             if sum(1 for m in models if m != entry.id) < limit:
                 return
+            if lazy and entry.holds == 0:
+                raise _Abandoned  # unload nothing for a load nobody waits for
             for victim in self.idle_by_age(exclude=entry.id):
                 if await self.unload_if_idle(victim, "max_loaded_models"):
                     break
             else:
-                if lazy and entry.holds == 0:
-                    raise _Abandoned
                 await self._changed_since(seen)
 
     # ---- unloading ------------------------------------------------------------------------------
