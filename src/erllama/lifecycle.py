@@ -11,7 +11,7 @@ group (a caller that stops waiting never cancels it). It unloads again
 * when another model must load and ``EngineConfig.max_loaded_models`` are loaded: the least
   recently used idle one goes first; with none idle the load waits until one is;
 * under memory pressure (the pressure scheduler, which unloads through the same path and
-  runs a round before every load when it is enabled).
+  runs a round before every load on demand when it is enabled).
 
 Every such unload saves the model's live state first (``Engine.save_all``), so its cache
 rows outlive the weights: a request after the reload restores from the cache instead of
@@ -336,10 +336,11 @@ class Lifecycle:
                 await self._make_room(entry, lazy=lazy)
                 load.phase = "loading"
                 pressure = engine._pressure
-                if pressure.config.enabled:
+                if lazy and pressure.config.enabled:
                     # A machine already short of memory frees some (cache rows, then idle
-                    # models) before one more model loads. The new model's own size is not
-                    # predicted: the next rounds see it.
+                    # models) before a model loads on demand. The new model's own size is
+                    # not predicted: the next rounds see it. (An explicit load_model is
+                    # the caller's decision, as before.)
                     await pressure.check()
                 worker = engine._new_worker(entry.id, entry.config)
             await engine._start_worker(worker)
