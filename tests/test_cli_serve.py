@@ -142,3 +142,57 @@ def test_an_unknown_backend_in_the_config_exits_2_without_a_traceback(tmp_path: 
     proc = _run("--config", str(path))
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "unknown backend 'nope'" in proc.stderr
+
+
+LAZY = """
+preload = ["echo"]
+max_loaded_models = 1
+
+[server]
+port = 0
+
+[cache]
+enabled = false
+
+[models.echo]
+backend = "stub"
+n_ctx = 256
+options = { script = "kabo rite" }
+
+[models.later]
+backend = "stub"
+n_ctx = 256
+keep_alive_s = 300
+options = { script = "sanu mila" }
+"""
+
+
+def test_models_not_preloaded_load_on_their_first_request(tmp_path: Path) -> None:
+    path = tmp_path / "lazy.toml"
+    path.write_text(LAZY)
+    server = Serving("--config", str(path))
+    try:
+        url = server.url()
+        with httpx.Client(base_url=url, timeout=30) as h:
+            listed = {m["id"]: m["status"]["value"] for m in h.get("/v1/models").json()["data"]}
+            assert listed == {"echo": "loaded", "later": "unloaded"}
+            r = h.post(
+                "/v1/chat/completions",
+                json={"model": "later", "messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert r.json()["choices"][0]["message"]["content"] == " sanu mila"
+            models = {m["id"]: m for m in h.get("/v1/models").json()["data"]}
+            assert models["echo"]["status"]["value"] == "unloaded"  # max_loaded_models = 1
+            assert models["later"]["erllama"]["keep_alive_s"] == 300
+            assert models["later"]["erllama"]["expires_at"] is not None
+    finally:
+        assert server.stop() == 0
+    assert "loading models (echo; on first request: later)" in bytes(server.err).decode()
+
+
+def test_a_preload_of_an_unknown_model_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('preload = ["nope"]\n[server]\nport = 0\n[models.m]\nbackend = "stub"\n')
+    proc = _run("--config", str(path))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "preload" in proc.stderr

@@ -25,6 +25,7 @@ from .errors import ErllamaError as ErllamaError
 from .errors import InvalidRequest as InvalidRequest
 from .errors import ModelAlreadyLoaded as ModelAlreadyLoaded
 from .errors import ModelFailed as ModelFailed
+from .errors import ModelLoading as ModelLoading
 from .errors import ModelNotFound as ModelNotFound
 from .errors import ModelUnloading as ModelUnloading
 from .errors import NotSupported as NotSupported
@@ -39,6 +40,7 @@ from .events import CacheHit as CacheHit
 from .events import Completion as Completion
 from .events import Done as Done
 from .events import ModelInfo as ModelInfo
+from .events import ModelState as ModelState
 from .events import SessionInfo as SessionInfo
 from .events import Stats as Stats
 from .events import ThinkingDelta as ThinkingDelta
@@ -79,7 +81,9 @@ __all__ = [
     "ModelAlreadyLoaded",
     "ModelConfig",
     "ModelFailed",
+    "ModelLoading",
     "ModelInfo",
+    "ModelState",
     "ModelNotFound",
     "ModelUnloading",
     "NotSupported",

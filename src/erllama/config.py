@@ -9,6 +9,7 @@ unknown keys are rejected, never ignored.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -146,6 +147,33 @@ class _Problems:
 
 def _opt_path(value: str | os.PathLike[str] | None) -> Path | None:
     return None if value is None else Path(value)
+
+
+def _forever_if_negative(value: Any) -> Any:
+    """``keep_alive_s``: a negative or infinite number of seconds means kept for good
+    (None), as Ollama's negative ``keep_alive`` does; anything else is checked as is."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return None if number and (value < 0 or value == math.inf) else value
+
+
+def _seconds_or_none(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return None
+    return f"must be a number of seconds (negative: kept loaded for good), got {value!r}"
+
+
+def _opt_names(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def _model_ids(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, tuple) and all(isinstance(v, str) and v for v in value):
+        return None
+    return f"must be a list of model ids, got {value!r}"
 
 
 def _default_ram_file_dir() -> Path | None:
@@ -345,6 +373,12 @@ class ModelConfig:
     #: A session's sequence idle this long is released (after an evict save), so a
     #: forgotten session never holds a sequence for good.
     session_ttl_s: float = _number_field(600.0, 0.001)
+    #: How long the model stays loaded once idle, in seconds from its last use (Ollama's
+    #: ``keep_alive``): None (or a negative number) keeps it loaded for good, 0 unloads it
+    #: as soon as nothing uses it. A use may override it (``Engine.hold``).
+    keep_alive_s: float | None = attrs.field(
+        default=None, converter=_forever_if_negative, metadata={_CHECKS: (_seconds_or_none,)}
+    )
     #: Backend-specific settings passed through untouched.
     options: Mapping[str, Any] = attrs.field(factory=dict)
 
@@ -456,7 +490,9 @@ class PressureConfig:
 
 @attrs.frozen(kw_only=True)
 class EngineConfig:
-    """Everything ``open_engine`` needs. ``models`` are loaded when the engine opens."""
+    """Everything ``open_engine`` needs. ``models`` are the models the engine knows: those
+    ``preload`` names load when the engine opens (all of them by default), the others on
+    their first use (see docs/loading.md#model-lifecycle)."""
 
     cache: CacheConfig = attrs.field(factory=CacheConfig)
     pressure: PressureConfig = attrs.field(factory=PressureConfig)
@@ -464,6 +500,37 @@ class EngineConfig:
     #: Key for the HMAC-SHA256 signatures of thinking spans (``ThinkingEnd.signature``);
     #: None: spans are not signed.
     thinking_signing_key: str | None = None
+    #: Ids of ``models`` loaded when the engine opens; None: every one of them. The others
+    #: load on their first use.
+    preload: tuple[str, ...] | None = attrs.field(
+        default=None, converter=_opt_names, metadata={_CHECKS: (_model_ids,)}
+    )
+    #: Models loaded at once at most; loading one more first unloads the least recently
+    #: used idle model (evict-saved, so its cache rows stay), or waits for one to become
+    #: idle. None: no limit.
+    max_loaded_models: int | None = _int_field(None, 1)
+
+    def __attrs_post_init__(self) -> None:
+        problems = _Problems(self)
+        if problems.valid("preload"):
+            preload = self.preload if self.preload is not None else tuple(self.models)
+            unknown = [m for m in preload if m not in self.models]
+            problems.check(
+                not unknown,
+                "preload",
+                f"names models the config does not define: {', '.join(map(repr, unknown))}",
+            )
+            limit = self.max_loaded_models
+            if problems.valid("max_loaded_models") and limit is not None:
+                what = "preload names" if self.preload is not None else "models (all preloaded)"
+                problems.check(
+                    len(set(preload)) <= limit,
+                    "preload",
+                    f"{what} {len(set(preload))} models, more than max_loaded_models "
+                    f"({limit}): list in preload those to load at start (an empty list "
+                    "loads none)",
+                )
+        problems.raise_any()
 
 
 def _strict(kind: type, *, allow: tuple[type, ...] = ()) -> Callable[[Any, Any], Any]:

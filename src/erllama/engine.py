@@ -6,7 +6,7 @@ import functools
 import itertools
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Unpack
 
 import anyio
@@ -27,8 +27,17 @@ from .errors import (
     ModelNotFound,
     UnloadTimeout,
 )
-from .events import AdapterInfo, CachedPrefix, CachedRow, Completion, ModelInfo, ModelStatus
+from .events import (
+    AdapterInfo,
+    CachedPrefix,
+    CachedRow,
+    Completion,
+    ModelInfo,
+    ModelState,
+    ModelStatus,
+)
 from .grammar import response_format_grammar
+from .lifecycle import Hold, KeepAlive, Lifecycle
 from .model import ModelWorker, intake
 from .model.output import Signer
 from .model.request import Request
@@ -71,6 +80,7 @@ class Engine:
         key = config.thinking_signing_key
         self._signer = Signer(key.encode("utf-8")) if key else None
         self._closed = False
+        self._lifecycle = Lifecycle(self, config.max_loaded_models)
         self._pressure = PressureScheduler(
             config.pressure, pressure_source, cache=cache, models=_PressureModels(self)
         )
@@ -84,23 +94,106 @@ class Engine:
     ) -> str:
         """Load a model and start serving it; returns its id (generated when None).
 
+        With ``EngineConfig.max_loaded_models`` models loaded, the least recently used idle
+        one is unloaded first (or the load waits until one is idle). A model the engine did
+        not know becomes known until an explicit :meth:`unload`: its keep-alive may unload
+        it, and its next use loads it again.
+
         Raises ModelAlreadyLoaded, ConfigError (bad config, unknown backend) or BackendError
         (missing or malformed model file); a failed load leaves nothing behind.
         """
         if isinstance(model_id, ModelConfig) and config is None:
             model_id, config = None, model_id
-        if config is None:
-            raise ConfigError([("config", "load_model needs a ModelConfig")])
-        if isinstance(config, Mapping):
-            config = structure_config(config, ModelConfig)
-        if not isinstance(config, ModelConfig):
-            raise ConfigError(
-                [("config", f"must be a ModelConfig or a mapping, not {type(config).__name__}")]
-            )
+        config = _model_config(config)
         if model_id is None:
             model_id = self._next_id()
         elif not isinstance(model_id, str) or not model_id:
             raise InvalidRequest("model_id", "must be a non-empty string")
+        if self._closed:
+            raise ModelNotFound(model_id)
+        if model_id in self._models:
+            raise ModelAlreadyLoaded(model_id)
+        self._backends.get(config.backend)  # ConfigError for an unknown one, before anything
+        await self._lifecycle.load(model_id, config)
+        return model_id
+
+    def register_model(self, model_id: str, config: ModelConfig | Mapping[str, Any]) -> None:
+        """Make a model known without loading it: its first use (or :meth:`ensure_loaded`)
+        loads it, its keep-alive unloads it, and an explicit :meth:`unload` leaves it known,
+        as for the models of ``EngineConfig.models``. ModelAlreadyLoaded for an id the
+        engine knows already; ConfigError for a bad config or an unknown backend."""
+        config = _model_config(config)
+        if not isinstance(model_id, str) or not model_id:
+            raise InvalidRequest("model_id", "must be a non-empty string")
+        if model_id in self._lifecycle.known or model_id in self._models:
+            raise ModelAlreadyLoaded(model_id)
+        self._backends.get(config.backend)
+        self._lifecycle.register(model_id, config, configured=True)
+
+    async def ensure_loaded(
+        self,
+        model_id: str,
+        *,
+        keep_alive_s: float | KeepAlive | None = KeepAlive.DEFAULT,
+        wait_s: float | None = None,
+    ) -> ModelInfo:
+        """Load a known model unless it is loaded, and return its snapshot. Concurrent
+        callers wait for the same load, which goes on in the engine even when they stop
+        waiting: past ``wait_s`` (None: no limit) ModelLoading, and the load goes on. A
+        failed load raises its error (BackendError, ConfigError) to every caller that
+        waited for it; the next call tries again. ModelNotFound for a model the engine
+        does not know.
+
+        It counts as a use: the model's keep-alive runs from now, and ``keep_alive_s``
+        sets it from this use on (None or negative: kept loaded for good; 0: unloaded once
+        idle; left out: the config's ``keep_alive_s``)."""
+        async with self.hold(model_id, keep_alive_s=keep_alive_s, wait_s=wait_s) as info:
+            return info
+
+    def hold(
+        self,
+        model_id: str,
+        *,
+        keep_alive_s: float | KeepAlive | None = KeepAlive.DEFAULT,
+        wait_s: float | None = None,
+    ) -> AbstractAsyncContextManager[ModelInfo]:
+        """``async with engine.hold(model_id) as info:`` :meth:`ensure_loaded`, then keep
+        the model loaded for the block: its keep-alive, ``max_loaded_models`` and memory
+        pressure never unload it while held (an explicit :meth:`unload` still does). Its
+        keep-alive runs from the end of the block (or of the last request it ran, if
+        later)."""
+        return self._hold(model_id, keep_alive_s, wait_s)
+
+    @asynccontextmanager
+    async def _hold(
+        self, model_id: str, keep_alive_s: float | KeepAlive | None, wait_s: float | None
+    ) -> AsyncIterator[ModelInfo]:
+        held = await self._lifecycle.acquire(model_id, keep_alive_s, wait_s)
+        try:
+            yield held.worker.info()
+        finally:
+            self._lifecycle.release(held)
+
+    def _use(self, model_id: str) -> _Use:
+        """``async with self._use(model_id) as worker``: a call that uses a model, loaded
+        first if known and not loaded, held while the call runs (its keep-alive rule
+        unchanged)."""
+        return _Use(self._lifecycle, model_id)
+
+    def model_states(self) -> list[ModelState]:
+        """Every model the engine knows, loaded or not: its lifecycle state (``loaded``,
+        ``loading``, ``unloading``, ``unloaded``, ``failed``), keep-alive, last use and
+        expiry. Never waits."""
+        return self._lifecycle.states()
+
+    async def expire_models(self) -> list[str]:
+        """Unload now every idle model whose keep-alive has passed (the engine's expiry
+        task does this on its own when one runs out); returns their ids."""
+        return await self._lifecycle.expire()
+
+    def _new_worker(self, model_id: str, config: ModelConfig) -> ModelWorker:
+        """A worker for ``config``, registered under ``model_id`` (so a concurrent load of
+        the same id is refused) but not started."""
         if self._closed:
             raise ModelNotFound(model_id)
         if model_id in self._models:
@@ -115,19 +208,33 @@ class Engine:
             self._request_done,
             signer=self._signer,
         )
-        # Registered while loading so a concurrent load of the same id is refused.
         self._models[model_id] = worker
+        return worker
+
+    async def _start_worker(self, worker: ModelWorker) -> None:
         try:
             await self._tg.start(worker.run)
         except BaseException:
-            self._models.pop(model_id, None)
+            if self._models.get(worker.id) is worker:
+                self._models.pop(worker.id)
             raise
-        return model_id
+
+    async def _close_worker(self, model_id: str, worker: ModelWorker) -> None:
+        try:
+            await worker.close()
+        except UnloadTimeout:
+            raise
+        except BaseException:
+            if self._models.get(model_id) is worker:
+                self._models.pop(model_id)
+            raise
+        if self._models.get(model_id) is worker:
+            self._models.pop(model_id)
 
     def _next_id(self) -> str:
         while True:
             candidate = f"model-{next(self._auto_ids)}"
-            if candidate not in self._models:
+            if candidate not in self._models and candidate not in self._lifecycle.known:
                 return candidate
 
     def _worker(self, model_id: str) -> ModelWorker:
@@ -139,22 +246,16 @@ class Engine:
     async def unload(self, model_id: str) -> None:
         """Stop serving a model: queued and running requests end cancelled (running ones
         saved first with reason ``shutdown``), then the backend is freed. Works on failed
-        models too.
+        models too. A model of ``EngineConfig.models`` (or ``register_model``) stays known:
+        its next use loads it again; one that ``load_model`` brought in is forgotten.
 
         Calls that arrive once the unload has begun are refused with ModelUnloading. Calls
         still using the model's native handle off its thread (tokenize, a chat template
         ...) are waited for, up to ``erllama.model.gate.UNLOAD_WAIT_S`` (30 s); past that
         the unload raises UnloadTimeout and the model keeps serving: it is never freed
         under a caller."""
-        worker = self._worker(model_id)
-        try:
-            await worker.close()
-        except UnloadTimeout:
-            raise
-        except BaseException:
-            self._models.pop(model_id, None)
-            raise
-        self._models.pop(model_id, None)
+        self._worker(model_id)
+        await self._lifecycle.unload(model_id)
 
     async def unload_model(self, model_id: str) -> None:
         """Alias of :meth:`unload`."""
@@ -226,8 +327,8 @@ class Engine:
     async def _infer(
         self, model_id: str, prompt: str | Sequence[int], args: intake.RequestArgs, **kw: Any
     ) -> InferStream:
-        worker = self._worker(model_id)
-        req, stream = await worker.infer(prompt, args, cancel=self.cancel, **kw)
+        async with self._use(model_id) as worker:
+            req, stream = await worker.infer(prompt, args, cancel=self.cancel, **kw)
         if not req.finished.is_set():
             self._inflight[req.ref] = (worker, req)
         return stream
@@ -270,8 +371,10 @@ class Engine:
             if kwargs.get("grammar") is not None:
                 raise InvalidRequest("grammar", "give grammar or response_format, not both")
             kwargs["grammar"] = grammar
-        prompt = await self.apply_chat_template(model_id, messages, system, tools)
-        return await self.infer(model_id, prompt, **kwargs)
+        # Held across both calls: the model cannot unload between the render and the queue.
+        async with self._use(model_id):
+            prompt = await self.apply_chat_template(model_id, messages, system, tools)
+            return await self.infer(model_id, prompt, **kwargs)
 
     async def prefill_only(
         self,
@@ -324,16 +427,20 @@ class Engine:
 
     def _request_done(self, req: Request) -> None:
         self._inflight.pop(req.ref, None)
+        # A request's ref is "<model id>#<n>": its model's keep-alive runs from now.
+        self._lifecycle.used(req.ref.rpartition("#")[0])
 
     # ---- text -----------------------------------------------------------------------------
 
     async def tokenize(
         self, model_id: str, text: str, *, add_special: bool = True, parse_special: bool = False
     ) -> list[int]:
-        return await self._worker(model_id).text.tokenize(text, add_special, parse_special)
+        async with self._use(model_id) as worker:
+            return await worker.text.tokenize(text, add_special, parse_special)
 
     async def detokenize(self, model_id: str, tokens: Sequence[int]) -> str:
-        return await self._worker(model_id).text.detokenize(tokens)
+        async with self._use(model_id) as worker:
+            return await worker.text.detokenize(tokens)
 
     async def apply_chat_template(
         self,
@@ -346,13 +453,15 @@ class Engine:
     ) -> list[int]:
         """Render ``messages`` with the model's chat template; returns token ids ready for
         :meth:`infer`. NotSupported when the backend has no chat template."""
-        return await self._worker(model_id).text.apply_chat_template(
-            messages, system, tools, add_generation_prompt
-        )
+        async with self._use(model_id) as worker:
+            return await worker.text.apply_chat_template(
+                messages, system, tools, add_generation_prompt
+            )
 
     async def embed(self, model_id: str, prompt: str | Sequence[int]) -> list[float]:
         """A pooled embedding vector. NotSupported when the backend has none."""
-        return await self._worker(model_id).text.embed(prompt)
+        async with self._use(model_id) as worker:
+            return await worker.text.embed(prompt)
 
     # ---- adapters ---------------------------------------------------------------------------
 
@@ -536,6 +645,7 @@ class Engine:
     async def _aclose(self) -> None:
         self._closed = True
         self._pressure.stop()
+        self._lifecycle.stop()
         async with anyio.create_task_group() as tg:
             for worker in list(self._models.values()):
                 if worker.state != "loading":
@@ -545,6 +655,30 @@ class Engine:
         self._models.clear()
 
 
+class _Use:
+    """The engine's own hold on a model for one call (a class, not a generator: it is on
+    every request's path)."""
+
+    __slots__ = ("_held", "_lifecycle", "_model_id")
+
+    def __init__(self, lifecycle: Lifecycle, model_id: str) -> None:
+        self._lifecycle = lifecycle
+        self._model_id = model_id
+        self._held: Hold | None = None
+
+    async def __aenter__(self) -> ModelWorker:
+        held = self._lifecycle.hold_now(self._model_id)
+        if held is None:
+            held = await self._lifecycle.acquire(self._model_id, KeepAlive.UNCHANGED, None)
+        self._held = held
+        return held.worker
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._held is not None:
+            self._lifecycle.release(self._held)
+            self._held = None
+
+
 class _PressureModels:
     """The engine's models as the pressure scheduler sees them (its ``ModelPool``)."""
 
@@ -552,22 +686,20 @@ class _PressureModels:
         self._engine = engine
 
     def is_idle(self, model_id: str) -> bool:
-        eng = self._engine
-        worker = eng._models.get(model_id)
         # Nothing admitted or queued, no adapter change waiting, no native call or intake
-        # in flight (see erllama.model.gate).
-        return worker is not None and not eng._closed and worker.idle
+        # in flight (see erllama.model.gate), and no hold (erllama.lifecycle).
+        return self._engine._lifecycle.is_idle(model_id, adapters_ok=True)
 
     def unload_candidates(self) -> list[str]:
-        workers = [w for w in self._engine._models.values() if self.is_idle(w.id)]
-        return [w.id for w in sorted(workers, key=lambda w: w.last_used)]
+        return self._engine._lifecycle.idle_by_age(adapters_ok=True)
 
     async def evict(self, model_id: str) -> int:
         return await self._engine.evict(model_id)
 
     async def unload(self, model_id: str) -> None:
         # No await before the worker marks itself closing: the caller's idle check holds.
-        await self._engine.unload(model_id)
+        # The model stays known: its next use loads it again.
+        await self._engine._lifecycle.unload_worker(model_id, "pressure")
 
 
 @asynccontextmanager
@@ -603,7 +735,12 @@ async def open_engine(
                     await kv.start(tg)
                 engine = Engine(config, tg, registry, kv, source)
                 for model_id, model_config in config.models.items():
-                    await engine.load_model(model_id, model_config)
+                    engine._backends.get(model_config.backend)  # ConfigError at open
+                    engine._lifecycle.register(model_id, model_config, configured=True)
+                await tg.start(engine._lifecycle.run)
+                preload = config.preload if config.preload is not None else config.models
+                for model_id in dict.fromkeys(preload):
+                    await engine.load_model(model_id, config.models[model_id])
                 if config.pressure.enabled:
                     await tg.start(engine._pressure.run)
                 yield engine
@@ -632,6 +769,18 @@ async def open_engine(
         raise interrupt from None
     if body_error is not None:
         raise body_error
+
+
+def _model_config(config: ModelConfig | Mapping[str, Any] | None) -> ModelConfig:
+    if config is None:
+        raise ConfigError([("config", "load_model needs a ModelConfig")])
+    if isinstance(config, Mapping):
+        config = structure_config(config, ModelConfig)
+    if not isinstance(config, ModelConfig):
+        raise ConfigError(
+            [("config", f"must be a ModelConfig or a mapping, not {type(config).__name__}")]
+        )
+    return config
 
 
 def _row_info(row: Row) -> CachedRow:

@@ -6,6 +6,7 @@ The hierarchy::
     ├── ConfigError               a config dict/TOML/attrs value is wrong (names the key path)
     ├── ModelNotFound             no model is loaded under that id
     │   └── ModelUnloading        the model is being unloaded: it takes no new calls
+    ├── ModelLoading              a model did not finish loading within the wait a call allowed
     ├── UnloadTimeout             an unload waited too long for calls still using the model
     ├── ModelAlreadyLoaded        load_model() with an id that is already taken
     ├── NotSupported              the model's backend does not implement a capability
@@ -33,6 +34,7 @@ __all__ = [
     "InvalidRequest",
     "ModelAlreadyLoaded",
     "ModelFailed",
+    "ModelLoading",
     "ModelNotFound",
     "NotSupported",
     "QueueFull",
@@ -79,6 +81,20 @@ class ModelUnloading(ModelNotFound):
     def __init__(self, model_id: str) -> None:
         super().__init__(model_id)
         self.args = (f"model {model_id!r} is being unloaded",)
+
+
+class ModelLoading(ErllamaError):
+    """Model ``model_id`` was not ready within ``waited_s`` seconds: it is still loading, or
+    waiting for room (``EngineConfig.max_loaded_models``: every loaded model is busy). The
+    load goes on; retry later."""
+
+    def __init__(self, model_id: str, waited_s: float, reason: str = "loading") -> None:
+        self.model_id = model_id
+        self.waited_s = waited_s
+        self.reason = reason
+        super().__init__(
+            f"model {model_id!r} is not ready after {waited_s:g} s ({reason}); retry shortly"
+        )
 
 
 class UnloadTimeout(ErllamaError, TimeoutError):

@@ -19,7 +19,9 @@ __all__ = [
     "Event",
     "FinishReason",
     "ModelInfo",
+    "ModelState",
     "ModelStatus",
+    "LifecycleState",
     "SessionInfo",
     "Stats",
     "ThinkingDelta",
@@ -37,6 +39,8 @@ FinishReason = Literal["stop", "length", "cancelled"]
 #: How much of the prompt came from the KV cache: all of it, a prefix, or nothing.
 CacheHitKind = Literal["exact", "partial", "cold"]
 ModelStatus = Literal["loading", "idle", "prefilling", "generating", "failed", "unloading"]
+#: Where a model the engine knows stands in its lifecycle (``Engine.model_states``).
+LifecycleState = Literal["unloaded", "loading", "loaded", "unloading", "failed"]
 
 
 @attrs.frozen(kw_only=True)
@@ -359,3 +363,38 @@ class ModelInfo:
     def phase(self) -> ModelStatus:
         """Alias of ``status``."""
         return self.status
+
+
+@attrs.frozen(kw_only=True)
+class ModelState:
+    """One model the engine knows, loaded or not (``Engine.model_states``): its lifecycle
+    state, when it was last used and when it unloads if it stays idle. Times are Unix
+    times (``time.time()``)."""
+
+    id: str
+    state: LifecycleState
+    #: The keep-alive rule in force: the config's, or the last use's override. None: kept
+    #: loaded for good; 0: unloaded once idle.
+    keep_alive_s: float | None
+    #: When it was last used: a call ended, a request ended, or a hold was released.
+    last_used_at: float | None
+    #: When it unloads if nothing uses it before (None: never, or it is not loaded). A model
+    #: in use past this time unloads once idle.
+    expires_at: float | None
+    #: When its current load finished (None while not loaded).
+    loaded_at: float | None
+    #: From the engine's config or ``register_model``: an unload leaves it known, and its
+    #: next use loads it again. Otherwise it came from ``load_model``, and an explicit
+    #: unload forgets it.
+    configured: bool
+    #: Calls holding it loaded now (``Engine.hold`` and the engine's own calls).
+    holds: int
+    #: Times it was loaded, and unloaded by reason (``keep_alive``, ``max_loaded_models``,
+    #: ``pressure``, ``unload``).
+    loads: int
+    unloads: Mapping[str, int] = attrs.field(factory=dict)
+    #: Why its last load failed (cleared by the next successful load).
+    last_error: str | None = None
+    #: The model's snapshot while loaded, else the last one taken before it unloaded (None:
+    #: never loaded).
+    info: ModelInfo | None = None

@@ -13,10 +13,12 @@ import anyio
 import ollama
 import pytest
 
+import erllama
 from erllama.plugins import BackendRegistry
 from erllama.server.keepalive import DEFAULT_KEEP_ALIVE_S, parse_keep_alive
 from erllama.server.ollama_models import OLLAMA_VERSION
 
+from ..helpers import wait_for
 from .conftest import (
     KEY,
     PLAIN_SCRIPT,
@@ -26,7 +28,6 @@ from .conftest import (
     own_model,
     running_server,
     serve_config,
-    wait_for,
 )
 
 pytestmark = pytest.mark.anyio
@@ -53,7 +54,8 @@ async def test_a_chat_returns_the_reply_and_ollamas_figures(served: Served) -> N
     assert r.eval_count is not None and r.eval_count >= 5  # five words
     assert r.prompt_eval_count and r.prompt_eval_count > 0
     assert r.total_duration and r.total_duration >= (r.eval_duration or 0) > 0
-    assert r.load_duration == 0
+    # The model is loaded: its "load" is the check that it is (microseconds).
+    assert r.load_duration is not None and 0 <= r.load_duration < r.total_duration
     assert r.created_at and r.created_at.endswith("Z")
 
 
@@ -381,13 +383,58 @@ async def test_generate_refuses_images_suffix_and_templates(server: Server) -> N
         assert err.value.status_code == 400
 
 
-@pytest.mark.parametrize("keep_alive", ["5m", "1h30m", "300ms", "0", 0, -1, "-1m", 30.5])
-async def test_keep_alive_in_ollamas_forms_is_accepted(server: Server, keep_alive: Any) -> None:
+def plain_state(server: Server) -> erllama.ModelState:
+    (found,) = [m for m in server.engine.model_states() if m.id == "plain"]
+    return found
+
+
+@pytest.mark.parametrize(
+    ("keep_alive", "seconds"),
+    [("5m", 300.0), ("1h30m", 5400.0), (-1, None), ("-1m", None), (30.5, 30.5)],
+)
+async def test_keep_alive_in_ollamas_forms_sets_the_models_keep_alive(
+    server: Server, keep_alive: Any, seconds: float | None
+) -> None:
     r = await client(server).chat(
         model="plain", messages=user(), stream=False, keep_alive=keep_alive
     )
     assert r.done
-    assert server.engine.model_info("plain").status != "unloading"  # not applied yet
+    plain = plain_state(server)
+    assert plain.state == "loaded" and plain.keep_alive_s == seconds
+    if seconds is None:
+        assert plain.expires_at is None
+    else:
+        assert plain.expires_at == pytest.approx(plain.last_used_at + seconds)  # type: ignore[operator]
+    # A request without keep_alive puts the model's own back (the config's: for good).
+    await client(server).chat(model="plain", messages=user(), stream=False)
+    assert plain_state(server).keep_alive_s is None
+
+
+@pytest.mark.parametrize("keep_alive", ["0", 0])
+async def test_keep_alive_zero_unloads_the_model_after_the_request(
+    server: Server, keep_alive: Any
+) -> None:
+    c = client(server)
+    before = plain_state(server).unloads.get("keep_alive", 0)
+    r = await c.chat(model="plain", messages=user(), stream=False, keep_alive=keep_alive)
+    assert r.done and r.message.content
+    await wait_for(lambda: plain_state(server).state == "unloaded")
+    assert plain_state(server).unloads.get("keep_alive", 0) == before + 1
+    # The next request loads it again, with the model's own keep-alive.
+    again = await c.chat(model="plain", messages=user(), stream=False)
+    assert again.message.content == r.message.content
+    assert plain_state(server).state == "loaded" and plain_state(server).keep_alive_s is None
+
+
+async def test_an_empty_request_loads_and_keep_alive_zero_unloads(server: Server) -> None:
+    c = client(server)
+    await c.chat(model="plain", messages=[], keep_alive=0)
+    await wait_for(lambda: plain_state(server).state == "unloaded")
+    # An empty request with keep_alive 0 on an unloaded model loads nothing.
+    r = await c.generate(model="plain", prompt="", keep_alive=0)
+    assert r.done_reason == "unload" and plain_state(server).state == "unloaded"
+    loaded = await c.generate(model="plain", prompt="")
+    assert loaded.done_reason == "load" and plain_state(server).state == "loaded"
 
 
 def test_keep_alive_parses_into_seconds_or_forever() -> None:

@@ -133,13 +133,30 @@ async def test_admin_lists_loads_and_unloads_models(admin_server: Server) -> Non
 async def test_admin_reloads_a_configured_model_by_id(admin_server: Server) -> None:
     async with admin_server.http() as h:
         assert (await h.delete("/admin/models/plain")).status_code == 200
-        unloaded = await h.post("/v1/chat/completions", json=chat_body())
-        assert unloaded.status_code == 503
-        assert unloaded.json()["error"]["code"] == "model_not_loaded"
         r = await h.post("/admin/models", json={"id": "plain"})
         assert r.status_code == 201, r.text
         ok = await h.post("/v1/chat/completions", json=chat_body(max_tokens=32))
     assert ok.json()["choices"][0]["message"]["content"] == " kabo rite sanu mila tove"
+
+
+async def test_a_configured_model_an_admin_unloaded_loads_on_its_next_request(
+    admin_server: Server,
+) -> None:
+    (known,) = [m for m in admin_server.engine.model_states() if m.id == "plain"]
+    async with admin_server.http() as h:
+        assert (await h.delete("/admin/models/plain")).status_code == 200
+        assert "plain" not in {m.id for m in admin_server.engine.list_models()}
+        listed = (await h.get("/v1/models")).json()["data"]
+        assert {m["id"]: m["status"]["value"] for m in listed}["plain"] == "unloaded"
+        ok = await h.post("/v1/chat/completions", json=chat_body(max_tokens=32))
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["choices"][0]["message"]["content"] == " kabo rite sanu mila tove"
+        again = await h.post("/admin/models", json={"id": "plain"})
+        assert again.status_code == 409  # loaded already, by the request
+        lifecycle = (await h.get("/admin/models")).json()["lifecycle"]
+    plain = {m["id"]: m for m in lifecycle}["plain"]
+    assert plain["state"] == "loaded" and plain["loads"] == known.loads + 1
+    assert plain["unloads"] == {"unload": known.unloads.get("unload", 0) + 1}
 
 
 @pytest.mark.parametrize(

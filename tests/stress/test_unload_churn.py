@@ -145,12 +145,15 @@ async def test_churning_load_and_unload_never_frees_a_model_under_a_call(
             async with anyio.create_task_group() as tg:
                 for i in range(CALLERS):
                     tg.start_soon(caller, i)
-                for _ in range(ROUNDS):
+                for round_ in range(ROUNDS):
                     control = StubControl(step_delay_s=0.0005, native_delay_s=NATIVE_DELAY_S)
                     controls.append(control)
                     await engine.load_model("m", churn_config(control))
                     # A random point in the calls' lives (jitter, not synchronisation).
-                    await anyio.sleep(rng.uniform(0, 0.05))
+                    # Callers wait for a load in progress, and all go on when it ends:
+                    # every eighth round serves long enough for the adapter calls' three
+                    # exclusive changes to get through the requests queued before them.
+                    await anyio.sleep(rng.uniform(0, 0.05) if round_ % 8 else 0.25)
                     await engine.unload_model("m")
                     unloads += 1
                 stop.set()
@@ -201,15 +204,17 @@ async def test_the_admin_route_unloading_under_chat_requests_never_frees_a_model
                 for _ in range(6):
                     tg.start_soon(chatter)
                 for _ in range(ROUNDS // 2):
+                    # A chat request loads the configured model again on its own: the
+                    # unload may meet that load (409), and the admin load a loaded model.
                     r = await http.delete("/admin/models/m")
-                    assert r.status_code == 200, r.text
-                    unloads += 1
+                    assert r.status_code in (200, 409), r.text
+                    unloads += r.status_code == 200
                     r = await http.post("/admin/models", json={"id": "m"})
-                    assert r.status_code == 201, r.text
+                    assert r.status_code in (201, 409), r.text
                 stop.set()
     assert control.use_after_free == 0
-    # Answers, and the documented refusals for a model that is unloading, unloaded but
-    # configured, loading, or was unloaded under the request: never an internal error.
+    # Answers, and the documented refusals for a model that is unloading, loading, or was
+    # unloaded under the request: never an internal error.
     refusals = {
         (404, "model_not_found"),
         (503, "model_not_loaded"),

@@ -98,8 +98,11 @@ async def serve(args: argparse.Namespace, console: Console) -> int:
     from ..server import open_server
 
     config: ServeConfig = args.serve_config
-    names = ", ".join(config.models) or "none"
-    console.note(f"erllama serve: loading models ({names}) ...")
+    preload = list(config.models) if config.preload is None else list(config.preload)
+    names = ", ".join(preload) or "none"
+    later = [m for m in config.models if m not in preload]
+    on_demand = f"; on first request: {', '.join(later)}" if later else ""
+    console.note(f"erllama serve: loading models ({names}{on_demand}) ...")
     async with (
         open_engine(config.engine_config()) as engine,
         open_server(engine, config) as server,

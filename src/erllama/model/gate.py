@@ -103,6 +103,11 @@ class ModelGate:
         """Native calls and intakes in flight."""
         return self._users
 
+    @property
+    def unloading(self) -> bool:
+        """An unload has begun (new users are refused), or the thread has closed the gate."""
+        return self._unloading or self._closed
+
     # ---- users off the thread (the loop) ---------------------------------------------------
 
     @contextlib.asynccontextmanager

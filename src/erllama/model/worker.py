@@ -308,6 +308,12 @@ class ModelWorker:
         return self.gate.status
 
     @property
+    def closing(self) -> bool:
+        """Being unloaded: refusing new calls, or past that (``state`` says ``unloading``
+        only once the calls in flight have ended)."""
+        return self.gate.status == "unloading" or self.gate.unloading
+
+    @property
     def status(self) -> ModelStatus:
         """The lifecycle state, or while serving the scheduler's phase."""
         sched = self.gate.scheduler

@@ -42,7 +42,7 @@ from .types import (
     TierEviction,
 )
 
-__all__ = ["CachePool", "ModelPool", "PressureScheduler"]
+__all__ = ["CachePool", "ModelPool", "PressureScheduler", "unload_if_idle"]
 
 log = logging.getLogger("erllama.pressure")
 
@@ -74,6 +74,34 @@ class ModelPool(Protocol):
     async def unload(self, model_id: str) -> None:
         """Unload through the engine's normal path."""
         ...
+
+
+async def unload_if_idle(models: ModelPool, model_id: str, why: str) -> bool:
+    """Evict-save an idle model, then unload it if it is still idle; True when it was
+    unloaded. The pressure scheduler and the engine's model lifecycle (keep-alive expiry,
+    ``max_loaded_models``) both unload this way; ``why`` names the caller in the log.
+
+    A request may arrive while the save runs: the second idle check and the start of the
+    unload happen with no await between them, so none can slip in after it. A save or an
+    unload that fails (the model went away, calls still used it) is logged and gives
+    False; the model serves on."""
+    if not models.is_idle(model_id):
+        return False
+    try:
+        await models.evict(model_id)
+    except ErllamaError as exc:
+        log.warning("%s: not unloading %s: evict save failed: %s", why, model_id, exc)
+        return False
+    if not models.is_idle(model_id):
+        log.info("%s: not unloading %s: it became busy", why, model_id)
+        return False
+    try:
+        await models.unload(model_id)
+    except ErllamaError as exc:
+        log.warning("%s: unloading %s failed: %s", why, model_id, exc)
+        return False
+    log.info("%s: unloaded idle model %s", why, model_id)
+    return True
 
 
 class PressureScheduler:
@@ -271,26 +299,9 @@ class PressureScheduler:
         return sample, unloaded
 
     async def _unload_one(self, model_id: str) -> bool:
-        models = self._models
-        if not models.is_idle(model_id):
-            return False
-        try:
-            await models.evict(model_id)
-        except ErllamaError as exc:
-            log.warning("pressure: not unloading %s: evict save failed: %s", model_id, exc)
-            return False
-        # A request may have arrived while saving; the check and the start of the unload
-        # below happen with no await between them, so none can slip in after it.
-        if not models.is_idle(model_id):
-            log.info("pressure: not unloading %s: it became busy", model_id)
-            return False
-        try:
-            await models.unload(model_id)
-        except ErllamaError as exc:
-            log.warning("pressure: unloading %s failed: %s", model_id, exc)
+        if not await unload_if_idle(self._models, model_id, "pressure"):
             return False
         self._unloaded += 1
-        log.info("pressure: unloaded idle model %s", model_id)
         return True
 
     # ---- status --------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from types import TracebackType
 from typing import Any, Unpack
 
@@ -39,7 +39,8 @@ from ..errors import (
     ModelNotFound,
     QueueFull,
 )
-from ..events import Done, Event, ModelInfo
+from ..events import Done, Event, LifecycleState, ModelInfo, ModelState
+from ..lifecycle import KeepAlive
 from ..options import RequestOptions
 from ..pressure import PressureStatus
 from .wire import (
@@ -162,16 +163,31 @@ def _sum_counters(counters: Sequence[CacheCounters]) -> CacheCounters:
     return CacheCounters(**totals)
 
 
-def tokenizer_config(config: EngineConfig) -> EngineConfig:
-    """The ingress's own engine: the same models for text work only (no cache, one
-    sequence each, no memory-pressure rounds)."""
-    from ..config import CacheConfig, PressureConfig
-
+def every_model_loaded(config: EngineConfig) -> EngineConfig:
+    """``config`` without the model lifecycle: a fleet loads every model on every replica
+    at start and keeps it (no ``preload``, ``max_loaded_models`` or ``keep_alive_s``): the
+    router places requests on the replicas that list a model, and loads nothing on
+    demand."""
     return attrs.evolve(
         config,
-        cache=CacheConfig(enabled=False, ram_file_dir=None),
-        pressure=PressureConfig(),
-        models={k: _tokenizer_model(m) for k, m in config.models.items()},
+        preload=None,
+        max_loaded_models=None,
+        models={k: attrs.evolve(m, keep_alive_s=None) for k, m in config.models.items()},
+    )
+
+
+def tokenizer_config(config: EngineConfig) -> EngineConfig:
+    """The ingress's own engine: the same models for text work only (no cache, one
+    sequence each, no memory-pressure rounds, every model loaded)."""
+    from ..config import CacheConfig, PressureConfig
+
+    return every_model_loaded(
+        attrs.evolve(
+            config,
+            cache=CacheConfig(enabled=False, ram_file_dir=None),
+            pressure=PressureConfig(),
+            models={k: _tokenizer_model(m) for k, m in config.models.items()},
+        )
     )
 
 
@@ -221,6 +237,43 @@ class FleetEngine:
             if info.id == model_id:
                 return info
         raise ModelNotFound(model_id)
+
+    def model_states(self) -> list[ModelState]:
+        """The fleet's models as the replicas last described them: every model listed is
+        loaded (replicas load every configured model at start and nothing on demand)."""
+        states: dict[str, LifecycleState] = {
+            "loading": "loading", "unloading": "unloading", "failed": "failed"
+        }  # fmt: skip
+        return [
+            ModelState(
+                id=info.id,
+                state=states.get(info.status, "loaded"),
+                keep_alive_s=None,
+                last_used_at=None,
+                expires_at=None,
+                loaded_at=None,
+                configured=True,
+                holds=0,
+                loads=1,
+                info=info,
+            )
+            for info in self.list_models()
+        ]
+
+    def hold(
+        self,
+        model_id: str,
+        *,
+        keep_alive_s: float | KeepAlive | None = KeepAlive.DEFAULT,
+        wait_s: float | None = None,
+    ) -> AbstractAsyncContextManager[ModelInfo]:
+        """The model as the fleet sees it (ModelNotFound when no replica lists it); the
+        fleet loads nothing on demand and applies no keep-alive."""
+        return self._hold(model_id)
+
+    @asynccontextmanager
+    async def _hold(self, model_id: str) -> AsyncIterator[ModelInfo]:
+        yield self.model_info(model_id)
 
     def cache_counters(self) -> CacheCounters:
         return _sum_counters([d.counters for d in self._view.values()])
@@ -335,6 +388,7 @@ class FleetEngine:
             config = structure_config(config, ModelConfig)
         if not isinstance(model_id, str) or not isinstance(config, ModelConfig):
             raise ConfigError([("model_id", "the fleet loads a model by id and ModelConfig")])
+        config = attrs.evolve(config, keep_alive_s=None)  # a fleet keeps what it loads
         await self._local.load_model(model_id, _tokenizer_model(config))
         try:
             results = await self._broadcast("load_model", LoadRequest(model_id, config))

@@ -27,6 +27,7 @@ from ..engine import Engine, open_engine
 from ..errors import ErllamaError
 from ..events import Done, Token
 from ._owner import Owner
+from .fleet import every_model_loaded
 from .transfer import TransferPolicy
 from .wire import (
     Accepted,
@@ -68,7 +69,8 @@ class ReplicaSettings:
 
 
 def replica_engine_config(config: EngineConfig, name: str) -> EngineConfig:
-    """``config`` with each cache directory replaced by a folder ``name`` inside it."""
+    """``config`` with each cache directory replaced by a folder ``name`` inside it, and
+    without the model lifecycle (see :func:`erllama.ray.fleet.every_model_loaded`)."""
     cache = config.cache
     ram_file = cache.ram_file_dir
     disk = cache.disk_dir
@@ -77,7 +79,7 @@ def replica_engine_config(config: EngineConfig, name: str) -> EngineConfig:
         ram_file_dir=None if ram_file is None else Path(ram_file) / name,
         disk_dir=None if disk is None else Path(disk) / name,
     )
-    return attrs.evolve(config, cache=cache)
+    return every_model_loaded(attrs.evolve(config, cache=cache))
 
 
 class Replica:

@@ -21,6 +21,7 @@ from ..errors import ModelAlreadyLoaded
 from ..events import ModelInfo
 from .body import Fields, read_json
 from .errors import ApiError, json_response
+from .openai import lifecycle_facts
 from .state import ServerState
 
 __all__ = ["allowed_model_path", "list_models", "load_model", "unload_model"]
@@ -53,6 +54,10 @@ async def list_models(request: Request, state: ServerState) -> Response:
             "models": [_info(m) for m in state.engine.list_models()],
             "loading": sorted(state.loading),
             "configured": sorted(state.config.models),
+            "lifecycle": [
+                {"id": m.id, **lifecycle_facts(m), "loads": m.loads, "unloads": dict(m.unloads)}
+                for m in state.engine.model_states()
+            ],
         }
     )
 
@@ -122,7 +127,8 @@ async def load_model(request: Request, state: ServerState) -> Response:
 
 async def unload_model(request: Request, state: ServerState) -> Response:
     model_id = request.path_params["model_id"]
-    if model_id in state.loading:
+    loading = any(m.id == model_id and m.state == "loading" for m in state.engine.model_states())
+    if model_id in state.loading or loading:
         raise ApiError(409, "conflict", f"model {model_id!r} is loading", param="model_id")
     await state.engine.unload(model_id)
     if model_id not in state.config.models:

@@ -440,7 +440,7 @@ async def count_tokens(request: Request, state: ServerState) -> Response:
     body = await read_json(request, state.config.server.max_body_bytes)
     model = body.req_text("model")
     job = parse(body, state, model, counting=True)
-    state.check_model(model)
+    await state.use_model(model)
     check_messages(job.messages, state)
     try:
         prompt = await state.engine.apply_chat_template(model, job.messages, None, job.tools)

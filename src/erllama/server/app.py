@@ -44,7 +44,8 @@ def _endpoint(handler: Handler, dialect: Dialect) -> Callable[[Request], Awaitab
         state: ServerState = request.app.state.erllama
         rid = request_id(request.scope)
         try:
-            return await handler(request, state)
+            async with state.holding():
+                return await handler(request, state)
         except ApiError as err:
             return error_response(err, dialect, request_id=rid)
         except ErllamaError as exc:

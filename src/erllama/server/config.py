@@ -13,9 +13,13 @@ One TOML file names everything (see docs/server.md)::
     [cache]                                # erllama.CacheConfig
     disk_dir = "/var/cache/erllama"
 
+    preload = ["smol"]                     # loaded at start (default: every model);
+    max_loaded_models = 2                  # the others load on their first request
+
     [models.smol]                          # erllama.ModelConfig, by model id
     model_path = "/srv/models/SmolLM2-135M-Instruct.Q4_1.gguf"
     n_ctx = 2048
+    keep_alive_s = 300                     # unloaded after 5 idle minutes
 
 It is read through erllama's one cattrs converter, so an unknown key or a bad value is a
 ``ConfigError`` naming every bad key path (``server.port``, ``models.smol.n_ctx``).
@@ -38,6 +42,7 @@ from ..config import (
     _checked,
     _int_field,
     _number_field,
+    _opt_names,
     _Problems,
     _structure_fields,
     converter,
@@ -169,6 +174,9 @@ class ServerConfig:
     stream_buffer_bytes: int = _int_field(1 * MIB, 4 * KIB)
     #: Messages in one chat request at most (each is rendered by the chat template).
     max_messages: int = _int_field(2048, 1)
+    #: How long a request for a model that is not loaded waits for its load (or for room
+    #: under ``max_loaded_models``) before a 503 with ``Retry-After``; the load goes on.
+    load_wait_s: float = _number_field(120.0, 0)
 
     def __attrs_post_init__(self) -> None:
         problems = _Problems(self)
@@ -188,13 +196,21 @@ class ServerConfig:
 @attrs.frozen(kw_only=True)
 class ServeConfig:
     """Everything ``erllama serve`` runs with: the ``[server]`` table and the engine's own
-    keys (``cache``, ``pressure``, ``models``, ``thinking_signing_key``) beside it."""
+    keys (``cache``, ``pressure``, ``models``, ``thinking_signing_key``, ``preload``,
+    ``max_loaded_models``) beside it."""
 
     server: ServerConfig = attrs.field(factory=ServerConfig)
     cache: CacheConfig = attrs.field(factory=CacheConfig)
     pressure: PressureConfig = attrs.field(factory=PressureConfig)
     models: Mapping[str, ModelConfig] = attrs.field(factory=dict)
     thinking_signing_key: str | None = None
+    #: Models loaded at start (None: every one); the others load on their first request.
+    preload: tuple[str, ...] | None = attrs.field(default=None, converter=_opt_names)
+    #: Models loaded at once at most (see ``erllama.EngineConfig.max_loaded_models``).
+    max_loaded_models: int | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self.engine_config()  # the engine's checks (preload, max_loaded_models) run here
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -202,6 +218,8 @@ class ServeConfig:
             pressure=self.pressure,
             models=dict(self.models),
             thinking_signing_key=self.thinking_signing_key,
+            preload=self.preload,
+            max_loaded_models=self.max_loaded_models,
         )
 
     def with_server(self, **changes: Any) -> ServeConfig:

@@ -29,6 +29,7 @@ from ..errors import (
     InvalidRequest,
     ModelAlreadyLoaded,
     ModelFailed,
+    ModelLoading,
     ModelNotFound,
     ModelUnloading,
     NotSupported,
@@ -147,6 +148,14 @@ def _from_engine(exc: ErllamaError, params: Mapping[str, str]) -> ApiError:
     if isinstance(exc, InvalidRequest):
         param = params.get(exc.param, exc.param)
         return ApiError.bad_param(param, exc.reason)
+    if isinstance(exc, ModelLoading):
+        return ApiError(
+            503,
+            "unavailable",
+            f"model {exc.model_id!r} is not ready yet ({exc.reason}); retry shortly",
+            code="model_loading",
+            retry=RETRY_AFTER_S,
+        )
     if isinstance(exc, ModelUnloading):
         return ApiError(
             503,

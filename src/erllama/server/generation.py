@@ -21,6 +21,7 @@ from starlette.requests import Request
 from ..errors import ErllamaError
 from ..events import Done, ThinkingDelta, ThinkingEnd, Token, ToolCallDelta, ToolCallEnd
 from ..grammar import check_schema, response_format_grammar
+from ..lifecycle import KeepAlive
 from .errors import ApiError, Dialect, error_body, from_engine, log_cause
 from .metrics import Track
 from .params import check_messages
@@ -51,6 +52,7 @@ __all__ = [
     "close",
     "collect",
     "extension",
+    "keep_alive_of",
     "pieces",
     "reply_text",
     "reply_unless_disconnected",
@@ -90,6 +92,9 @@ class ChatJob:
     #: A context smaller than the model's the request must fit in, prompt and reply
     #: (Ollama's ``num_ctx``); ``renames["context_limit"]`` names it in errors.
     context_limit: int | None = None
+    #: How long the model stays loaded once idle after this request (Ollama's
+    #: ``keep_alive``, in seconds; None: for good); the model's own by default.
+    keep_alive: float | KeepAlive | None = KeepAlive.DEFAULT
 
     @property
     def parses_calls(self) -> bool:
@@ -157,27 +162,39 @@ def _grammar(state: ServerState, job: ChatJob) -> str | None:
     return None
 
 
-def _within(job: ChatJob, prompt_tokens: int) -> dict[str, Any]:
+def _within(job: ChatJob, options: dict[str, Any], prompt_tokens: int) -> dict[str, Any]:
     """The job's engine options, the reply capped to what ``context_limit`` leaves."""
     limit = job.context_limit
     if limit is None:
-        return job.options
+        return options
     room = limit - prompt_tokens
     if room < 1:
         raise ApiError.bad_param(
             job.renames.get("context_limit", "context_limit"),
             f"the prompt is {prompt_tokens} tokens, which leaves no room in {limit}",
         )
-    asked = job.options.get("max_tokens")
-    return {**job.options, "max_tokens": room if asked is None else min(asked, room)}
+    asked = options.get("max_tokens")
+    return {**options, "max_tokens": room if asked is None else min(asked, room)}
+
+
+def keep_alive_of(
+    options: dict[str, Any], default: float | KeepAlive | None = KeepAlive.DEFAULT
+) -> tuple[float | KeepAlive | None, dict[str, Any]]:
+    """A request's ``erllama.keep_alive`` (see params.extension_options), and its engine
+    options without it."""
+    if "keep_alive" not in options:
+        return default, options
+    rest = dict(options)
+    return rest.pop("keep_alive"), rest
 
 
 async def start(
     state: ServerState, job: ChatJob, track: Track, request_id: str | None = None
 ) -> Started:
     """Render the prompt and queue the request; ApiError (404, 429, 503, 400 naming the
-    parameter) before anything runs."""
-    state.check_model(job.model)
+    parameter) before anything runs. The model is loaded first if it is not."""
+    keep_alive, engine_options = keep_alive_of(job.options, job.keep_alive)
+    await state.use_model(job.model, keep_alive)
     check_messages(job.messages, state)
     engine = state.engine
     renames = dict(job.renames)
@@ -189,7 +206,7 @@ async def start(
         prompt = job.prompt
         if prompt is None:
             prompt = await engine.apply_chat_template(job.model, job.messages, None, job.tools)
-        options = _within(job, len(prompt))
+        options = _within(job, engine_options, len(prompt))
         stream = await engine.infer(job.model, prompt, grammar=grammar, **options)
     except ErllamaError as exc:
         raise from_engine(exc, renames) from exc

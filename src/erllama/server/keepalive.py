@@ -4,10 +4,10 @@ Ollama takes a number of seconds or a Go duration string (``"5m"``, ``"1h30m"``,
 ``"300ms"``, ``"0"``); a negative value keeps the model loaded for good, ``0`` unloads it
 once the request ends, and a request without one gets five minutes.
 
-erllama has no on-demand loading yet: models are loaded by the config or the admin routes
-and stay loaded, so the routes accept and check ``keep_alive`` and apply nothing (see
-docs/server.md). :func:`parse_keep_alive` is the one place its meaning is decided, for the
-loader to call when there is one.
+The Ollama routes (and ``erllama.keep_alive`` on the others) pass it to the engine's model
+lifecycle, which unloads an idle model once its keep-alive runs out (docs/loading.md, model
+lifecycle); a request without one leaves the model's configured ``keep_alive_s``.
+:func:`parse_keep_alive` is the one place its meaning is decided.
 """
 
 from __future__ import annotations

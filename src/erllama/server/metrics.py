@@ -215,6 +215,45 @@ class TransportCollector(Collector):
         yield timeouts
 
 
+def _lifecycle(engine: EnginePort) -> Iterator[Metric]:
+    """Every model the engine knows, loaded or not: state, last use, expiry, loads and
+    unloads (Unix times, as Prometheus' ``time()``)."""
+    state = GaugeMetricFamily(
+        "erllama_model_state",
+        "1 for each known model's lifecycle state (loaded, loading, unloading, unloaded, failed)",
+        labels=["model", "state"],
+    )
+    last_used = GaugeMetricFamily(
+        "erllama_model_last_used_timestamp_seconds",
+        "When each model was last used (Unix time)",
+        labels=["model"],
+    )
+    expires = GaugeMetricFamily(
+        "erllama_model_expires_timestamp_seconds",
+        "When each loaded model unloads if it stays idle (its keep-alive; absent: never)",
+        labels=["model"],
+    )
+    loads = CounterMetricFamily(
+        "erllama_model_loads", "Times each model was loaded", labels=["model"]
+    )
+    unloads = CounterMetricFamily(
+        "erllama_model_unloads",
+        "Times each model was unloaded, by reason (keep_alive, max_loaded_models, pressure, "
+        "unload)",
+        labels=["model", "reason"],
+    )
+    for m in engine.model_states():
+        state.add_metric([m.id, m.state], 1)
+        if m.last_used_at is not None:
+            last_used.add_metric([m.id], m.last_used_at)
+        if m.expires_at is not None:
+            expires.add_metric([m.id], m.expires_at)
+        loads.add_metric([m.id], m.loads)
+        for reason, n in sorted(m.unloads.items()):
+            unloads.add_metric([m.id, reason], n)
+    yield from (state, last_used, expires, loads, unloads)
+
+
 class EngineCollector(Collector):
     """What the engine reports, read at each scrape (never waits on a model)."""
 
@@ -235,6 +274,7 @@ class EngineCollector(Collector):
             status.add_metric([info.id, info.status], 1)
         yield queue
         yield status
+        yield from _lifecycle(engine)
 
         c = engine.cache_counters()
         kv_bytes = GaugeMetricFamily(

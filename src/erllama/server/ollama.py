@@ -28,6 +28,7 @@ from starlette.responses import Response
 
 from ..errors import ErllamaError
 from ..events import Done
+from ..lifecycle import KeepAlive
 from .body import Fields, read_json
 from .chaining import NoContinuation, continuation
 from .errors import ApiError, error_body, from_engine, json_response
@@ -104,7 +105,7 @@ def _ns(seconds: float | None) -> int:
 def resolve(state: ServerState, name: str) -> str:
     """The model id a request's name means: the id itself, or the id without Ollama's
     default ``:latest`` tag."""
-    known = {m.id for m in state.engine.list_models()} | set(state.config.models)
+    known = set(state.known_models())
     if name not in known and name.endswith(":latest") and name[: -len(":latest")] in known:
         return name[: -len(":latest")]
     return name
@@ -122,12 +123,34 @@ def request_model(body: Fields, state: ServerState, field: str = "model") -> tup
 # ---- request fields ------------------------------------------------------------------------
 
 
-def _keep_alive(body: Fields) -> float | None:
-    """``keep_alive``, checked. Not applied yet (no on-demand loading): models stay loaded."""
+def _keep_alive(body: Fields) -> float | KeepAlive | None:
+    """``keep_alive``, checked, in seconds (None: for good). A request without one gets the
+    model's configured ``keep_alive_s`` (what Ollama's server-wide default is to Ollama)."""
+    value = body.get("keep_alive")
+    if value is None:
+        return KeepAlive.DEFAULT
     try:
-        return parse_keep_alive(body.get("keep_alive"))
+        return parse_keep_alive(value)
     except ValueError as exc:
         raise body.bad("keep_alive", str(exc)) from None
+
+
+async def _load_only(
+    state: ServerState, name: str, model: str, keep_alive: float | KeepAlive | None, chat: bool
+) -> Response:
+    """A request without messages (or prompt) loads the model, as in Ollama; with
+    ``keep_alive`` 0 it unloads it instead (``done_reason: "unload"``), loading nothing."""
+    if keep_alive == 0:
+        models = {m.id: m for m in state.engine.model_states()}
+        known = models.get(model)
+        if known is None and model not in state.known_models():
+            state.check_model(model)  # the 404
+        if known is None or known.state not in ("loaded", "loading"):
+            return _load_reply(name, chat, "unload")
+        await state.use_model(model, keep_alive)  # unloaded as soon as this route returns
+        return _load_reply(name, chat, "unload")
+    await state.use_model(model, keep_alive)
+    return _load_reply(name, chat, "load")
 
 
 def _options(body: Fields, state: ServerState) -> tuple[dict[str, Any], int | None]:
@@ -287,14 +310,15 @@ def _messages(body: Fields, state: ServerState, model: str) -> list[dict[str, st
 # ---- replies ---------------------------------------------------------------------------------
 
 
-def _figures(done: Done, arrived: float) -> dict[str, Any]:
-    """Ollama's figures of a finished request (durations in nanoseconds), and erllama's
-    own (the cached prompt tokens among them)."""
+def _figures(done: Done, arrived: float, loaded_s: float) -> dict[str, Any]:
+    """Ollama's figures of a finished request (durations in nanoseconds; ``loaded_s``: how
+    long it waited for its model to load), and erllama's own (the cached prompt tokens
+    among them)."""
     st = done.stats
     return {
         "done_reason": "length" if done.finish_reason == "length" else "stop",
         "total_duration": _ns(time.monotonic() - arrived),
-        "load_duration": 0,  # models are loaded before requests, never by one
+        "load_duration": _ns(loaded_s),
         "prompt_eval_count": st.prompt_tokens,
         "prompt_eval_duration": _ns(st.prefill_s),
         "eval_count": st.completion_tokens,
@@ -336,14 +360,14 @@ class _Seen:
             state.store.remember(model, [sig], exact)
 
 
-def _load_reply(name: str, chat: bool) -> Response:
-    """An empty request loads the model in Ollama; here it is loaded already."""
+def _load_reply(name: str, chat: bool, reason: str) -> Response:
+    """The answer to an empty request: the model is loaded (or unloaded)."""
     out: dict[str, Any] = {"model": name, "created_at": _now()}
     if chat:
         out["message"] = {"role": "assistant", "content": ""}
     else:
         out["response"] = ""
-    out.update({"done": True, "done_reason": "load"})
+    out.update({"done": True, "done_reason": reason})
     return json_response(out)
 
 
@@ -355,6 +379,7 @@ async def _run(
     arrived: float,
     chat: bool,
     stream: bool,
+    loaded_s: float,
 ) -> Response:
     model = started.job.model
 
@@ -383,7 +408,7 @@ async def _run(
         body["done"] = True
         if not chat:
             body["context"] = list(done.context)
-        body.update(_figures(done, arrived))
+        body.update(_figures(done, arrived, loaded_s))
         return body
 
     if stream:
@@ -446,12 +471,12 @@ async def chat(request: Request, state: ServerState) -> Response:
     arrived = time.monotonic()
     body = await read_json(request, state.config.server.max_body_bytes)
     name, model = request_model(body, state)
-    _keep_alive(body)
+    keep_alive = _keep_alive(body)
     if not body.array("messages"):
-        state.check_model(model)
-        return _load_reply(name, chat=True)
+        return await _load_only(state, name, model, keep_alive, chat=True)
     track = state.metrics.track("ollama", state.model_label(model))
     try:
+        loaded_s = await state.use_model(model, keep_alive)
         tools = _tools(body)
         options, num_ctx = _options(body, state)
         job = ChatJob(
@@ -464,12 +489,14 @@ async def chat(request: Request, state: ServerState) -> Response:
             options={**options, **_think(body, state, model), **cache_salt(body, request.scope)},
             renames=RENAMES,
             context_limit=num_ctx,
+            keep_alive=keep_alive,
         )
         started = await start(state, job, track, request_id(request.scope))
     except BaseException as exc:
         track.end_with(exc)
         raise
-    return await _run(request, state, name, started, arrived, True, body.flag("stream", True))
+    stream = body.flag("stream", True)
+    return await _run(request, state, name, started, arrived, True, stream, loaded_s)
 
 
 async def _generate_prompt(
@@ -509,17 +536,17 @@ async def generate(request: Request, state: ServerState) -> Response:
     arrived = time.monotonic()
     body = await read_json(request, state.config.server.max_body_bytes)
     name, model = request_model(body, state)
-    _keep_alive(body)
+    keep_alive = _keep_alive(body)
     _no_images(body)
     if body.text("suffix"):
         raise body.bad("suffix", "is not supported (no fill-in-the-middle)")
     if body.text("template"):
         raise body.bad("template", "is not supported: the model's own chat template is used")
     if not body.text("prompt") and not body.array("context"):
-        state.check_model(model)
-        return _load_reply(name, chat=False)
+        return await _load_only(state, name, model, keep_alive, chat=False)
     track = state.metrics.track("ollama", state.model_label(model))
     try:
+        loaded_s = await state.use_model(model, keep_alive)
         messages, prompt = await _generate_prompt(body, state, model)
         options, num_ctx = _options(body, state)
         job = ChatJob(
@@ -530,12 +557,14 @@ async def generate(request: Request, state: ServerState) -> Response:
             renames={**RENAMES, "prompt": "prompt"},
             prompt=prompt,
             context_limit=num_ctx,
+            keep_alive=keep_alive,
         )
         started = await start(state, job, track, request_id(request.scope))
     except BaseException as exc:
         track.end_with(exc)
         raise
-    return await _run(request, state, name, started, arrived, False, body.flag("stream", True))
+    stream = body.flag("stream", True)
+    return await _run(request, state, name, started, arrived, False, stream, loaded_s)
 
 
 # ---- embeddings ------------------------------------------------------------------------------
@@ -580,7 +609,7 @@ async def embed(request: Request, state: ServerState) -> Response:
     arrived = time.monotonic()
     body = await read_json(request, state.config.server.max_body_bytes)
     name, model = request_model(body, state)
-    _keep_alive(body)
+    keep_alive = _keep_alive(body)
     body.refuse("dimensions")
     value = body.get("input")
     texts: list[Any] = [value] if isinstance(value, str) else value
@@ -591,7 +620,7 @@ async def embed(request: Request, state: ServerState) -> Response:
     for i, text in enumerate(texts):
         if not isinstance(text, str) or not text:
             raise ApiError.bad_param(f"input[{i}]", "must be a non-empty string")
-    state.check_model(model)
+    loaded_s = await state.use_model(model, keep_alive)
     result = await _embed_all(request, state, model, texts, body.flag("truncate", True), "input")
     if result is None:
         return Response(status_code=499)
@@ -601,7 +630,7 @@ async def embed(request: Request, state: ServerState) -> Response:
             "model": name,
             "embeddings": vectors,
             "total_duration": _ns(time.monotonic() - arrived),
-            "load_duration": 0,
+            "load_duration": _ns(loaded_s),
             "prompt_eval_count": n_tokens,
         }
     )
@@ -611,9 +640,9 @@ async def embeddings(request: Request, state: ServerState) -> Response:
     """The older single-prompt route: ``{"prompt"}`` -> ``{"embedding"}``."""
     body = await read_json(request, state.config.server.max_body_bytes)
     _name, model = request_model(body, state)
-    _keep_alive(body)
+    keep_alive = _keep_alive(body)
     prompt = body.text("prompt") or ""
-    state.check_model(model)
+    await state.use_model(model, keep_alive)
     if not prompt:
         return json_response({"embedding": []})
     result = await _embed_all(request, state, model, [prompt], True, "prompt")

@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..events import ModelInfo
+from ..lifecycle import KeepAlive
 from .body import read_json
 from .errors import json_response
 from .ollama import request_model
@@ -64,10 +65,14 @@ def _details(info: ModelInfo) -> dict[str, Any]:
 
 
 def _file(info: ModelInfo, started: int) -> tuple[int, str]:
+    return _file_at(info.model_path, started)
+
+
+def _file_at(path: str | None, started: int) -> tuple[int, str]:
     """The model file's size and modification time (0 and the server's start when it
     cannot be read here, as for a Ray replica's file)."""
     try:
-        st = os.stat(info.model_path) if info.model_path else None
+        st = os.stat(path) if path else None
     except OSError:
         st = None
     if st is None:
@@ -88,22 +93,60 @@ def _entry(info: ModelInfo, started: int) -> dict[str, Any]:
     }
 
 
-def _serving(state: ServerState) -> list[ModelInfo]:
-    return [m for m in state.engine.list_models() if m.status not in ("loading", "unloading")]
+def _config_entry(state: ServerState, model_id: str) -> dict[str, Any]:
+    """A model never loaded yet: what its config says (no digest or details before its
+    first load)."""
+    config = state.model_configs.get(model_id) or state.config.models.get(model_id)
+    path = str(config.model_path) if config is not None and config.model_path else None
+    size, modified = _file_at(path, state.started)
+    name = _tagged(model_id)
+    backend = config.backend if config is not None else ""
+    details = {
+        "parent_model": "",
+        "format": "gguf" if (path or "").endswith(".gguf") else backend,
+        "family": "",
+        "families": [],
+        "parameter_size": "",
+        "quantization_level": "",
+    }
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": modified,
+        "size": size,
+        "digest": "",
+        "details": details,
+    }
 
 
 async def tags(request: Request, state: ServerState) -> Response:
-    return json_response({"models": [_entry(m, state.started) for m in _serving(state)]})
+    """Every model the server may serve, loaded or not (Ollama lists what it has)."""
+    infos = {m.id: m.info for m in state.engine.model_states()}
+    for m in state.engine.list_models():
+        infos.setdefault(m.id, m)
+    out = []
+    for model_id in state.known_models():
+        info = infos.get(model_id)
+        out.append(
+            _entry(info, state.started) if info is not None else _config_entry(state, model_id)
+        )
+    return json_response({"models": out})
 
 
 async def ps(request: Request, state: ServerState) -> Response:
+    """The loaded models, with when each unloads if it stays idle (its keep-alive, from
+    its last use)."""
+    lifecycle = {m.id: m for m in state.engine.model_states()}
     models = []
-    for info in _serving(state):
+    for info in state.engine.list_models():
+        if info.status in ("loading", "unloading"):
+            continue
         entry = _entry(info, state.started)
         del entry["modified_at"]
-        # Loaded models stay loaded (keep_alive is not applied yet), and erllama does not
-        # measure what a model holds on the GPU.
-        entry.update({"expires_at": NEVER, "size_vram": 0, "context_length": info.n_ctx})
+        known = lifecycle.get(info.id)
+        expires = _stamp(known.expires_at) if known and known.expires_at is not None else NEVER
+        # erllama does not measure what a model holds on the GPU.
+        entry.update({"expires_at": expires, "size_vram": 0, "context_length": info.n_ctx})
         models.append(entry)
     return json_response({"models": models})
 
@@ -121,8 +164,12 @@ def _capabilities(state: ServerState, info: ModelInfo) -> list[str]:
 async def show(request: Request, state: ServerState) -> Response:
     body = await read_json(request, state.config.server.max_body_bytes)
     _name, model = request_model(body, state)
-    state.check_model(model)
-    info = state.engine.model_info(model)
+    # What the model was when last loaded; one never loaded yet is loaded to be shown.
+    last = next((m.info for m in state.engine.model_states() if m.id == model), None)
+    if last is None or last.status == "failed":
+        await state.use_model(model, KeepAlive.UNCHANGED)
+        last = state.engine.model_info(model)
+    info = last
     meta = info.metadata
     arch = meta.get("architecture", info.backend)
     model_info: dict[str, Any] = {

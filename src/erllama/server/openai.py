@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..errors import ErllamaError
-from ..events import Done
+from ..events import Done, ModelState
 from .body import Fields, read_json
 from .errors import ApiError, error_body, from_engine, json_response
 from .generation import (
@@ -30,6 +30,7 @@ from .generation import (
     cancelled_error,
     close,
     extension,
+    keep_alive_of,
     pieces,
     reply_unless_disconnected,
     start,
@@ -69,10 +70,12 @@ def _new_id(prefix: str) -> str:
 # ---- models ----------------------------------------------------------------------------
 
 
-def model_entry(model_id: str, created: int) -> dict[str, Any]:
-    """One model, in a shape both SDKs parse (OpenAI's fields and Anthropic's)."""
+def model_entry(model_id: str, created: int, model: ModelState | None = None) -> dict[str, Any]:
+    """One model, in a shape both SDKs parse (OpenAI's fields and Anthropic's), with its
+    lifecycle when the engine knows it: llama-server's ``status.value`` (``loaded``,
+    ``loading``, ``unloaded`` ...) and erllama's own facts (keep-alive, last use, expiry)."""
     stamp = datetime.fromtimestamp(created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return {
+    entry: dict[str, Any] = {
         "id": model_id,
         "object": "model",
         "created": created,
@@ -81,14 +84,41 @@ def model_entry(model_id: str, created: int) -> dict[str, Any]:
         "display_name": model_id,
         "created_at": stamp,
     }
+    if model is not None:
+        entry["status"] = {"value": model.state}
+        if model.state == "failed":
+            entry["status"]["failed"] = True
+        entry["erllama"] = lifecycle_facts(model)
+    return entry
+
+
+def lifecycle_facts(model: ModelState) -> dict[str, Any]:
+    """A model's lifecycle as the ``erllama`` field of the model routes (Unix times)."""
+    return {
+        "state": model.state,
+        "keep_alive_s": model.keep_alive_s,
+        "last_used_at": model.last_used_at,
+        "expires_at": model.expires_at,
+        "loaded_at": model.loaded_at,
+        "last_error": model.last_error,
+    }
+
+
+def _models(state: ServerState) -> dict[str, ModelState | None]:
+    """Every model the server may serve, in the engine's order, with its lifecycle."""
+    known: dict[str, ModelState | None] = {m.id: m for m in state.engine.model_states()}
+    for model_id in state.known_models():
+        known.setdefault(model_id, None)
+    return known
 
 
 async def list_models(request: Request, state: ServerState) -> Response:
-    ids = [m.id for m in state.engine.list_models()]
+    models = _models(state)
+    ids = list(models)
     return json_response(
         {
             "object": "list",
-            "data": [model_entry(i, state.started) for i in ids],
+            "data": [model_entry(i, state.started, models[i]) for i in ids],
             "has_more": False,
             "first_id": ids[0] if ids else None,
             "last_id": ids[-1] if ids else None,
@@ -97,9 +127,12 @@ async def list_models(request: Request, state: ServerState) -> Response:
 
 
 async def get_model(request: Request, state: ServerState) -> Response:
+    """A model the server knows, loaded or not (asking does not load it)."""
     model_id = request.path_params["model_id"]
-    state.check_model(model_id)
-    return json_response(model_entry(model_id, state.started))
+    models = _models(state)
+    if model_id not in models:
+        state.check_model(model_id)  # the 404
+    return json_response(model_entry(model_id, state.started, models.get(model_id)))
 
 
 # ---- chat messages -----------------------------------------------------------------------
@@ -440,7 +473,8 @@ async def completions(request: Request, state: ServerState) -> Response:
             request, body, state, ("max_tokens",), COMPLETION_DEFAULT_TOKENS
         )
         stream, include_usage = _stream_flags(body)
-        state.check_model(model)
+        keep_alive, options = keep_alive_of(options)
+        await state.use_model(model, keep_alive)
         job = ChatJob(model=model, messages=[], options=options, renames=renames)
         try:
             infer = await state.engine.infer(model, prompt, **options)
@@ -537,7 +571,7 @@ async def embeddings(request: Request, state: ServerState) -> Response:
     if fmt not in ("float", "base64"):
         raise body.bad("encoding_format", "must be float or base64")
     body.refuse("dimensions")
-    state.check_model(model)
+    await state.use_model(model)
     engine = state.engine
 
     async def work() -> tuple[list[list[float]], int]:

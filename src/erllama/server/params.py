@@ -9,6 +9,7 @@ from typing import Any
 from ..grammar import check_schema
 from .body import Fields
 from .errors import ApiError
+from .keepalive import parse_keep_alive
 from .state import ServerState
 from .toolcalls import NAME_RE
 
@@ -88,7 +89,10 @@ def check_messages(messages: Sequence[object], state: ServerState) -> None:
 
 
 def extension_options(body: Fields) -> dict[str, Any]:
-    """The ``erllama`` object: ``session_id`` and ``parent_key``."""
+    """The ``erllama`` object: ``session_id``, ``parent_key`` and ``keep_alive`` (Ollama's
+    meaning: seconds or a duration such as ``"5m"``; 0 unloads the model after the
+    request, a negative value keeps it loaded for good). ``keep_alive`` is not an engine
+    option: :func:`generation.start` takes it out."""
     ext = body.obj("erllama")
     if ext is None:
         return {}
@@ -97,14 +101,25 @@ def extension_options(body: Fields) -> dict[str, Any]:
         value = ext.text(name, empty=False)
         if value is not None:
             out[name] = value
-    unknown = sorted(set(ext.data) - {"session_id", "parent_key"})
+    if ext.get("keep_alive") is not None:
+        try:
+            out["keep_alive"] = parse_keep_alive(ext.get("keep_alive"))
+        except ValueError as exc:
+            raise ext.bad("keep_alive", str(exc)) from None
+    unknown = sorted(set(ext.data) - {"session_id", "parent_key", "keep_alive"})
     if unknown:
-        raise ext.bad(unknown[0], "unknown field (erllama takes session_id, parent_key)")
+        raise ext.bad(
+            unknown[0], "unknown field (erllama takes session_id, parent_key, keep_alive)"
+        )
     return out
 
 
 #: The engine's names for fields of the ``erllama`` object.
-EXTENSION_RENAMES = {"session_id": "erllama.session_id", "parent_key": "erllama.parent_key"}
+EXTENSION_RENAMES = {
+    "session_id": "erllama.session_id",
+    "parent_key": "erllama.parent_key",
+    "keep_alive": "erllama.keep_alive",
+}
 
 
 def tool_spec(

@@ -8,12 +8,14 @@ replicas, so the same app serves one local engine (``erllama serve``) or many re
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, Protocol, Unpack
 
 from ..cache.counters import CacheCounters
 from ..config import ModelConfig
-from ..events import Event, ModelInfo
+from ..events import Event, ModelInfo, ModelState
+from ..lifecycle import KeepAlive
 from ..options import RequestOptions
 from ..pressure import PressureStatus
 
@@ -45,6 +47,16 @@ class EnginePort(Protocol):
     def list_models(self) -> list[ModelInfo]: ...
 
     def model_info(self, model_id: str) -> ModelInfo: ...
+
+    def model_states(self) -> list[ModelState]: ...
+
+    def hold(
+        self,
+        model_id: str,
+        *,
+        keep_alive_s: float | KeepAlive | None = KeepAlive.DEFAULT,
+        wait_s: float | None = None,
+    ) -> AbstractAsyncContextManager[ModelInfo]: ...
 
     def cache_counters(self) -> CacheCounters: ...
 

@@ -310,7 +310,7 @@ class _Turn:
 async def _parse(body: Fields, state: ServerState, name: str, scope: Mapping[str, Any]) -> _Turn:
     model = name
     _refuse(body)
-    state.check_model(model)
+    await state.use_model(model)
     new, items = _input(body, state, model)
     tools, choice, forced, tools_echo = _tools(body)
     response_format, text_echo = _text_format(body)

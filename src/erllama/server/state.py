@@ -4,8 +4,11 @@ responses and the metrics."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import anyio
@@ -13,9 +16,18 @@ import attrs
 
 from .._version import __version__
 from ..config import ModelConfig, ToolCallMarkers
-from ..errors import ModelNotFound
+from ..errors import (
+    BackendError,
+    CacheError,
+    ConfigError,
+    ErllamaError,
+    ModelLoading,
+    ModelNotFound,
+    ModelUnloading,
+)
+from ..lifecycle import KeepAlive
 from .config import ServeConfig
-from .errors import RETRY_AFTER_S, ApiError
+from .errors import RETRY_AFTER_S, ApiError, from_engine
 from .metrics import Metrics
 from .port import EnginePort
 from .stored import ResponseStore
@@ -23,6 +35,11 @@ from .toolcalls import DEFAULT_MARKERS, ToolCallStore
 from .transport import TransportStats
 
 __all__ = ["Latch", "ServerState", "key_salt"]
+
+log = logging.getLogger("erllama.server")
+
+#: The models the running route holds loaded (see ``ServerState.holding``).
+_HOLDS: ContextVar[AsyncExitStack | None] = ContextVar("erllama_server_holds", default=None)
 
 
 def key_salt(key: str) -> str:
@@ -106,17 +123,65 @@ class ServerState:
             return config.tool_call_markers
         return DEFAULT_MARKERS
 
-    def check_model(self, model_id: str) -> None:
-        """ApiError unless the model is loaded and serving: 404 unknown, 503 loading,
-        failed, or configured but unloaded."""
-        if model_id in self.loading:
+    @asynccontextmanager
+    async def holding(self) -> AsyncIterator[None]:
+        """Around a route: the models it uses (:meth:`use_model`) stay loaded until it
+        returns. A streaming route returns once its request is queued, and the request
+        keeps its model busy until it ends; the model's keep-alive runs from then."""
+        stack = AsyncExitStack()
+        token = _HOLDS.set(stack)
+        try:
+            yield
+        finally:
+            _HOLDS.reset(token)
+            with anyio.CancelScope(shield=True):
+                await stack.aclose()
+
+    async def use_model(
+        self, model_id: str, keep_alive: float | KeepAlive | None = KeepAlive.DEFAULT
+    ) -> float:
+        """The model loaded and serving for the rest of the route (loaded first if it is
+        not: a request arriving during any load, an admin's too, waits for it), or
+        ApiError: 404 for a model the server does not know; 503 past
+        ``server.load_wait_s`` (with ``Retry-After``; the load goes on), for a failed model
+        or a load that failed. ``keep_alive``: Ollama's, in seconds (None: for good); left
+        out, the model's configured ``keep_alive_s``. Returns the seconds it waited for
+        the model (Ollama's ``load_duration``)."""
+        start = time.monotonic()
+        held = self.engine.hold(
+            model_id, keep_alive_s=keep_alive, wait_s=self.config.server.load_wait_s
+        )
+        stack = _HOLDS.get()
+        try:
+            if stack is not None:
+                await stack.enter_async_context(held)
+            else:
+                async with held:
+                    pass
+        except (ModelLoading, ModelUnloading) as exc:
+            raise from_engine(exc) from exc
+        except ModelNotFound:
+            pass  # check_model says which error
+        except (BackendError, CacheError, ConfigError) as exc:
+            log.warning("model %s could not be loaded: %s", model_id, exc)
             raise ApiError(
                 503,
                 "unavailable",
-                f"model {model_id!r} is loading; retry shortly",
-                code="model_loading",
-                retry=RETRY_AFTER_S,
-            )
+                f"model {model_id!r} could not be loaded; the server log says why",
+                code="model_load_failed",
+                retryable=False,
+            ) from exc
+        except ErllamaError as exc:
+            raise from_engine(exc) from exc
+        self.check_model(model_id)
+        return time.monotonic() - start
+
+    def check_model(self, model_id: str) -> None:
+        """ApiError unless the model is loaded and serving: 404 unknown, 503 loading,
+        failed, or configured but unloaded (a fleet of replicas: erllama.ray, which loads
+        nothing on demand). Routes call :meth:`use_model`, which loads it first."""
+        if model_id in self.loading:
+            raise _loading(model_id)
         try:
             info = self.engine.model_info(model_id)
         except ModelNotFound:
@@ -147,14 +212,31 @@ class ServerState:
             )
 
     def model_label(self, model_id: object) -> str:
-        """The ``model`` label of a request's metrics: its model when loaded (so a client
-        cannot grow the label set with made-up names), else ``unknown``."""
-        if isinstance(model_id, str) and any(m.id == model_id for m in self.engine.list_models()):
+        """The ``model`` label of a request's metrics: its model when the server knows it,
+        loaded or not (so a client cannot grow the label set with made-up names), else
+        ``unknown``."""
+        if isinstance(model_id, str) and model_id in self.known_models():
             return model_id
         return "unknown"
 
+    def known_models(self) -> list[str]:
+        """Every model the server may serve: loaded, loading, or configured and unloaded."""
+        ids = [m.id for m in self.engine.model_states()]
+        ids += [m.id for m in self.engine.list_models() if m.id not in ids]
+        return ids + [m for m in self.config.models if m not in ids]
+
     def remember_configs(self, configs: Mapping[str, ModelConfig]) -> None:
         self.model_configs.update(configs)
+
+
+def _loading(model_id: str) -> ApiError:
+    return ApiError(
+        503,
+        "unavailable",
+        f"model {model_id!r} is loading; retry shortly",
+        code="model_loading",
+        retry=RETRY_AFTER_S,
+    )
 
 
 def _responses_dir(config: ServeConfig) -> Path | None:
