@@ -210,7 +210,12 @@ async def pieces(
     try:
         async for ev in stream:
             if isinstance(ev, Token):
-                raw.append(ev.text)
+                if open_call:
+                    # The request ended inside a call: the engine hands its text back as
+                    # answer text (already in ``raw``, as deltas).
+                    open_call.clear()
+                else:
+                    raw.append(ev.text)
                 if ev.text:
                     track.first_token()
                     yield Text(ev.text)
@@ -233,8 +238,6 @@ async def pieces(
                 calls.append(call_id)
                 yield Call(call_id, parsed.name, parsed.arguments, parsed.arguments_json)
             elif isinstance(ev, Done):
-                if open_call:  # cut off inside a call (max_tokens): the text is the answer's
-                    yield Text("".join(open_call))
                 if calls:
                     reply = await reply_text(state, job.model, ev, raw)
                     state.store.remember(job.model, calls, reply)
