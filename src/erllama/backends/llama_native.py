@@ -27,7 +27,7 @@ from typing import Any
 import llama_cpp as L
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import DEFAULT_TOOL_CALL_MARKERS, ModelConfig
 from ..errors import ConfigError, InvalidRequest
 from ..sampling import SamplerParams
 from .llama_sampling import Sampler, new_sampler
@@ -299,6 +299,10 @@ class LlamaModel:
         self.grammar_step_limit_s = float(limit)
         self.quant = FTYPES.get(int(_meta(self.model, "general.file_type") or -1), "unknown")
         self.chat_template = _meta(self.model, "tokenizer.chat_template")
+        # The call syntax a template without tool support is told (the markers the engine
+        # then matches: the config's, else Hermes', erllama.model.spans.markers_for).
+        markers = config.tool_call_markers or DEFAULT_TOOL_CALL_MARKERS
+        self.tool_call_markers = (markers.start, markers.end)
         self.kv_layout = {
             "backend": "llama_cpp",
             "version": L.__version__,
@@ -401,7 +405,7 @@ class LlamaModel:
             text = render_chat_template(
                 self.chat_template, messages, system=system, tools=tools,
                 add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos,
-                max_chars=MAX_RENDERED_CHARS,
+                max_chars=MAX_RENDERED_CHARS, tool_call_markers=self.tool_call_markers,
             )  # fmt: skip
         except ValueError as exc:
             raise InvalidRequest("messages", str(exc)) from exc

@@ -104,6 +104,10 @@ class Started:
     track: Track
     #: The guard's id of the HTTP request (named in a 5xx error event and its log line).
     request_id: str | None = None
+    #: A forced call on a model whose calls the engine does not mark (``detect_markers``
+    #: off, no markers configured): the grammar makes the whole reply the call, so the
+    #: reply is parsed as one when it ends.
+    parse_whole: bool = False
 
 
 @attrs.frozen
@@ -193,8 +197,14 @@ async def start(
         stream = await engine.infer(job.model, prompt, grammar=grammar, **options)
     except ErllamaError as exc:
         raise from_engine(exc, renames) from exc
+    forced = job.choice == "required" and job.tools is not None
     return Started(
-        job=job, stream=stream, prompt_tokens=len(prompt), track=track, request_id=request_id
+        job=job,
+        stream=stream,
+        prompt_tokens=len(prompt),
+        track=track,
+        request_id=request_id,
+        parse_whole=forced and not state.matches_calls(job.model),
     )
 
 
@@ -209,7 +219,10 @@ async def pieces(
     open_call: list[str] = []  # deltas of a call not closed yet
     try:
         async for ev in stream:
-            if isinstance(ev, Token):
+            if isinstance(ev, Token) and started.parse_whole:
+                raw.append(ev.text)
+                track.first_token()
+            elif isinstance(ev, Token):
                 if open_call:
                     # The request ended inside a call: the engine hands its text back as
                     # answer text (already in ``raw``, as deltas).
@@ -238,6 +251,14 @@ async def pieces(
                 calls.append(call_id)
                 yield Call(call_id, parsed.name, parsed.arguments, parsed.arguments_json)
             elif isinstance(ev, Done):
+                if started.parse_whole and raw:
+                    whole = "".join(raw)
+                    parsed = parse_call(whole)
+                    if parsed is None:
+                        yield Text(whole)
+                    else:
+                        calls.append(mint_id(call_prefix))
+                        yield Call(calls[-1], parsed.name, parsed.arguments, parsed.arguments_json)
                 if calls:
                     reply = await reply_text(state, job.model, ev, raw)
                     state.store.remember(job.model, calls, reply)

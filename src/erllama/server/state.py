@@ -101,10 +101,29 @@ class ServerState:
         return self.config.server.api_keys + self.config.server.admin_keys
 
     def markers(self, model_id: str) -> ToolCallMarkers:
+        """The tool-call markers the engine matches on this model (its config's, its
+        template's, or Hermes'), which a forced call's grammar and a replayed call must
+        write too; Hermes' when the engine has none (``detect_markers`` off)."""
+        try:
+            pair = self.engine.model_info(model_id).tool_call_markers
+        except ModelNotFound:
+            pair = None
         config = self.model_configs.get(model_id)
         if config is not None and config.tool_call_markers is not None:
-            return config.tool_call_markers
+            ours = config.tool_call_markers
+            if pair is None or pair == (ours.start, ours.end):
+                return ours  # with its payload markers
+        if pair is not None:
+            return ToolCallMarkers(start=pair[0], end=pair[1])
         return DEFAULT_MARKERS
+
+    def matches_calls(self, model_id: str) -> bool:
+        """Whether the engine marks this model's tool calls (it does unless the model's
+        config turned ``detect_markers`` off and named no markers)."""
+        try:
+            return self.engine.model_info(model_id).tool_call_markers is not None
+        except ModelNotFound:
+            return False
 
     def check_model(self, model_id: str) -> None:
         """ApiError unless the model is loaded and serving: 404 unknown, 503 loading,
