@@ -142,3 +142,20 @@ def test_an_unknown_backend_in_the_config_exits_2_without_a_traceback(tmp_path: 
     proc = _run("--config", str(path))
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "unknown backend 'nope'" in proc.stderr
+
+
+def test_a_port_in_use_is_one_line_and_exit_2_before_any_model_loads(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "serve.toml"
+        # The port is checked first: no "loading models" line, nothing loaded.
+        path.write_text(f'[server]\nport = {port}\n[models.m]\nbackend = "stub"\n')
+        proc = _run("--config", str(path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"erllama serve: cannot listen on 127.0.0.1:{port}: address already in use"
+    ]

@@ -9,9 +9,13 @@ group failed). See docs/server.md.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
+import socket
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import anyio
@@ -93,16 +97,43 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     return config.with_server(**changes) if changes else config
 
 
+def listen(host: str, port: int, console: Console) -> socket.socket | None:
+    """The listening socket, bound before any model loads: a port in use (or an address
+    not ours) is one line and exit status 2, not a traceback after every model loaded.
+    None when it cannot be bound (said on ``console``)."""
+    from ..server.run import bind_socket
+
+    try:
+        return bind_socket(host, port)
+    except OSError as exc:
+        why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        console.note(f"erllama serve: cannot listen on {host}:{port}: {why or exc}")
+        return None
+
+
+@asynccontextmanager
+async def _closing(sock: socket.socket) -> AsyncIterator[None]:
+    """The socket closed however the serving ends (a load that fails, say)."""
+    try:
+        yield
+    finally:
+        sock.close()
+
+
 async def serve(args: argparse.Namespace, console: Console) -> int:
     from ..engine import open_engine
     from ..server import open_server
 
     config: ServeConfig = args.serve_config
+    sock = listen(config.server.host, config.server.port, console)
+    if sock is None:
+        return 2
     names = ", ".join(config.models) or "none"
     console.note(f"erllama serve: loading models ({names}) ...")
     async with (
+        _closing(sock),
         open_engine(config.engine_config()) as engine,
-        open_server(engine, config) as server,
+        open_server(engine, config, sock) as server,
     ):
         # From here on Ctrl-C and SIGTERM stop the server gracefully (before, Ctrl-C
         # interrupts the load as in every command).
