@@ -12,6 +12,10 @@ import attrs
 import openai
 import pytest
 
+from erllama.backends.stub import StubControl
+from erllama.backends.types import Decode
+from erllama.sampling import SamplerParams
+
 from ..helpers import stub_config
 from .conftest import CALL_JSON, TOOL_SCRIPT, WEATHER_TOOL, Server, own_model
 
@@ -56,3 +60,168 @@ async def test_without_detect_markers_and_markers_a_call_is_text(server: Server)
         await server.engine.unload("unmarked")
     assert CALL_JSON in (r.choices[0].message.content or "")
     assert not r.choices[0].message.tool_calls
+
+
+# ---- sampling fields -------------------------------------------------------------------------
+
+
+def sampler_of(control: StubControl) -> SamplerParams:
+    """The sampler chain the last request ran with (what reached the model)."""
+    decodes = [op for ops in control.history for op in ops if isinstance(op, Decode)]
+    assert decodes and decodes[-1].sampler is not None
+    params: SamplerParams = decodes[-1].sampler.params
+    return params
+
+
+async def test_openai_and_llama_server_sampling_fields_reach_the_sampler(server: Server) -> None:
+    async with own_model(server, script="kabo rite") as (mid, ctl), client(server) as c:
+        await c.chat.completions.create(
+            model=mid, messages=user(), max_tokens=4, presence_penalty=0.5,
+            frequency_penalty=-0.25, logit_bias={"300": 7, "301": -100}, seed=7,
+            extra_body={"min_p": 0.05, "top_k": 12, "repeat_penalty": 1.1, "repeat_last_n": 32},
+        )  # fmt: skip
+        chat = sampler_of(ctl)
+        await c.completions.create(
+            model=mid, prompt="go", max_tokens=4, presence_penalty=1.0,
+            logit_bias={"302": 3}, extra_body={"repetition_penalty": 1.3, "penalty_last_n": 8},
+        )  # fmt: skip
+        legacy = sampler_of(ctl)
+    assert (chat.presence_penalty, chat.frequency_penalty) == (0.5, -0.25)
+    assert dict(chat.logit_bias) == {300: 7.0, 301: -100.0}
+    assert (chat.min_p, chat.top_k, chat.repetition_penalty, chat.penalty_last_n) == (
+        0.05, 12, 1.1, 32,
+    )  # fmt: skip
+    assert chat.seed == 7
+    assert legacy.presence_penalty == 1.0 and dict(legacy.logit_bias) == {302: 3.0}
+    assert (legacy.repetition_penalty, legacy.penalty_last_n) == (1.3, 8)
+
+
+# ---- log probabilities -----------------------------------------------------------------------
+
+
+async def test_chat_logprobs_in_openais_shape_streamed_and_not(server: Server) -> None:
+    async with client(server) as c:
+        whole = await c.chat.completions.create(
+            model="plain", messages=user(), max_tokens=32, logprobs=True, top_logprobs=3,
+            temperature=0,
+        )  # fmt: skip
+        stream = await c.chat.completions.create(
+            model="plain", messages=user(), max_tokens=32, logprobs=True, top_logprobs=3,
+            temperature=0, stream=True,
+        )  # fmt: skip
+        chunks = [ch async for ch in stream]
+        plain = await c.chat.completions.create(model="plain", messages=user(), max_tokens=4)
+    lp = whole.choices[0].logprobs
+    assert lp is not None and lp.content
+    # One entry per answer token; their text is the reply's, their bytes the tokens' own.
+    assert "".join(t.token for t in lp.content) == whole.choices[0].message.content
+    for t in lp.content:
+        assert bytes(t.bytes or []).decode() == t.token
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3
+        assert [a.logprob for a in t.top_logprobs] == sorted(
+            (a.logprob for a in t.top_logprobs), reverse=True
+        )
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for e in ch.choices[0].logprobs.content or []]  # fmt: skip
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in lp.content]
+    assert plain.choices[0].logprobs is None
+
+
+async def test_legacy_completion_logprobs_are_parallel_lists_with_text_offsets(
+    server: Server,
+) -> None:
+    async with client(server) as c:
+        r = await c.completions.create(
+            model="plain", prompt="go", max_tokens=5, logprobs=2, temperature=0
+        )
+        stream = await c.completions.create(
+            model="plain", prompt="go", max_tokens=5, logprobs=2, temperature=0, stream=True
+        )
+        chunks = [ch async for ch in stream]
+    choice = r.choices[0]
+    lp = choice.logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs
+    assert lp.text_offset is not None
+    assert "".join(lp.tokens) == choice.text
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    for token, offset in zip(lp.tokens, lp.text_offset, strict=True):
+        assert choice.text[offset : offset + len(token)] == token
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+    streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for t in ch.choices[0].logprobs.tokens or []]  # fmt: skip
+    assert streamed == lp.tokens
+
+
+# ---- n choices, echo ----------------------------------------------------------------------------
+
+
+async def test_n_choices_count_the_prompt_once_and_a_seed_makes_each_reproducible(
+    server: Server,
+) -> None:
+    async with own_model(server, eog_every=0) as (mid, _), client(server) as c:
+        three = await c.chat.completions.create(
+            model=mid, messages=user(), max_tokens=6, n=3, seed=41, temperature=1.0
+        )
+        # Choice i runs with seed + i: choice 2 alone, with seed 43, is the same reply.
+        alone = await c.chat.completions.create(
+            model=mid, messages=user(), max_tokens=6, seed=43, temperature=1.0
+        )
+        stream = await c.chat.completions.create(
+            model=mid, messages=user(), max_tokens=6, n=3, seed=41, temperature=1.0,
+            stream=True, stream_options={"include_usage": True},
+        )  # fmt: skip
+        chunks = [ch async for ch in stream]
+    assert [ch.index for ch in three.choices] == [0, 1, 2]
+    texts = [ch.message.content for ch in three.choices]
+    assert len(set(texts)) == 3  # three seeds, three replies
+    assert alone.choices[0].message.content == texts[2]
+    assert three.usage is not None and alone.usage is not None
+    assert three.usage.prompt_tokens == alone.usage.prompt_tokens
+    assert three.usage.completion_tokens == 3 * alone.usage.completion_tokens
+    by_index: dict[int, str] = {}
+    for ch in chunks:
+        for choice in ch.choices:
+            by_index[choice.index] = by_index.get(choice.index, "") + (choice.delta.content or "")
+    assert [by_index[i] for i in range(3)] == texts
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == (
+        three.usage.completion_tokens
+    )
+
+
+async def test_legacy_completions_take_n_and_echo(server: Server) -> None:
+    async with client(server) as c:
+        r = await c.completions.create(model="plain", prompt="Once upon", max_tokens=3, echo=True)
+        ids = await c.completions.create(model="plain", prompt=[5, 6], max_tokens=3, echo=True)
+        two = await c.completions.create(model="plain", prompt="go", max_tokens=3, n=2)
+        stream = await c.completions.create(
+            model="plain", prompt="Once upon", max_tokens=3, echo=True, stream=True
+        )
+        streamed = "".join([ch.choices[0].text async for ch in stream if ch.choices])
+    assert r.choices[0].text == "Once upon kabo rite sanu" == streamed
+    assert ids.choices[0].text.endswith(" kabo rite sanu")
+    assert [ch.text for ch in two.choices] == [" kabo rite sanu"] * 2
+    async with server.http() as h:
+        both = await h.post(
+            "/v1/completions",
+            json={"model": "plain", "prompt": "x", "echo": True, "logprobs": 1},
+        )
+        best = await h.post("/v1/completions", json={"model": "plain", "prompt": "x", "best_of": 3})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "echo"
+    assert best.status_code == 400 and best.json()["error"]["param"] == "best_of"
+
+
+# ---- errors clients look for -----------------------------------------------------------------
+
+
+async def test_a_prompt_too_long_for_the_context_is_a_400_with_its_code(server: Server) -> None:
+    long = "kabo " * 5000
+    async with client(server) as c:
+        with pytest.raises(openai.BadRequestError) as chat:
+            await c.chat.completions.create(model="plain", messages=user(long), max_tokens=4)
+        with pytest.raises(openai.BadRequestError) as legacy:
+            await c.completions.create(model="plain", prompt=long, max_tokens=4)
+    for err in (chat, legacy):
+        body: Any = err.value.body
+        assert err.value.code == "context_length_exceeded"
+        assert "do not fit the context" in body["message"]
+    assert chat.value.param == "messages" and legacy.value.param == "prompt"

@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..errors import ErllamaError
-from . import admin, anthropic, ollama, ollama_models, openai, responses
+from . import admin, anthropic, completions, ollama, ollama_models, openai, responses
 from .auth import Gate
 from .config import ServeConfig
 from .errors import ApiError, Dialect, dialect_of, error_response, from_engine, json_response
@@ -111,7 +111,7 @@ def build_app(engine: EnginePort, config: ServeConfig | None = None) -> Starlett
         Route("/v1/models", _endpoint(openai.list_models, oa), methods=["GET"]),
         Route("/v1/models/{model_id:path}", _endpoint(openai.get_model, oa), methods=["GET"]),
         Route("/v1/chat/completions", _endpoint(openai.chat_completions, oa), methods=["POST"]),
-        Route("/v1/completions", _endpoint(openai.completions, oa), methods=["POST"]),
+        Route("/v1/completions", _endpoint(completions.completions, oa), methods=["POST"]),
         Route("/v1/embeddings", _endpoint(openai.embeddings, oa), methods=["POST"]),
         Route("/v1/messages", _endpoint(anthropic.messages, an), methods=["POST"]),
         Route("/v1/messages/count_tokens", _endpoint(anthropic.count_tokens, an), methods=["POST"]),

@@ -97,6 +97,12 @@ def _names(value: Any) -> str | None:
     return "must be non-empty strings without whitespace"
 
 
+def _opt_name(value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and value):
+        return None
+    return f"must be a model id or absent, got {value!r}"
+
+
 def _backends(value: Any) -> str | None:
     if all(isinstance(v, str) and v for v in value):
         return None
@@ -169,6 +175,10 @@ class ServerConfig:
     stream_buffer_bytes: int = _int_field(1 * MIB, 4 * KIB)
     #: Messages in one chat request at most (each is rendered by the chat template).
     max_messages: int = _int_field(2048, 1)
+    #: The model that serves a request naming a model this server does not know (or none),
+    #: as llama-server and LM Studio answer any name with their one model. None (the
+    #: default): such a request is a 404.
+    default_model: str | None = _checked(_opt_name, default=None)
 
     def __attrs_post_init__(self) -> None:
         problems = _Problems(self)

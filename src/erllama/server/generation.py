@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
-from contextlib import aclosing
+from contextlib import AsyncExitStack, aclosing
 from typing import Any, Literal
 
 import anyio
@@ -19,9 +19,17 @@ import attrs
 from starlette.requests import Request
 
 from ..errors import ErllamaError
-from ..events import Done, ThinkingDelta, ThinkingEnd, Token, ToolCallDelta, ToolCallEnd
+from ..events import (
+    Done,
+    ThinkingDelta,
+    ThinkingEnd,
+    Token,
+    TokenLogprob,
+    ToolCallDelta,
+    ToolCallEnd,
+)
 from ..grammar import check_schema, response_format_grammar
-from .errors import ApiError, Dialect, error_body, from_engine, log_cause
+from .errors import CONTEXT_LENGTH_EXCEEDED, ApiError, Dialect, error_body, from_engine, log_cause
 from .metrics import Track
 from .params import check_messages
 from .port import EventStream
@@ -47,14 +55,18 @@ __all__ = [
     "Text",
     "Thinking",
     "ThinkingStop",
+    "LogprobEntry",
     "cancelled_error",
     "close",
+    "close_all",
     "collect",
     "extension",
     "pieces",
     "reply_text",
+    "replies_unless_disconnected",
     "reply_unless_disconnected",
     "start",
+    "start_choices",
     "stream_error",
     "stream_guard",
 ]
@@ -80,6 +92,8 @@ class ChatJob:
     choice: Literal["none", "auto", "required"] = "auto"
     forced: str | None = None
     response_format: Mapping[str, Any] | None = None
+    #: A GBNF grammar the request gave itself (llama-server's ``grammar``).
+    grammar: str | None = None
     #: Engine keywords: max_tokens, temperature, top_p, top_k, seed, stop, thinking ...
     options: dict[str, Any] = attrs.field(factory=dict)
     #: API parameter names for the engine's (``prompt`` -> ``messages``).
@@ -108,11 +122,21 @@ class Started:
     #: off, no markers configured): the grammar makes the whole reply the call, so the
     #: reply is parsed as one when it ends.
     parse_whole: bool = False
+    #: Which of the request's choices this is (``n``).
+    index: int = 0
+
+
+#: One answer token's log-probability and its alternatives (``logprobs`` requests).
+LogprobEntry = tuple[TokenLogprob, tuple[TokenLogprob, ...]]
 
 
 @attrs.frozen
 class Text:
     text: str
+    #: The log-probabilities of the tokens that released this text (``logprobs``
+    #: requests; a token whose text is held, as a stop string's may be, comes with the
+    #: next text).
+    logprobs: tuple[LogprobEntry, ...] = ()
 
 
 @attrs.frozen
@@ -143,14 +167,22 @@ Piece = Text | Thinking | ThinkingStop | Call | End
 
 
 def _grammar(state: ServerState, job: ChatJob) -> str | None:
+    constrained = job.response_format is not None and job.response_format.get("type") != "text"
+    if job.grammar is not None and constrained:
+        raise ApiError.bad_param(
+            job.renames.get("grammar", "grammar"),
+            "give one of grammar, json_schema and response_format",
+        )
     if job.choice == "required" and job.tools is not None:
-        if job.response_format is not None and job.response_format.get("type") != "text":
+        if constrained or job.grammar is not None:
             raise ApiError.bad_param(
                 "tool_choice", "a forced tool call cannot be combined with response_format"
             )
         names = [job.forced] if job.forced is not None else list(job.functions)
         tools = [(n, job.functions.get(n)) for n in names]
         return forced_call_grammar(state.markers(job.model), tools)
+    if job.grammar is not None:
+        return job.grammar  # the engine parses it and bounds its cost (a 400 naming it)
     rf = job.response_format
     if rf is not None:
         spec = rf.get("json_schema")
@@ -168,10 +200,12 @@ def _within(job: ChatJob, prompt_tokens: int) -> dict[str, Any]:
         return job.options
     room = limit - prompt_tokens
     if room < 1:
-        raise ApiError.bad_param(
+        err = ApiError.bad_param(
             job.renames.get("context_limit", "context_limit"),
             f"the prompt is {prompt_tokens} tokens, which leaves no room in {limit}",
         )
+        err.code = CONTEXT_LENGTH_EXCEEDED
+        raise err
     asked = job.options.get("max_tokens")
     return {**job.options, "max_tokens": room if asked is None else min(asked, room)}
 
@@ -181,12 +215,29 @@ async def start(
 ) -> Started:
     """Render the prompt and queue the request; ApiError (404, 429, 503, 400 naming the
     parameter) before anything runs."""
+    return (await start_choices(state, job, track, request_id, 1))[0]
+
+
+#: Seeds are 32-bit: choice i of a seeded request runs with ``(seed + i) mod 2**32``.
+_SEEDS = 2**32
+
+
+async def start_choices(
+    state: ServerState, job: ChatJob, track: Track, request_id: str | None, n: int
+) -> list[Started]:
+    """Render the prompt once and queue ``n`` requests for it (``n`` choices), back to
+    back: each ``infer`` returns once its request is queued, so all n are queued before
+    any is waited for, and a scheduler that shares a prompt's prefill between requests
+    admitted together (issue 22) prefills it once. With a ``seed``, choice i runs with
+    ``seed + i``, so each choice can be reproduced alone. ApiError before anything runs;
+    a later request refused (a full queue) cancels those queued before it."""
     state.check_model(job.model)
     check_messages(job.messages, state)
     engine = state.engine
     renames = dict(job.renames)
     if job.choice == "required" and job.tools is not None:
         renames["grammar"] = "tool_choice"  # the grammar is the forced call's
+    streams: list[EventStream] = []
     try:
         # Off the loop: converting a large schema takes a while (bounded by check_schema).
         grammar = await anyio.to_thread.run_sync(_grammar, state, job)
@@ -194,18 +245,38 @@ async def start(
         if prompt is None:
             prompt = await engine.apply_chat_template(job.model, job.messages, None, job.tools)
         options = _within(job, len(prompt))
-        stream = await engine.infer(job.model, prompt, grammar=grammar, **options)
-    except ErllamaError as exc:
-        raise from_engine(exc, renames) from exc
-    forced = job.choice == "required" and job.tools is not None
-    return Started(
-        job=job,
-        stream=stream,
-        prompt_tokens=len(prompt),
-        track=track,
-        request_id=request_id,
-        parse_whole=forced and not state.matches_calls(job.model),
-    )
+        for i in range(n):
+            streams.append(
+                await engine.infer(job.model, prompt, grammar=grammar, **_seeded(options, i))
+            )
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            for stream in streams:
+                await stream.aclose()
+        if isinstance(exc, ErllamaError):
+            raise from_engine(exc, renames) from exc
+        raise
+    parse_whole = job.choice == "required" and job.tools is not None
+    parse_whole = parse_whole and not state.matches_calls(job.model)
+    return [
+        Started(
+            job=job,
+            stream=stream,
+            prompt_tokens=len(prompt),
+            track=track,
+            request_id=request_id,
+            parse_whole=parse_whole,
+            index=i,
+        )
+        for i, stream in enumerate(streams)
+    ]
+
+
+def _seeded(options: dict[str, Any], index: int) -> dict[str, Any]:
+    seed = options.get("seed")
+    if index == 0 or not isinstance(seed, int) or not 0 <= seed < _SEEDS:
+        return options  # (a bad seed fails on the first choice, named)
+    return {**options, "seed": (seed + index) % _SEEDS}
 
 
 async def pieces(
@@ -217,6 +288,7 @@ async def pieces(
     raw: list[str] = []  # the reply as generated, for replies the engine cannot give back
     calls: list[str] = []
     open_call: list[str] = []  # deltas of a call not closed yet
+    held: list[LogprobEntry] = []  # log-probabilities of tokens whose text is held
     try:
         async for ev in stream:
             if isinstance(ev, Token) and started.parse_whole:
@@ -229,9 +301,12 @@ async def pieces(
                     open_call.clear()
                 else:
                     raw.append(ev.text)
+                if ev.logprob is not None:
+                    held.append((ev.logprob, ev.top_logprobs))
                 if ev.text:
                     track.first_token()
-                    yield Text(ev.text)
+                    yield Text(ev.text, tuple(held))
+                    held.clear()
             elif isinstance(ev, ThinkingDelta):
                 track.first_token()
                 yield Thinking(ev.text)
@@ -295,6 +370,8 @@ class Reply:
     blocks: list[Text | Thinking | Call] = attrs.Factory(list)
     signature: str | None = None
     end: End | None = None
+    #: Every answer token's log-probabilities, in order (``logprobs`` requests).
+    logprobs: list[LogprobEntry] = attrs.Factory(list)
 
     @property
     def text(self) -> str:
@@ -319,6 +396,10 @@ async def collect(state: ServerState, started: Started, call_prefix: str) -> Rep
                 reply.signature = piece.signature
             elif isinstance(piece, Text) and reply.blocks and isinstance(reply.blocks[-1], Text):
                 reply.blocks[-1] = Text(reply.blocks[-1].text + piece.text)
+                reply.logprobs += piece.logprobs
+            elif isinstance(piece, Text):
+                reply.blocks.append(Text(piece.text))
+                reply.logprobs += piece.logprobs
             elif (
                 isinstance(piece, Thinking)
                 and reply.blocks
@@ -411,6 +492,44 @@ async def reply_unless_disconnected(
     if reply.end.finish == "cancelled":
         raise cancelled_error()
     return reply
+
+
+async def replies_unless_disconnected(
+    request: Request, state: ServerState, started: Sequence[Started], call_prefix: str
+) -> list[Reply] | None:
+    """Every choice's whole reply (see :func:`reply_unless_disconnected`). Collected one
+    after another: the requests run together in the model, so the last one read is ready
+    about when the first is; one that fails cancels the rest."""
+    if len(started) == 1:
+        one = await reply_unless_disconnected(request, state, started[0], call_prefix)
+        return None if one is None else [one]
+
+    async def work() -> list[Reply]:
+        async with AsyncExitStack() as stack:
+            for s in started:
+                await stack.enter_async_context(s.stream)
+            return [await collect(state, s, call_prefix) for s in started]
+
+    track = started[0].track
+    try:
+        replies = await unless_disconnected(request, work)
+    except BaseException as exc:
+        track.end_midway(exc)
+        raise
+    if replies is None:
+        track.end("disconnected")
+        return None
+    if any(r.end is None or r.end.finish == "cancelled" for r in replies):
+        raise cancelled_error()
+    return replies
+
+
+async def close_all(started: Sequence[Started], interrupted: Interruption | None = None) -> None:
+    """A stream's cleanup for several choices: each request cancelled (when it has not
+    ended), the outcome recorded once."""
+    for s in started[1:]:
+        await s.stream.aclose()
+    await close(started[0], interrupted)
 
 
 def stream_error(exc: Exception, started: Started, dialect: Dialect) -> dict[str, Any]:

@@ -269,9 +269,6 @@ def _refuse(body: Fields) -> None:
     body.refuse("prompt", "prompt templates are not supported")
     if body.integer("top_logprobs") not in (None, 0):
         raise body.bad("top_logprobs", "log probabilities are not supported")
-    for name in ("frequency_penalty", "presence_penalty"):
-        if body.number(name) not in (None, 0.0):
-            raise body.bad(name, "is not supported (erllama takes repetition_penalty)")
 
 
 def _metadata(body: Fields) -> dict[str, str]:

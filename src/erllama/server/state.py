@@ -14,6 +14,7 @@ import attrs
 from .._version import __version__
 from ..config import ModelConfig, ToolCallMarkers
 from ..errors import ModelNotFound
+from .body import Fields
 from .config import ServeConfig
 from .errors import RETRY_AFTER_S, ApiError
 from .metrics import Metrics
@@ -164,6 +165,28 @@ class ServerState:
                 code="model_failed",
                 retryable=False,
             )
+
+    def model_of(self, body: Fields, field: str = "model") -> str:
+        """The model a request names. With ``server.default_model`` (off by default), a
+        name this server does not know, or none, is that model, as llama-server and LM
+        Studio serve whatever name a client was set up with."""
+        default = self.config.server.default_model
+        if default is None:
+            return body.req_text(field)
+        name = body.text(field)
+        if name and self.knows(name):
+            return name
+        return default
+
+    def knows(self, model_id: str) -> bool:
+        """A model loaded, loading, or in the config (unloaded ones keep their 503)."""
+        if model_id in self.loading or model_id in self.config.models:
+            return True
+        try:
+            self.engine.model_info(model_id)
+        except ModelNotFound:
+            return False
+        return True
 
     def model_label(self, model_id: object) -> str:
         """The ``model`` label of a request's metrics: its model when loaded (so a client
