@@ -332,8 +332,12 @@ class Engine:
     ) -> list[int]:
         return await self._worker(model_id).text.tokenize(text, add_special, parse_special)
 
-    async def detokenize(self, model_id: str, tokens: Sequence[int]) -> str:
-        return await self._worker(model_id).text.detokenize(tokens)
+    async def detokenize(
+        self, model_id: str, tokens: Sequence[int], *, special: bool = False
+    ) -> str:
+        """Token ids to text; ``special``: special tokens (a chat template's markers) as
+        their text (llama.cpp backend) rather than as nothing."""
+        return await self._worker(model_id).text.detokenize(tokens, special)
 
     async def apply_chat_template(
         self,

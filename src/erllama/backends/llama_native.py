@@ -363,23 +363,23 @@ class LlamaModel:
                 return list(buf[:n])
             cap = -n
 
-    def piece(self, token: int) -> bytes:
+    def piece(self, token: int, special: bool = False) -> bytes:
         # One buffer per thread, reused (pieces are short; a longer one grows it for good).
         # Per thread: detokenize may run on worker threads beside the model thread.
         tls = self._tls
         buf = getattr(tls, "buf", None)
         if buf is None:
             buf = tls.buf = ctypes.create_string_buffer(64)
-        n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
             buf = tls.buf = ctypes.create_string_buffer(-n)
-            n = L.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+            n = L.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
         return buf.raw[:n]
 
-    def detokenize(self, tokens: Sequence[int]) -> bytes:
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
         self._check_tokens(tokens, "tokens")
         # Concatenated pieces, so streaming token by token yields exactly these bytes.
-        return b"".join(self.piece(t) for t in tokens)
+        return b"".join(self.piece(t, special) for t in tokens)
 
     def _check_tokens(self, tokens: Sequence[int], param: str) -> None:
         n = self.n_vocab
