@@ -6,18 +6,31 @@ probabilities, forced calls without configured markers) is in test_dropin_real.p
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
+import anthropic
 import attrs
 import openai
 import pytest
 
 from erllama.backends.stub import StubControl
 from erllama.backends.types import Decode
+from erllama.plugins import BackendRegistry
 from erllama.sampling import SamplerParams
 
 from ..helpers import stub_config
-from .conftest import CALL_JSON, TOOL_SCRIPT, WEATHER_TOOL, Server, own_model
+from .conftest import (
+    CALL_JSON,
+    KEY,
+    TOOL_SCRIPT,
+    WEATHER_TOOL,
+    Server,
+    chat_body,
+    own_model,
+    running_server,
+    serve_config,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -225,3 +238,123 @@ async def test_a_prompt_too_long_for_the_context_is_a_400_with_its_code(server: 
         assert err.value.code == "context_length_exceeded"
         assert "do not fit the context" in body["message"]
     assert chat.value.param == "messages" and legacy.value.param == "prompt"
+
+
+# ---- llama-server's routes and fields --------------------------------------------------------
+
+
+async def test_the_openai_routes_answer_without_v1_as_llama_server_does(server: Server) -> None:
+    async with openai.AsyncOpenAI(base_url=server.url, api_key="-", max_retries=0) as c:
+        chat = await c.chat.completions.create(model="plain", messages=user(), max_tokens=2)
+        legacy = await c.completions.create(model="plain", prompt="go", max_tokens=2)
+        vectors = await c.embeddings.create(model="plain", input="kabo")
+        models = await c.models.list()
+    assert chat.choices[0].message.content == " kabo rite"
+    assert legacy.choices[0].text == " kabo rite"
+    assert len(vectors.data[0].embedding) == 32
+    assert "plain" in {m.id for m in models.data}
+
+
+async def test_tokenize_detokenize_and_apply_template(server: Server) -> None:
+    async with server.http() as h:
+        tok = await h.post("/tokenize", json={"model": "plain", "content": "kabo rite"})
+        pieces = await h.post(
+            "/tokenize", json={"model": "plain", "content": "kabo rite", "with_pieces": True}
+        )
+        ids = tok.json()["tokens"]
+        detok = await h.post("/detokenize", json={"model": "plain", "tokens": ids})
+        tmpl = await h.post("/apply-template", json={"model": "plain", "messages": user("kabo")})
+        unnamed = await h.post("/tokenize", json={"content": "kabo"})
+    # The engine's own tokenizer, without the BOS (llama-server's add_special default).
+    assert ids == await server.engine.tokenize("plain", "kabo rite", add_special=False)
+    assert [p["id"] for p in pieces.json()["tokens"]] == ids
+    text = await server.engine.detokenize("plain", ids)
+    assert "".join(p["piece"] for p in pieces.json()["tokens"]) == text
+    assert detok.json() == {"content": text} and text.strip() == "kabo rite"
+    template_ids = await server.engine.apply_chat_template("plain", user("kabo"))
+    assert tmpl.json()["prompt"] == await server.engine.detokenize(
+        "plain", template_ids, special=True
+    )
+    # Several models here: a request must say which.
+    assert unnamed.status_code == 400 and unnamed.json()["error"]["param"] == "model"
+
+
+async def test_an_unknown_route_is_a_404_naming_it_and_the_routes_there_are(
+    server: Server,
+) -> None:
+    async with server.http() as h:
+        r = await h.post("/v1/v1/chat/completions", json={})
+    error = r.json()["error"]
+    assert r.status_code == 404 and error["code"] == "route_not_found"
+    assert error["message"].startswith("no route POST /v1/v1/chat/completions; ")
+    assert "POST /v1/chat/completions" in error["message"] and "POST /tokenize" in error["message"]
+
+
+async def test_embeddings_are_unit_length_unless_asked_raw(server: Server) -> None:
+    async with client(server) as c:
+        r = await c.embeddings.create(model="plain", input=["kabo rite", "sanu"])
+    raw = await server.engine.embed("plain", "sanu")
+    norm = sum(v * v for v in raw) ** 0.5
+    for d in r.data:
+        assert sum(v * v for v in d.embedding) == pytest.approx(1.0, rel=1e-6)
+    assert r.data[1].embedding == pytest.approx([v / norm for v in raw], rel=1e-6)
+    async with server.http() as h:
+        as_is = await h.post(
+            "/v1/embeddings", json={"model": "plain", "input": "sanu", "embd_normalize": -1}
+        )
+        dims = await h.post(
+            "/v1/embeddings", json={"model": "plain", "input": "sanu", "dimensions": 8}
+        )
+    assert as_is.json()["data"][0]["embedding"] == pytest.approx(raw, rel=1e-6)
+    assert dims.status_code == 400 and dims.json()["error"]["param"] == "dimensions"
+
+
+# ---- a keyed server with CORS and a default model ---------------------------------------------
+
+ORIGIN = "https://app.example"
+
+
+@pytest.fixture(scope="module")
+async def keyed(anyio_backend: str, stub_registry: BackendRegistry) -> AsyncIterator[Server]:
+    config = serve_config(
+        api_keys=(KEY,), cors_origins=(ORIGIN,), default_model="plain", admin=False
+    )
+    async with running_server(config, stub_registry) as srv:
+        yield srv
+
+
+async def test_a_preflight_is_answered_before_the_key_check(keyed: Server) -> None:
+    async with keyed.http() as h:
+        for path in ("/v1/chat/completions", "/chat/completions", "/tokenize"):
+            preflight = await h.options(
+                path,
+                headers={
+                    "origin": ORIGIN,
+                    "access-control-request-method": "POST",
+                    "access-control-request-headers": "content-type,authorization",
+                },
+            )
+            assert preflight.status_code == 200, path
+            assert preflight.headers["access-control-allow-origin"] == ORIGIN
+        # The request itself still needs the key, and its 401 is readable by the page.
+        refused = await h.post("/v1/chat/completions", json=chat_body(), headers={"origin": ORIGIN})
+    assert refused.status_code == 401
+    assert refused.headers["access-control-allow-origin"] == ORIGIN
+
+
+async def test_the_default_model_serves_any_name(keyed: Server) -> None:
+    async with openai.AsyncOpenAI(base_url=keyed.url + "/v1", api_key=KEY, max_retries=0) as c:
+        r = await c.chat.completions.create(model="gpt-4o", messages=user(), max_tokens=2)
+    async with anthropic.AsyncAnthropic(base_url=keyed.url, api_key=KEY, max_retries=0) as a:
+        m = await a.messages.create(
+            model="claude-sonnet-4-5", max_tokens=2, messages=[{"role": "user", "content": "hi"}]
+        )
+    async with keyed.http(headers={"authorization": f"Bearer {KEY}"}) as h:
+        tok = await h.post("/tokenize", json={"content": "kabo"})
+        tags = await h.post(
+            "/api/chat", json={"model": "llama3", "messages": user(), "stream": False}
+        )
+    assert r.model == "plain" and r.choices[0].message.content == " kabo rite"
+    assert m.content[0].text == " kabo rite"  # type: ignore[union-attr]
+    assert tok.json()["tokens"] == await keyed.engine.tokenize("plain", "kabo", add_special=False)
+    assert tags.status_code == 200 and tags.json()["message"]["content"]

@@ -279,7 +279,7 @@ def _usage(done: Done) -> dict[str, int]:
 
 async def messages(request: Request, state: ServerState) -> Response:
     body = await read_json(request, state.config.server.max_body_bytes)
-    model = body.req_text("model")
+    model = state.model_of(body)
     track = state.metrics.track("anthropic", state.model_label(model))
     try:
         job = parse(body, state, model, scope=request.scope)
@@ -438,7 +438,7 @@ async def _events(state: ServerState, started: Started, message_id: str) -> Asyn
 
 async def count_tokens(request: Request, state: ServerState) -> Response:
     body = await read_json(request, state.config.server.max_body_bytes)
-    model = body.req_text("model")
+    model = state.model_of(body)
     job = parse(body, state, model, counting=True)
     state.check_model(model)
     check_messages(job.messages, state)

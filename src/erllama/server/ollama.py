@@ -118,8 +118,12 @@ def request_model(body: Fields, state: ServerState, field: str = "model") -> tup
     clients send ``name`` instead of ``model``."""
     if body.get(field) is None and body.get("name") is not None:
         field = "name"
-    name = body.req_text(field)
-    return name, resolve(state, name)
+    default = state.config.server.default_model
+    name = body.req_text(field) if default is None else (body.text(field) or default)
+    model = resolve(state, name)
+    if default is not None and not state.knows(model):
+        model = default  # server.default_model: any name is that model
+    return name, model
 
 
 # ---- request fields ------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import secrets
 import struct
 import time
@@ -57,6 +58,7 @@ from .toolcalls import fallback_text
 __all__ = [
     "MAX_CHOICES",
     "chat_completions",
+    "chat_messages",
     "choices_of",
     "closing_events",
     "embeddings",
@@ -65,6 +67,8 @@ __all__ = [
     "new_id",
     "options_of",
     "stream_flags",
+    "tools_of",
+    "unit_length",
     "usage_of",
 ]
 
@@ -188,7 +192,8 @@ _UNSUPPORTED_CHAT = ("audio", "prediction", "functions", "function_call")
 MAX_CHOICES = 16
 
 
-def _tools(body: Fields) -> tuple[list[dict[str, Any]] | None, str, str | None]:
+def tools_of(body: Fields) -> tuple[list[dict[str, Any]] | None, str, str | None]:
+    """``tools`` and ``tool_choice``: the tools, the choice, and the forced function."""
     raw = body.array("tools")
     tools = []
     for i, value in enumerate(raw or []):
@@ -274,7 +279,7 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
         for name in _UNSUPPORTED_CHAT:
             body.refuse(name)
         n = choices_of(body)
-        tools, choice, forced = _tools(body)
+        tools, choice, forced = tools_of(body)
         options, renames = options_of(
             request, body, state, ("max_completion_tokens", "max_tokens"), None
         )
@@ -462,14 +467,24 @@ def _inputs(body: Fields) -> list[str | list[int]]:
     return items
 
 
+def unit_length(vec: list[float]) -> list[float]:
+    """``vec`` scaled to Euclidean length 1 (OpenAI's and llama-server's vectors are, so
+    a dot product is their cosine); a zero vector as it is."""
+    norm = math.sqrt(math.fsum(v * v for v in vec))
+    return [v / norm for v in vec] if norm > 0 else vec
+
+
 async def embeddings(request: Request, state: ServerState) -> Response:
     body = await read_json(request, state.config.server.max_body_bytes)
-    model = body.req_text("model")
+    model = state.model_of(body)
     inputs = _inputs(body)
     fmt = body.text("encoding_format") or "float"
     if fmt not in ("float", "base64"):
         raise body.bad("encoding_format", "must be float or base64")
-    body.refuse("dimensions")
+    body.refuse("dimensions", "is not supported: vectors keep the model's own size (leave it out)")
+    normalize = body.integer("embd_normalize")  # llama-server's: -1 raw, 2 unit length
+    if normalize not in (None, -1, 2):
+        raise body.bad("embd_normalize", "must be 2 (unit length, the default) or -1 (raw)")
     state.check_model(model)
     engine = state.engine
 
@@ -490,7 +505,7 @@ async def embeddings(request: Request, state: ServerState) -> Response:
     vectors, n_tokens = result
     data = []
     for i, vec in enumerate(vectors):
-        value: Any = vec
+        value: Any = vec if normalize == -1 else unit_length(vec)
         if fmt == "base64":
             value = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode("ascii")
         data.append({"object": "embedding", "index": i, "embedding": value})

@@ -520,7 +520,7 @@ def _finite(value: Any, path: str) -> None:
 async def create(request: Request, state: ServerState) -> Response:
     body = await read_json(request, state.config.server.max_body_bytes)
     _finite(body.data, "")
-    name = body.req_text("model")
+    name = state.model_of(body)
     track = state.metrics.track("responses", state.model_label(name))
     try:
         turn = await _parse(body, state, name, request.scope)
