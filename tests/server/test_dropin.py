@@ -21,6 +21,7 @@ from erllama.sampling import SamplerParams
 
 from ..helpers import stub_config
 from .conftest import (
+    ANTHROPIC_WEATHER_TOOL,
     CALL_JSON,
     KEY,
     TOOL_SCRIPT,
@@ -358,3 +359,43 @@ async def test_the_default_model_serves_any_name(keyed: Server) -> None:
     assert m.content[0].text == " kabo rite"  # type: ignore[union-attr]
     assert tok.json()["tokens"] == await keyed.engine.tokenize("plain", "kabo", add_special=False)
     assert tags.status_code == 200 and tags.json()["message"]["content"]
+
+
+# ---- tool-call arguments stream ----------------------------------------------------------------
+
+
+async def test_anthropic_input_json_deltas_are_the_arguments_the_model_wrote(
+    server: Server,
+) -> None:
+    a = anthropic.AsyncAnthropic(base_url=server.url, api_key="-", max_retries=0)
+    async with a, a.messages.stream(
+        model="tools", max_tokens=200, messages=[{"role": "user", "content": "weather?"}],
+        tools=[ANTHROPIC_WEATHER_TOOL],  # type: ignore[list-item]
+    ) as stream:  # fmt: skip
+        events = [e async for e in stream]
+        final = await stream.get_final_message()
+    parts = [
+        e.delta.partial_json
+        for e in events
+        if e.type == "content_block_delta" and e.delta.type == "input_json_delta"
+    ]
+    assert len(parts) > 1 and "".join(parts) == '{"city":"Paris"}'
+    (use,) = [b for b in final.content if b.type == "tool_use"]
+    assert use.input == {"city": "Paris"} and final.stop_reason == "tool_use"
+
+
+async def test_a_streamed_call_cut_short_stays_a_call_and_ends_with_length(
+    server: Server,
+) -> None:
+    async with client(server) as c:
+        stream = await c.chat.completions.create(
+            model="tools", messages=user(), tools=[WEATHER_TOOL], max_tokens=68, stream=True
+        )
+        chunks = [ch async for ch in stream]
+    deltas = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+    arguments = "".join(d.function.arguments or "" for d in deltas if d.function is not None)
+    content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert deltas[0].function is not None and deltas[0].function.name == "get_weather"
+    assert '{"city":"Paris"}'.startswith(arguments) and arguments != '{"city":"Paris"}'
+    assert content == "Let me check. "  # the call's text is not sent twice (68 tokens: inside it)
+    assert chunks[-1].choices[0].finish_reason == "length"

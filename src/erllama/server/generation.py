@@ -42,10 +42,12 @@ from .sse import (
     unless_disconnected,
 )
 from .state import ServerState
-from .toolcalls import forced_call_grammar, mint_id, parse_call
+from .toolcalls import ArgumentScanner, forced_call_grammar, mint_id, parse_call
 
 __all__ = [
     "Call",
+    "CallArguments",
+    "CallStart",
     "ChatJob",
     "End",
     "Finish",
@@ -154,7 +156,26 @@ class Call:
     id: str
     name: str
     arguments: Mapping[str, Any]
+    #: The arguments as the model wrote them (its exact bytes when it wrote an object).
     arguments_json: str
+    #: Streamed already as :class:`CallStart` and :class:`CallArguments` pieces.
+    streamed: bool = False
+
+
+@attrs.frozen
+class CallStart:
+    """A call's name is known and its arguments began (streams that asked for it)."""
+
+    id: str
+    name: str
+
+
+@attrs.frozen
+class CallArguments:
+    """More of a streaming call's arguments, exactly as the model writes them."""
+
+    id: str
+    text: str
 
 
 @attrs.frozen
@@ -163,7 +184,7 @@ class End:
     finish: Finish
 
 
-Piece = Text | Thinking | ThinkingStop | Call | End
+Piece = Text | Thinking | ThinkingStop | Call | CallStart | CallArguments | End
 
 
 def _grammar(state: ServerState, job: ChatJob) -> str | None:
@@ -280,15 +301,20 @@ def _seeded(options: dict[str, Any], index: int) -> dict[str, Any]:
 
 
 async def pieces(
-    state: ServerState, started: Started, call_prefix: str
+    state: ServerState, started: Started, call_prefix: str, *, stream_calls: bool = False
 ) -> AsyncGenerator[Piece, None]:
     """The request's events as pieces, ending with :class:`End`. Tool calls come whole,
-    when they close. A backend failure raises ApiError (503)."""
+    when they close; with ``stream_calls`` a call also streams before it closes, as a
+    :class:`CallStart` once its name is read and :class:`CallArguments` as its arguments
+    arrive (their concatenation is exactly the arguments object the model wrote), and its
+    :class:`Call` is then marked ``streamed``. A backend failure raises ApiError (503)."""
     job, stream, track = started.job, started.stream, started.track
     raw: list[str] = []  # the reply as generated, for replies the engine cannot give back
     calls: list[str] = []
     open_call: list[str] = []  # deltas of a call not closed yet
     held: list[LogprobEntry] = []  # log-probabilities of tokens whose text is held
+    scanner = ArgumentScanner()  # the open call's name and arguments as they arrive
+    streaming: str | None = None  # the id of the open call, once it streams
     try:
         async for ev in stream:
             if isinstance(ev, Token) and started.parse_whole:
@@ -297,8 +323,12 @@ async def pieces(
             elif isinstance(ev, Token):
                 if open_call:
                     # The request ended inside a call: the engine hands its text back as
-                    # answer text (already in ``raw``, as deltas).
+                    # answer text (already in ``raw``, as deltas). One that streamed as a
+                    # call stays one, cut short: the client has it already.
                     open_call.clear()
+                    if streaming is not None:
+                        scanner, streaming = ArgumentScanner(), None
+                        continue
                 else:
                     raw.append(ev.text)
                 if ev.logprob is not None:
@@ -316,24 +346,33 @@ async def pieces(
                 raw.append(ev.text)
                 open_call.append(ev.text)
                 track.first_token()
+                fresh = scanner.feed(ev.text) if job.parses_calls else ""
+                if stream_calls and scanner.started:
+                    if streaming is None:
+                        streaming = mint_id(call_prefix)
+                        yield CallStart(streaming, scanner.name or "")
+                    if fresh:
+                        yield CallArguments(streaming, fresh)
             elif isinstance(ev, ToolCallEnd):
                 open_call.clear()
-                parsed = parse_call(ev.text) if job.parses_calls else None
-                if parsed is None:
+                call = _call(ev.text, scanner, streaming, call_prefix) if job.parses_calls else None
+                scanner, streaming = ArgumentScanner(), None
+                if call is None:
                     yield Text(ev.text)
                     continue
-                call_id = mint_id(call_prefix)
-                calls.append(call_id)
-                yield Call(call_id, parsed.name, parsed.arguments, parsed.arguments_json)
+                calls.append(call.id)
+                yield call
             elif isinstance(ev, Done):
                 if started.parse_whole and raw:
                     whole = "".join(raw)
-                    parsed = parse_call(whole)
-                    if parsed is None:
+                    whole_scan = ArgumentScanner()
+                    whole_scan.feed(whole)
+                    call = _call(whole, whole_scan, None, call_prefix)
+                    if call is None:
                         yield Text(whole)
                     else:
-                        calls.append(mint_id(call_prefix))
-                        yield Call(calls[-1], parsed.name, parsed.arguments, parsed.arguments_json)
+                        calls.append(call.id)
+                        yield call
                 if calls:
                     reply = await reply_text(state, job.model, ev, raw)
                     state.store.remember(job.model, calls, reply)
@@ -349,6 +388,24 @@ async def pieces(
                 return
     except ErllamaError as exc:
         raise from_engine(exc, job.renames) from exc
+
+
+def _call(
+    text: str, scanner: ArgumentScanner, streamed: str | None, call_prefix: str
+) -> Call | None:
+    """The call one closed ``ToolCallEnd`` text holds, its arguments in the model's own
+    bytes when it wrote an object; None when it is none (the text is then answer text). A
+    call that streamed already is a call whatever its text: the client has its start."""
+    parsed = parse_call(text)
+    exact = scanner.arguments
+    if parsed is None:
+        if streamed is None:
+            return None
+        return Call(streamed, scanner.name or "", {}, exact or "", streamed=True)
+    if exact is None or scanner.name != parsed.name:
+        exact = parsed.arguments_json
+    call_id = streamed or mint_id(call_prefix)
+    return Call(call_id, parsed.name, parsed.arguments, exact, streamed=streamed is not None)
 
 
 async def reply_text(state: ServerState, model: str, done: Done, raw: Sequence[str]) -> str:
@@ -392,6 +449,8 @@ async def collect(state: ServerState, started: Started, call_prefix: str) -> Rep
         async for piece in parts:
             if isinstance(piece, End):
                 reply.end = piece
+            elif isinstance(piece, CallStart | CallArguments):
+                continue  # (only streams ask for them)
             elif isinstance(piece, ThinkingStop):
                 reply.signature = piece.signature
             elif isinstance(piece, Text) and reply.blocks and isinstance(reply.blocks[-1], Text):

@@ -24,6 +24,8 @@ from .body import Fields, read_json
 from .errors import ApiError, error_body, from_engine, json_response
 from .generation import (
     Call,
+    CallArguments,
+    CallStart,
     ChatJob,
     End,
     Started,
@@ -394,15 +396,26 @@ async def _chat_events(
         yield openai_event(chunk(i, {"role": "assistant", "content": ""}))
         n_calls = 0
         try:
-            async with aclosing(pieces(state, one, "call_")) as parts:
+            async with aclosing(pieces(state, one, "call_", stream_calls=True)) as parts:
                 async for piece in parts:
                     if isinstance(piece, Text):
                         event = chunk(i, {"content": piece.text})
                         if with_logprobs:
                             event["choices"][0]["logprobs"] = chat_logprobs(piece.logprobs)
                         yield openai_event(event)
+                    elif isinstance(piece, CallStart):
+                        # OpenAI's shape: the first delta names the call, with empty
+                        # arguments; the arguments follow as they are written.
+                        call = {"index": n_calls, "id": piece.id, "type": "function"}
+                        call["function"] = {"name": piece.name, "arguments": ""}
+                        yield openai_event(chunk(i, {"tool_calls": [call]}))
+                    elif isinstance(piece, CallArguments):
+                        delta = {"index": n_calls, "function": {"arguments": piece.text}}
+                        yield openai_event(chunk(i, {"tool_calls": [delta]}))
                     elif isinstance(piece, Call):
-                        yield openai_event(chunk(i, {"tool_calls": [_call_json(piece, n_calls)]}))
+                        if not piece.streamed:
+                            whole = _call_json(piece, n_calls)
+                            yield openai_event(chunk(i, {"tool_calls": [whole]}))
                         n_calls += 1
                     elif isinstance(piece, End):
                         if piece.finish == "cancelled":
