@@ -280,6 +280,10 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
         messages = chat_messages(body, state, model)
         for name in _UNSUPPORTED_CHAT:
             body.refuse(name)
+        body.refuse("web_search_options", "is not supported (no hosted search here)")
+        modalities = body.strings("modalities")
+        if modalities and set(modalities) != {"text"}:
+            raise body.bad("modalities", "only text is supported")
         n = choices_of(body)
         tools, choice, forced = tools_of(body)
         options, renames = options_of(
