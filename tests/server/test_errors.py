@@ -93,6 +93,8 @@ def anthropic_error(r: httpx.Response, status: int, kind: str) -> dict[str, Any]
         ({"grammar": ""}, "grammar"),
         ({"json_schema": {"type": "object"}, "grammar": 'root ::= "a"'}, "grammar"),
         ({"json_schema": "object"}, "json_schema"),
+        ({"web_search_options": {}}, "web_search_options"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
         ({"erllama": {"session_id": 5}}, "erllama.session_id"),
         ({"erllama": {"colour": "red"}}, "erllama.colour"),
         ({"model": 7}, "model"),
