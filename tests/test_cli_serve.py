@@ -100,6 +100,10 @@ def test_serve_answers_on_loopback_and_stops_on_sigterm(loop: str, config_file: 
     err = bytes(server.err).decode()
     assert status == 0, err
     assert "Traceback" not in err and "SIGTERM, stopping" in err
+    # An access line per request (--log-level info, the default), 401s included.
+    access = [line for line in err.splitlines() if "erllama.server.access" in line]
+    assert any('"GET /v1/models" 401' in line for line in access), err
+    assert any('"POST /v1/chat/completions" 200' in line for line in access), err
 
 
 def test_the_api_key_can_come_from_the_environment(
@@ -196,3 +200,51 @@ def test_a_preload_of_an_unknown_model_exits_2(tmp_path: Path) -> None:
     proc = _run("--config", str(path))
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "preload" in proc.stderr
+
+
+def test_a_port_in_use_is_one_line_and_exit_2_before_any_model_loads(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "serve.toml"
+        # The port is checked first: no "loading models" line, nothing loaded.
+        path.write_text(f'[server]\nport = {port}\n[models.m]\nbackend = "stub"\n')
+        proc = _run("--config", str(path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"erllama serve: cannot listen on 127.0.0.1:{port}: address already in use"
+    ]
+
+
+def test_parallel_and_default_model_options(tmp_path: Path) -> None:
+    from erllama.cli._parser import PARALLEL, build_parser
+    from erllama.cli._serve import serve_config
+
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    parser = build_parser()
+    given = serve_config(
+        parser.parse_args(
+            ["serve", "--model", str(model), "--parallel", "2", "--default-model", "m"]
+        )
+    )
+    default = serve_config(parser.parse_args(["serve", "--model", str(model)]))
+    assert given.models["m"].n_seq_max == 2 and given.server.default_model == "m"
+    assert default.models["m"].n_seq_max == PARALLEL and default.server.default_model is None
+    config = tmp_path / "x.toml"
+    config.write_text("[server]\nport = 0\n")
+    proc = _run("--config", str(config), "--parallel", "2")  # n_seq_max belongs in the file
+    assert proc.returncode == 2 and "--parallel: set the model in the --config file" in proc.stderr
+
+
+def test_log_level_warning_drops_the_access_lines(config_file: Path) -> None:
+    server = Serving("--config", str(config_file), "--log-level", "warning")
+    try:
+        with httpx.Client(base_url=server.url(), timeout=30) as h:
+            assert h.get("/health").status_code == 200
+    finally:
+        assert server.stop() == 0
+    assert "erllama.server.access" not in bytes(server.err).decode()

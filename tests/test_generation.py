@@ -245,6 +245,24 @@ async def test_tool_calls_stream_deltas_and_end_with_their_exact_text(
     assert any(op.greedy for op in decodes) and not all(op.greedy for op in decodes)
 
 
+async def test_a_call_cut_off_by_max_tokens_is_answer_text_not_a_call(
+    engine: erllama.Engine,
+) -> None:
+    mid = await engine.load_model("m", tool_model(script=SCRIPT))
+    # Words the stub knows are one token, others a byte a token: 30 end inside the call.
+    events = await events_of(await engine.infer(mid, "go", max_tokens=30))
+    assert not [e for e in events if isinstance(e, ToolCallEnd)]
+    cut = texts(events, ToolCallDelta)
+    assert cut.startswith("<tool_call> {") and not cut.endswith("</tool_call>")
+    # The call's text comes again as the last answer token, after the deltas.
+    last = [e for e in events if not isinstance(e, Done)][-1]
+    assert isinstance(last, Token) and last.text == cut
+    assert texts(events, Token) == " kabo " + cut
+    r = await engine.complete(mid, "go", max_tokens=30)
+    assert r.tool_calls == () and r.text == " kabo " + cut
+    assert r.finish_reason == "length"
+
+
 async def test_a_tool_call_payload_uses_the_requests_own_sampler(
     engine: erllama.Engine,
 ) -> None:

@@ -21,6 +21,7 @@ from .engine import open_engine as open_engine
 from .errors import BackendError as BackendError
 from .errors import CacheError as CacheError
 from .errors import ConfigError as ConfigError
+from .errors import ContextLengthExceeded as ContextLengthExceeded
 from .errors import ErllamaError as ErllamaError
 from .errors import InvalidRequest as InvalidRequest
 from .errors import ModelAlreadyLoaded as ModelAlreadyLoaded
@@ -78,6 +79,7 @@ __all__ = [
     "ErllamaError",
     "InferStream",
     "InvalidRequest",
+    "ContextLengthExceeded",
     "ModelAlreadyLoaded",
     "ModelConfig",
     "ModelFailed",

@@ -310,6 +310,12 @@ class ToolCallMarkers:
         problems.raise_any()
 
 
+#: The tool-call markers of a model whose config and chat template name none: Hermes'
+#: pair, which the tool instructions for a template without tool support name, and which a
+#: forced call's grammar writes (see docs/tool-calls.md).
+DEFAULT_TOOL_CALL_MARKERS = ToolCallMarkers(start="<tool_call>", end="</tool_call>")
+
+
 @attrs.frozen(kw_only=True)
 class ModelConfig:
     """How to load and serve one model. Backend-specific extras go in ``options``."""
@@ -367,7 +373,9 @@ class ModelConfig:
     #: known pair (``<think>``/``</think>``), unless ``detect_markers`` is off.
     thinking_markers: ThinkingMarkers | None = _nested(ThinkingMarkers, "thinking_markers")  # noqa: RUF009
     #: The model's tool-call markers. None: read from its chat template when it names a
-    #: known pair (``<tool_call>``/``</tool_call>``), unless ``detect_markers`` is off.
+    #: known pair (``<tool_call>``/``</tool_call>``), else Hermes' pair
+    #: (:data:`DEFAULT_TOOL_CALL_MARKERS`, what a template without tool support is told to
+    #: write); ``detect_markers`` off: none.
     tool_call_markers: ToolCallMarkers | None = _nested(ToolCallMarkers, "tool_call_markers")  # noqa: RUF009
     detect_markers: bool = True
     #: A session's sequence idle this long is released (after an evict save), so a

@@ -438,9 +438,13 @@ class Engine:
         async with self._use(model_id) as worker:
             return await worker.text.tokenize(text, add_special, parse_special)
 
-    async def detokenize(self, model_id: str, tokens: Sequence[int]) -> str:
+    async def detokenize(
+        self, model_id: str, tokens: Sequence[int], *, special: bool = False
+    ) -> str:
+        """Token ids to text; ``special``: special tokens (a chat template's markers) as
+        their text (llama.cpp backend) rather than as nothing."""
         async with self._use(model_id) as worker:
-            return await worker.text.detokenize(tokens)
+            return await worker.text.detokenize(tokens, special)
 
     async def apply_chat_template(
         self,

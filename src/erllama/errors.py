@@ -13,6 +13,7 @@ The hierarchy::
     ├── QueueFull                 the model's request queue is at ModelConfig.max_queue
     ├── SessionBusy               a request for a session that already has one queued or running
     ├── InvalidRequest            a request argument is out of range (names the parameter)
+    │   └── ContextLengthExceeded  the prompt leaves no room in the context (``prompt``)
     ├── BackendError              the backend failed (load, step, pack, ...); ``__cause__`` kept
     │   └── ModelFailed           the model failed earlier and serves nothing until reloaded
     └── CacheError                the KV cache could not do what was asked
@@ -30,6 +31,7 @@ __all__ = [
     "BackendError",
     "CacheError",
     "ConfigError",
+    "ContextLengthExceeded",
     "ErllamaError",
     "InvalidRequest",
     "ModelAlreadyLoaded",
@@ -156,6 +158,20 @@ class InvalidRequest(ErllamaError, ValueError):
         self.param = param
         self.reason = reason
         super().__init__(f"invalid {param}: {reason}")
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt's ``tokens`` leave no room for one generated token in the context of
+    ``n_ctx`` tokens (``param`` is ``prompt``)."""
+
+    def __init__(self, tokens: int, n_ctx: int) -> None:
+        self.tokens = tokens
+        self.n_ctx = n_ctx
+        super().__init__(
+            "prompt",
+            f"{tokens} tokens do not fit the context of {n_ctx} "
+            "(at least one token must be left for generation)",
+        )
 
 
 class BackendError(ErllamaError):

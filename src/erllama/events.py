@@ -97,7 +97,9 @@ class ThinkingEnd:
 
 @attrs.frozen(kw_only=True)
 class ToolCallDelta:
-    """A piece of a tool call's text, markers included."""
+    """A piece of a tool call's text, markers included. A call the request ended inside
+    (``max_tokens``, a full context) gets no :class:`ToolCallEnd`: its text comes again as
+    the stream's last :class:`Token`, answer text (it is no call)."""
 
     text: str
 
@@ -205,7 +207,8 @@ class Completion:
     #: The thinking text (``thinking=True``), and its signature.
     thinking: str = ""
     thinking_signature: str | None = None
-    #: Each tool call's exact text, markers included, in order.
+    #: Each tool call's exact text, markers included, in order (a call cut off by the
+    #: end of the request is answer text, in ``text``).
     tool_calls: tuple[str, ...] = ()
     #: With ``logprobs=N``: each answer token's log-probability and its N alternatives.
     logprobs: tuple[tuple[TokenLogprob, tuple[TokenLogprob, ...]], ...] = ()

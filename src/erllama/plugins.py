@@ -62,7 +62,7 @@ class Backend:
         )
         # The per-step hooks skip pluggy's dispatch: each has exactly one implementation.
         self._step_fn = _direct(self._pm, "step", ("model", "ops", "on_sampled"))
-        self._detokenize_fn = _direct(self._pm, "detokenize", ("model", "tokens"))
+        self._detokenize_fn = _direct(self._pm, "detokenize", ("model", "tokens", "special"))
 
     def _implemented(self, hook: str) -> bool:
         return bool(getattr(self._pm.hook, hook).get_hookimpls())
@@ -102,7 +102,7 @@ class Backend:
     def direct_detokenize(self, model: Any, tokens: Sequence[int]) -> bytes:
         """:meth:`detokenize`, calling the implementation directly."""
         try:
-            return bytes(self._detokenize_fn(model, tokens))
+            return bytes(self._detokenize_fn(model, tokens, False))
         except ErllamaError:
             raise
         except Exception as exc:
@@ -131,8 +131,8 @@ class Backend:
         )
         return list(out)
 
-    def detokenize(self, model: Any, tokens: Sequence[int]) -> bytes:
-        return bytes(self._call("detokenize", model=model, tokens=tokens))
+    def detokenize(self, model: Any, tokens: Sequence[int], special: bool = False) -> bytes:
+        return bytes(self._call("detokenize", model=model, tokens=tokens, special=special))
 
     def step(
         self,

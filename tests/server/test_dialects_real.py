@@ -36,6 +36,8 @@ def whole_cells(n_tokens: int) -> int:
     cells. The reply's cells were decoded one token at a time, which is not how a cold
     prefill computes them, so they are prefilled again (the exactness rule)."""
     return n_tokens // GRID * GRID
+
+
 #: Long enough that a conversation's context passes the cache policy's min_tokens (32):
 #: shorter ones are neither saved nor kept live for reuse.
 INSTRUCTIONS = "You are a helpful assistant. Answer every question in one short word, nothing else."

@@ -59,7 +59,8 @@ def anthropic_error(r: httpx.Response, status: int, kind: str) -> dict[str, Any]
     [
         ({"temperature": "hot"}, "temperature"),
         ({"temperature": 3}, "temperature"),
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": 17}, "n"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": 100_000}, "max_tokens"),
         ({"max_completion_tokens": 100_000}, "max_completion_tokens"),
@@ -76,8 +77,22 @@ def anthropic_error(r: httpx.Response, status: int, kind: str) -> dict[str, Any]
         ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "array", "maxItems": 10**9}}}}, "response_format"),
-        ({"logit_bias": {"1": 5}}, "logit_bias"),
-        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"logit_bias": {"999999999": 5}}, "logit_bias"),
+        ({"logit_bias": {"1": 500}}, "logit_bias[1]"),
+        ({"logit_bias": ["1"]}, "logit_bias"),
+        ({"frequency_penalty": 3}, "frequency_penalty"),
+        ({"presence_penalty": -2.5}, "presence_penalty"),
+        ({"repeat_penalty": 0}, "repeat_penalty"),
+        ({"repeat_last_n": -5}, "repeat_last_n"),
+        ({"logprobs": 1}, "logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"grammar": "root ::= ("}, "grammar"),
+        ({"grammar": ""}, "grammar"),
+        ({"json_schema": {"type": "object"}, "grammar": 'root ::= "a"'}, "grammar"),
+        ({"json_schema": "object"}, "json_schema"),
+        ({"web_search_options": {}}, "web_search_options"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
         ({"erllama": {"session_id": 5}}, "erllama.session_id"),
         ({"erllama": {"colour": "red"}}, "erllama.colour"),
         ({"model": 7}, "model"),
@@ -292,6 +307,10 @@ FIELDS = [
     # Ollama's
     "options", "format", "think", "keep_alive", "context", "raw", "images", "suffix",
     "template", "truncate", "name",
+    # Sampling, choices and constraints (OpenAI's, llama-server's)
+    "logprobs", "top_logprobs", "logit_bias", "presence_penalty", "frequency_penalty", "echo",
+    "best_of", "grammar", "json_schema", "repeat_penalty", "repeat_last_n", "min_p",
+    "content", "tokens", "add_special", "with_pieces",
 ]  # fmt: skip
 
 
@@ -323,6 +342,12 @@ PATHS = [
     "/api/embeddings",
     "/api/show",
     "/admin/models",
+    "/chat/completions",
+    "/completions",
+    "/embeddings",
+    "/tokenize",
+    "/detokenize",
+    "/apply-template",
 ]
 
 

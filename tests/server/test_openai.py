@@ -166,7 +166,7 @@ async def test_a_tool_call_comes_back_with_a_minted_id_and_its_arguments(served:
     assert choice.message.content == "Let me check. "
 
 
-async def test_a_streamed_tool_call_is_one_delta_with_id_name_and_arguments(
+async def test_a_streamed_tool_calls_arguments_arrive_as_the_model_writes_them(
     served: Served,
 ) -> None:
     async with client(served) as c:
@@ -175,11 +175,22 @@ async def test_a_streamed_tool_call_is_one_delta_with_id_name_and_arguments(
             stream=True,
         )  # fmt: skip
         chunks = [chunk async for chunk in stream]
+        whole = await c.chat.completions.create(
+            model="tools", messages=user("weather?"), tools=[WEATHER_TOOL], max_tokens=200
+        )
     deltas = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
-    (delta,) = deltas
-    assert delta.index == 0 and delta.id and delta.id.startswith("call_")
-    assert delta.function is not None and delta.function.name == "get_weather"
-    assert json.loads(delta.function.arguments or "") == {"city": "Paris"}
+    first, rest = deltas[0], deltas[1:]
+    # The first delta names the call; the arguments follow in pieces, all at index 0.
+    assert first.index == 0 and first.id and first.id.startswith("call_")
+    assert first.function is not None and first.function.name == "get_weather"
+    assert first.function.arguments == "" and len(rest) > 1
+    assert all(d.index == 0 and d.id is None and d.function is not None for d in rest)
+    arguments = "".join(d.function.arguments or "" for d in rest if d.function is not None)
+    # Exactly the bytes of the arguments object in the model's text (CALL_JSON's), which is
+    # what the call carries unstreamed too.
+    assert arguments == '{"city":"Paris"}' and arguments in CALL_JSON
+    (call,) = whole.choices[0].message.tool_calls or []
+    assert call.function.arguments == arguments
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 

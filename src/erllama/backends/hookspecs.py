@@ -96,10 +96,15 @@ class ModelBackend:
         ``parse_special`` turns special-token text such as ``<|im_end|>`` into its token."""
 
     @hookspec(firstresult=True)
-    def detokenize(self, model: Any, tokens: Sequence[int]) -> bytes:  # type: ignore[empty-body]
+    def detokenize(  # type: ignore[empty-body]
+        self, model: Any, tokens: Sequence[int], special: bool
+    ) -> bytes:
         """Token ids to raw UTF-8 bytes. The bytes of ``[a, b]`` must equal those of ``[a]``
         followed by those of ``[b]``: the engine decodes streams token by token with an
-        incremental UTF-8 decoder, so a character split across tokens is never emitted broken."""
+        incremental UTF-8 decoder, so a character split across tokens is never emitted broken.
+        ``special``: special tokens (a chat template's markers) as their text, not as
+        nothing (an implementation may leave the argument out: pluggy passes only what it
+        names)."""
 
     @hookspec(firstresult=True)
     def step(  # type: ignore[empty-body]

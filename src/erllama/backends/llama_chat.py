@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -18,20 +19,58 @@ import anyio.from_thread
 
 log = logging.getLogger("erllama.backends")
 
-__all__ = ["cancel_point", "render_chat_template", "split_verbatim"]
+__all__ = ["cancel_point", "render_chat_template", "split_verbatim", "tools_instructions"]
 
 
 def _raise(message: str) -> None:
     raise ValueError(f"chat template: {message}")
 
 
-def _tools_as_text(tools: Sequence[Mapping[str, Any]]) -> str:
-    lines = ["Available tools:"]
-    for tool in tools:
-        fn = tool.get("function", tool)
-        desc = fn.get("description", "")
-        lines.append(f"  - {fn.get('name', '?')}: {desc}" if desc else f"  - {fn.get('name', '?')}")
-    return "\n".join(lines)
+#: Stands for a system message while a template's default one is worked out.
+_PROBE_SYSTEM = "\x1eerllama-probe-system\x1e"
+
+
+def tools_instructions(tools: Sequence[Mapping[str, Any]], markers: tuple[str, str]) -> str:
+    """The tools for a template without tool support, as a system message says them:
+    each function's JSON schema, and the call syntax between the model's markers (Hermes'
+    wording, which many models were trained on)."""
+    start, end = markers
+    specs = [json.dumps(tool.get("function", tool), ensure_ascii=False) for tool in tools]
+    return "\n".join(
+        [
+            "You may call one or more functions to assist with the user query.",
+            "",
+            "You are provided with function signatures within <tools></tools> XML tags:",
+            "<tools>",
+            *specs,
+            "</tools>",
+            "",
+            "For each function call, return a JSON object with the function name and "
+            f"arguments within {start}{end} tags:",
+            f'{start}\n{{"name": <function-name>, "arguments": <args-json-object>}}\n{end}',
+        ]
+    )
+
+
+def _default_system(render: Callable[[list[dict[str, Any]]], str]) -> str:
+    """The system prompt a template writes when the messages bring none (SmolLM2's "You
+    are a helpful AI assistant named SmolLM ..."), or "" when it writes none: rendered
+    with a probe system message and without one; where the probe stands, the other
+    rendering has the default, if everything around it is the same."""
+    user = {"role": "user", "content": "?"}
+    with_probe = render([{"role": "system", "content": _PROBE_SYSTEM}, user])
+    without = render([user])
+    at = with_probe.find(_PROBE_SYSTEM)
+    if at < 0:
+        return ""
+    before, after = with_probe[:at], with_probe[at + len(_PROBE_SYSTEM) :]
+    if (
+        len(without) >= len(before) + len(after)
+        and without.startswith(before)
+        and without.endswith(after)
+    ):
+        return without[len(before) : len(without) - len(after)]
+    return ""
 
 
 def render_chat_template(
@@ -44,11 +83,14 @@ def render_chat_template(
     bos_token: str,
     eos_token: str,
     max_chars: int | None = None,
+    tool_call_markers: tuple[str, str] = ("<tool_call>", "</tool_call>"),
 ) -> str:
     """Render ``messages`` (plus an optional ``system`` prompt and ``tools``) to text.
 
-    Templates that know about tools receive them as ``tools``; for the others the tool list
-    is written into the system message, so the model still sees it.
+    Templates that know about tools receive them as ``tools``. For the others the tools
+    go into the one system message (:func:`tools_instructions`: schemas and the call
+    syntax between ``tool_call_markers``), after its text: the client's system message,
+    or else the template's own default system prompt, which is kept.
 
     Rendered piece by piece: a worker thread whose request was cancelled stops between
     pieces (the client went away), and a render past ``max_chars`` is refused.
@@ -60,16 +102,33 @@ def render_chat_template(
     if msgs and msgs[0].get("role") == "system" and system is not None:
         raise ValueError("give the system prompt either as system= or as a first message, not both")
     template_knows_tools = "tools" in template
-    system_text = system
-    if tools and not template_knows_tools:
-        system_text = f"{system}\n\n{_tools_as_text(tools)}" if system else _tools_as_text(tools)
-    if system_text is not None:
-        msgs.insert(0, {"role": "system", "content": system_text})
+    if system is not None:
+        msgs.insert(0, {"role": "system", "content": system})
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     try:
         compiled = env.from_string(template)
+        if tools and not template_knows_tools:
+            said = tools_instructions(tools, tool_call_markers)
+            if msgs and msgs[0].get("role") == "system":
+                first = str(msgs[0].get("content") or "")
+                msgs[0]["content"] = f"{first}\n\n{said}" if first else said
+            else:
+
+                def probe(probe_msgs: list[dict[str, Any]]) -> str:
+                    return compiled.render(
+                        messages=probe_msgs,
+                        tools=None,
+                        add_generation_prompt=False,
+                        bos_token=bos_token,
+                        eos_token=eos_token,
+                    )
+
+                default = _default_system(probe)
+                msgs.insert(
+                    0, {"role": "system", "content": f"{default}\n\n{said}" if default else said}
+                )
         pieces = compiled.generate(
             messages=msgs,
             tools=list(tools) if tools and template_knows_tools else None,

@@ -53,8 +53,8 @@ def tokenize(model: LlamaModel, text: str, add_special: bool, parse_special: boo
 
 
 @hookimpl
-def detokenize(model: LlamaModel, tokens: Sequence[int]) -> bytes:
-    return model.detokenize(tokens)
+def detokenize(model: LlamaModel, tokens: Sequence[int], special: bool) -> bytes:
+    return model.detokenize(tokens, special)
 
 
 @hookimpl

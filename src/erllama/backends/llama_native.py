@@ -27,7 +27,7 @@ from typing import Any
 import llama_cpp as L
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import DEFAULT_TOOL_CALL_MARKERS, ModelConfig
 from ..errors import ConfigError, InvalidRequest
 from ..sampling import SamplerParams
 from .llama_sampling import Sampler, new_sampler
@@ -302,6 +302,10 @@ class LlamaModel:
         self.grammar_step_limit_s = float(limit)
         self.quant = FTYPES.get(int(_meta(self.model, "general.file_type") or -1), "unknown")
         self.chat_template = _meta(self.model, "tokenizer.chat_template")
+        # The call syntax a template without tool support is told (the markers the engine
+        # then matches: the config's, else Hermes', erllama.model.spans.markers_for).
+        markers = config.tool_call_markers or DEFAULT_TOOL_CALL_MARKERS
+        self.tool_call_markers = (markers.start, markers.end)
         self.kv_layout = {
             "backend": "llama_cpp",
             "version": L.__version__,
@@ -362,23 +366,23 @@ class LlamaModel:
                 return list(buf[:n])
             cap = -n
 
-    def piece(self, token: int) -> bytes:
+    def piece(self, token: int, special: bool = False) -> bytes:
         # One buffer per thread, reused (pieces are short; a longer one grows it for good).
         # Per thread: detokenize may run on worker threads beside the model thread.
         tls = self._tls
         buf = getattr(tls, "buf", None)
         if buf is None:
             buf = tls.buf = ctypes.create_string_buffer(64)
-        n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
             buf = tls.buf = ctypes.create_string_buffer(-n)
-            n = L.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+            n = L.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
         return buf.raw[:n]
 
-    def detokenize(self, tokens: Sequence[int]) -> bytes:
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
         self._check_tokens(tokens, "tokens")
         # Concatenated pieces, so streaming token by token yields exactly these bytes.
-        return b"".join(self.piece(t) for t in tokens)
+        return b"".join(self.piece(t, special) for t in tokens)
 
     def _check_tokens(self, tokens: Sequence[int], param: str) -> None:
         n = self.n_vocab
@@ -404,7 +408,7 @@ class LlamaModel:
             text = render_chat_template(
                 self.chat_template, messages, system=system, tools=tools,
                 add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos,
-                max_chars=MAX_RENDERED_CHARS,
+                max_chars=MAX_RENDERED_CHARS, tool_call_markers=self.tool_call_markers,
             )  # fmt: skip
         except ValueError as exc:
             raise InvalidRequest("messages", str(exc)) from exc

@@ -25,6 +25,8 @@ Test controls, given in ``ModelConfig.options``: ``n_vocab``, ``n_ctx`` (else th
 ``fail_at="sample"``: sampling fails for requests with that seed; the others carry on),
 ``embed_dim``, ``script`` (text or token ids every request emits in order, whatever its
 sampler, then end of generation: for markers and stop strings split across tokens),
+``after_tool`` (with a script: what a request whose prompt holds a tool result, a message
+of role ``tool``, emits instead; an agent's loop then ends after one call),
 ``chat_template`` (a template source the stub reports, for marker detection; it renders
 its own simple format), and ``control``: a :class:`StubControl` whose gates, permits and
 counters let a test hold and watch the model thread.
@@ -211,6 +213,8 @@ class StubModel:
     #: Scripted output: every request's decodes emit these tokens in order (whatever the
     #: sampler), then the end-of-generation token.
     script: tuple[int, ...] | None = None
+    #: What a request whose prompt holds a tool result emits instead of ``script``.
+    after_tool: tuple[int, ...] | None = None
     seqs: dict[int, _Seq] = attrs.Factory(dict)
     adapters: dict[int, bytes] = attrs.Factory(dict)
     active: tuple[tuple[int, float], ...] = ()
@@ -297,6 +301,11 @@ def load(config: ModelConfig) -> LoadedModel:
         if isinstance(script, str):
             script = _tokenize(model, script, add_special=False, parse_special=True)
         model.script = tuple(int(t) for t in script)
+    after_tool = opts.get("after_tool")
+    if after_tool is not None:
+        model.after_tool = tuple(
+            _tokenize(model, after_tool, add_special=False, parse_special=True)
+        )
     return LoadedModel(
         handle=model,
         n_ctx=n_ctx,
@@ -341,6 +350,21 @@ def _tokenize_word(model: StubModel, word: str, first: bool) -> list[int]:
     # Byte fallback: lossless for any text, and splits multi-byte characters across tokens.
     raw = word.encode("utf-8") if first else b" " + word.encode("utf-8")
     return [BYTE_BASE + b for b in raw]
+
+
+def _script_for(model: StubModel, seq: _Seq) -> tuple[int, ...]:
+    """The model's script, or ``after_tool`` when the request's prompt (the tokens before
+    what the script emitted) holds a tool result (``tool:``, as the stub's template writes
+    a message of role tool)."""
+    assert model.script is not None
+    if model.after_tool is None:
+        return model.script
+    word = tuple(_tokenize_word(model, "tool:", first=False))
+    prompt = seq.tokens[: len(seq.tokens) - seq.script_pos]
+    for i in range(len(prompt) - len(word) + 1):
+        if tuple(prompt[i : i + len(word)]) == word:
+            return model.after_tool
+    return model.script
 
 
 @hookimpl
@@ -513,7 +537,8 @@ def _step(
             try:
                 if model.script is not None:
                     pos = seq.script_pos
-                    tok = model.script[pos] if pos < len(model.script) else EOS
+                    script = _script_for(model, seq)
+                    tok = script[pos] if pos < len(script) else EOS
                     seq.script_pos = pos + 1
                 else:
                     tok = _next_token(model, seq, sampler, greedy=op.greedy)

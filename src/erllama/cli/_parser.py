@@ -13,6 +13,10 @@ from ._demo import DEMO_TURNS
 
 #: The one model's context size and offloaded layers when the options are left out.
 N_CTX = 2048
+#: Sequences ``erllama serve``'s one model decodes together (``--parallel``). Measured with
+#: bench/parallel_streams.py on the project's 2-core machine (shared, so slow): SmolLM2
+#: decoded 9.1 tokens/s in all with one stream, 13.6 with 2, 24.7 with 4 (docs/server.md).
+PARALLEL = 4
 GPU_LAYERS = 0
 
 __all__ = ["Parser", "build_parser"]
@@ -210,6 +214,21 @@ def _serve(sub: Any) -> None:
         help="the name clients use for that model (default: smollm2, or the file's name)",
     )
     s.add_argument(
+        "--parallel",
+        type=_integer(1, 256),
+        default=None,
+        metavar="N",
+        help=f"sequences that model decodes together (llama-server's -np; default "
+        f"{PARALLEL}); each has --n-ctx tokens of context",
+    )
+    s.add_argument(
+        "--default-model",
+        default=None,
+        metavar="ID",
+        help="answer requests naming a model this server does not have (or none) with "
+        "this one, as llama-server and LM Studio do (off by default)",
+    )
+    s.add_argument(
         "--cache-dir",
         type=_cache_dir,
         default=None,
@@ -263,6 +282,13 @@ def _serve(sub: Any) -> None:
         default=None,
         metavar="N",
         help="the most tokens one request may generate (default 4096)",
+    )
+    s.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="what is logged on stderr: info has a line per request and every server-side "
+        "failure with its cause (default %(default)s)",
     )
     _loop(s)
     r = s.add_argument_group("scale-out on Ray Serve (needs the ray extra; see docs/scale-out.md)")

@@ -9,9 +9,15 @@ group failed). See docs/server.md.
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import os
 import signal
+import socket
+import sys
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import anyio
@@ -20,7 +26,7 @@ from ..bundled import INSTALL_HINT, bundled_model_path
 from ..config import ModelConfig, ToolCallMarkers
 from ._chat import chat_cache_config
 from ._console import Console
-from ._parser import GPU_LAYERS, N_CTX
+from ._parser import GPU_LAYERS, N_CTX, PARALLEL
 
 if TYPE_CHECKING:
     from ..server import ServeConfig
@@ -34,7 +40,7 @@ RAY_APP_NAME = "erllama"
 #: How long stopping Serve may take before the command gives up on it.
 RAY_SHUTDOWN_TIMEOUT_S = 60.0
 #: Options that describe the one model served without --config.
-MODEL_OPTIONS = ("model", "model_id", "n_ctx", "threads", "gpu_layers", "cache_dir")
+MODEL_OPTIONS = ("model", "model_id", "n_ctx", "threads", "gpu_layers", "cache_dir", "parallel")
 
 
 class ServeArgumentError(Exception):
@@ -71,12 +77,13 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
             n_ctx=N_CTX if args.n_ctx is None else args.n_ctx,
             n_threads=args.threads,
             n_gpu_layers=GPU_LAYERS if args.gpu_layers is None else args.gpu_layers,
+            n_seq_max=PARALLEL if args.parallel is None else args.parallel,
             # Hermes-style calls, so tool_choice "required" works on any chat model.
             tool_call_markers=ToolCallMarkers(start="<tool_call>", end="</tool_call>"),
         )
         config = ServeConfig(cache=chat_cache_config(args.cache_dir), models={model_id: model})
     changes: dict[str, object] = {}
-    for option in ("host", "port", "max_tokens", "max_connections", "admin"):
+    for option in ("host", "port", "max_tokens", "max_connections", "admin", "default_model"):
         value = getattr(args, option, None)
         if value is not None:
             changes[option] = value
@@ -93,19 +100,58 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     return config.with_server(**changes) if changes else config
 
 
+def configure_logging(level: str) -> None:
+    """The command's log on stderr (the library configures none): at ``info``, a line per
+    request (``erllama.server.access``) and each server-side failure with its cause."""
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # Hypercorn's own access log is off (transport.py); llama.cpp's chatter stays at DEBUG.
+
+
+def listen(host: str, port: int, console: Console) -> socket.socket | None:
+    """The listening socket, bound before any model loads: a port in use (or an address
+    not ours) is one line and exit status 2, not a traceback after every model loaded.
+    None when it cannot be bound (said on ``console``)."""
+    from ..server.run import bind_socket
+
+    try:
+        return bind_socket(host, port)
+    except OSError as exc:
+        why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        console.note(f"erllama serve: cannot listen on {host}:{port}: {why or exc}")
+        return None
+
+
+@asynccontextmanager
+async def _closing(sock: socket.socket) -> AsyncIterator[None]:
+    """The socket closed however the serving ends (a load that fails, say)."""
+    try:
+        yield
+    finally:
+        sock.close()
+
+
 async def serve(args: argparse.Namespace, console: Console) -> int:
     from ..engine import open_engine
     from ..server import open_server
 
     config: ServeConfig = args.serve_config
+    configure_logging(args.log_level)
+    sock = listen(config.server.host, config.server.port, console)
+    if sock is None:
+        return 2
     preload = list(config.models) if config.preload is None else list(config.preload)
     names = ", ".join(preload) or "none"
     later = [m for m in config.models if m not in preload]
     on_demand = f"; on first request: {', '.join(later)}" if later else ""
     console.note(f"erllama serve: loading models ({names}{on_demand}) ...")
     async with (
+        _closing(sock),
         open_engine(config.engine_config()) as engine,
-        open_server(engine, config) as server,
+        open_server(engine, config, sock) as server,
     ):
         # From here on Ctrl-C and SIGTERM stop the server gracefully (before, Ctrl-C
         # interrupts the load as in every command).

@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 
 from ..cache.key import parse_key
-from ..errors import InvalidRequest
+from ..errors import ContextLengthExceeded, InvalidRequest
 from ..sampling import SamplerParams, validate_max_tokens
 from .stops import check_stops
 
@@ -84,11 +84,7 @@ def check_prompt_length(n: int, n_ctx: int) -> None:
     if n == 0:
         raise InvalidRequest("prompt", "is empty")
     if n >= n_ctx:
-        raise InvalidRequest(
-            "prompt",
-            f"{n} tokens do not fit the context of {n_ctx} "
-            "(at least one token must be left for generation)",
-        )
+        raise ContextLengthExceeded(n, n_ctx)
 
 
 def check_token_ids(tokens: Sequence[int], n_vocab: int, param: str) -> list[int]:

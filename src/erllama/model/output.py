@@ -99,6 +99,8 @@ class Output:
         self._tool = _decoder()
         self._tool_parts: list[str] = []
         self._last_text_id: int | None = None
+        #: The last token fed (what a call cut off at the end is attributed to).
+        self._last_id: int | None = None
         #: The log-probabilities of the token being turned into events (None: not asked).
         self._logprob: TokenLogprob | None = None
         self._top: tuple[TokenLogprob, ...] = ()
@@ -127,6 +129,7 @@ class Output:
         and its alternatives, when the request asked for them (answer tokens carry them)."""
         if eog:
             return False
+        self._last_id = token
         piece = self._pieces(token)
         if logprob is not None:
             pieces = self._pieces
@@ -153,21 +156,31 @@ class Output:
         return matched
 
     def finish(self, out: list[Event]) -> None:
-        """The request ended: release what is held; close an open span."""
+        """The request ended: release what is held; close an open span.
+
+        A tool call the request ended inside (``max_tokens``, a full context) is not a
+        call: it gets no ``ToolCallEnd``, and its text, streamed so far as deltas, comes
+        again as a last ``Token``: answer text, as a client must show it."""
         if self.stop_sequence is not None:
             return
+        cut_call: str | None = None
         if self._spans is not None:
+            inside_call = self._spans.span in ("tool", "payload")
             for what, span, data in self._spans.close():
                 if what == "content" and span == "text":
                     self._answer(data, self._last_text_id, out)
                 elif what == "content" and span == "think":
                     self._thinking(data, out)
+                elif what == "close" and inside_call:
+                    cut_call = self._cut_call(out)
                 else:
                     self._other(what, span, data, out)
         if self._stops is not None:
             tail = self._text(self._stops.flush())
             if tail and self._last_text_id is not None:
                 out.append(Token(text=tail, token_id=self._last_text_id))
+        if cut_call:
+            out.append(Token(text=cut_call, token_id=self._last_id or 0))
 
     # ---- the three kinds of output -------------------------------------------------------
 
@@ -209,6 +222,17 @@ class Output:
                 self._other(what, span, data, out)
         assert self._markers is not None
         self.insert = self._markers.think_end_tokens
+
+    def _cut_call(self, out: list[Event]) -> str:
+        """The text of the call the request ended inside (its last bytes streamed as a
+        delta), the call forgotten."""
+        rest = self._tool(b"", final=True)
+        if rest:
+            self._tool_parts.append(rest)
+            out.append(ToolCallDelta(text=rest))
+        text = "".join(self._tool_parts)
+        self._tool_parts.clear()
+        return text
 
     def _other(self, what: str, span: Span, data: bytes, out: list[Event]) -> None:
         """Tool-call content and markers, and spans opening and closing."""

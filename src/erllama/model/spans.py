@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Literal
 
 import attrs
 
+from ..config import DEFAULT_TOOL_CALL_MARKERS
+
 if TYPE_CHECKING:
     from ..config import ModelConfig
 
@@ -169,15 +171,19 @@ def markers_for(
     tokenize: Callable[[str], Sequence[int]],
 ) -> Markers:
     """A model's thinking and tool-call markers: the config's, else the pairs its chat
-    template names. Matched on text; the thinking markers' tokens are kept too (the engine
-    feeds the end marker when a budget runs out, and spots a prompt that opens the span)."""
+    template names, else (tool calls only) Hermes' pair: what the engine tells a template
+    without tool support to write, and what a forced call's grammar writes, so a call is a
+    call whatever the config. ``detect_markers`` off: the config's only. Matched on text;
+    the thinking markers' tokens are kept too (the engine feeds the end marker when a
+    budget runs out, and spots a prompt that opens the span)."""
     tm, tc = config.thinking_markers, config.tool_call_markers
     think = (tm.start, tm.end) if tm else None
     tool = (tc.start, tc.end) if tc else None
-    if config.detect_markers and chat_template:
-        found_think, found_tool = detect_markers(chat_template)
+    if config.detect_markers:
+        found_think, found_tool = detect_markers(chat_template or "")
         think = think or found_think
-        tool = tool or found_tool
+        hermes = DEFAULT_TOOL_CALL_MARKERS
+        tool = tool or found_tool or (hermes.start, hermes.end)
 
     def raw(text: str | None) -> bytes:
         return text.encode("utf-8") if text else b""

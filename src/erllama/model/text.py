@@ -65,7 +65,7 @@ class TextCalls:
 
         return await self._gate.native(run)
 
-    async def detokenize(self, tokens: Sequence[int]) -> str:
+    async def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
         self._gate.check_serving()
         facts = self._gate.facts
         assert facts is not None
@@ -73,7 +73,8 @@ class TextCalls:
 
         def run(handle: Any) -> bytes:
             # Off the loop: a long list costs time proportional to its length.
-            return backend.detokenize(handle, intake.check_token_ids(tokens, n_vocab, "tokens"))
+            ids = intake.check_token_ids(tokens, n_vocab, "tokens")
+            return backend.detokenize(handle, ids, special)
 
         raw: bytes = await self._gate.native(run)
         return raw.decode("utf-8", errors="replace")

@@ -361,8 +361,10 @@ class FleetEngine:
             model_id, text, add_special=add_special, parse_special=parse_special
         )
 
-    async def detokenize(self, model_id: str, tokens: Sequence[int]) -> str:
-        return await self._local.detokenize(model_id, tokens)
+    async def detokenize(
+        self, model_id: str, tokens: Sequence[int], *, special: bool = False
+    ) -> str:
+        return await self._local.detokenize(model_id, tokens, special=special)
 
     async def embed(self, model_id: str, prompt: str | Sequence[int]) -> list[float]:
         tokens = await self._local.tokenize(model_id, prompt) if isinstance(prompt, str) else prompt

@@ -17,6 +17,8 @@ from .body import Fields, read_json
 from .errors import ApiError, error_body, from_engine, json_response
 from .generation import (
     Call,
+    CallArguments,
+    CallStart,
     ChatJob,
     End,
     Finish,
@@ -279,7 +281,7 @@ def _usage(done: Done) -> dict[str, int]:
 
 async def messages(request: Request, state: ServerState) -> Response:
     body = await read_json(request, state.config.server.max_body_bytes)
-    model = body.req_text("model")
+    model = state.model_of(body)
     track = state.metrics.track("anthropic", state.model_label(model))
     try:
         job = parse(body, state, model, scope=request.scope)
@@ -377,7 +379,7 @@ async def _events(state: ServerState, started: Started, message_id: str) -> Asyn
     )
     blocks = _Blocks()
     try:
-        async with aclosing(pieces(state, started, "toolu_")) as parts:
+        async with aclosing(pieces(state, started, "toolu_", stream_calls=True)) as parts:
             async for piece in parts:
                 out: list[str] = []
                 if isinstance(piece, Thinking):
@@ -398,16 +400,26 @@ async def _events(state: ServerState, started: Started, message_id: str) -> Asyn
                     if blocks.open != "text":
                         out += blocks.start("text", {"type": "text", "text": ""})
                     out.append(blocks.delta({"type": "text_delta", "text": piece.text}))
-                elif isinstance(piece, Call):
+                elif isinstance(piece, CallStart):
                     out += blocks.start(
                         "tool_use",
                         {"type": "tool_use", "id": piece.id, "name": piece.name, "input": {}},
                     )
+                elif isinstance(piece, CallArguments):
                     out.append(
-                        blocks.delta(
-                            {"type": "input_json_delta", "partial_json": piece.arguments_json}
-                        )
+                        blocks.delta({"type": "input_json_delta", "partial_json": piece.text})
                     )
+                elif isinstance(piece, Call):
+                    if not piece.streamed:
+                        out += blocks.start(
+                            "tool_use",
+                            {"type": "tool_use", "id": piece.id, "name": piece.name, "input": {}},
+                        )
+                        out.append(
+                            blocks.delta(
+                                {"type": "input_json_delta", "partial_json": piece.arguments_json}
+                            )
+                        )
                     out += blocks.stop()
                 elif isinstance(piece, End):
                     if piece.finish == "cancelled":
@@ -438,7 +450,7 @@ async def _events(state: ServerState, started: Started, message_id: str) -> Asyn
 
 async def count_tokens(request: Request, state: ServerState) -> Response:
     body = await read_json(request, state.config.server.max_body_bytes)
-    model = body.req_text("model")
+    model = state.model_of(body)
     job = parse(body, state, model, counting=True)
     await state.use_model(model)
     check_messages(job.messages, state)

@@ -19,7 +19,16 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..errors import ErllamaError
-from . import admin, anthropic, ollama, ollama_models, openai, responses
+from . import (
+    admin,
+    anthropic,
+    completions,
+    llamacpp,
+    ollama,
+    ollama_models,
+    openai,
+    responses,
+)
 from .auth import Gate
 from .config import ServeConfig
 from .errors import ApiError, Dialect, dialect_of, error_response, from_engine, json_response
@@ -74,9 +83,28 @@ async def metrics(request: Request, state: ServerState) -> Response:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    kind = "not_found" if exc.status_code == 404 else "invalid_request"
-    err = ApiError(exc.status_code, kind, str(exc.detail))  # type: ignore[arg-type]
+    if exc.status_code == 404:
+        # Name what was asked for and what there is: a client pointed at the wrong base
+        # URL (a missing or doubled /v1) sees its mistake at once.
+        served = ", ".join(_route_list(request.app))
+        err = ApiError(
+            404,
+            "not_found",
+            f"no route {request.method} {request.url.path}; this server serves: {served}",
+            code="route_not_found",
+        )
+    else:
+        err = ApiError(exc.status_code, "invalid_request", str(exc.detail))
     return error_response(err, dialect_of(request.url.path), request_id=request_id(request.scope))
+
+
+def _route_list(app: Starlette) -> list[str]:
+    out = []
+    for route in app.routes:
+        if isinstance(route, Route):
+            methods = sorted((route.methods or set()) - {"HEAD"})
+            out.append(f"{'/'.join(methods)} {route.path}")
+    return out
 
 
 def _middleware(state: ServerState) -> list[Middleware]:
@@ -112,8 +140,16 @@ def build_app(engine: EnginePort, config: ServeConfig | None = None) -> Starlett
         Route("/v1/models", _endpoint(openai.list_models, oa), methods=["GET"]),
         Route("/v1/models/{model_id:path}", _endpoint(openai.get_model, oa), methods=["GET"]),
         Route("/v1/chat/completions", _endpoint(openai.chat_completions, oa), methods=["POST"]),
-        Route("/v1/completions", _endpoint(openai.completions, oa), methods=["POST"]),
+        Route("/v1/completions", _endpoint(completions.completions, oa), methods=["POST"]),
         Route("/v1/embeddings", _endpoint(openai.embeddings, oa), methods=["POST"]),
+        # llama-server's: the OpenAI routes without /v1, and its text routes.
+        Route("/models", _endpoint(openai.list_models, oa), methods=["GET"]),
+        Route("/chat/completions", _endpoint(openai.chat_completions, oa), methods=["POST"]),
+        Route("/completions", _endpoint(completions.completions, oa), methods=["POST"]),
+        Route("/embeddings", _endpoint(openai.embeddings, oa), methods=["POST"]),
+        Route("/tokenize", _endpoint(llamacpp.tokenize, oa), methods=["POST"]),
+        Route("/detokenize", _endpoint(llamacpp.detokenize, oa), methods=["POST"]),
+        Route("/apply-template", _endpoint(llamacpp.apply_template, oa), methods=["POST"]),
         Route("/v1/messages", _endpoint(anthropic.messages, an), methods=["POST"]),
         Route("/v1/messages/count_tokens", _endpoint(anthropic.count_tokens, an), methods=["POST"]),
         Route("/v1/responses", _endpoint(responses.create, oa), methods=["POST"]),

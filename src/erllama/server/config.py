@@ -102,6 +102,12 @@ def _names(value: Any) -> str | None:
     return "must be non-empty strings without whitespace"
 
 
+def _opt_name(value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and value):
+        return None
+    return f"must be a model id or absent, got {value!r}"
+
+
 def _backends(value: Any) -> str | None:
     if all(isinstance(v, str) and v for v in value):
         return None
@@ -177,6 +183,10 @@ class ServerConfig:
     #: How long a request for a model that is not loaded waits for its load (or for room
     #: under ``max_loaded_models``) before a 503 with ``Retry-After``; the load goes on.
     load_wait_s: float = _number_field(120.0, 0)
+    #: The model that serves a request naming a model this server does not know (or none),
+    #: as llama-server and LM Studio answer any name with their one model. None (the
+    #: default): such a request is a 404.
+    default_model: str | None = _checked(_opt_name, default=None)
 
     def __attrs_post_init__(self) -> None:
         problems = _Problems(self)

@@ -25,6 +25,7 @@ from ..errors import (
     BackendError,
     CacheError,
     ConfigError,
+    ContextLengthExceeded,
     ErllamaError,
     InvalidRequest,
     ModelAlreadyLoaded,
@@ -63,6 +64,8 @@ Kind = Literal[
     "internal",
 ]
 
+#: The code of a 400 for a prompt that does not fit the model's context (OpenAI's).
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 #: How long a client should wait before retrying a full queue or a loading model (seconds).
 RETRY_AFTER_S = 1
 
@@ -147,7 +150,10 @@ def from_engine(exc: ErllamaError, params: Mapping[str, str] | None = None) -> A
 def _from_engine(exc: ErllamaError, params: Mapping[str, str]) -> ApiError:
     if isinstance(exc, InvalidRequest):
         param = params.get(exc.param, exc.param)
-        return ApiError.bad_param(param, exc.reason)
+        err = ApiError.bad_param(param, exc.reason)
+        if isinstance(exc, ContextLengthExceeded):
+            err.code = CONTEXT_LENGTH_EXCEEDED  # what OpenAI's and vLLM's clients look for
+        return err
     if isinstance(exc, ModelLoading):
         return ApiError(
             503,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
-from contextlib import aclosing
+from contextlib import AsyncExitStack, aclosing
 from typing import Any, Literal
 
 import anyio
@@ -19,10 +19,18 @@ import attrs
 from starlette.requests import Request
 
 from ..errors import ErllamaError
-from ..events import Done, ThinkingDelta, ThinkingEnd, Token, ToolCallDelta, ToolCallEnd
+from ..events import (
+    Done,
+    ThinkingDelta,
+    ThinkingEnd,
+    Token,
+    TokenLogprob,
+    ToolCallDelta,
+    ToolCallEnd,
+)
 from ..grammar import check_schema, response_format_grammar
 from ..lifecycle import KeepAlive
-from .errors import ApiError, Dialect, error_body, from_engine, log_cause
+from .errors import CONTEXT_LENGTH_EXCEEDED, ApiError, Dialect, error_body, from_engine, log_cause
 from .metrics import Track
 from .params import check_messages
 from .port import EventStream
@@ -35,10 +43,12 @@ from .sse import (
     unless_disconnected,
 )
 from .state import ServerState
-from .toolcalls import forced_call_grammar, mint_id, parse_call
+from .toolcalls import ArgumentScanner, forced_call_grammar, mint_id, parse_call
 
 __all__ = [
     "Call",
+    "CallArguments",
+    "CallStart",
     "ChatJob",
     "End",
     "Finish",
@@ -48,15 +58,19 @@ __all__ = [
     "Text",
     "Thinking",
     "ThinkingStop",
+    "LogprobEntry",
     "cancelled_error",
     "close",
+    "close_all",
     "collect",
     "extension",
     "keep_alive_of",
     "pieces",
     "reply_text",
+    "replies_unless_disconnected",
     "reply_unless_disconnected",
     "start",
+    "start_choices",
     "stream_error",
     "stream_guard",
 ]
@@ -82,6 +96,8 @@ class ChatJob:
     choice: Literal["none", "auto", "required"] = "auto"
     forced: str | None = None
     response_format: Mapping[str, Any] | None = None
+    #: A GBNF grammar the request gave itself (llama-server's ``grammar``).
+    grammar: str | None = None
     #: Engine keywords: max_tokens, temperature, top_p, top_k, seed, stop, thinking ...
     options: dict[str, Any] = attrs.field(factory=dict)
     #: API parameter names for the engine's (``prompt`` -> ``messages``).
@@ -109,11 +125,25 @@ class Started:
     track: Track
     #: The guard's id of the HTTP request (named in a 5xx error event and its log line).
     request_id: str | None = None
+    #: A forced call on a model whose calls the engine does not mark (``detect_markers``
+    #: off, no markers configured): the grammar makes the whole reply the call, so the
+    #: reply is parsed as one when it ends.
+    parse_whole: bool = False
+    #: Which of the request's choices this is (``n``).
+    index: int = 0
+
+
+#: One answer token's log-probability and its alternatives (``logprobs`` requests).
+LogprobEntry = tuple[TokenLogprob, tuple[TokenLogprob, ...]]
 
 
 @attrs.frozen
 class Text:
     text: str
+    #: The log-probabilities of the tokens that released this text (``logprobs``
+    #: requests; a token whose text is held, as a stop string's may be, comes with the
+    #: next text).
+    logprobs: tuple[LogprobEntry, ...] = ()
 
 
 @attrs.frozen
@@ -131,7 +161,26 @@ class Call:
     id: str
     name: str
     arguments: Mapping[str, Any]
+    #: The arguments as the model wrote them (its exact bytes when it wrote an object).
     arguments_json: str
+    #: Streamed already as :class:`CallStart` and :class:`CallArguments` pieces.
+    streamed: bool = False
+
+
+@attrs.frozen
+class CallStart:
+    """A call's name is known and its arguments began (streams that asked for it)."""
+
+    id: str
+    name: str
+
+
+@attrs.frozen
+class CallArguments:
+    """More of a streaming call's arguments, exactly as the model writes them."""
+
+    id: str
+    text: str
 
 
 @attrs.frozen
@@ -140,18 +189,26 @@ class End:
     finish: Finish
 
 
-Piece = Text | Thinking | ThinkingStop | Call | End
+Piece = Text | Thinking | ThinkingStop | Call | CallStart | CallArguments | End
 
 
 def _grammar(state: ServerState, job: ChatJob) -> str | None:
+    constrained = job.response_format is not None and job.response_format.get("type") != "text"
+    if job.grammar is not None and constrained:
+        raise ApiError.bad_param(
+            job.renames.get("grammar", "grammar"),
+            "give one of grammar, json_schema and response_format",
+        )
     if job.choice == "required" and job.tools is not None:
-        if job.response_format is not None and job.response_format.get("type") != "text":
+        if constrained or job.grammar is not None:
             raise ApiError.bad_param(
                 "tool_choice", "a forced tool call cannot be combined with response_format"
             )
         names = [job.forced] if job.forced is not None else list(job.functions)
         tools = [(n, job.functions.get(n)) for n in names]
         return forced_call_grammar(state.markers(job.model), tools)
+    if job.grammar is not None:
+        return job.grammar  # the engine parses it and bounds its cost (a 400 naming it)
     rf = job.response_format
     if rf is not None:
         spec = rf.get("json_schema")
@@ -169,10 +226,12 @@ def _within(job: ChatJob, options: dict[str, Any], prompt_tokens: int) -> dict[s
         return options
     room = limit - prompt_tokens
     if room < 1:
-        raise ApiError.bad_param(
+        err = ApiError.bad_param(
             job.renames.get("context_limit", "context_limit"),
             f"the prompt is {prompt_tokens} tokens, which leaves no room in {limit}",
         )
+        err.code = CONTEXT_LENGTH_EXCEEDED
+        raise err
     asked = options.get("max_tokens")
     return {**options, "max_tokens": room if asked is None else min(asked, room)}
 
@@ -193,6 +252,22 @@ async def start(
 ) -> Started:
     """Render the prompt and queue the request; ApiError (404, 429, 503, 400 naming the
     parameter) before anything runs. The model is loaded first if it is not."""
+    return (await start_choices(state, job, track, request_id, 1))[0]
+
+
+#: Seeds are 32-bit: choice i of a seeded request runs with ``(seed + i) mod 2**32``.
+_SEEDS = 2**32
+
+
+async def start_choices(
+    state: ServerState, job: ChatJob, track: Track, request_id: str | None, n: int
+) -> list[Started]:
+    """Render the prompt once and queue ``n`` requests for it (``n`` choices), back to
+    back: each ``infer`` returns once its request is queued, so all n are queued before
+    any is waited for, and a scheduler that shares a prompt's prefill between requests
+    admitted together (issue 22) prefills it once. With a ``seed``, choice i runs with
+    ``seed + i``, so each choice can be reproduced alone. ApiError before anything runs;
+    a later request refused (a full queue) cancels those queued before it."""
     keep_alive, engine_options = keep_alive_of(job.options, job.keep_alive)
     await state.use_model(job.model, keep_alive)
     check_messages(job.messages, state)
@@ -200,6 +275,7 @@ async def start(
     renames = dict(job.renames)
     if job.choice == "required" and job.tools is not None:
         renames["grammar"] = "tool_choice"  # the grammar is the forced call's
+    streams: list[EventStream] = []
     try:
         # Off the loop: converting a large schema takes a while (bounded by check_schema).
         grammar = await anyio.to_thread.run_sync(_grammar, state, job)
@@ -207,30 +283,77 @@ async def start(
         if prompt is None:
             prompt = await engine.apply_chat_template(job.model, job.messages, None, job.tools)
         options = _within(job, engine_options, len(prompt))
-        stream = await engine.infer(job.model, prompt, grammar=grammar, **options)
-    except ErllamaError as exc:
-        raise from_engine(exc, renames) from exc
-    return Started(
-        job=job, stream=stream, prompt_tokens=len(prompt), track=track, request_id=request_id
-    )
+        for i in range(n):
+            streams.append(
+                await engine.infer(job.model, prompt, grammar=grammar, **_seeded(options, i))
+            )
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            for stream in streams:
+                await stream.aclose()
+        if isinstance(exc, ErllamaError):
+            raise from_engine(exc, renames) from exc
+        raise
+    parse_whole = job.choice == "required" and job.tools is not None
+    parse_whole = parse_whole and not state.matches_calls(job.model)
+    return [
+        Started(
+            job=job,
+            stream=stream,
+            prompt_tokens=len(prompt),
+            track=track,
+            request_id=request_id,
+            parse_whole=parse_whole,
+            index=i,
+        )
+        for i, stream in enumerate(streams)
+    ]
+
+
+def _seeded(options: dict[str, Any], index: int) -> dict[str, Any]:
+    seed = options.get("seed")
+    if index == 0 or not isinstance(seed, int) or not 0 <= seed < _SEEDS:
+        return options  # (a bad seed fails on the first choice, named)
+    return {**options, "seed": (seed + index) % _SEEDS}
 
 
 async def pieces(
-    state: ServerState, started: Started, call_prefix: str
+    state: ServerState, started: Started, call_prefix: str, *, stream_calls: bool = False
 ) -> AsyncGenerator[Piece, None]:
     """The request's events as pieces, ending with :class:`End`. Tool calls come whole,
-    when they close. A backend failure raises ApiError (503)."""
+    when they close; with ``stream_calls`` a call also streams before it closes, as a
+    :class:`CallStart` once its name is read and :class:`CallArguments` as its arguments
+    arrive (their concatenation is exactly the arguments object the model wrote), and its
+    :class:`Call` is then marked ``streamed``. A backend failure raises ApiError (503)."""
     job, stream, track = started.job, started.stream, started.track
     raw: list[str] = []  # the reply as generated, for replies the engine cannot give back
     calls: list[str] = []
     open_call: list[str] = []  # deltas of a call not closed yet
+    held: list[LogprobEntry] = []  # log-probabilities of tokens whose text is held
+    scanner = ArgumentScanner()  # the open call's name and arguments as they arrive
+    streaming: str | None = None  # the id of the open call, once it streams
     try:
         async for ev in stream:
-            if isinstance(ev, Token):
+            if isinstance(ev, Token) and started.parse_whole:
                 raw.append(ev.text)
+                track.first_token()
+            elif isinstance(ev, Token):
+                if open_call:
+                    # The request ended inside a call: the engine hands its text back as
+                    # answer text (already in ``raw``, as deltas). One that streamed as a
+                    # call stays one, cut short: the client has it already.
+                    open_call.clear()
+                    if streaming is not None:
+                        scanner, streaming = ArgumentScanner(), None
+                        continue
+                else:
+                    raw.append(ev.text)
+                if ev.logprob is not None:
+                    held.append((ev.logprob, ev.top_logprobs))
                 if ev.text:
                     track.first_token()
-                    yield Text(ev.text)
+                    yield Text(ev.text, tuple(held))
+                    held.clear()
             elif isinstance(ev, ThinkingDelta):
                 track.first_token()
                 yield Thinking(ev.text)
@@ -240,18 +363,33 @@ async def pieces(
                 raw.append(ev.text)
                 open_call.append(ev.text)
                 track.first_token()
+                fresh = scanner.feed(ev.text) if job.parses_calls else ""
+                if stream_calls and scanner.started:
+                    if streaming is None:
+                        streaming = mint_id(call_prefix)
+                        yield CallStart(streaming, scanner.name or "")
+                    if fresh:
+                        yield CallArguments(streaming, fresh)
             elif isinstance(ev, ToolCallEnd):
                 open_call.clear()
-                parsed = parse_call(ev.text) if job.parses_calls else None
-                if parsed is None:
+                call = _call(ev.text, scanner, streaming, call_prefix) if job.parses_calls else None
+                scanner, streaming = ArgumentScanner(), None
+                if call is None:
                     yield Text(ev.text)
                     continue
-                call_id = mint_id(call_prefix)
-                calls.append(call_id)
-                yield Call(call_id, parsed.name, parsed.arguments, parsed.arguments_json)
+                calls.append(call.id)
+                yield call
             elif isinstance(ev, Done):
-                if open_call:  # cut off inside a call (max_tokens): the text is the answer's
-                    yield Text("".join(open_call))
+                if started.parse_whole and raw:
+                    whole = "".join(raw)
+                    whole_scan = ArgumentScanner()
+                    whole_scan.feed(whole)
+                    call = _call(whole, whole_scan, None, call_prefix)
+                    if call is None:
+                        yield Text(whole)
+                    else:
+                        calls.append(call.id)
+                        yield call
                 if calls:
                     reply = await reply_text(state, job.model, ev, raw)
                     state.store.remember(job.model, calls, reply)
@@ -267,6 +405,24 @@ async def pieces(
                 return
     except ErllamaError as exc:
         raise from_engine(exc, job.renames) from exc
+
+
+def _call(
+    text: str, scanner: ArgumentScanner, streamed: str | None, call_prefix: str
+) -> Call | None:
+    """The call one closed ``ToolCallEnd`` text holds, its arguments in the model's own
+    bytes when it wrote an object; None when it is none (the text is then answer text). A
+    call that streamed already is a call whatever its text: the client has its start."""
+    parsed = parse_call(text)
+    exact = scanner.arguments
+    if parsed is None:
+        if streamed is None:
+            return None
+        return Call(streamed, scanner.name or "", {}, exact or "", streamed=True)
+    if exact is None or scanner.name != parsed.name:
+        exact = parsed.arguments_json
+    call_id = streamed or mint_id(call_prefix)
+    return Call(call_id, parsed.name, parsed.arguments, exact, streamed=streamed is not None)
 
 
 async def reply_text(state: ServerState, model: str, done: Done, raw: Sequence[str]) -> str:
@@ -288,6 +444,8 @@ class Reply:
     blocks: list[Text | Thinking | Call] = attrs.Factory(list)
     signature: str | None = None
     end: End | None = None
+    #: Every answer token's log-probabilities, in order (``logprobs`` requests).
+    logprobs: list[LogprobEntry] = attrs.Factory(list)
 
     @property
     def text(self) -> str:
@@ -308,10 +466,16 @@ async def collect(state: ServerState, started: Started, call_prefix: str) -> Rep
         async for piece in parts:
             if isinstance(piece, End):
                 reply.end = piece
+            elif isinstance(piece, CallStart | CallArguments):
+                continue  # (only streams ask for them)
             elif isinstance(piece, ThinkingStop):
                 reply.signature = piece.signature
             elif isinstance(piece, Text) and reply.blocks and isinstance(reply.blocks[-1], Text):
                 reply.blocks[-1] = Text(reply.blocks[-1].text + piece.text)
+                reply.logprobs += piece.logprobs
+            elif isinstance(piece, Text):
+                reply.blocks.append(Text(piece.text))
+                reply.logprobs += piece.logprobs
             elif (
                 isinstance(piece, Thinking)
                 and reply.blocks
@@ -404,6 +568,44 @@ async def reply_unless_disconnected(
     if reply.end.finish == "cancelled":
         raise cancelled_error()
     return reply
+
+
+async def replies_unless_disconnected(
+    request: Request, state: ServerState, started: Sequence[Started], call_prefix: str
+) -> list[Reply] | None:
+    """Every choice's whole reply (see :func:`reply_unless_disconnected`). Collected one
+    after another: the requests run together in the model, so the last one read is ready
+    about when the first is; one that fails cancels the rest."""
+    if len(started) == 1:
+        one = await reply_unless_disconnected(request, state, started[0], call_prefix)
+        return None if one is None else [one]
+
+    async def work() -> list[Reply]:
+        async with AsyncExitStack() as stack:
+            for s in started:
+                await stack.enter_async_context(s.stream)
+            return [await collect(state, s, call_prefix) for s in started]
+
+    track = started[0].track
+    try:
+        replies = await unless_disconnected(request, work)
+    except BaseException as exc:
+        track.end_midway(exc)
+        raise
+    if replies is None:
+        track.end("disconnected")
+        return None
+    if any(r.end is None or r.end.finish == "cancelled" for r in replies):
+        raise cancelled_error()
+    return replies
+
+
+async def close_all(started: Sequence[Started], interrupted: Interruption | None = None) -> None:
+    """A stream's cleanup for several choices: each request cancelled (when it has not
+    ended), the outcome recorded once."""
+    for s in started[1:]:
+        await s.stream.aclose()
+    await close(started[0], interrupted)
 
 
 def stream_error(exc: Exception, started: Started, dialect: Dialect) -> dict[str, Any]:

@@ -19,7 +19,8 @@ it; it runs before the API-key check (:mod:`.auth`).
 * **Disconnect.** Once the body is read, a client that goes away cancels the route's work
   wherever it is (rendering a chat template, waiting for a model, generating), not only
   in the places that listen for it. Nothing is sent to a client that is gone.
-* ``erllama_http_requests_total{route, status}`` counts every answer.
+* ``erllama_http_requests_total{route, status}`` counts every answer, and the
+  ``erllama.server.access`` logger writes a line for it (499: the client left first).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import secrets
+import time
 
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -38,6 +40,8 @@ from .state import ServerState
 __all__ = ["DRAIN_CAP", "Guard", "request_id"]
 
 log = logging.getLogger("erllama.server")
+#: One line per request answered (INFO): client, method, path, status, seconds, request id.
+access_log = logging.getLogger("erllama.server.access")
 
 #: A body longer than this is refused without reading it to the end (the connection may
 #: then be reset); shorter oversize bodies are read and dropped so the client gets the 413.
@@ -209,6 +213,7 @@ class Guard:
         path: str = scope["path"]
         status = 0
         complete = False
+        began = time.monotonic()
 
         async def guarded_send(message: Message) -> None:
             nonlocal status, complete
@@ -237,6 +242,17 @@ class Guard:
             await self._run(scope, body, receive, guarded_send, lambda: complete)
         finally:
             self.state.metrics.http.labels(route_label(path), str(status or 499)).inc()
+            if access_log.isEnabledFor(logging.INFO):
+                client = scope.get("client") or ("-", 0)
+                access_log.info(
+                    '%s "%s %s" %d %.3fs %s',
+                    client[0],
+                    scope["method"],
+                    path,
+                    status or 499,
+                    time.monotonic() - began,
+                    rid,
+                )
 
     async def _run(
         self, scope: Scope, body: bytes, receive: Receive, send: Send, complete: object

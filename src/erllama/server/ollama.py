@@ -68,7 +68,7 @@ IGNORED_OPTIONS = frozenset(
     {
         "numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "logits_all",
         "vocab_only", "use_mmap", "use_mlock", "embedding_only", "num_thread", "num_keep",
-        "typical_p", "tfs_z", "repeat_last_n", "mirostat", "mirostat_tau", "mirostat_eta",
+        "typical_p", "tfs_z", "mirostat", "mirostat_tau", "mirostat_eta",
         "penalize_newline",
     }
 )  # fmt: skip
@@ -84,6 +84,9 @@ RENAMES: Mapping[str, str] = {
     "top_p": "options.top_p",
     "min_p": "options.min_p",
     "repetition_penalty": "options.repeat_penalty",
+    "presence_penalty": "options.presence_penalty",
+    "frequency_penalty": "options.frequency_penalty",
+    "penalty_last_n": "options.repeat_last_n",
     "seed": "options.seed",
     "stop": "options.stop",
     "thinking_budget_tokens": "think",
@@ -116,8 +119,12 @@ def request_model(body: Fields, state: ServerState, field: str = "model") -> tup
     clients send ``name`` instead of ``model``."""
     if body.get(field) is None and body.get("name") is not None:
         field = "name"
-    name = body.req_text(field)
-    return name, resolve(state, name)
+    default = state.config.server.default_model
+    name = body.req_text(field) if default is None else (body.text(field) or default)
+    model = resolve(state, name)
+    if default is not None and not state.knows(model):
+        model = default  # server.default_model: any name is that model
+    return name, model
 
 
 # ---- request fields ------------------------------------------------------------------------
@@ -165,7 +172,13 @@ def _options(body: Fields, state: ServerState) -> tuple[dict[str, Any], int | No
     temperature = opts.number("temperature", minimum=0)
     if temperature is not None:
         out["temperature"] = temperature
-    renamed = (("top_p", "top_p"), ("min_p", "min_p"), ("repeat_penalty", "repetition_penalty"))
+    renamed = (
+        ("top_p", "top_p"),
+        ("min_p", "min_p"),
+        ("repeat_penalty", "repetition_penalty"),
+        ("presence_penalty", "presence_penalty"),
+        ("frequency_penalty", "frequency_penalty"),
+    )
     for name, engine_name in renamed:
         value = opts.number(name)
         if value is not None:
@@ -186,9 +199,9 @@ def _options(body: Fields, state: ServerState) -> tuple[dict[str, Any], int | No
     stop = opts.strings("stop")
     if stop:
         out["stop"] = stop
-    for name in ("presence_penalty", "frequency_penalty"):
-        if opts.number(name) not in (None, 0.0):
-            raise opts.bad(name, "is not supported (erllama takes repeat_penalty)")
+    last_n = opts.integer("repeat_last_n")
+    if last_n is not None:
+        out["penalty_last_n"] = last_n
     # A loaded model's context is its config's n_ctx; a smaller num_ctx bounds the request
     # (prompt and reply) within it, a larger one cannot apply.
     return out, opts.integer("num_ctx", minimum=1)

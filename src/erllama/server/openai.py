@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import secrets
 import struct
 import time
@@ -23,21 +24,23 @@ from .body import Fields, read_json
 from .errors import ApiError, error_body, from_engine, json_response
 from .generation import (
     Call,
+    CallArguments,
+    CallStart,
     ChatJob,
     End,
     Started,
     Text,
     cancelled_error,
-    close,
+    close_all,
     extension,
-    keep_alive_of,
     pieces,
-    reply_unless_disconnected,
-    start,
+    replies_unless_disconnected,
+    start_choices,
     stream_error,
     stream_guard,
 )
 from .guard import request_id
+from .logprobs import chat_logprobs, chat_request
 from .params import (
     EXTENSION_RENAMES,
     cache_salt,
@@ -45,25 +48,39 @@ from .params import (
     functions_of,
     max_tokens,
     sampling,
+    sampling_renames,
     tool_spec,
     unique,
 )
 from .sse import EventStreamResponse, NoResponse, openai_done, openai_event, unless_disconnected
 from .state import ServerState
+from .structured import constraint
 from .toolcalls import fallback_text
 
-__all__ = ["chat_completions", "completions", "embeddings", "list_models", "get_model"]
+__all__ = [
+    "MAX_CHOICES",
+    "chat_completions",
+    "chat_messages",
+    "choices_of",
+    "closing_events",
+    "embeddings",
+    "get_model",
+    "list_models",
+    "new_id",
+    "options_of",
+    "stream_flags",
+    "tools_of",
+    "unit_length",
+    "usage_of",
+]
 
 log = logging.getLogger("erllama.server")
 
 #: Most inputs one embeddings request may hold.
 MAX_EMBED_INPUTS = 256
-#: What a legacy completion generates when the request names no max_tokens (OpenAI's own
-#: default for this endpoint).
-COMPLETION_DEFAULT_TOKENS = 16
 
 
-def _new_id(prefix: str) -> str:
+def new_id(prefix: str) -> str:
     return prefix + secrets.token_hex(12)
 
 
@@ -204,10 +221,13 @@ def chat_messages(body: Fields, state: ServerState, model: str) -> list[dict[str
 
 # ---- chat request ------------------------------------------------------------------------
 
-_UNSUPPORTED_CHAT = ("audio", "prediction", "functions", "function_call", "top_logprobs")
+_UNSUPPORTED_CHAT = ("audio", "prediction", "functions", "function_call")
+#: Most choices one request may ask for (``n``): each is a request in the model's queue.
+MAX_CHOICES = 16
 
 
-def _tools(body: Fields) -> tuple[list[dict[str, Any]] | None, str, str | None]:
+def tools_of(body: Fields) -> tuple[list[dict[str, Any]] | None, str, str | None]:
+    """``tools`` and ``tool_choice``: the tools, the choice, and the forced function."""
     raw = body.array("tools")
     tools = []
     for i, value in enumerate(raw or []):
@@ -239,40 +259,16 @@ def _tools(body: Fields) -> tuple[list[dict[str, Any]] | None, str, str | None]:
     return tools, "required", name
 
 
-def _response_format(body: Fields) -> dict[str, Any] | None:
-    rf = body.obj("response_format")
-    if rf is None:
-        return None
-    kind = rf.get("type")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return {"type": "json_object"}
-    if kind == "json_schema":
-        spec = rf.obj("json_schema", required=True)
-        assert spec is not None
-        schema = spec.obj("schema", required=True)
-        assert schema is not None
-        return {"type": "json_schema", "json_schema": {"schema": schema.data}}
-    raise rf.bad("type", "must be text, json_object or json_schema")
+def choices_of(body: Fields) -> int:
+    """``n``: how many choices (1 to :data:`MAX_CHOICES`)."""
+    return body.integer("n", minimum=1, maximum=MAX_CHOICES) or 1
 
 
-def _common_unsupported(body: Fields) -> None:
-    n = body.integer("n")
-    if n is not None and n != 1:
-        raise body.bad("n", "only n = 1 is supported")
-    if body.get("logprobs") not in (None, False, 0):
-        raise body.bad("logprobs", "is not supported")
-    if body.get("logit_bias"):
-        raise body.bad("logit_bias", "is not supported")
-    for name in ("frequency_penalty", "presence_penalty"):
-        if body.number(name) not in (None, 0.0):
-            raise body.bad(name, "is not supported (erllama takes repetition_penalty)")
-
-
-def _options(
+def options_of(
     request: Request, body: Fields, state: ServerState, names: Sequence[str], default: int | None
 ) -> tuple[dict[str, Any], dict[str, str]]:
+    """The engine keywords both OpenAI generation routes take, and the request's names
+    for them (for errors)."""
     limit, field = max_tokens(body, state, names, default)
     options = {
         "max_tokens": limit,
@@ -283,42 +279,54 @@ def _options(
     stop = body.strings("stop")
     if stop:
         options["stop"] = stop
-    renames = {"max_tokens": field, **EXTENSION_RENAMES}
+    renames = {"max_tokens": field, **EXTENSION_RENAMES, **sampling_renames(body)}
     return options, renames
 
 
-def _stream_flags(body: Fields) -> tuple[bool, bool]:
+def stream_flags(body: Fields) -> tuple[bool, bool]:
     stream = body.flag("stream")
     opts = body.obj("stream_options")
     include_usage = opts.flag("include_usage") if opts is not None else False
     return stream, include_usage
 
 
-def _usage(done: Done) -> dict[str, Any]:
-    st = done.stats
+def usage_of(dones: Sequence[Done]) -> dict[str, Any]:
+    """``usage`` of a request's choices: the prompt counted once (it is one prompt, and
+    its cached tokens are the first choice's), every choice's generated tokens."""
+    first = dones[0].stats
+    generated = sum(d.stats.completion_tokens for d in dones)
     return {
-        "prompt_tokens": st.prompt_tokens,
-        "completion_tokens": st.completion_tokens,
-        "total_tokens": st.prompt_tokens + st.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": st.cache_delta.read},
+        "prompt_tokens": first.prompt_tokens,
+        "completion_tokens": generated,
+        "total_tokens": first.prompt_tokens + generated,
+        "prompt_tokens_details": {"cached_tokens": first.cache_delta.read},
         "completion_tokens_details": {"reasoning_tokens": 0},
     }
 
 
 async def chat_completions(request: Request, state: ServerState) -> Response:
     body = await read_json(request, state.config.server.max_body_bytes)
-    model = body.req_text("model")
+    model = state.model_of(body)
     track = state.metrics.track("openai", state.model_label(model))
     try:
         messages = chat_messages(body, state, model)
-        _common_unsupported(body)
         for name in _UNSUPPORTED_CHAT:
             body.refuse(name)
-        tools, choice, forced = _tools(body)
-        options, renames = _options(
+        body.refuse("web_search_options", "is not supported (no hosted search here)")
+        modalities = body.strings("modalities")
+        if modalities and set(modalities) != {"text"}:
+            raise body.bad("modalities", "only text is supported")
+        n = choices_of(body)
+        tools, choice, forced = tools_of(body)
+        options, renames = options_of(
             request, body, state, ("max_completion_tokens", "max_tokens"), None
         )
-        stream, include_usage = _stream_flags(body)
+        logprobs = chat_request(body)
+        if logprobs is not None:
+            options["logprobs"] = logprobs
+            renames["logprobs"] = "top_logprobs"
+        stream, include_usage = stream_flags(body)
+        shape = constraint(body)
         job = ChatJob(
             model=model,
             messages=messages,
@@ -326,35 +334,48 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
             functions=functions_of(tools or []),
             choice=choice,  # type: ignore[arg-type]
             forced=forced,
-            response_format=_response_format(body),
+            response_format=shape.response_format,
+            grammar=shape.grammar,
             options=options,
-            renames={"prompt": "messages", "grammar": "response_format", **renames},
+            renames={"prompt": "messages", "grammar": shape.field, **renames},
         )
-        started = await start(state, job, track, request_id(request.scope))
+        started = await start_choices(state, job, track, request_id(request.scope), n)
     except BaseException as exc:
         track.end_with(exc)
         raise
-    completion_id = _new_id("chatcmpl-")
+    completion_id = new_id("chatcmpl-")
     created = int(time.time())
+    with_logprobs = logprobs is not None
     if stream:
         return EventStreamResponse(
-            _chat_events(state, started, completion_id, created, include_usage),
-            cleanup=lambda why: close(started, why),
+            _chat_events(state, started, completion_id, created, include_usage, with_logprobs),
+            cleanup=lambda why: close_all(started, why),
             guard=stream_guard(state, "openai"),
         )
-    reply = await reply_unless_disconnected(request, state, started, "call_")
-    if reply is None:
+    replies = await replies_unless_disconnected(request, state, started, "call_")
+    if replies is None:
         return NoResponse()
-    assert reply.end is not None
-    end = reply.end
-    calls = reply.calls
-    message: dict[str, Any] = {
-        "role": "assistant",
-        "content": reply.text if reply.text or not calls else None,
-        "refusal": None,
-    }
-    if calls:
-        message["tool_calls"] = [_call_json(c) for c in calls]
+    choices = []
+    for i, reply in enumerate(replies):
+        assert reply.end is not None
+        calls = reply.calls
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": reply.text if reply.text or not calls else None,
+            "refusal": None,
+        }
+        if calls:
+            message["tool_calls"] = [_call_json(c) for c in calls]
+        entry: dict[str, Any] = {
+            "index": i,
+            "message": message,
+            "finish_reason": reply.end.finish,
+            "logprobs": chat_logprobs(reply.logprobs) if with_logprobs else None,
+        }
+        if len(replies) > 1:
+            entry["erllama"] = extension(reply.end.done)
+        choices.append(entry)
+    dones = [r.end.done for r in replies if r.end is not None]
     return json_response(
         {
             "id": completion_id,
@@ -362,11 +383,9 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
             "created": created,
             "model": model,
             "system_fingerprint": state.fingerprint,
-            "choices": [
-                {"index": 0, "message": message, "finish_reason": end.finish, "logprobs": None}
-            ],
-            "usage": _usage(end.done),
-            "erllama": extension(end.done),
+            "choices": choices,
+            "usage": usage_of(dones),
+            "erllama": extension(dones[0]),
         }
     )
 
@@ -383,151 +402,85 @@ def _call_json(call: Call, index: int | None = None) -> dict[str, Any]:
 
 
 async def _chat_events(
-    state: ServerState, started: Started, cid: str, created: int, include_usage: bool
+    state: ServerState,
+    started: Sequence[Started],
+    cid: str,
+    created: int,
+    include_usage: bool,
+    with_logprobs: bool,
 ) -> AsyncIterator[str]:
-    model = started.job.model
+    """A chat stream. With several choices (``n``) each choice's chunks come in turn:
+    the requests run together in the model, and a later choice's events wait, buffered,
+    until the one before ends (clients gather chunks by ``index``)."""
+    model = started[0].job.model
 
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {
             "id": cid,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
             "system_fingerprint": state.fingerprint,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            "choices": [
+                {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            ],
         }
 
-    yield openai_event(chunk({"role": "assistant", "content": ""}))
-    n_calls = 0
-    try:
-        async with aclosing(pieces(state, started, "call_")) as parts:
-            async for piece in parts:
-                if isinstance(piece, Text):
-                    yield openai_event(chunk({"content": piece.text}))
-                elif isinstance(piece, Call):
-                    yield openai_event(chunk({"tool_calls": [_call_json(piece, n_calls)]}))
-                    n_calls += 1
-                elif isinstance(piece, End):
-                    for event in _end_events(piece, lambda f: chunk({}, f), include_usage):
-                        yield event
-    except Exception as exc:
-        yield openai_event(stream_error(exc, started, "openai"))
+    dones: list[Done] = []
+    for one in started:
+        i = one.index
+        yield openai_event(chunk(i, {"role": "assistant", "content": ""}))
+        n_calls = 0
+        try:
+            async with aclosing(pieces(state, one, "call_", stream_calls=True)) as parts:
+                async for piece in parts:
+                    if isinstance(piece, Text):
+                        event = chunk(i, {"content": piece.text})
+                        if with_logprobs:
+                            event["choices"][0]["logprobs"] = chat_logprobs(piece.logprobs)
+                        yield openai_event(event)
+                    elif isinstance(piece, CallStart):
+                        # OpenAI's shape: the first delta names the call, with empty
+                        # arguments; the arguments follow as they are written.
+                        call = {"index": n_calls, "id": piece.id, "type": "function"}
+                        call["function"] = {"name": piece.name, "arguments": ""}
+                        yield openai_event(chunk(i, {"tool_calls": [call]}))
+                    elif isinstance(piece, CallArguments):
+                        delta = {"index": n_calls, "function": {"arguments": piece.text}}
+                        yield openai_event(chunk(i, {"tool_calls": [delta]}))
+                    elif isinstance(piece, Call):
+                        if not piece.streamed:
+                            whole = _call_json(piece, n_calls)
+                            yield openai_event(chunk(i, {"tool_calls": [whole]}))
+                        n_calls += 1
+                    elif isinstance(piece, End):
+                        if piece.finish == "cancelled":
+                            yield openai_event(error_body(cancelled_error(), "openai"))
+                            return
+                        last = chunk(i, {}, piece.finish)
+                        last["erllama"] = extension(piece.done)
+                        yield openai_event(last)
+                        dones.append(piece.done)
+        except Exception as exc:
+            yield openai_event(stream_error(exc, one, "openai"))
+            return
+    for closing in closing_events(dones, lambda: chunk(0, {}), include_usage):
+        yield closing
 
 
-def _end_events(
-    end: End, chunk: Callable[[str | None], dict[str, Any]], include_usage: bool
+def closing_events(
+    dones: Sequence[Done], chunk: Callable[[], dict[str, Any]], include_usage: bool
 ) -> list[str]:
-    """What closes a streamed reply, chat or legacy: an error for a cancelled request; else
-    the last chunk (``chunk(finish)``, with erllama's fields), the usage chunk when asked
-    for, and ``[DONE]``."""
-    if end.finish == "cancelled":
-        return [openai_event(error_body(cancelled_error(), "openai"))]
-    last = chunk(end.finish)
-    last["erllama"] = extension(end.done)
-    out = [openai_event(last)]
+    """What ends a streamed reply, chat or legacy, after every choice's last chunk: the
+    usage chunk when asked for (``choices: []``), and ``[DONE]``."""
+    out = []
     if include_usage:
-        usage = chunk(None)
+        usage = chunk()
         usage["choices"] = []
-        usage["usage"] = _usage(end.done)
+        usage["usage"] = usage_of(dones)
         out.append(openai_event(usage))
     out.append(openai_done())
     return out
-
-
-# ---- legacy completions ------------------------------------------------------------------
-
-
-def _prompt(body: Fields) -> str | list[int]:
-    value = body.get("prompt")
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str | list):
-        value = value[0]
-    if isinstance(value, str):
-        if not value:
-            raise body.bad("prompt", "must not be empty")
-        return value
-    if (
-        isinstance(value, list)
-        and value
-        and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
-    ):
-        return list(value)
-    if isinstance(value, list) and len(value) > 1:
-        raise body.bad("prompt", "one prompt per request is supported")
-    raise body.bad("prompt", "must be a non-empty string or array of token ids")
-
-
-async def completions(request: Request, state: ServerState) -> Response:
-    body = await read_json(request, state.config.server.max_body_bytes)
-    model = body.req_text("model")
-    track = state.metrics.track("openai", state.model_label(model))
-    try:
-        prompt = _prompt(body)
-        _common_unsupported(body)
-        for name in ("suffix", "echo", "best_of"):
-            if name == "best_of" and body.integer("best_of") in (None, 1):
-                continue
-            if name == "echo" and not body.flag("echo"):
-                continue
-            body.refuse(name)
-        options, renames = _options(
-            request, body, state, ("max_tokens",), COMPLETION_DEFAULT_TOKENS
-        )
-        stream, include_usage = _stream_flags(body)
-        keep_alive, options = keep_alive_of(options)
-        await state.use_model(model, keep_alive)
-        job = ChatJob(model=model, messages=[], options=options, renames=renames)
-        try:
-            infer = await state.engine.infer(model, prompt, **options)
-        except ErllamaError as exc:
-            raise from_engine(exc, renames) from exc
-        started = Started(
-            job=job,
-            stream=infer,
-            prompt_tokens=0,
-            track=track,
-            request_id=request_id(request.scope),
-        )
-    except BaseException as exc:
-        track.end_with(exc)
-        raise
-    completion_id = _new_id("cmpl-")
-    created = int(time.time())
-
-    def shape(text: str, finish: str | None) -> dict[str, Any]:
-        return {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "system_fingerprint": state.fingerprint,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-        }
-
-    if stream:
-
-        async def events() -> AsyncIterator[str]:
-            try:
-                async with aclosing(pieces(state, started, "call_")) as parts:
-                    async for piece in parts:
-                        if isinstance(piece, Text):
-                            yield openai_event(shape(piece.text, None))
-                        elif isinstance(piece, End):
-                            for event in _end_events(piece, lambda f: shape("", f), include_usage):
-                                yield event
-            except Exception as exc:
-                yield openai_event(stream_error(exc, started, "openai"))
-
-        return EventStreamResponse(
-            events(), cleanup=lambda why: close(started, why), guard=stream_guard(state, "openai")
-        )
-    reply = await reply_unless_disconnected(request, state, started, "call_")
-    if reply is None:
-        return NoResponse()
-    assert reply.end is not None
-    out = shape(reply.text, reply.end.finish)
-    out["usage"] = _usage(reply.end.done)
-    out["erllama"] = extension(reply.end.done)
-    return json_response(out)
 
 
 # ---- embeddings ----------------------------------------------------------------------------
@@ -563,14 +516,24 @@ def _inputs(body: Fields) -> list[str | list[int]]:
     return items
 
 
+def unit_length(vec: list[float]) -> list[float]:
+    """``vec`` scaled to Euclidean length 1 (OpenAI's and llama-server's vectors are, so
+    a dot product is their cosine); a zero vector as it is."""
+    norm = math.sqrt(math.fsum(v * v for v in vec))
+    return [v / norm for v in vec] if norm > 0 else vec
+
+
 async def embeddings(request: Request, state: ServerState) -> Response:
     body = await read_json(request, state.config.server.max_body_bytes)
-    model = body.req_text("model")
+    model = state.model_of(body)
     inputs = _inputs(body)
     fmt = body.text("encoding_format") or "float"
     if fmt not in ("float", "base64"):
         raise body.bad("encoding_format", "must be float or base64")
-    body.refuse("dimensions")
+    body.refuse("dimensions", "is not supported: vectors keep the model's own size (leave it out)")
+    normalize = body.integer("embd_normalize")  # llama-server's: -1 raw, 2 unit length
+    if normalize not in (None, -1, 2):
+        raise body.bad("embd_normalize", "must be 2 (unit length, the default) or -1 (raw)")
     await state.use_model(model)
     engine = state.engine
 
@@ -591,7 +554,7 @@ async def embeddings(request: Request, state: ServerState) -> Response:
     vectors, n_tokens = result
     data = []
     for i, vec in enumerate(vectors):
-        value: Any = vec
+        value: Any = vec if normalize == -1 else unit_length(vec)
         if fmt == "base64":
             value = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode("ascii")
         data.append({"object": "embedding", "index": i, "embedding": value})

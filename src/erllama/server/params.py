@@ -19,6 +19,7 @@ __all__ = [
     "extension_options",
     "max_tokens",
     "sampling",
+    "sampling_renames",
     "tool_spec",
 ]
 
@@ -42,24 +43,49 @@ def max_tokens(
 
 
 def sampling(body: Fields, state: ServerState) -> dict[str, Any]:
-    """temperature, top_p, seed, and llama.cpp-style extras (top_k, min_p,
-    repetition_penalty) given at the top level, as OpenAI clients' ``extra_body`` sends
-    them. Ranges beyond these types are checked by the engine, which names the field."""
+    """temperature, top_p, seed, OpenAI's presence and frequency penalties and
+    ``logit_bias``, and llama.cpp-style extras given at the top level, as OpenAI clients'
+    ``extra_body`` sends them: top_k, min_p, repetition_penalty (llama-server's
+    ``repeat_penalty``), penalty_last_n (its ``repeat_last_n``). Ranges beyond these types
+    are checked by the engine, which names the field (see :func:`sampling_renames`)."""
     out: dict[str, Any] = {}
     temperature = body.number("temperature", minimum=0, maximum=2)
     out["temperature"] = (
         temperature if temperature is not None else state.config.server.default_temperature
     )
-    for name in ("top_p", "min_p", "repetition_penalty"):
+    for name in ("top_p", "min_p", "presence_penalty", "frequency_penalty"):
         value = body.number(name)
+        if value is not None:
+            out[name] = value
+    for name, alias in (("repetition_penalty", "repeat_penalty"),):
+        value = body.number(name)
+        value = body.number(alias) if value is None else value
         if value is not None:
             out[name] = value
     top_k = body.integer("top_k", minimum=0)
     if top_k is not None:
         out["top_k"] = top_k
+    last_n = body.integer("penalty_last_n")
+    last_n = body.integer("repeat_last_n") if last_n is None else last_n
+    if last_n is not None:
+        out["penalty_last_n"] = last_n
+    bias = body.obj("logit_bias")
+    if bias is not None and bias.data:
+        out["logit_bias"] = dict(bias.data)  # ids as decimal strings; the engine checks them
     seed = body.integer("seed")
     if seed is not None:
         out["seed"] = seed
+    return out
+
+
+def sampling_renames(body: Fields) -> dict[str, str]:
+    """The request's names for the engine's sampling keywords where they differ
+    (llama-server's ``repeat_penalty`` and ``repeat_last_n``), for errors."""
+    out = {}
+    if body.get("repetition_penalty") is None and body.get("repeat_penalty") is not None:
+        out["repetition_penalty"] = "repeat_penalty"
+    if body.get("penalty_last_n") is None and body.get("repeat_last_n") is not None:
+        out["penalty_last_n"] = "repeat_last_n"
     return out
 
 

@@ -269,9 +269,6 @@ def _refuse(body: Fields) -> None:
     body.refuse("prompt", "prompt templates are not supported")
     if body.integer("top_logprobs") not in (None, 0):
         raise body.bad("top_logprobs", "log probabilities are not supported")
-    for name in ("frequency_penalty", "presence_penalty"):
-        if body.number(name) not in (None, 0.0):
-            raise body.bad(name, "is not supported (erllama takes repetition_penalty)")
 
 
 def _metadata(body: Fields) -> dict[str, str]:
@@ -523,7 +520,7 @@ def _finite(value: Any, path: str) -> None:
 async def create(request: Request, state: ServerState) -> Response:
     body = await read_json(request, state.config.server.max_body_bytes)
     _finite(body.data, "")
-    name = body.req_text("model")
+    name = state.model_of(body)
     track = state.metrics.track("responses", state.model_label(name))
     try:
         turn = await _parse(body, state, name, request.scope)

@@ -65,15 +65,19 @@ class RunningServer:
 
 
 @asynccontextmanager
-async def open_server(engine: EnginePort, config: ServeConfig) -> AsyncIterator[RunningServer]:
+async def open_server(
+    engine: EnginePort, config: ServeConfig, sock: socket.socket | None = None
+) -> AsyncIterator[RunningServer]:
     """Serve ``engine`` over HTTP while the block runs (``config.server.host`` and
-    ``port``; port 0 picks a free one, reported in ``RunningServer.port``). Leaving the
-    block stops accepting, gives in-flight requests ``graceful_timeout_s``, then cancels
-    them."""
+    ``port``; port 0 picks a free one, reported in ``RunningServer.port``), or on ``sock``,
+    a listening socket bound already (``erllama serve`` binds before it loads models, so
+    a port in use is one line, not a traceback after the load). Leaving the block stops
+    accepting, gives in-flight requests ``graceful_timeout_s``, then cancels them."""
     server = config.server
     app = build_app(engine, config)
     state: ServerState = app.state.erllama
-    sock = bind_socket(server.host, server.port)
+    if sock is None:
+        sock = bind_socket(server.host, server.port)
     port = sock.getsockname()[1]
     host = f"[{server.host}]" if ":" in server.host else server.host
     running = RunningServer(url=f"http://{host}:{port}", host=server.host, port=port, app=app)

@@ -26,6 +26,7 @@ from ..errors import (
     ModelUnloading,
 )
 from ..lifecycle import KeepAlive
+from .body import Fields
 from .config import ServeConfig
 from .errors import RETRY_AFTER_S, ApiError, from_engine
 from .metrics import Metrics
@@ -118,10 +119,29 @@ class ServerState:
         return self.config.server.api_keys + self.config.server.admin_keys
 
     def markers(self, model_id: str) -> ToolCallMarkers:
+        """The tool-call markers the engine matches on this model (its config's, its
+        template's, or Hermes'), which a forced call's grammar and a replayed call must
+        write too; Hermes' when the engine has none (``detect_markers`` off)."""
+        try:
+            pair = self.engine.model_info(model_id).tool_call_markers
+        except ModelNotFound:
+            pair = None
         config = self.model_configs.get(model_id)
         if config is not None and config.tool_call_markers is not None:
-            return config.tool_call_markers
+            ours = config.tool_call_markers
+            if pair is None or pair == (ours.start, ours.end):
+                return ours  # with its payload markers
+        if pair is not None:
+            return ToolCallMarkers(start=pair[0], end=pair[1])
         return DEFAULT_MARKERS
+
+    def matches_calls(self, model_id: str) -> bool:
+        """Whether the engine marks this model's tool calls (it does unless the model's
+        config turned ``detect_markers`` off and named no markers)."""
+        try:
+            return self.engine.model_info(model_id).tool_call_markers is not None
+        except ModelNotFound:
+            return False
 
     @asynccontextmanager
     async def holding(self) -> AsyncIterator[None]:
@@ -210,6 +230,28 @@ class ServerState:
                 code="model_failed",
                 retryable=False,
             )
+
+    def model_of(self, body: Fields, field: str = "model") -> str:
+        """The model a request names. With ``server.default_model`` (off by default), a
+        name this server does not know, or none, is that model, as llama-server and LM
+        Studio serve whatever name a client was set up with."""
+        default = self.config.server.default_model
+        if default is None:
+            return body.req_text(field)
+        name = body.text(field)
+        if name and self.knows(name):
+            return name
+        return default
+
+    def knows(self, model_id: str) -> bool:
+        """A model loaded, loading, or in the config (unloaded ones keep their 503)."""
+        if model_id in self.loading or model_id in self.config.models:
+            return True
+        try:
+            self.engine.model_info(model_id)
+        except ModelNotFound:
+            return False
+        return True
 
     def model_label(self, model_id: object) -> str:
         """The ``model`` label of a request's metrics: its model when the server knows it,

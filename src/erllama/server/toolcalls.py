@@ -33,6 +33,7 @@ from ..errors import NotSupported
 from ..grammar import conversion_error, schema_converter
 
 __all__ = [
+    "ArgumentScanner",
     "DEFAULT_MARKERS",
     "ParsedCall",
     "ToolCallStore",
@@ -175,3 +176,122 @@ def forced_call_grammar(
     call = " | ".join(f"( {a} )" for a in alternatives)
     root = f"root ::= {_literal(markers.start)} ( {call} ) {_literal(markers.end)}"
     return root + "\n" + str(conv.format_grammar())
+
+
+class ArgumentScanner:
+    """A Hermes-style call's name and arguments while its text streams in, so the
+    arguments can be streamed as the model writes them (OpenAI ``arguments`` deltas,
+    Anthropic ``input_json_delta``): the concatenation of what :meth:`feed` returns is
+    exactly the bytes of the ``arguments`` (or ``parameters``) object in the model's text.
+
+    It follows the JSON's top-level keys as characters arrive (strings and escapes, nesting
+    depth); the arguments stream once the call's ``name`` is read and its arguments began
+    as an object. Arguments given as a JSON string (some models write them so) do not
+    stream: they come whole with the call, decoded.
+    """
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self._depth = 0
+        self._in_string = False
+        self._escape = False
+        self._key: list[str] | None = None  # the top-level key being read
+        self._last_key: str | None = None
+        self._expect_value = False
+        self._value: list[str] | None = None  # the name's string being read
+        self._args: list[str] | None = None  # the arguments object so far
+        self._args_depth = 0
+        self._args_done = False
+        self._sent = 0  # characters of the arguments handed out so far
+
+    @property
+    def started(self) -> bool:
+        """The name is known and the arguments began: the call streams."""
+        return self.name is not None and self._args is not None
+
+    @property
+    def arguments(self) -> str | None:
+        """The arguments object's exact text, once it closed."""
+        return "".join(self._args) if self._args is not None and self._args_done else None
+
+    def feed(self, text: str) -> str:
+        """Account ``text``; returns the arguments' new characters (once streaming)."""
+        for ch in text:
+            self._char(ch)
+        if not self.started or self._args is None:
+            return ""
+        whole = "".join(self._args)
+        out, self._sent = whole[self._sent :], len(whole)
+        return out
+
+    def _char(self, ch: str) -> None:
+        if self._args is not None and not self._args_done:
+            self._args.append(ch)
+            self._track_args(ch)
+            return
+        if self._in_string:
+            if self._escape:
+                self._escape = False
+            elif ch == "\\":
+                self._escape = True
+            elif ch == '"':
+                self._in_string = False
+                self._end_string()
+                return
+            target = self._key if self._key is not None else self._value
+            if target is not None:
+                target.append(ch)
+            return
+        if ch == '"':
+            self._in_string = True
+            if self._depth == 1 and not self._expect_value:
+                self._key = []
+            elif self._depth == 1 and self._last_key == "name":
+                self._value = []
+            return
+        if ch == "{":
+            if self._depth == 1 and self._expect_value and self._last_key in _ARG_KEYS:
+                self._args, self._args_depth = ["{"], 1
+                self._expect_value = False
+                return
+            self._depth += 1
+        elif ch in "}]":
+            self._depth -= 1
+        elif ch == "[":
+            self._depth += 1
+        elif ch == ":" and self._depth == 1:
+            self._expect_value = True
+        elif ch == "," and self._depth == 1:
+            self._expect_value = False
+
+    def _end_string(self) -> None:
+        if self._key is not None:
+            self._last_key, self._key = "".join(self._key), None
+        elif self._value is not None:
+            if self.name is None:
+                self.name = "".join(self._value)
+            self._value = None
+            self._expect_value = False
+        else:
+            self._expect_value = False
+
+    def _track_args(self, ch: str) -> None:
+        if self._in_string:
+            if self._escape:
+                self._escape = False
+            elif ch == "\\":
+                self._escape = True
+            elif ch == '"':
+                self._in_string = False
+        elif ch == '"':
+            self._in_string = True
+        elif ch in "{[":
+            self._args_depth += 1
+        elif ch in "}]":
+            self._args_depth -= 1
+            if self._args_depth == 0:
+                self._args_done = True
+
+
+#: The keys a Hermes-style call's arguments come under.
+_ARG_KEYS = ("arguments", "parameters")
