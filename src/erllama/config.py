@@ -352,6 +352,11 @@ class ModelConfig:
     #: Keep a finished request's KV in its sequence and reuse its longest common prefix with
     #: the next prompt admitted there: no restore at all. Off only to measure cold paths.
     keep_live_kv: bool = True
+    #: Requests that run at the same time and share a prompt prefix prefill it once: a
+    #: request admitted while another (same fingerprint) is still to feed the prefix they
+    #: share waits for it and copies those cells from its sequence, then feeds only its own
+    #: rest (docs/caching.md "In-flight sharing"). Off only to measure cold paths.
+    share_prefill: bool = True
     #: Requests that may wait behind the running ones; one more raises QueueFull.
     max_queue: int = _int_field(64, 0)
     #: The prefill grid G: prompts are fed in chunks ``[jG, (j+1)G)`` of absolute positions

@@ -129,8 +129,9 @@ class CacheHit:
     prefix_len: int
     #: Which lookup found it: exact, parent_key, longest_prefix, the sequence's own live KV
     #: kept from the previous request ("live"), the request's pinned session ("session"),
-    #: or None when cold.
-    source: Literal["exact", "parent", "prefix", "live", "session"] | None = None
+    #: another request prefilling the same prefix at the same time ("shared": it was
+    #: prefilled once, by that request), or None when cold.
+    source: Literal["exact", "parent", "prefix", "live", "session", "shared"] | None = None
     #: The tier the row came from (None for live reuse).
     tier: str | None = None
 

@@ -250,6 +250,47 @@ class SequenceKV:
             pause_at=point if point is not None and point > start else None,
         )
 
+    # ---- in-flight sharing ------------------------------------------------------------------
+
+    def share_point(self, track: KVTrack, leader: KVTrack, start: int) -> int:
+        """How much of ``track``'s prompt it can take from ``leader``'s sequence once the
+        leader has fed it: the whole grid cells of their common prompt prefix (leaving at
+        least one token to feed, as every reuse does), or 0 when that is no more than the
+        ``start`` the request already holds, or when they run under other fingerprints (an
+        adapter, a ``cache_salt``: no tenant reads another's KV). Those cells of the leader
+        are prompt cells fed on the grid, exactly what a cold prefill computes (module
+        docstring)."""
+        if leader.fingerprint != track.fingerprint:
+            return 0
+        common = common_prefix_tokens(encode_tokens(track.prompt), encode_tokens(leader.prompt))
+        point = self.grid_floor(min(common, len(track.prompt) - 1))
+        return point if point > start else 0
+
+    def take(self, track: KVTrack, seq: int, leader_seq: int, n: int) -> bool:
+        """Copy the first ``n`` cells of ``leader_seq`` into ``seq`` (which holds the
+        request's own prefix so far), as a restore does: the leader's state packed and
+        unpacked, then cut at ``n``. False, with ``seq`` cleared and the request cold, when
+        the backend refuses (the request then feeds its whole prompt itself)."""
+        backend, handle = self.backend, self.handle
+        try:
+            payload = backend.kv_pack(handle, leader_seq)
+            backend.seq_rm(handle, seq, 0, None)
+            backend.kv_unpack(handle, seq, payload)
+            backend.seq_rm(handle, seq, n, None)
+        except BackendError:
+            log.warning(
+                "taking %d shared cells from sequence %d failed", n, leader_seq, exc_info=True
+            )
+            backend.seq_rm(handle, seq, 0, None)
+            track.context = []
+            track.last_save_at = 0
+            track.hit = COLD
+            return False
+        track.context = list(track.prompt[:n])
+        track.last_save_at = n
+        track.hit = CacheHit(kind="partial", prefix_len=n, source="shared")
+        return True
+
     def grid_floor(self, n: int) -> int:
         """``n`` rounded down to a whole number of grid cells."""
         return n // self.grid * self.grid

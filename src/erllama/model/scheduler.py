@@ -103,6 +103,11 @@ class Job(Generic[R]):
     cursor: list[int] = attrs.Factory(list)
     #: Context length at which feeding pauses for a save (the cold save point), or None.
     pause_at: int | None = None
+    #: A running job whose prompt shares this one's first ``share_at`` tokens: this job
+    #: feeds nothing until the leader's KV holds them, then takes them from it (in-flight
+    #: prefix sharing; see :meth:`Scheduler.start`). None: it feeds on its own.
+    leader: Job[R] | None = None
+    share_at: int = 0
     #: Tokens now in the sequence's KV (restored + fed + generated).
     n_context: int = 0
     n_generated: int = 0
@@ -119,6 +124,11 @@ class Job(Generic[R]):
     @property
     def paused(self) -> bool:
         return self.pause_at is not None and self.n_context >= self.pause_at
+
+    @property
+    def waiting(self) -> bool:
+        """It waits for its leader's prefill (see :meth:`Scheduler.start`)."""
+        return self.leader is not None
 
 
 @attrs.define(eq=False)
@@ -165,13 +175,21 @@ class StepOutputs(Generic[R]):
 
 @attrs.frozen
 class Housekeeping(Generic[R]):
-    """What the driver must do between steps, before admitting: end the aborted jobs,
-    end the prefill-only jobs whose prompt is in, and save the jobs paused at their cold
-    save point (then :meth:`Scheduler.resume` them)."""
+    """What the driver must do between steps, before admitting, in this order: give the
+    followers whose leader's KV now holds their shared prefix that prefix
+    (:meth:`Scheduler.shared`; first, while every leader still holds its KV), let the
+    followers whose leader ended too soon feed on their own (:meth:`Scheduler.go_alone`),
+    end the aborted jobs, end the prefill-only jobs whose prompt is in, and save the jobs
+    paused at their cold save point (then :meth:`Scheduler.resume` them)."""
 
     aborted: tuple[Job[R], ...] = ()
     prefilled: tuple[Job[R], ...] = ()
     paused: tuple[Job[R], ...] = ()
+    #: Followers whose leader holds their ``share_at`` tokens (with the leader: a follower
+    #: reads ``job.leader`` before :meth:`Scheduler.shared` clears it).
+    shares: tuple[Job[R], ...] = ()
+    #: Followers whose leader ended (or was cancelled) before it got there.
+    orphans: tuple[Job[R], ...] = ()
 
 
 @attrs.frozen
@@ -309,16 +327,24 @@ class Scheduler(Generic[R, B]):
 
     def housekeeping(self) -> Housekeeping[R]:
         with self._lock:
-            aborted, prefilled, paused = [], [], []
+            aborted, prefilled, paused, shares, orphans = [], [], [], [], []
             for job in self._admitted.values():
+                leader = job.leader
+                if leader is not None and not job.cancel_requested:
+                    if leader.n_context >= job.share_at and leader.state is JobState.RUNNING:
+                        shares.append(job)  # (a cancelled leader's KV still serves)
+                    elif leader.state is not JobState.RUNNING or leader.cancel_requested:
+                        orphans.append(job)
                 if job.cancel_requested:
                     aborted.append(job)
-                elif job.state is JobState.RUNNING:
+                elif job.state is JobState.RUNNING and leader is None:
                     if job.max_tokens == 0 and not job.cursor:
                         prefilled.append(job)
                     elif job.paused:
                         paused.append(job)
-            return Housekeeping(tuple(aborted), tuple(prefilled), tuple(paused))
+            return Housekeeping(
+                tuple(aborted), tuple(prefilled), tuple(paused), tuple(shares), tuple(orphans)
+            )
 
     def resume(self, job: Job[R]) -> None:
         """A paused job's cold save is done: feeding goes on."""
@@ -367,18 +393,70 @@ class Scheduler(Generic[R, B]):
             self._barrier = None
 
     def start(
-        self, job: Job[R], *, n_context: int, cursor: Sequence[int], pause_at: int | None
+        self,
+        job: Job[R],
+        *,
+        n_context: int,
+        cursor: Sequence[int],
+        pause_at: int | None,
+        leader: Job[R] | None = None,
+        share_at: int = 0,
     ) -> None:
         """ADMITTING -> RUNNING: the sequence holds ``n_context`` tokens of the prompt and
         ``cursor`` is what remains to feed (never empty: a fully known prompt re-feeds its
-        last token for fresh logits)."""
+        last token for fresh logits).
+
+        With a ``leader`` (a running job that is not itself waiting, whose prompt shares
+        this one's first ``share_at`` tokens, ``share_at > n_context``), the job feeds
+        nothing until the leader's KV holds those tokens: then :meth:`housekeeping` lists it
+        in ``shares`` and the driver copies them over (:meth:`shared`); should the leader
+        end first, in ``orphans`` (:meth:`go_alone`). A prefix is prefilled once however
+        many requests that share it arrive together."""
         with self._lock:
             if job.state is not JobState.ADMITTING:
                 raise RuntimeError(f"start() of a job that is {job.state.value}")
+            if leader is not None and (
+                leader.state is not JobState.RUNNING
+                or leader.leader is not None
+                or leader is job
+                or share_at <= n_context
+            ):
+                raise RuntimeError("start() with a leader that cannot lead this job")
             job.state = JobState.RUNNING
             job.n_context = n_context
             job.cursor = list(cursor)
             job.pause_at = pause_at if pause_at is not None and pause_at > n_context else None
+            job.leader = leader
+            job.share_at = share_at if leader is not None else 0
+
+    def shared(self, job: Job[R], *, n_context: int, cursor: Sequence[int]) -> None:
+        """A follower took its shared prefix from its leader: its sequence holds
+        ``n_context`` tokens and ``cursor`` remains; it feeds on its own from now on."""
+        with self._lock:
+            if job.leader is None or job.state is not JobState.RUNNING:
+                raise RuntimeError("shared() of a job that waits for no leader")
+            job.leader = None
+            job.share_at = 0
+            job.n_context = n_context
+            job.cursor = list(cursor)
+            if job.pause_at is not None and job.pause_at <= n_context:
+                job.pause_at = None
+
+    def go_alone(self, job: Job[R]) -> None:
+        """A follower stops waiting (its leader ended too soon, or the copy failed) and
+        feeds its prompt from what its own sequence holds."""
+        with self._lock:
+            job.leader = None
+            job.share_at = 0
+
+    def leaders(self) -> list[Job[R]]:
+        """Running jobs that may lead a newly started one (not cancelled, not waiting)."""
+        with self._lock:
+            return [
+                j
+                for j in self._admitted.values()
+                if j.state is JobState.RUNNING and j.leader is None and not j.cancel_requested
+            ]
 
     def starved(self) -> bool:
         """A queued job needs a sequence, none is free, and idle sessions pin some: the
@@ -411,7 +489,12 @@ class Scheduler(Generic[R, B]):
             ops: list[StepOp] = []
             feeders: list[Job[R]] = []
             for seq, job in self._admitted.items():
-                if job.state is not JobState.RUNNING or job.cancel_requested or job.paused:
+                if (
+                    job.state is not JobState.RUNNING
+                    or job.cancel_requested
+                    or job.paused
+                    or job.waiting
+                ):
                     continue
                 if job.cursor:
                     feeders.append(job)
@@ -647,3 +730,4 @@ class Scheduler(Generic[R, B]):
         job.state = JobState.DONE
         job.outcome = outcome
         job.cursor = []
+        job.leader = None  # (a follower keeps no finished job alive)

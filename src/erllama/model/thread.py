@@ -342,7 +342,15 @@ class ModelThread:
 
     def _between_steps(self, sched: Scheduler[Request, Call[Any]]) -> bool:
         todo = sched.housekeeping()
-        progressed = bool(todo.aborted or todo.prefilled or todo.paused)
+        progressed = bool(
+            todo.aborted or todo.prefilled or todo.paused or todo.shares or todo.orphans
+        )
+        # Shares first: every leader still holds its KV (none has been finished yet).
+        for job in todo.shares:
+            self._take_shared(sched, job)
+        for job in todo.orphans:
+            sched.go_alone(job)
+            self._publish(last_hit=job.owner.kv.hit)
         for job in todo.aborted:
             self._finish(sched, job, "cancelled")
         for job in todo.prefilled:
@@ -401,10 +409,45 @@ class ModelThread:
         assert self._kv is not None and self._sched is not None and job.seq is not None
         req = job.owner
         setup = self._kv.setup(req.kv, job.seq, restore)
-        self._publish(last_hit=req.kv.hit)
+        leader, share_at = self._leader_for(job, setup.n_context)
+        if leader is None:
+            self._publish(last_hit=req.kv.hit)
         self._sched.start(
-            job, n_context=setup.n_context, cursor=setup.cursor, pause_at=setup.pause_at
+            job,
+            n_context=setup.n_context,
+            cursor=setup.cursor,
+            pause_at=setup.pause_at,
+            leader=leader,
+            share_at=share_at,
         )
+
+    def _leader_for(self, job: RequestJob, start: int) -> tuple[RequestJob | None, int]:
+        """The running request whose prompt shares the most whole grid cells with this
+        one's beyond what it already holds (ties: the one furthest along), and how many."""
+        assert self._kv is not None and self._sched is not None
+        if not self._config.share_prefill:
+            return None, 0
+        best: tuple[int, int, RequestJob | None] = (0, 0, None)
+        for other in self._sched.leaders():
+            if other is job:
+                continue
+            point = self._kv.share_point(job.owner.kv, other.owner.kv, start)
+            if point and (point, other.n_context) > best[:2]:
+                best = (point, other.n_context, other)
+        return best[2], best[0]
+
+    def _take_shared(self, sched: Scheduler[Request, Call[Any]], job: RequestJob) -> None:
+        """A follower's leader holds their shared prefix: copy it over, feed the rest."""
+        assert self._kv is not None and job.seq is not None and job.leader is not None
+        leader_seq = job.leader.seq
+        assert leader_seq is not None
+        req = job.owner
+        n = job.share_at
+        if self._kv.take(req.kv, job.seq, leader_seq, n):
+            sched.shared(job, n_context=n, cursor=req.kv.prompt[n:])
+        else:
+            sched.shared(job, n_context=0, cursor=req.kv.prompt)
+        self._publish(last_hit=req.kv.hit)
 
     # ---- steps ------------------------------------------------------------------------------
 
