@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from erllama.backends.stub import StubControl
-from erllama.backends.types import Decode
+from erllama.backends.types import Decode, Prefill
 from erllama.plugins import BackendRegistry
 from erllama.sampling import SamplerParams
 
@@ -200,6 +200,46 @@ async def test_n_choices_count_the_prompt_once_and_a_seed_makes_each_reproducibl
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == (
         three.usage.completion_tokens
     )
+
+
+async def test_n_choices_prefill_the_prompt_once(server: Server) -> None:
+    """The n requests are queued together; the first feeds the prompt, the others take its
+    cells (issue 22) and re-feed only the last token, for their own logits."""
+    import threading
+
+    import anyio
+
+    from ..helpers import wait_for
+
+    control = StubControl(gate=threading.Event())
+    async with own_model(server, control=control, n_seq_max=3) as (mid, _), client(server) as c:
+        replies = []
+
+        async def ask() -> None:
+            replies.append(
+                await c.chat.completions.create(
+                    model=mid,
+                    messages=user("a question of some length"),
+                    max_tokens=4,
+                    n=3,
+                    temperature=0.0,
+                )
+            )
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask)
+            info = server.engine.model_info
+            await wait_for(lambda: info(mid).running + info(mid).queue_len == 3)
+            assert control.gate is not None
+            control.gate.set()
+    (three,) = replies
+    assert three.usage is not None and three.usage.prompt_tokens_details is not None
+    prompt = three.usage.prompt_tokens
+    fed = sum(len(op.tokens) for ops in control.history for op in ops if isinstance(op, Prefill))
+    assert fed == prompt + 2
+    assert three.usage.prompt_tokens_details.cached_tokens == 0  # (the first choice's)
+    texts = {ch.message.content for ch in three.choices}
+    assert len(texts) == 1  # greedy: one prompt, one answer
 
 
 async def test_legacy_completions_take_n_and_echo(server: Server) -> None:
