@@ -40,6 +40,7 @@ from ..events import Event
 from ..plugins import Backend
 from .adapters import AdapterSet
 from .calls import Call
+from .explain import explain
 from .gate import UNLOAD_WAIT_S, ModelGate
 from .kv import SaveOrder, SequenceKV
 from .output import PieceCache
@@ -402,9 +403,26 @@ class ModelThread:
         req = job.owner
         setup = self._kv.setup(req.kv, job.seq, restore)
         self._publish(last_hit=req.kv.hit)
+        try:
+            req.kv.explain = explain(
+                req.probe if self._cache.enabled else None,
+                req.kv.hit,
+                req.spec.prompt,
+                self._kv.grid,
+                self._decode,
+            )
+        except Exception:  # a report, never worth failing the request over
+            log.exception("model %s: explaining the cache hit failed", self._id)
         self._sched.start(
             job, n_context=setup.n_context, cursor=setup.cursor, pause_at=setup.pause_at
         )
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        """Excerpt text for an explanation, through the piece cache (this thread's)."""
+        pieces = self._pieces
+        if pieces is None:
+            return ""
+        return b"".join(pieces(t) for t in ids).decode("utf-8", errors="replace")
 
     # ---- steps ------------------------------------------------------------------------------
 
