@@ -38,7 +38,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from .._loop import LoopHandoff
 from ..backends.types import LoadedModel
 from ..cache.key import Namespace, quant_byte, salted
-from ..cache.port import CachePort
+from ..cache.port import CachePort, NullCache
 from ..cluster.prefixes import PrefixSummary
 from ..config import CachePolicy, ModelConfig
 from ..errors import ConfigError, InvalidRequest, ModelNotFound, NotSupported, UnloadTimeout
@@ -455,7 +455,11 @@ class ModelWorker:
         hit = COLD
         probe = None
         if self.cache.enabled:
+            # As admission decides: the live KV first, a row only when it holds more.
+            live = routing.cached_prefix(NullCache(), self._namespace, self.policy, view, tokens)
             found = self.cached_prefix(tokens, cache_salt)
+            if live.tokens >= found.tokens:
+                found = live
             start = min(found.tokens, n - 1) // grid * grid
             if start:
                 hit = CacheHit(
