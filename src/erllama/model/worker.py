@@ -456,9 +456,12 @@ class ModelWorker:
         probe = None
         if self.cache.enabled:
             # As admission decides: the live KV first, a row only when it holds more.
-            live = routing.cached_prefix(NullCache(), self._namespace, self.policy, view, tokens)
+            live = routing.cached_prefix(
+                NullCache(), self._namespace, self.policy, view, tokens, cache_salt
+            )
             found = self.cached_prefix(tokens, cache_salt)
-            if live.tokens >= found.tokens:
+            # Live cells shorter than min_tokens are not reused (SequenceKV.choose).
+            if live.tokens >= min(self.policy.min_tokens, n) and live.tokens >= found.tokens:
                 found = live
             start = min(found.tokens, n - 1) // grid * grid
             if start:
