@@ -37,6 +37,7 @@ from .events import AdapterInfo as AdapterInfo
 from .events import CacheDelta as CacheDelta
 from .events import CachedPrefix as CachedPrefix
 from .events import CachedRow as CachedRow
+from .events import CacheExplanation as CacheExplanation
 from .events import CacheHit as CacheHit
 from .events import Completion as Completion
 from .events import Done as Done
@@ -65,6 +66,7 @@ __all__ = [
     "CacheConfig",
     "CacheCounters",
     "CacheDelta",
+    "CacheExplanation",
     "CacheError",
     "CacheHit",
     "CachedPrefix",

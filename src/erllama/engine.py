@@ -31,6 +31,7 @@ from .events import (
     AdapterInfo,
     CachedPrefix,
     CachedRow,
+    CacheExplanation,
     Completion,
     ModelInfo,
     ModelState,
@@ -505,6 +506,28 @@ class Engine:
         else:
             tokens = intake.check_token_ids(prompt, worker.n_vocab(), "prompt")  # type: ignore[arg-type]
         return worker.cached_prefix(tokens, salt)
+
+    async def explain_prefix(
+        self,
+        model_id: str,
+        prompt: str | Sequence[int],
+        *,
+        add_special: bool = True,
+        cache_salt: str | None = None,
+    ) -> CacheExplanation:
+        """Why a request for ``prompt`` would (not) be warm on this model now: what it would
+        restore and from where, where the prompt leaves the nearest cached row and why
+        (the ``Stats.cache_explain`` a request would get; docs/caching.md, "Why did it
+        miss?"). Loads nothing, counts no hit, runs nothing."""
+        worker = self._worker(model_id)
+        salt = intake.check_cache_salt(cache_salt)
+        if intake.prompt_kind(prompt) == "text":
+            tokens = await self.tokenize(model_id, prompt, add_special=add_special)  # type: ignore[arg-type]
+        else:
+            tokens = intake.check_token_ids(prompt, worker.n_vocab(), "prompt")  # type: ignore[arg-type]
+        if not tokens:
+            raise InvalidRequest("prompt", "is empty")
+        return await worker.explain_prefix(tokens, salt)
 
     def list_cached_prefixes(self, model_id: str) -> list[CachedPrefix]:
         """Every cache row of the model under its current adapter set, newest first."""

@@ -10,6 +10,7 @@ import attrs
 __all__ = [
     "AdapterInfo",
     "CacheDelta",
+    "CacheExplanation",
     "CachedPrefix",
     "CachedRow",
     "CacheHit",
@@ -22,6 +23,7 @@ __all__ = [
     "ModelState",
     "ModelStatus",
     "LifecycleState",
+    "MissCause",
     "SessionInfo",
     "Stats",
     "ThinkingDelta",
@@ -39,6 +41,21 @@ FinishReason = Literal["stop", "length", "cancelled"]
 #: How much of the prompt came from the KV cache: all of it, a prefix, or nothing.
 CacheHitKind = Literal["exact", "partial", "cold"]
 ModelStatus = Literal["loading", "idle", "prefilling", "generating", "failed", "unloading"]
+#: Why a prompt was not wholly restored (:class:`CacheExplanation`; docs/caching.md, "Why
+#: did it miss?").
+MissCause = Literal[
+    "no_row",
+    "evicted",
+    "fingerprint",
+    "adapter",
+    "layout",
+    "diverged",
+    "extends",
+    "grid",
+    "policy",
+    "disabled",
+    "shared",
+]
 #: Where a model the engine knows stands in its lifecycle (``Engine.model_states``).
 LifecycleState = Literal["unloaded", "loading", "loaded", "unloading", "failed"]
 
@@ -137,6 +154,62 @@ class CacheHit:
 
 
 @attrs.frozen(kw_only=True)
+class CacheExplanation:
+    """Why a prompt was restored as far as it was, and no further (``Stats.cache_explain``,
+    ``Engine.explain_prefix``; docs/caching.md, "Why did it miss?").
+
+    ``matched`` is how far the prompt agrees with the nearest thing the engine computed for
+    this model: a cache row, a sequence's live KV, or what a finished request computed past
+    the row it kept. ``restored`` is at most that: restores keep whole grid cells and
+    always leave a token to feed. ``position`` is where the prompt left the nearest row
+    (None when the whole prompt matched), and the excerpts show both sides there.
+    """
+
+    #: Tokens in the prompt.
+    prompt_tokens: int
+    #: Prompt tokens restored (not prefilled): ``Stats.cache_delta.read``.
+    restored: int
+    #: Where they came from: a tier (``ram``, ``ram_file``, ``disk``), ``live`` for a
+    #: sequence's own KV, ``shared`` for another request's prefill running at the same time;
+    #: None when nothing was restored.
+    tier: str | None
+    #: Leading prompt tokens the nearest row (or live KV, or a finished request's tokens
+    #: past its kept row) agrees with.
+    matched: int
+    #: What stopped the prompt there; None when the whole prompt matched (an exact hit,
+    #: which still re-feeds its last grid cell for the logits a state does not carry).
+    cause: MissCause | None
+    #: The token position where the prompt left the nearest row; None when nothing was
+    #: left (an exact hit, or ``no_row``/``disabled``).
+    position: int | None = None
+    #: A few prompt tokens before ``position`` (shared with the row), decoded.
+    shared_text: str = ""
+    #: A few prompt tokens from ``position`` on, decoded, and their ids.
+    prompt_text: str = ""
+    prompt_ids: tuple[int, ...] = ()
+    #: A few of the nearest row's tokens from ``position`` on ("" when the row ends there),
+    #: decoded, and their ids. Not given for a row of another namespace (its tokens may
+    #: belong to another vocabulary).
+    row_text: str = ""
+    row_ids: tuple[int, ...] = ()
+    #: The nearest row: its key (hex), its length and tier, when it is a cache row (or was,
+    #: for ``evicted``).
+    row_key: str | None = None
+    row_tokens: int | None = None
+    row_tier: str | None = None
+    #: ``evicted``: when the row was removed (Unix time) and why (``evicted`` by a tier's
+    #: budget, ``pressure``, ``gc``, ``corrupt``, or ``deleted`` by another process).
+    evicted_at: float | None = None
+    evicted_because: str | None = None
+    #: ``fingerprint``/``adapter``/``layout``: the fingerprint (hex) the matching row was
+    #: saved under.
+    row_fingerprint: str | None = None
+    #: The model's prefill grid G (``ModelConfig.prefill_chunk``; 1 for a backend whose
+    #: cells do not depend on batching).
+    grid: int = 1
+
+
+@attrs.frozen(kw_only=True)
 class Stats:
     """Timing and accounting of one request. Times are seconds on the monotonic clock."""
 
@@ -165,6 +238,9 @@ class Stats:
     stop_sequence: str | None = None
     #: The request was cancelled (``finish_reason == "cancelled"``).
     cancelled: bool = False
+    #: Why the prompt was restored as far as it was (None for a request that was never
+    #: admitted).
+    cache_explain: CacheExplanation | None = None
 
     @property
     def committed_tokens(self) -> int:

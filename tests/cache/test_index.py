@@ -121,6 +121,22 @@ class IndexMachine(RuleBasedStateMachine):
         assert (length, key) in sharing
         assert length == min(n for n, _ in sharing)
 
+    @rule(ns=NS_IDS, tokens=st.lists(st.integers(0, 2), max_size=12).map(tuple))
+    def nearest(self, ns: bytes, tokens: tuple[int, ...]) -> None:
+        # Any row, prefix or not, by the length it shares with the prompt.
+        rows = [(_common(t, tokens), t, k) for n, t, k in self.model if n == ns]
+        best = max((c for c, _, _ in rows), default=0)
+        got = self.index.nearest(ns, tokens)
+        if best == 0:
+            assert got is None
+            return
+        assert got is not None
+        common, key, length = got
+        assert common == best
+        assert (length, key) in [(len(t), k) for c, t, k in rows if c == best]
+        if any(c == best and len(t) == best for c, t, _ in rows):
+            assert length == best, "a prefix row wins a tie"
+
     @rule()
     def clear(self) -> None:
         self.index.clear()

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import anyio
 import attrs
 
+from .graveyard import Graveyard
 from .index import PrefixIndex
 from .port import SaveReason
 
@@ -61,6 +62,8 @@ class Catalog:
         self.lru: dict[str, OrderedDict[bytes, None]] = {t: OrderedDict() for t in TIERS}
         self.bytes: dict[str, int] = dict.fromkeys(TIERS, 0)
         self.prefix = PrefixIndex()
+        #: Rows removed lately (see :mod:`.graveyard`): what explains an "evicted" miss.
+        self.graveyard = Graveyard()
 
     def get(self, key: bytes) -> Row | None:
         return self.rows.get(key)
@@ -71,6 +74,7 @@ class Catalog:
         self.lru[row.tier][row.key] = None
         self.bytes[row.tier] += row.size
         self.prefix.insert(row.ns_id, row.token_bytes, row.key)
+        self.graveyard.discard(row.key)
 
     def remove(self, key: bytes) -> Row | None:
         row = self.rows.pop(key, None)

@@ -21,6 +21,7 @@ from .buffers import BufferPool
 from .catalog import Catalog, Row
 from .counters import Counters
 from .format import CorruptRow, RowMeta
+from .graveyard import RemovedBecause
 from .key import Namespace, decode_tokens, encode_tokens
 from .port import Restore
 from .tiers import FileTier
@@ -46,7 +47,7 @@ class RowFinder:
         counters: Counters,
         files: dict[str, FileTier],
         *,
-        forget: Callable[[Row], None],
+        forget: Callable[[Row, RemovedBecause], None],
         adopt: Callable[[str, RowMeta], None],
     ) -> None:
         self.catalog = catalog
@@ -230,10 +231,11 @@ class RowFinder:
         except CorruptRow as exc:
             log.warning("cache row %s in %s is corrupt (%s); removed", row.key.hex(), row.tier, exc)
             self.counters.bump("corrupt_files")
-            self._forget(row)
+            self._forget(row, "corrupt")
             return None
         except FileNotFoundError:
-            self._forget(row)  # deleted behind our back (another process, an operator)
+            # Deleted behind our back (another process, an operator).
+            self._forget(row, "deleted")
             return None
         except OSError as exc:
             log.warning("cache row %s unreadable: %s", row.key.hex(), exc)
@@ -241,7 +243,7 @@ class RowFinder:
         if meta.token_bytes != row.token_bytes:
             self.buffers.give(payload)
             self.counters.bump("corrupt_files")
-            self._forget(row)
+            self._forget(row, "corrupt")
             await anyio.to_thread.run_sync(tier.delete, row.key)
             return None
         return payload

@@ -196,6 +196,32 @@ class PrefixIndex:
         walk = _Walk(root, t, len(t))
         return walk.prefixes(longer_than, most), walk.covering(budget)
 
+    def nearest(
+        self, ns_id: bytes, tokens: Sequence[int] | bytes, *, budget: int = COVER_BUDGET
+    ) -> tuple[int, bytes, int] | None:
+        """The row sharing the most leading tokens with ``tokens``, whether it is a prefix of
+        them or runs past where they end or differ: ``(common_length, key, row_length)``, or
+        None when no row shares a token. A prefix row wins a tie (the prompt did not leave
+        it: it ended). One walk along the prompt, as for a lookup; this is what explains a
+        miss (``erllama.model.explain``)."""
+        root = self._roots.get(ns_id)
+        if root is None:
+            return None
+        t = _as_bytes(tokens)
+        walk = _Walk(root, t, len(t))
+        deepest = walk.prefixes(None, 1)
+        cover = walk.covering(budget)
+        best = (deepest[0][0], deepest[0][1], deepest[0][0]) if deepest else None
+        if cover is not None and (best is None or cover[0] > best[0]):
+            best = cover
+        if best is None or best[0] == 0:
+            return None
+        return best
+
+    def namespaces(self) -> list[bytes]:
+        """The namespace ids holding at least one row."""
+        return list(self._roots)
+
     def _check(self) -> None:
         """Assert the structural invariants (for tests)."""
         count = 0

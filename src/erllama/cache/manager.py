@@ -33,8 +33,10 @@ from .counters import CacheCounters, Counters
 from .faults import WriteFailures
 from .finder import RowFinder
 from .format import CorruptRow, RowMeta, encode_row, parse_row
+from .graveyard import RemovedBecause
 from .key import Namespace, encode_tokens
 from .port import Restore, SaveReason
+from .probe import CacheProbe, probe
 from .tiers import FileTier
 
 __all__ = ["KVCache"]
@@ -182,7 +184,7 @@ class KVCache:
         log.warning("backend refused cache row %s (%s); removed", restore.key.hex(), why)
         self.counters.bump("corrupt_files")
         if row is not None:
-            self._drop(row)
+            self._drop(row, "corrupt")
 
     # ---- saves --------------------------------------------------------------------------------
 
@@ -273,7 +275,7 @@ class KVCache:
             self._start_spill(row, target)
         else:
             self.counters.bump("evictions")
-            self._drop(row)
+            self._drop(row, "evicted")
 
     def _start_spill(self, row: Row, target: str | None = None) -> None:
         if row.spilling:
@@ -288,9 +290,9 @@ class KVCache:
             self._spilling_bytes += row.size
         self._enqueue(_Job("spill", row, target, row.payload, row.reason))
 
-    def _drop(self, row: Row) -> None:
+    def _drop(self, row: Row, why: RemovedBecause) -> None:
         """Forget a row and delete its bytes (file deletion happens off the loop)."""
-        self._forget(row)
+        self._forget(row, why)
         if row.tier in self.files:
             self._deleting.add(row.key)
             self._deletions.append((self.files[row.tier], row.key))
@@ -319,8 +321,13 @@ class KVCache:
                     self._deleting.discard(key)
                 self._idle.set()
 
-    def _forget(self, row: Row) -> None:
+    def _forget(self, row: Row, why: RemovedBecause | None = None) -> None:
+        """Unindex ``row``. With ``why``, a published row is remembered as removed (what
+        explains a later miss); without, it was never servable or is not gone (a failed
+        save, an expired reservation)."""
         if self.catalog.get(row.key) is row:
+            if why is not None and row.available:
+                self.catalog.graveyard.record(row.key, row.ns_id, row.token_bytes, row.tier, why)
             self.catalog.remove(row.key)
             if row.spilling and row.tier == "ram":
                 self._spilling_bytes -= row.size
@@ -478,7 +485,7 @@ class KVCache:
                 and not row.pins
                 and not row.spilling
             ):
-                self._forget(row)
+                self._forget(row, "deleted")
 
     def _adopt_all(self, tier: str, metas: Sequence[RowMeta], *, count: bool) -> None:
         """Index rows found in ``tier``'s files, in eviction order: popular rows survive the
@@ -546,6 +553,9 @@ class KVCache:
     ) -> tuple[int, str, bytes] | None:
         return self.finder.peek_longest(ns, tokens, policy)
 
+    def probe(self, ns: Namespace, tokens: Sequence[int], *, foreign: bool) -> CacheProbe:
+        return probe(self.catalog, ns, tokens, foreign=foreign)
+
     def rows_of(self, ns: Namespace) -> list[Row]:
         """Every row of one namespace (one model identity), newest first."""
         rows = [r for r in self.catalog.rows.values() if r.ns_id == ns.id]
@@ -561,7 +571,7 @@ class KVCache:
         for row in list(self.catalog.rows.values()):
             if row.available and not row.pins and not row.spilling:
                 self.counters.bump("evictions")
-                self._drop(row)
+                self._drop(row, "gc")
                 dropped += 1
         return dropped
 
@@ -581,5 +591,5 @@ class KVCache:
                 freed += victim.size
                 rows += 1
                 self.counters.bump("evictions")
-                self._drop(victim)
+                self._drop(victim, "pressure")
         return rows, freed

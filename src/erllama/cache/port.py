@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import attrs
 
 from ..config import CachePolicy
 from .key import Namespace
+
+if TYPE_CHECKING:
+    from .probe import CacheProbe
 
 __all__ = ["CachePort", "NullCache", "Restore", "SaveReason"]
 
@@ -83,6 +86,10 @@ class CachePort(Protocol):
     def rows_of(self, ns: Namespace) -> list[Any]:
         """Every row of one namespace, newest first."""
 
+    def probe(self, ns: Namespace, tokens: Sequence[int], *, foreign: bool) -> CacheProbe:
+        """What the cache holds near ``tokens`` (the facts a miss is explained from),
+        read from the indexes alone; ``foreign``: other namespaces too."""
+
     def note_dropped(self) -> None:
         """Account a save lost before it reached the cache (its pack failed)."""
 
@@ -132,6 +139,11 @@ class NullCache:
 
     def rows_of(self, ns: Namespace) -> list[Any]:
         return []
+
+    def probe(self, ns: Namespace, tokens: Sequence[int], *, foreign: bool) -> CacheProbe:
+        from .probe import CacheProbe
+
+        return CacheProbe()
 
     def note_pack(self, seconds: float) -> None:
         pass

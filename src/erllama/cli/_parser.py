@@ -314,6 +314,86 @@ def _serve(sub: Any) -> None:
     )
 
 
+def _cache(sub: Any) -> None:
+    c = sub.add_parser(
+        "cache",
+        help="look into a KV cache directory (explain: why a prompt would miss)",
+        description="Look into the KV cache a server keeps (its --cache-dir, or the [cache] "
+        "of its --config file), offline. See docs/caching.md.",
+    )
+    ops = c.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    e = ops.add_parser(
+        "explain",
+        help="how much of PROMPT the cache would restore, and why no more",
+        description="Load the model as erllama serve would (the same --config, or the same "
+        "--model, --n-ctx and --parallel, so it finds the rows that server saved), and "
+        "report how much of PROMPT the cache would restore, where the prompt leaves the "
+        "nearest cached row, both sides of that point, and why: no row, evicted (and when), "
+        "another model file, adapter set or KV layout, the prompt diverged or runs past "
+        "the row, or the exactness grid. Saves nothing.",
+    )
+    e.add_argument(
+        "--config",
+        type=_config_file,
+        default=None,
+        metavar="FILE",
+        help="the server's TOML file (its models and [cache])",
+    )
+    _model(
+        e, model_help="the GGUF model, without --config (default: the bundled SmolLM2)", unset=True
+    )
+    e.add_argument(
+        "--model-id",
+        default=None,
+        metavar="ID",
+        help="with --config: which of its models (needed when it names several)",
+    )
+    e.add_argument(
+        "--parallel",
+        type=_integer(1, 256),
+        default=None,
+        metavar="N",
+        help=f"without --config: the server's --parallel (default {PARALLEL}); it shapes the "
+        "KV layout rows are keyed by",
+    )
+    e.add_argument(
+        "--cache-dir",
+        type=_cache_dir,
+        default=None,
+        metavar="DIR",
+        help="without --config: the server's --cache-dir",
+    )
+    e.add_argument(
+        "--api-key",
+        dest="key",
+        default=None,
+        metavar="KEY",
+        help="explain as for a request with this API key (each key has its own rows)",
+    )
+    e.add_argument(
+        "--cache-salt",
+        default=None,
+        metavar="SALT",
+        help="explain as for a request with this cache_salt",
+    )
+    what = e.add_mutually_exclusive_group()
+    what.add_argument(
+        "--tokens", action="store_true", help="PROMPT is token ids separated by spaces"
+    )
+    what.add_argument(
+        "--messages",
+        default=None,
+        metavar="FILE",
+        help="explain these chat messages (a JSON list, or an object with 'messages'; - for "
+        "stdin) rendered with the model's chat template, as a chat request would be",
+    )
+    e.add_argument("--json", action="store_true", help="print the explanation as JSON")
+    _loop(e)
+    e.add_argument("prompt", nargs="?", default=None, metavar="PROMPT", help="the prompt text")
+    # What serve_config reads that this command does not offer.
+    e.set_defaults(ray=False, replicas=None, router=None, api_key=[], admin_key=[])
+
+
 def build_parser() -> Parser:
     p = Parser(prog="erllama", description=DESCRIPTION)
     p.add_argument(
@@ -377,6 +457,7 @@ def build_parser() -> Parser:
     )
 
     _serve(sub)
+    _cache(sub)
 
     i = sub.add_parser(
         "info",

@@ -44,7 +44,7 @@ from ..cache.policy import cold_save_point, passes_gate
 from ..cache.port import CachePort, Restore, SaveReason
 from ..config import CachePolicy
 from ..errors import BackendError
-from ..events import CacheHit
+from ..events import CacheExplanation, CacheHit
 from ..plugins import Backend
 from .snapshot import LivePrefix
 
@@ -92,6 +92,11 @@ class KVTrack:
     #: The sequence is the request's own session's (its live KV is the session context).
     session: bool = False
     last_save_at: int = 0
+    #: Leading ``context`` cells the sequence kept when the request ended (the rest were
+    #: computed and dropped: see the module docstring).
+    kept: int = 0
+    #: Why the prompt was restored as far as it was, set once the sequence is set up.
+    explain: CacheExplanation | None = None
 
 
 @attrs.frozen
@@ -335,7 +340,7 @@ class SequenceKV:
         cells (:meth:`exact_len`), save them (the finish row: what ``parent_key`` resumes
         from), and keep them live for the next prompt admitted there (always for a
         session's pinned sequence: ``keep``), or clear the sequence."""
-        n = self.exact_len(track)
+        n = track.kept = self.exact_len(track)
         tokens = tuple(track.context[:n])
         self.backend.seq_rm(self.handle, seq, n, None)
         order = None

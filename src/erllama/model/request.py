@@ -10,6 +10,8 @@ A :class:`Request` is an aggregate of single-purpose parts, each with one owner:
   model thread);
 * ``clock``: timestamps for its :class:`~erllama.events.Stats` (model thread);
 * ``saves``: what the cache did with its saves (event loop);
+* ``probe``: what the model held near the prompt at the lookup (event loop, then read by
+  the thread when it sets the sequence up: the restore command orders the two);
 * ``channel``, ``scope``, ``finished``: its stream and cancel scope (event loop).
 
 Each part has one writer. The loop reads thread-owned parts only after the request has
@@ -26,6 +28,7 @@ import attrs
 from ..events import CacheDelta, FinishReason, Stats
 from ..sampling import SamplerParams
 from ..stream import Channel
+from .explain import Probe
 from .kv import KVTrack
 from .output import Output
 from .scheduler import Job
@@ -101,6 +104,7 @@ class Clock:
             seed=spec.params.seed,
             stop_sequence=stop_sequence,
             cancelled=reason == "cancelled",
+            cache_explain=kv.explain,
         )
 
 
@@ -119,6 +123,9 @@ class Request:
     reply_text: str | None = None
     clock: Clock = attrs.Factory(Clock)
     saves: SaveTally = attrs.Factory(SaveTally)
+    #: What the model held near the prompt at its lookup (event loop; written before the
+    #: restore command is sent, read by the thread once it runs it).
+    probe: Probe | None = None
     channel: Channel = attrs.Factory(Channel)
     scope: anyio.CancelScope = attrs.Factory(anyio.CancelScope)
     finished: anyio.Event = attrs.Factory(anyio.Event)

@@ -40,6 +40,7 @@ from ..events import Event
 from ..plugins import Backend
 from .adapters import AdapterSet
 from .calls import Call
+from .explain import explain
 from .gate import UNLOAD_WAIT_S, ModelGate
 from .kv import SaveOrder, SequenceKV
 from .output import PieceCache
@@ -350,7 +351,7 @@ class ModelThread:
             self._take_shared(sched, job)
         for job in todo.orphans:
             sched.go_alone(job)
-            self._publish(last_hit=job.owner.kv.hit)
+            self._hit_final(job.owner)
         for job in todo.aborted:
             self._finish(sched, job, "cancelled")
         for job in todo.prefilled:
@@ -411,7 +412,18 @@ class ModelThread:
         setup = self._kv.setup(req.kv, job.seq, restore)
         leader, share_at = self._leader_for(job, setup.n_context)
         if leader is None:
-            self._publish(last_hit=req.kv.hit)
+            self._hit_final(req)
+        self._publish(last_hit=req.kv.hit)
+        try:
+            req.kv.explain = explain(
+                req.probe if self._cache.enabled else None,
+                req.kv.hit,
+                req.spec.prompt,
+                self._kv.grid,
+                self._decode,
+            )
+        except Exception:  # a report, never worth failing the request over
+            log.exception("model %s: explaining the cache hit failed", self._id)
         self._sched.start(
             job,
             n_context=setup.n_context,
@@ -447,7 +459,29 @@ class ModelThread:
             sched.shared(job, n_context=n, cursor=req.kv.prompt[n:])
         else:
             sched.shared(job, n_context=0, cursor=req.kv.prompt)
+        self._hit_final(req)
+
+    def _hit_final(self, req: Request) -> None:
+        """The request's hit is what it will run with: publish and explain it."""
+        assert self._kv is not None
         self._publish(last_hit=req.kv.hit)
+        try:
+            req.kv.explain = explain(
+                req.probe if self._cache.enabled else None,
+                req.kv.hit,
+                req.spec.prompt,
+                self._kv.grid,
+                self._decode,
+            )
+        except Exception:  # a report, never worth failing the request over
+            log.exception("model %s: explaining the cache hit failed", self._id)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        """Excerpt text for an explanation, through the piece cache (this thread's)."""
+        pieces = self._pieces
+        if pieces is None:
+            return ""
+        return b"".join(pieces(t) for t in ids).decode("utf-8", errors="replace")
 
     # ---- steps ------------------------------------------------------------------------------
 

@@ -37,19 +37,28 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from .._loop import LoopHandoff
 from ..backends.types import LoadedModel
-from ..cache.key import Namespace, quant_byte
-from ..cache.port import CachePort
+from ..cache.key import Namespace, quant_byte, salted
+from ..cache.port import CachePort, NullCache
 from ..cluster.prefixes import PrefixSummary
 from ..config import CachePolicy, ModelConfig
 from ..errors import ConfigError, InvalidRequest, ModelNotFound, NotSupported, UnloadTimeout
-from ..events import CachedPrefix, Done, FinishReason, ModelInfo, ModelStatus
+from ..events import (
+    CachedPrefix,
+    CacheExplanation,
+    CacheHit,
+    Done,
+    FinishReason,
+    ModelInfo,
+    ModelStatus,
+)
 from ..fingerprint import file_sha256
 from ..plugins import Backend
 from ..stream import Failure, InferStream
 from . import intake, routing
 from .adapters import AdapterCalls
+from .explain import Probe, Tails, explain, probe_prompt
 from .gate import UNLOAD_WAIT_S, ModelGate
-from .kv import KVTrack, Namespaces, SaveOrder
+from .kv import COLD, KVTrack, Namespaces, SaveOrder
 from .operations import Operations
 from .output import Output, Signer
 from .replay import ReplayMemory
@@ -84,6 +93,10 @@ class ModelWorker:
         self.policy = config.policy or policy
         self._signer = signer
         self.replies = ReplayMemory()
+        self.tails = Tails()
+        #: Unsalted fingerprints this model has run under (adapter sets): a row under one
+        #: of them explains a miss as ``adapter``.
+        self.fingerprints: set[bytes] = set()
         self.gate = ModelGate(model_id, backend.name)
         self._thread = ModelThread(model_id, self.gate, self, backend, config, cache, self.policy)
         self.text = TextCalls(self.gate, backend, config, self.replies)
@@ -240,6 +253,12 @@ class ModelWorker:
                 req.saves.finish_key = key.hex()
         if req.reply_text:
             self.replies.remember(req.reply_text, req.generated)
+        kv = req.kv
+        if 0 < kv.kept < len(kv.context) and self._namespace is not None:
+            # What the exactness rule dropped: a next prompt that goes on with it is a
+            # "grid" miss, not a divergence (model/explain.py).
+            ns = self._namespace(kv.fingerprint)
+            self.tails.remember(ns.key(kv.context[: kv.kept]), kv.context[kv.kept :])
         stats = req.clock.stats(
             req.spec, req.kv, req.saves, reason, req.generated, req.output.stop_sequence
         )
@@ -298,7 +317,32 @@ class ModelWorker:
         except Exception:
             log.exception("model %s: cache lookup failed; serving cold", self.id)
             restore = None
+        try:
+            req.probe = self._probe(req.kv.fingerprint, req.spec.prompt, req.spec.cache_salt)
+        except Exception:
+            log.exception("model %s: explaining the lookup failed", self.id)
         self._thread.restore(req, restore)
+
+    def _probe(self, fingerprint: bytes, prompt: Sequence[int], salt: str | None) -> Probe:
+        """What the model holds near ``prompt`` (model/explain.py). Other namespaces are
+        searched only for an unsalted request: a salt's requests never learn what other
+        salts' requests left."""
+        assert self._namespace is not None
+        facts = self.gate.facts
+        if salt is None:
+            self.fingerprints.add(fingerprint)
+        known = set(self.fingerprints)
+        if facts is not None:
+            known.add(facts.fingerprint)
+        return probe_prompt(
+            self.cache,
+            self._namespace(fingerprint),
+            prompt,
+            self.gate.view.live,
+            self.tails,
+            foreign=salt is None,
+            known_fingerprints=known,
+        )
 
     # ---- views (never wait on the thread) -------------------------------------------------------
 
@@ -394,6 +438,51 @@ class ModelWorker:
         return routing.cached_prefix(
             self.cache, self._namespace, self.policy, self.gate.view, tokens, cache_salt
         )
+
+    async def explain_prefix(
+        self, tokens: Sequence[int], cache_salt: str | None = None
+    ) -> CacheExplanation:
+        """What a request for ``tokens`` would restore now, and why no more (see
+        :mod:`.explain`). Loads nothing and counts no hit; decoding the excerpts is a
+        counted native call."""
+        assert self._namespace is not None
+        facts = self.gate.facts
+        assert facts is not None
+        view = self.gate.view
+        fp = salted(view.fingerprint, cache_salt)
+        grid = 1 if facts.loaded.batch_invariant else self.config.effective_prefill_chunk
+        n = len(tokens)
+        hit = COLD
+        probe = None
+        if self.cache.enabled:
+            # As admission decides: the live KV first, a row only when it holds more.
+            live = routing.cached_prefix(
+                NullCache(), self._namespace, self.policy, view, tokens, cache_salt
+            )
+            found = self.cached_prefix(tokens, cache_salt)
+            # Live cells shorter than min_tokens are not reused (SequenceKV.choose).
+            if live.tokens >= min(self.policy.min_tokens, n) and live.tokens >= found.tokens:
+                found = live
+            start = min(found.tokens, n - 1) // grid * grid
+            if start:
+                hit = CacheHit(
+                    kind="exact" if found.tokens == n else "partial",
+                    prefix_len=start,
+                    source="live" if found.tier == "live" else "prefix",
+                    tier=None if found.tier == "live" else found.tier,
+                )
+            probe = self._probe(fp, tokens, cache_salt)
+        # Twice: once to learn which excerpts it shows, then with their text (decoding is
+        # a native call, awaited here; the model thread decodes through its piece cache).
+        wanted: list[tuple[int, ...]] = []
+
+        def note(ids: Sequence[int]) -> str:
+            wanted.append(tuple(ids))
+            return ""
+
+        explain(probe, hit, tokens, grid, note)
+        texts = {ids: await self.text.detokenize(ids) if ids else "" for ids in wanted}
+        return explain(probe, hit, tokens, grid, lambda ids: texts[tuple(ids)])
 
     def cached_prefixes(self) -> list[CachedPrefix]:
         if self._namespace is None:

@@ -40,6 +40,7 @@ from .params import (
     EXTENSION_RENAMES,
     cache_salt,
     check_messages,
+    explain_cache,
     extension_options,
     functions_of,
     max_tokens,
@@ -249,6 +250,7 @@ def parse(
                     raise ApiError.bad_param(f"stop_sequences[{i}]", "must be a string")
             options["stop"] = list(stop)
     return ChatJob(
+        explain_cache=explain_cache(body),
         model=model,
         messages=messages,
         tools=tools,

@@ -34,6 +34,7 @@ from .generation import (
 from .guard import request_id
 from .logprobs import completion_logprobs, completion_request
 from .openai import choices_of, closing_events, new_id, options_of, stream_flags, usage_of
+from .params import explain_cache
 from .sse import EventStreamResponse, NoResponse, openai_event
 from .state import ServerState
 from .structured import constraint
@@ -92,6 +93,7 @@ async def completions(request: Request, state: ServerState) -> Response:
         await state.use_model(model, keep_alive_of(options)[0])
         ids, echoed = await _ids_and_text(state, model, prompt, echo)
         job = ChatJob(
+            explain_cache=explain_cache(body),
             model=model,
             messages=[],
             prompt=ids,

@@ -20,6 +20,7 @@ from starlette.requests import Request
 
 from ..errors import ErllamaError
 from ..events import (
+    CacheExplanation,
     Done,
     ThinkingDelta,
     ThinkingEnd,
@@ -63,6 +64,7 @@ __all__ = [
     "close",
     "close_all",
     "collect",
+    "explanation_json",
     "extension",
     "keep_alive_of",
     "pieces",
@@ -111,6 +113,8 @@ class ChatJob:
     #: How long the model stays loaded once idle after this request (Ollama's
     #: ``keep_alive``, in seconds; None: for good); the model's own by default.
     keep_alive: float | KeepAlive | None = KeepAlive.DEFAULT
+    #: ``erllama.explain_cache``: the response carries ``Stats.cache_explain``.
+    explain_cache: bool = False
 
     @property
     def parses_calls(self) -> bool:
@@ -400,7 +404,9 @@ async def pieces(
                     finish = "tool_calls"
                 else:
                     finish = ev.finish_reason
-                track.finished(finish, ev.stats)
+                track.finished(finish, ev.stats)  # counts the miss's cause either way
+                if not job.explain_cache:
+                    ev = attrs.evolve(ev, stats=attrs.evolve(ev.stats, cache_explain=None))
                 yield End(ev, finish)
                 return
     except ErllamaError as exc:
@@ -488,19 +494,28 @@ async def collect(state: ServerState, started: Started, call_prefix: str) -> Rep
 
 
 def extension(done: Done) -> dict[str, Any]:
-    """erllama's own facts about a finished request (the ``erllama`` response field)."""
+    """erllama's own facts about a finished request (the ``erllama`` response field); with
+    ``erllama.explain_cache``, why its prompt was restored as far as it was."""
     st = done.stats
+    cache: dict[str, Any] = {
+        "hit_kind": st.cache_hit_kind,
+        "tokens_restored": st.cache_delta.read,
+        "tokens_saved": st.cache_delta.created,
+    }
+    if st.cache_explain is not None:
+        cache["explain"] = explanation_json(st.cache_explain)
     return {
-        "cache": {
-            "hit_kind": st.cache_hit_kind,
-            "tokens_restored": st.cache_delta.read,
-            "tokens_saved": st.cache_delta.created,
-        },
+        "cache": cache,
         "finish_key": st.finish_key,
         "seed": st.seed,
         "stop_sequence": st.stop_sequence,
         "time_to_first_token_s": st.time_to_first_token_s,
     }
+
+
+def explanation_json(ex: CacheExplanation) -> dict[str, Any]:
+    """A :class:`~erllama.events.CacheExplanation` as JSON (every field, ids as arrays)."""
+    return attrs.asdict(ex)
 
 
 def cancelled_error() -> ApiError:

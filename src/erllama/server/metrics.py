@@ -97,6 +97,14 @@ class Metrics:
             ["model", "kind"],
             registry=r,
         )
+        self.cache_misses = Counter(
+            "erllama_cache_misses_by_cause",
+            "Requests whose prompt was not wholly restored, by why (Stats.cache_explain: "
+            "no_row, evicted, fingerprint, adapter, layout, diverged, extends, grid, policy, "
+            "disabled)",
+            ["model", "cause"],
+            registry=r,
+        )
         if engine is not None:
             r.register(EngineCollector(engine))
         if transport is not None:
@@ -136,6 +144,9 @@ class Track:
         m.prompt.labels(model).inc(stats.prompt_tokens)
         m.restored.labels(model).inc(stats.cache_delta.read)
         m.cache_hits.labels(model, stats.cache_hit_kind).inc()
+        explained = stats.cache_explain
+        if explained is not None and explained.cause is not None:
+            m.cache_misses.labels(model, explained.cause).inc()
         self.end(outcome)
 
     def end(self, outcome: Outcome) -> None:

@@ -52,7 +52,7 @@ from .generation import (
 )
 from .guard import request_id
 from .keepalive import parse_keep_alive
-from .params import cache_salt, functions_of, tool_spec, unique
+from .params import cache_salt, explain_cache, functions_of, tool_spec, unique
 from .sse import NdjsonResponse, ndjson_line, unless_disconnected
 from .state import ServerState
 from .toolcalls import fallback_text
@@ -493,6 +493,7 @@ async def chat(request: Request, state: ServerState) -> Response:
         tools = _tools(body)
         options, num_ctx = _options(body, state)
         job = ChatJob(
+            explain_cache=explain_cache(body),
             model=model,
             messages=_messages(body, state, model),
             tools=tools,
@@ -563,6 +564,7 @@ async def generate(request: Request, state: ServerState) -> Response:
         messages, prompt = await _generate_prompt(body, state, model)
         options, num_ctx = _options(body, state)
         job = ChatJob(
+            explain_cache=explain_cache(body),
             model=model,
             messages=messages,
             response_format=_format(body),

@@ -44,6 +44,7 @@ from .logprobs import chat_logprobs, chat_request
 from .params import (
     EXTENSION_RENAMES,
     cache_salt,
+    explain_cache,
     extension_options,
     functions_of,
     max_tokens,
@@ -328,6 +329,7 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
         stream, include_usage = stream_flags(body)
         shape = constraint(body)
         job = ChatJob(
+            explain_cache=explain_cache(body),
             model=model,
             messages=messages,
             tools=tools,

@@ -16,6 +16,7 @@ from .toolcalls import NAME_RE
 __all__ = [
     "cache_salt",
     "check_messages",
+    "explain_cache",
     "extension_options",
     "max_tokens",
     "sampling",
@@ -118,7 +119,8 @@ def extension_options(body: Fields) -> dict[str, Any]:
     """The ``erllama`` object: ``session_id``, ``parent_key`` and ``keep_alive`` (Ollama's
     meaning: seconds or a duration such as ``"5m"``; 0 unloads the model after the
     request, a negative value keeps it loaded for good). ``keep_alive`` is not an engine
-    option: :func:`generation.start` takes it out."""
+    option: :func:`generation.start` takes it out. ``explain_cache`` is read by
+    :func:`explain_cache`, not here."""
     ext = body.obj("erllama")
     if ext is None:
         return {}
@@ -132,12 +134,21 @@ def extension_options(body: Fields) -> dict[str, Any]:
             out["keep_alive"] = parse_keep_alive(ext.get("keep_alive"))
         except ValueError as exc:
             raise ext.bad("keep_alive", str(exc)) from None
-    unknown = sorted(set(ext.data) - {"session_id", "parent_key", "keep_alive"})
+    explain_cache(body)
+    unknown = sorted(set(ext.data) - {"session_id", "parent_key", "keep_alive", "explain_cache"})
     if unknown:
         raise ext.bad(
-            unknown[0], "unknown field (erllama takes session_id, parent_key, keep_alive)"
+            unknown[0],
+            "unknown field (erllama takes session_id, parent_key, keep_alive, explain_cache)",
         )
     return out
+
+
+def explain_cache(body: Fields) -> bool:
+    """``erllama.explain_cache``: the response's ``erllama.cache.explain`` says why the
+    prompt was restored as far as it was (off unless asked: it shows prompt text)."""
+    ext = body.obj("erllama")
+    return ext.flag("explain_cache") if ext is not None else False
 
 
 #: The engine's names for fields of the ``erllama`` object.

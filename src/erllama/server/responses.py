@@ -61,6 +61,7 @@ from .outputs import Output, item_id
 from .params import (
     EXTENSION_RENAMES,
     cache_salt,
+    explain_cache,
     extension_options,
     functions_of,
     max_tokens,
@@ -363,6 +364,7 @@ async def _parse(body: Fields, state: ServerState, name: str, scope: Mapping[str
         if prompt is not None and previous.finish_key and "parent_key" not in options:
             options["parent_key"] = previous.finish_key
     job = ChatJob(
+        explain_cache=explain_cache(body),
         model=model,
         messages=[*system, *history, *new],
         tools=template_tools,
