@@ -70,6 +70,12 @@ async def test_four_requests_with_one_prefix_prefill_it_once(
     # One request fed the shared prefix; the three others took it (all of it: the stub's
     # cells do not depend on batching) and fed their own three tokens.
     assert kinds == [("cold", 0), ("partial", 101), ("partial", 101), ("partial", 101)]
+    explained = sorted(
+        (e.cause, e.tier, e.restored)
+        for d in done
+        if (e := d.stats.cache_explain) is not None and e.restored
+    )
+    assert explained == [("shared", "shared", 101)] * 3
     assert sum(fed(ctl).values()) == len(PROMPTS[0]) + 3 * 3
     for prompt, d in zip(PROMPTS, done, strict=True):
         assert d.token_ids == (await cold_run(registry, prompt, max_tokens=4)).token_ids
