@@ -76,6 +76,9 @@ async def test_four_requests_with_one_prefix_prefill_it_once(
         if (e := d.stats.cache_explain) is not None and e.restored
     )
     assert explained == [("shared", "shared", 101)] * 3
+    # Where their time went: the followers waited for the leader's prefill, the leader not.
+    waits = sorted(d.stats.shared_wait_s for d in done)
+    assert waits[0] == 0.0 and all(w > 0 for w in waits[1:])
     assert sum(fed(ctl).values()) == len(PROMPTS[0]) + 3 * 3
     for prompt, d in zip(PROMPTS, done, strict=True):
         assert d.token_ids == (await cold_run(registry, prompt, max_tokens=4)).token_ids

@@ -224,6 +224,13 @@ class Stats:
     time_to_first_token_s: float | None
     #: Queue wait before admission.
     queued_s: float
+    #: Admission until the prompt's known prefix was in place: the cache lookup and the
+    #: restore, or live reuse (part of ``prefill_s``).
+    setup_s: float = 0.0
+    #: Waiting for another request to prefill the prefix they share, until it was copied
+    #: (in-flight sharing; part of ``prefill_s``).
+    shared_wait_s: float = 0.0
+    #: Admission until the prompt was in the KV (set-up, waits and prefill chunks).
     prefill_s: float
     generation_s: float
     #: Generated tokens per second of generation time.

@@ -69,6 +69,10 @@ class Clock:
 
     queued: float = attrs.Factory(time.monotonic)
     admitted: float | None = None
+    #: The prompt's known prefix was in place (lookup and restore, or live reuse, done).
+    set_up: float | None = None
+    #: A follower took its shared prefix from its leader (or stopped waiting for it).
+    shared: float | None = None
     prefill_done: float | None = None
     first_token: float | None = None
 
@@ -97,6 +101,12 @@ class Clock:
                 self.first_token - admitted if self.first_token is not None else None
             ),
             queued_s=admitted - self.queued,
+            setup_s=(self.set_up - admitted) if self.set_up is not None else 0.0,
+            shared_wait_s=(
+                self.shared - self.set_up
+                if self.shared is not None and self.set_up is not None
+                else 0.0
+            ),
             prefill_s=max(0.0, prefill_end - admitted) if self.admitted else 0.0,
             generation_s=gen_s,
             tokens_per_s=(n / gen_s) if n and gen_s > 0 else None,

@@ -351,6 +351,7 @@ class ModelThread:
             self._take_shared(sched, job)
         for job in todo.orphans:
             sched.go_alone(job)
+            job.owner.clock.shared = time.monotonic()
             self._hit_final(job.owner)
         for job in todo.aborted:
             self._finish(sched, job, "cancelled")
@@ -410,6 +411,7 @@ class ModelThread:
         assert self._kv is not None and self._sched is not None and job.seq is not None
         req = job.owner
         setup = self._kv.setup(req.kv, job.seq, restore)
+        req.clock.set_up = time.monotonic()
         leader, share_at = self._leader_for(job, setup.n_context)
         if leader is None:
             self._hit_final(req)
@@ -454,6 +456,7 @@ class ModelThread:
         leader_seq = job.leader.seq
         assert leader_seq is not None
         req = job.owner
+        req.clock.shared = time.monotonic()
         n = job.share_at
         if self._kv.take(req.kv, job.seq, leader_seq, n):
             sched.shared(job, n_context=n, cursor=req.kv.prompt[n:])

@@ -510,6 +510,14 @@ def extension(done: Done) -> dict[str, Any]:
         "seed": st.seed,
         "stop_sequence": st.stop_sequence,
         "time_to_first_token_s": st.time_to_first_token_s,
+        # Where the time to the first token went (seconds): the queue, the cache lookup and
+        # restore, a wait for another request's prefill of a shared prefix, the prefill.
+        "timings": {
+            "queued_s": st.queued_s,
+            "setup_s": st.setup_s,
+            "shared_wait_s": st.shared_wait_s,
+            "prefill_s": st.prefill_s,
+        },
     }
 
 
