@@ -62,13 +62,19 @@ READY_TIMEOUT_S = 180.0
 
 def _plan(ctx: Any) -> dict[str, Any]:
     if ctx.quick:
-        return {"conversations": 2, "rounds": 2, "history_tokens": 150}
-    return {"conversations": 4, "rounds": 3, "history_tokens": 700}
+        return {
+            "conversations": 2, "rounds": 2, "history_tokens": 150, "fanouts": 1,
+            "together_rounds": 2,
+        }  # fmt: skip
+    return {
+        "conversations": 4, "rounds": 3, "history_tokens": 700, "fanouts": 2,
+        "together_rounds": 4,
+    }  # fmt: skip
 
 
 def steps(ctx: Any) -> int:
     plan = _plan(ctx)
-    return 2 * plan["conversations"] * plan["rounds"]
+    return 2 * plan["conversations"] * plan["rounds"] + plan["fanouts"] + plan["together_rounds"]
 
 
 def _binary() -> Path | None:
@@ -122,21 +128,24 @@ class Server:
                     proc.wait()
 
 
-def _erllama_server(ctx: Any, cache_dir: Path, log: Path) -> Server:
+def _erllama_server(ctx: Any, cache_dir: Path, log: Path, slots: int = 1) -> Server:
     port = _free_port()
     argv = [
         sys.executable, "-m", "erllama.cli", "serve", "--model", str(ctx.model_path),
         "--model-id", "smollm2", "--port", str(port), "--n-ctx", str(N_CTX),
         "--threads", str(ctx.threads), "--cache-dir", str(cache_dir),
+        "--parallel", str(slots),
     ]  # fmt: skip
     return Server("erllama", argv, port, log)
 
 
-def _llama_server(ctx: Any, binary: Path, log: Path) -> Server:
+def _llama_server(ctx: Any, binary: Path, log: Path, slots: int = 1) -> Server:
+    # llama-server splits -c between its slots: each gets N_CTX, as each erllama sequence.
     port = _free_port()
     argv = [
         str(binary), "-m", str(ctx.model_path), "--host", "127.0.0.1", "--port", str(port),
-        "-c", str(N_CTX), "-np", "1", "-t", str(ctx.threads), "-tb", str(ctx.threads),
+        "-c", str(N_CTX * slots), "-np", str(slots), "-t", str(ctx.threads),
+        "-tb", str(ctx.threads),
         "-b", str(N_BATCH), "-ub", str(N_BATCH), "-fa", "on" if FLASH_ATTN else "off",
         "--no-webui",
     ]  # fmt: skip
@@ -287,6 +296,7 @@ def run(ctx: Any) -> dict[str, Any]:
             rows, made = anyio.run(_pass, ctx, procs, script, plan, openings, phase)
         phases[phase] = rows
         script = script or made
+    together = _together(ctx, binary, logs, plan)
     result: dict[str, Any] = {
         "conversations": plan["conversations"],
         "rounds": plan["rounds"],
@@ -297,15 +307,17 @@ def run(ctx: Any) -> dict[str, Any]:
             phase: {name: _summary(rows) for name, rows in by_server.items()}
             for phase, by_server in phases.items()
         },
+        **together,
         "method": {
             "ttft": "client side: create(stream=True) -> first chunk with text (openai client)",
             "order": "turn by turn, erllama then llama-server on the same messages; then both "
             "restarted and the same turns replayed in the same order",
             "servers": {
-                "erllama": "erllama serve --cache-dir DIR --threads T --n-ctx 4096 (one "
-                "sequence, RAM + disk tiers, live KV reuse)",
+                "erllama": "erllama serve --cache-dir DIR --threads T --n-ctx 4096 "
+                "--parallel 1 (one sequence, RAM + disk tiers, live KV reuse); --parallel 4 "
+                "in the concurrent phases",
                 "llama_server": "llama-server -np 1 -c 4096 -b 512 -ub 512 -fa on, "
-                "its defaults for prompt reuse",
+                "its defaults for prompt reuse; -np 4 -c 16384 in the concurrent phases",
             },
         },
     }
@@ -315,6 +327,68 @@ def run(ctx: Any) -> dict[str, Any]:
             ls = phase["llama_server"]["ttft_median_round2plus_s"]
             phase["llama_server"]["round2plus_vs_erllama"] = ls / e if ls else None
     return result
+
+
+def _together(ctx: Any, binary: Path | None, logs: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    """The concurrent phases (bench/concurrency.py): fresh servers with 4 slots each."""
+    import concurrency
+
+    n_prompts = 2 * plan["fanouts"] + 1
+    prompts = anyio.run(concurrency.system_prompts, ctx.model_path, ctx.threads, n_prompts)
+    procs = {
+        "erllama": _erllama_server(
+            ctx, ctx.fresh_dir("disk"), logs / "erllama-4.log", concurrency.CLIENTS
+        )
+    }
+    if binary is not None:
+        procs["llama_server"] = _llama_server(
+            ctx, binary, logs / "llama-server-4.log", concurrency.CLIENTS
+        )
+    names = list(procs)
+
+    async def phases() -> dict[str, Any]:
+        clients = {name: _client(s) for name, s in procs.items()}
+        fanouts: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        try:
+            for k in range(plan["fanouts"]):
+                order = names if k % 2 == 0 else names[::-1]
+                for name in order:
+                    fanouts[name].append(
+                        await concurrency.fanout(
+                            _turn, clients[name], prompts[2 * k], prompts[2 * k + 1], f"f{k}"
+                        )
+                    )
+                    await anyio.sleep(GAP_S)
+                ctx.step(f"fan-out {k + 1}")
+            talks = {
+                name: concurrency.Conversations(_turn, clients[name], prompts[-1], "together")
+                for name in names
+            }
+            for rnd in range(plan["together_rounds"]):
+                for name in names if rnd % 2 == 0 else names[::-1]:
+                    await talks[name].round()
+                    await anyio.sleep(GAP_S)
+                ctx.step(f"together round {rnd + 1}")
+        finally:
+            for cl in clients.values():
+                await cl.close()
+        return {
+            "fanout": {
+                name: {
+                    "runs": runs,
+                    "wall_over_alone_median": median([r["wall_over_alone"] for r in runs]),
+                    "ttft_median_s": median([r["ttft_median_s"] for r in runs]),
+                    "wall_median_s": median([r["wall_s"] for r in runs]),
+                }
+                for name, runs in fanouts.items()
+            },
+            "concurrent": {name: t.summary() for name, t in talks.items()},
+        }
+
+    with contextlib.ExitStack() as stack:
+        for s in procs.values():
+            stack.enter_context(s.running())
+        return anyio.run(phases)
 
 
 def _version(binary: Path | None) -> str | None:
@@ -355,7 +429,9 @@ def headline(result: dict[str, Any]) -> list[dict[str, Any]]:
     else:
         later = f"erllama {e_later * 1e3:.0f} ms; llama-server not built"
         back = f"first turns: erllama {e_back * 1e3:.0f} ms; llama-server not built"
+    rows = _together_headline(result)
     return [
+        *rows,
         {
             "figure": "HTTP interleaved conversations, median TTFT, later turns",
             "value": e_later,
@@ -369,6 +445,48 @@ def headline(result: dict[str, Any]) -> list[dict[str, Any]]:
             "display": back,
             "target": None,
             "met": None,
+        },
+    ]
+
+
+def _together_headline(result: dict[str, Any]) -> list[dict[str, Any]]:
+    if "fanout" not in result:
+        return []
+    fan, conv = result["fanout"], result["concurrent"]
+    e, e_c = fan["erllama"], conv["erllama"]
+    fan_text = (
+        f"erllama wall {e['wall_median_s']:.2f} s ({e['wall_over_alone_median']:.2f}x one "
+        f"request alone), median TTFT {e['ttft_median_s'] * 1e3:.0f} ms"
+    )
+    conv_text = f"erllama {e_c['ttft_median_later_s'] * 1e3:.0f} ms"
+    ratio_fan = ratio_conv = None
+    if "llama_server" in fan:
+        ls, ls_c = fan["llama_server"], conv["llama_server"]
+        ratio_fan = e["wall_median_s"] / ls["wall_median_s"]
+        ratio_conv = e_c["ttft_median_later_s"] / ls_c["ttft_median_later_s"]
+        fan_text += (
+            f"; llama-server wall {ls['wall_median_s']:.2f} s ({ls['wall_over_alone_median']:.2f}x),"
+            f" TTFT {ls['ttft_median_s'] * 1e3:.0f} ms (erllama/llama-server wall {ratio_fan:.2f})"
+        )
+        conv_text += (
+            f", llama-server {ls_c['ttft_median_later_s'] * 1e3:.0f} ms "
+            f"(erllama/llama-server {ratio_conv:.2f})"
+        )
+    return [
+        {
+            "figure": f"HTTP cold fan-out: {len(e['runs'][0]['ttft_s'])} clients at once, one "
+            "shared ~950-token system prompt",
+            "value": e["wall_over_alone_median"],
+            "display": fan_text,
+            "target": "<= 1.3x one request alone",
+            "met": e["wall_over_alone_median"] <= 1.3,
+        },
+        {
+            "figure": "HTTP concurrent conversations (4 clients at once), median TTFT, later turns",
+            "value": e_c["ttft_median_later_s"],
+            "display": conv_text,
+            "target": "<= llama-server",
+            "met": None if ratio_conv is None else ratio_conv <= 1.0,
         },
     ]
 
@@ -390,6 +508,27 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {phase} | {LABELS[name]} | {_round1_median(s) * 1e3:.0f} ms | "
                 f"{'-' if later is None else f'{later * 1e3:.0f} ms'} | "
                 f"{s['ttft_median_s'] * 1e3:.0f} ms | {s['ttft_sum_s']:.2f} s |"
+            )
+    if "fanout" in result:
+        lines += [
+            "",
+            "Concurrent phases (4 slots each, one server at a time, alternating): a cold "
+            "fan-out (4 clients at once, one shared ~950-token system prompt, nothing cached; "
+            "beside it one request alone on another prompt of that length) and 4 "
+            "conversations whose turns are sent 4 at once.",
+            "",
+            "| server | fan-out wall | x one alone | fan-out median TTFT | conversations: "
+            "median TTFT first turns | later turns | wall |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, f in result["fanout"].items():
+            c = result["concurrent"][name]
+            later = c["ttft_median_later_s"]
+            lines.append(
+                f"| {LABELS[name]} | {f['wall_median_s']:.2f} s | "
+                f"{f['wall_over_alone_median']:.2f} | {f['ttft_median_s'] * 1e3:.0f} ms | "
+                f"{c['ttft_median_first_s'] * 1e3:.0f} ms | "
+                f"{'-' if later is None else f'{later * 1e3:.0f} ms'} | {c['wall_s']:.2f} s |"
             )
     return "\n".join(lines)
 
