@@ -158,6 +158,7 @@ def run(
     model: Path | None = None,
     threads: int = 2,
     command: str = "erllama bench",
+    update: bool = False,
 ) -> dict[str, Any]:
     from tqdm import tqdm
 
@@ -242,10 +243,39 @@ def run(
         "scenarios": results,
     }
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    _write(report, modules, out_dir, stamp)
+    report["runs"] = dict.fromkeys(names, report["created_utc"])
+    kept: list[str] = []
+    if update and (out_dir / "latest.json").is_file():
+        report, kept = _merged(json.loads((out_dir / "latest.json").read_text()), report)
+        modules = {n: _scenario(n) for n in report["scenarios_run"]}
+    _write(report, modules, out_dir, stamp, kept)
     print(summary(report, modules))
     print(f"\nresults: {out_dir / (stamp + '.json')} (and latest.json / latest.md)")
     return report
+
+
+def _merged(previous: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``--update``: the previous report with the scenarios just run replaced (each keeps
+    the date of its own run in ``runs``); returns it and the scenarios kept from before."""
+    ran = set(new["scenarios_run"])
+    kept = [n for n in previous.get("scenarios_run", []) if n not in ran]
+    runs = previous.get("runs") or dict.fromkeys(previous["scenarios"], previous["created_utc"])
+    runs = {n: d for n, d in runs.items() if n in kept} | new["runs"]
+    order = [n for n in SCENARIOS if n in ran or n in kept]
+    scenarios = {n: new["scenarios"][n] if n in ran else previous["scenarios"][n] for n in order}
+    headline = [h for h in previous["headline"] if h["scenario"] in kept] + new["headline"]
+    headline.sort(key=lambda h: order.index(h["scenario"]))
+    notes = [n for n in previous.get("notes", []) if n.split(":")[0] in kept] + new["notes"]
+    merged = {
+        **new,
+        "command": f"{new['command']} (updating the report of {previous['created_utc']})",
+        "scenarios_run": order,
+        "runs": runs,
+        "headline": headline,
+        "notes": notes,
+        "scenarios": scenarios,
+    }
+    return merged, kept
 
 
 def _json_default(obj: Any) -> Any:
@@ -256,11 +286,21 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot serialise {type(obj).__name__}")
 
 
-def _write(report: dict[str, Any], modules: dict[str, ModuleType], out: Path, stamp: str) -> None:
+def _write(
+    report: dict[str, Any],
+    modules: dict[str, ModuleType],
+    out: Path,
+    stamp: str,
+    kept: Sequence[str] = (),
+) -> None:
     text = json.dumps(report, indent=2, default=_json_default, allow_nan=True)
     (out / f"{stamp}.json").write_text(text + "\n", encoding="utf-8")
     shutil.copyfile(out / f"{stamp}.json", out / "latest.json")
-    pngs = _plots(report, modules, out, stamp)
+    fresh = {n: m for n, m in modules.items() if n not in kept}
+    pngs = _plots(report, fresh, out, stamp)
+    # Scenarios kept from an earlier run (--update) keep their plots.
+    pngs += [p.name for p in sorted(out.glob("latest-*.png"))
+             if not any(p.name == f"latest-{q.split('-', 1)[1]}" for q in pngs)]  # fmt: skip
     md = markdown(report, modules, pngs)
     (out / f"{stamp}.md").write_text(md, encoding="utf-8")
     (out / "latest.md").write_text(md.replace(f"{stamp}-", "latest-"), encoding="utf-8")
@@ -322,6 +362,14 @@ def markdown(report: dict[str, Any], modules: dict[str, ModuleType], pngs: list[
         f"{report['model']['n_threads']} threads, flash attention on, greedy)",
         f"- Command: `{report['command']}`{' (quick subset)' if report['quick'] else ''}; "
         f"took {report['duration_s'] / 60:.1f} min",
+        *(
+            [
+                "- Scenarios from several runs (UTC): "
+                + ", ".join(f"{n} {d}" for n, d in report["runs"].items())
+            ]
+            if len(set(report.get("runs", {}).values())) > 1
+            else []
+        ),
         "- TTFT is measured by the client (request sent -> first token received). Ratios "
         "compare measurements from this same run; absolute times move with machine load.",
         "",
@@ -376,6 +424,12 @@ def parser(prog: str = "erllama bench") -> argparse.ArgumentParser:
     )
     p.add_argument("--model", type=Path, default=None, help="GGUF file (default: bundled SmolLM2)")
     p.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="with --only: replace those scenarios in the folder's latest report and keep the "
+        "others (each dated by its own run)",
+    )
     return p
 
 
@@ -391,5 +445,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "erllama bench") -> int:
         model=args.model,
         threads=args.threads,
         command=shown,
+        update=args.update,
     )
     return 1 if any(h["figure"] == "scenario failed" for h in report["headline"]) else 0
