@@ -150,3 +150,13 @@ async def test_other_salts_and_share_prefill_off_share_nothing(
     done = await run_together(engine, mid2, off, PROMPTS)
     assert [d.cache_hit_kind for d in done] == ["cold"] * 4
     assert sum(fed(off).values()) == sum(map(len, PROMPTS))
+
+
+async def test_a_prefix_shorter_than_min_tokens_is_not_waited_for(engine: erllama.Engine) -> None:
+    """A shared BOS or a few template tokens are not worth a wait: each feeds alone."""
+    ctl = metered()
+    mid = await engine.load_model("m", stub_config(control=ctl, n_seq_max=2, prefill_chunk=16))
+    short = [[1, 2, 3, *range(300 + 50 * i, 340 + 50 * i)] for i in range(2)]  # 3 in common
+    done = await run_together(engine, mid, ctl, short)
+    assert [d.cache_hit_kind for d in done] == ["cold", "cold"]
+    assert sum(fed(ctl).values()) == sum(map(len, short))

@@ -261,15 +261,16 @@ class SequenceKV:
         """How much of ``track``'s prompt it can take from ``leader``'s sequence once the
         leader has fed it: the whole grid cells of their common prompt prefix (leaving at
         least one token to feed, as every reuse does), or 0 when that is no more than the
-        ``start`` the request already holds, or when they run under other fingerprints (an
-        adapter, a ``cache_salt``: no tenant reads another's KV). Those cells of the leader
-        are prompt cells fed on the grid, exactly what a cold prefill computes (module
-        docstring)."""
+        ``start`` the request already holds, or shorter than the policy's ``min_tokens``
+        (a shared BOS or a few template tokens are not worth waiting for), or when they run
+        under other fingerprints (an adapter, a ``cache_salt``: no tenant reads another's
+        KV). Those cells of the leader are prompt cells fed on the grid, exactly what a cold
+        prefill computes (module docstring)."""
         if leader.fingerprint != track.fingerprint:
             return 0
         common = common_prefix_tokens(encode_tokens(track.prompt), encode_tokens(leader.prompt))
         point = self.grid_floor(min(common, len(track.prompt) - 1))
-        return point if point > start else 0
+        return point if point > start and point >= self.policy.min_tokens else 0
 
     def take(self, track: KVTrack, seq: int, leader_seq: int, n: int) -> bool:
         """Copy the first ``n`` cells of ``leader_seq`` into ``seq`` (which holds the

@@ -38,7 +38,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from .._loop import LoopHandoff
 from ..backends.types import LoadedModel
 from ..cache.key import Namespace, quant_byte, salted
-from ..cache.port import CachePort, NullCache
+from ..cache.port import CachePort, NullCache, Restore
 from ..cluster.prefixes import PrefixSummary
 from ..config import CachePolicy, ModelConfig
 from ..errors import ConfigError, InvalidRequest, ModelNotFound, NotSupported, UnloadTimeout
@@ -295,16 +295,31 @@ class ModelWorker:
         self._on_request_done(req)
 
     async def _dispatch_lookups(self, tg: TaskGroup) -> None:
+        previous = anyio.Event()
+        previous.set()
         while True:
             while not self._lookups:
                 self._lookups_ready = anyio.Event()
                 await self._lookups_ready.wait()
             self._lookups_ready = None
             while self._lookups:
-                tg.start_soon(self._lookup, self._lookups.popleft())
+                delivered = anyio.Event()
+                tg.start_soon(self._lookup, self._lookups.popleft(), previous, delivered)
+                previous = delivered
 
-    async def _lookup(self, req: Request) -> None:
-        """Find and read the best cache row while the thread keeps stepping others."""
+    async def _lookup(self, req: Request, previous: anyio.Event, delivered: anyio.Event) -> None:
+        """Find and read the best cache row while the thread keeps stepping others. Lookups
+        run concurrently (file reads overlap) but are handed to the thread in admission
+        order (``previous`` is the one before's hand-over), so requests start feeding in
+        the FIFO order they were admitted in, however long each read took."""
+        try:
+            restore = await self._find(req)
+            await previous.wait()
+            self._thread.restore(req, restore)
+        finally:
+            delivered.set()
+
+    async def _find(self, req: Request) -> Restore | None:
         assert self._namespace is not None
         try:
             restore = await self.cache.lookup(
@@ -321,7 +336,7 @@ class ModelWorker:
             req.probe = self._probe(req.kv.fingerprint, req.spec.prompt, req.spec.cache_salt)
         except Exception:
             log.exception("model %s: explaining the lookup failed", self.id)
-        self._thread.restore(req, restore)
+        return restore
 
     def _probe(self, fingerprint: bytes, prompt: Sequence[int], salt: str | None) -> Probe:
         """What the model holds near ``prompt`` (model/explain.py). Other namespaces are
