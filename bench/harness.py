@@ -38,6 +38,7 @@ SCENARIOS = (
     "engine_overhead",
     "streams",
     "threads",
+    "models",
     "micro",
     "router_sim",
     "scale_out",

@@ -509,12 +509,14 @@ class Lifecycle:
             worker = engine._models.get(entry.id)
             state: LifecycleState
             info = entry.info
-            if worker is not None:
+            if entry.load is not None:
+                # A load on its way: "loaded" only once it has been counted (its worker
+                # may serve a moment before the load's own bookkeeping has run).
+                state = "loading"
+            elif worker is not None:
                 state = _STATES.get(worker.state, "loaded")
                 if state != "loading":
                     info = worker.info()
-            elif entry.load is not None:
-                state = "loading"
             else:
                 state = "unloaded"
             expires = None
