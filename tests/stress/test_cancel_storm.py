@@ -44,7 +44,7 @@ from erllama.plugins import BackendRegistry
 from ..helpers import cold_run, settled, stub_config, unblock_stubs, wait_for
 from .conftest import record
 
-pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(180)]
 
 FILE = "cancel storm"
 STEP_DELAY_S = 0.001
@@ -65,9 +65,11 @@ QUEUED_PER_ROUND = 20
 N_PROMPTS = 8
 MAX_EXTEND = 8
 REF_LEN = 96
-#: Bounds: any one wait, and a whole test.
+#: Bounds: any one wait, and a whole test. Bounds against a hang, not timings: the storm
+#: takes about 7 s alone on 2 cores and 33-45 s late in a full run (Ray's processes and
+#: the earlier tests' leftovers share the cores), so 45 s was too tight there.
 WAIT_S = 20.0
-STORM_S = 45.0
+STORM_S = 120.0
 #: Cache rows from requests this short, so cancelled requests leave rows behind them.
 POLICY = erllama.CachePolicy(min_tokens=4, cold_min_tokens=10_000, continued_interval=10_000)
 
