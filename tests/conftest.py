@@ -65,6 +65,25 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     return f"hypothesis profile: {settings.get_current_profile_name()}"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test on the session's Ray instance runs last, in its collected order.
+
+    A Ray instance, once up, lives to the end of the session (``ray_serve``), and its
+    daemons and replicas take CPU in the background. llama.cpp runs its two threads on
+    both cores and meets them at a spinning barrier each graph node, so any other runnable
+    process can make a real-model test several times slower (one ran past the 300 s
+    timeout in CI). With Ray last, no real-model test shares the machine with it."""
+    del config
+
+    def on_ray(item: pytest.Item) -> bool:
+        # The server tests reach Ray through a parameter marked ``ray``, not a fixture name.
+        return item.get_closest_marker("ray") is not None or "ray_serve" in getattr(
+            item, "fixturenames", ()
+        )
+
+    items[:] = sorted(items, key=on_ray)
+
+
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)

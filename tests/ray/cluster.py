@@ -161,8 +161,12 @@ def expected_in(handle: Any, request: GenerateRequest, holder: str) -> float | N
     return None if found is None else found[1]
 
 
-def wait_until(predicate: Callable[[], bool], within: float = 20.0, what: str = "it") -> None:
-    """Poll ``predicate`` (a fact another process makes true) for at most ``within`` s."""
+def wait_until(predicate: Callable[[], bool], within: float = 60.0, what: str = "it") -> None:
+    """Poll ``predicate`` (a fact another process makes true) for at most ``within`` s.
+
+    The bound is a hang guard, not a timing: replicas report every few hundred ms, yet on a
+    loaded 2-core machine one routing test has been seen still waiting after 20 s (cause
+    not found; it passed in every rerun)."""
     deadline = time.monotonic() + within
     while not predicate():
         if time.monotonic() > deadline:
