@@ -32,7 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,7 @@ def _plan(ctx: Any) -> dict[str, Any]:
 
 def steps(ctx: Any) -> int:
     plan = _plan(ctx)
-    return 2 * plan["conversations"] * plan["rounds"] + plan["fanouts"] + plan["together_rounds"]
+    return 3 * plan["conversations"] * plan["rounds"] + plan["fanouts"] + plan["together_rounds"]
 
 
 def _binary() -> Path | None:
@@ -223,9 +223,11 @@ async def _pass(
     plan: dict[str, Any],
     openings: list[list[dict[str, str]]],
     label: str,
+    send_back: Callable[[str], str] = str,
 ) -> tuple[dict[str, list[dict[str, Any]]], list[tuple[int, int, list[dict[str, str]]]]]:
     """One pass over the conversations. Without ``script`` the turns are made here (the
-    history grows with erllama's replies) and returned; with one, it is replayed."""
+    history grows with erllama's replies, as ``send_back`` makes them) and returned; with
+    one, it is replayed."""
     clients = {name: _client(s) for name, s in servers.items()}
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
     made: list[tuple[int, int, list[dict[str, str]]]] = []
@@ -248,7 +250,7 @@ async def _pass(
                 r.update(conversation="ABCDEFGH"[c], round=rnd + 1)
                 rows[name].append(r)
                 if name == "erllama" and given is None:
-                    history[c].append({"role": "assistant", "content": r["text"]})
+                    history[c].append({"role": "assistant", "content": send_back(r["text"])})
                 await anyio.sleep(GAP_S)
             made.append((c, rnd, messages))
             ctx.step(f"{label} {'ABCDEFGH'[c]}{rnd + 1}")
@@ -260,8 +262,14 @@ async def _pass(
 
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     later = [r["ttft_s"] for r in rows if r["round"] > 1]
+    counted = [r for r in rows if r["round"] > 1 and r["cached_tokens"] is not None]
+    prompt = sum(r["prompt_tokens"] or 0 for r in counted)
     return {
         "ttft_median_round2plus_s": median(later) if later else None,
+        # Prompt tokens of later turns the server reported as cached.
+        "hit_rate_round2plus": sum(r["cached_tokens"] for r in counted) / prompt
+        if prompt
+        else None,
         "ttft_median_s": median([r["ttft_s"] for r in rows]),
         "ttft_sum_s": sum(r["ttft_s"] for r in rows),
         "turns": [{k: v for k, v in r.items() if k != "text"} for r in rows],
@@ -280,8 +288,8 @@ def run(ctx: Any) -> dict[str, Any]:
     cache_dir = ctx.fresh_dir("disk")
     logs = ctx.fresh_dir("disk")
 
-    def servers() -> dict[str, Server]:
-        out = {"erllama": _erllama_server(ctx, cache_dir, logs / "erllama.log")}
+    def servers(folder: Path = cache_dir) -> dict[str, Server]:
+        out = {"erllama": _erllama_server(ctx, folder, logs / "erllama.log")}
         if binary is not None:
             out["llama_server"] = _llama_server(ctx, binary, logs / "llama-server.log")
         return out
@@ -296,6 +304,14 @@ def run(ctx: Any) -> dict[str, Any]:
             rows, made = anyio.run(_pass, ctx, procs, script, plan, openings, phase)
         phases[phase] = rows
         script = script or made
+    # A client that re-serializes what it got back (here: trims the whitespace around each
+    # reply, as many chat UIs and agent frameworks do): fresh servers, a fresh cache folder.
+    procs = servers(ctx.fresh_dir("disk"))
+    with contextlib.ExitStack() as stack:
+        for s in procs.values():
+            stack.enter_context(s.running())
+        rows, _ = anyio.run(_pass, ctx, procs, None, plan, openings, "trimmed", str.strip)
+    phases["trimming client"] = rows
     together = _together(ctx, binary, logs, plan)
     result: dict[str, Any] = {
         "conversations": plan["conversations"],
@@ -311,7 +327,8 @@ def run(ctx: Any) -> dict[str, Any]:
         "method": {
             "ttft": "client side: create(stream=True) -> first chunk with text (openai client)",
             "order": "turn by turn, erllama then llama-server on the same messages; then both "
-            "restarted and the same turns replayed in the same order",
+            "restarted and the same turns replayed in the same order; then fresh servers and a "
+            "client that sends each reply back stripped of surrounding whitespace",
             "servers": {
                 "erllama": "erllama serve --cache-dir DIR --threads T --n-ctx 4096 "
                 "--parallel 1 (one sequence, RAM + disk tiers, live KV reuse); --parallel 4 "
@@ -430,6 +447,29 @@ def headline(result: dict[str, Any]) -> list[dict[str, Any]]:
         later = f"erllama {e_later * 1e3:.0f} ms; llama-server not built"
         back = f"first turns: erllama {e_back * 1e3:.0f} ms; llama-server not built"
     rows = _together_headline(result)
+    trimmed = phases.get("trimming client")
+    if trimmed is not None:
+        e = trimmed["erllama"]
+        show = (
+            f"erllama {_share(e['hit_rate_round2plus'])} cached, "
+            f"{e['ttft_median_round2plus_s'] * 1e3:.0f} ms"
+        )
+        if "llama_server" in trimmed:
+            ls = trimmed["llama_server"]
+            show += (
+                f"; llama-server {_share(ls['hit_rate_round2plus'])} cached, "
+                f"{ls['ttft_median_round2plus_s'] * 1e3:.0f} ms"
+            )
+        rows.append(
+            {
+                "figure": "HTTP interleaved, a client trimming replies: cached share and median "
+                "TTFT of later turns",
+                "value": e["hit_rate_round2plus"],
+                "display": show,
+                "target": None,
+                "met": None,
+            }
+        )
     return [
         *rows,
         {
@@ -491,6 +531,10 @@ def _together_headline(result: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def _share(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:.0%}"
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"{result['conversations']} conversations x {result['rounds']} rounds, interleaved, "
@@ -498,8 +542,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['llama_server_version'] or 'not built (erllama alone)'}.",
         "",
         "| phase | server | median TTFT, round 1 | median TTFT, round 2+ | median TTFT, all "
-        "| sum of TTFT |",
-        "|---|---|---:|---:|---:|---:|",
+        "| sum of TTFT | cached share of prompts, round 2+ |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for phase, by_server in result["phases"].items():
         for name, s in by_server.items():
@@ -507,7 +551,8 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {phase} | {LABELS[name]} | {_round1_median(s) * 1e3:.0f} ms | "
                 f"{'-' if later is None else f'{later * 1e3:.0f} ms'} | "
-                f"{s['ttft_median_s'] * 1e3:.0f} ms | {s['ttft_sum_s']:.2f} s |"
+                f"{s['ttft_median_s'] * 1e3:.0f} ms | {s['ttft_sum_s']:.2f} s | "
+                f"{_share(s.get('hit_rate_round2plus'))} |"
             )
     if "fanout" in result:
         lines += [

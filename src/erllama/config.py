@@ -240,6 +240,17 @@ class CacheConfig:
     reservation_ttl_s: float = _number_field(60.0, 0.01)
     sweep_interval_s: float = _number_field(30.0, 0.01)
     policy: CachePolicy = attrs.field(factory=CachePolicy)
+    #: Records kept beside the rows in each file tier, per kind (replies for exact replay,
+    #: tool-call ids): the least recently written go first past this. 0 keeps none.
+    records: int = _int_field(4096, 0)
+
+    @property
+    def record_dirs(self) -> list[Path]:
+        """The file tiers' directories, where records live (none with the cache off)."""
+        if not self.enabled:
+            return []
+        tiers = ((self.ram_file_dir, self.ram_file_bytes), (self.disk_dir, self.disk_bytes))
+        return [d for d, budget in tiers if d is not None and budget > 0]
 
     def __attrs_post_init__(self) -> None:
         _Problems(self).raise_any()

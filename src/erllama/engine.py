@@ -17,6 +17,7 @@ from .cache.counters import CacheCounters
 from .cache.key import decode_tokens
 from .cache.manager import KVCache
 from .cache.port import CachePort, NullCache
+from .cache.records import RecordStore
 from .cluster.prefixes import BLOCK, PrefixSummary
 from .config import CACHE_TIERS, EngineConfig, ModelConfig, load_config, structure_config
 from .errors import (
@@ -75,6 +76,13 @@ class Engine:
         #: The cache (None when off) and what models see of it (a null port when off).
         self._kv = cache
         self._cache: CachePort = cache if cache is not None else NullCache()
+        dirs = config.cache.record_dirs if cache is not None else []
+        #: Each model's replies for exact replay, beside the rows (none without file tiers).
+        self._reply_store = (
+            RecordStore(dirs, "replies", config.cache.records)
+            if dirs and config.cache.records
+            else None
+        )
         self._models: dict[str, ModelWorker] = {}
         self._inflight: dict[str, tuple[ModelWorker, Request]] = {}
         self._auto_ids = itertools.count(1)
@@ -208,6 +216,7 @@ class Engine:
             self.config.cache.policy,
             self._request_done,
             signer=self._signer,
+            reply_store=self._reply_store,
         )
         self._models[model_id] = worker
         return worker

@@ -4,11 +4,13 @@ rendering calls, and the forced-call grammar."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 import erllama
+from erllama.cache.records import RecordStore
 from erllama.grammar import MAX_REPEAT, check_schema
 from erllama.server import ServeConfig, load_serve_config
 from erllama.server.toolcalls import (
@@ -86,32 +88,48 @@ def test_with_server_checks_what_it_changes() -> None:
 # ---- the tool-call store -------------------------------------------------------------------------
 
 
-def test_the_store_maps_every_id_of_a_reply_to_its_text() -> None:
+@pytest.mark.anyio
+async def test_the_store_maps_every_id_of_a_reply_to_its_text() -> None:
     store = ToolCallStore(entries=8)
-    store.remember("m", ["a", "b"], "reply one")
+    await store.remember("m", ["a", "b"], "reply one")
     assert store.reply_for("m", ["a"]) == store.reply_for("m", ["a", "b"]) == "reply one"
-    store.remember("m", ["c"], "reply two")
+    await store.remember("m", ["c"], "reply two")
     assert store.reply_for("m", ["a", "c"]) is None  # two replies: not one exact text
     assert store.reply_for("m", ["a", "zzz"]) is None
     assert store.reply_for("other", ["a"]) is None
     assert store.reply_for("m", []) is None
 
 
-def test_the_store_drops_the_least_recently_used_ids() -> None:
+@pytest.mark.anyio
+async def test_the_store_drops_the_least_recently_used_ids() -> None:
     store = ToolCallStore(entries=2)
-    store.remember("m", ["a"], "1")
-    store.remember("m", ["b"], "2")
+    await store.remember("m", ["a"], "1")
+    await store.remember("m", ["b"], "2")
     assert store.reply_for("m", ["a"]) == "1"  # a is now the most recently used
-    store.remember("m", ["c"], "3")
+    await store.remember("m", ["c"], "3")
     assert store.reply_for("m", ["b"]) is None
     assert store.reply_for("m", ["a"]) == "1" and store.reply_for("m", ["c"]) == "3"
     assert len(store) == 2
 
 
-def test_a_store_of_size_zero_remembers_nothing() -> None:
+@pytest.mark.anyio
+async def test_a_store_of_size_zero_remembers_nothing() -> None:
     store = ToolCallStore(entries=0)
-    store.remember("m", ["a"], "1")
+    await store.remember("m", ["a"], "1")
     assert store.reply_for("m", ["a"]) is None
+
+
+@pytest.mark.anyio
+async def test_ids_kept_in_records_outlive_the_store(tmp_path: Path) -> None:
+    # What a restart sees: a new store over the same directories, memory empty.
+    records = RecordStore([tmp_path / "shm", tmp_path / "disk"], "tool-calls", 100)
+    await ToolCallStore(entries=8, records=records).remember("m", ["a", "b"], "reply \u00e9")
+    again = ToolCallStore(entries=8, records=records)
+    assert again.reply_for("m", ["a", "b"]) == "reply \u00e9"
+    assert again.reply_for("other", ["a"]) is None
+    # From the disk alone (the tmpfs emptied by a reboot).
+    shutil.rmtree(tmp_path / "shm")
+    assert ToolCallStore(entries=8, records=records).reply_for("m", ["b"]) == "reply \u00e9"
 
 
 # ---- parsing and rendering -------------------------------------------------------------------------

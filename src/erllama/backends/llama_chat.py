@@ -173,18 +173,14 @@ def split_verbatim(
 ) -> list[str | list[int]]:
     """``text`` cut around the occurrences of each verbatim text, in order: text pieces to
     tokenize, and the verbatim token ids in their place. Each verbatim text is taken at its
-    first occurrence after the previous cut; one that is absent is skipped."""
+    first occurrence after the previous one taken (two replies with the same text are two
+    occurrences, each with its own ids); one that is absent there is skipped."""
     out: list[str | list[int]] = []
     pos = 0
-    found = []
     for reply, ids in verbatim:
         at = text.find(reply, pos) if reply else -1
-        if at >= 0:
-            found.append((at, reply, ids))
-    found.sort(key=lambda f: f[0])
-    for at, reply, ids in found:
-        if at < pos:
-            continue  # overlaps an earlier one
+        if at < 0:
+            continue
         if at > pos:
             out.append(text[pos:at])
         out.append(list(ids))

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from ..config import ModelConfig
 from ..errors import InvalidRequest, NotSupported
 from ..plugins import Backend
@@ -107,7 +109,15 @@ class TextCalls:
                 if not isinstance(tool, Mapping):
                     raise InvalidRequest(f"tools[{i}]", "must be a tool (function) mapping")
         backend = self._backend
-        verbatim = self._replies.for_messages(messages)
+        replies = self._replies
+        backing = replies.backing
+        unknown = replies.unknown(messages) if backing is not None else []
+        if unknown:
+            assert backing is not None
+            # Replies this process never saw (a restart, another replica) from the records.
+            for key, reply in await anyio.to_thread.run_sync(backing.get, unknown):
+                replies.learn(key, reply)
+        messages, verbatim = replies.resolve(messages)
 
         def run(handle: Any) -> list[int]:
             for i, m in enumerate(messages):

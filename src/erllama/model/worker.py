@@ -39,6 +39,7 @@ from .._loop import LoopHandoff
 from ..backends.types import LoadedModel
 from ..cache.key import Namespace, quant_byte, salted
 from ..cache.port import CachePort, NullCache, Restore
+from ..cache.records import RecordStore
 from ..cluster.prefixes import PrefixSummary
 from ..config import CachePolicy, ModelConfig
 from ..errors import ConfigError, InvalidRequest, ModelNotFound, NotSupported, UnloadTimeout
@@ -61,7 +62,7 @@ from .gate import UNLOAD_WAIT_S, ModelGate
 from .kv import COLD, KVTrack, Namespaces, SaveOrder
 from .operations import Operations
 from .output import Output, Signer
-from .replay import ReplayMemory
+from .replay import ReplayMemory, ReplyRecords
 from .request import Request, RequestSpec
 from .scheduler import Job, SchedulerClosed
 from .snapshot import ModelFacts
@@ -85,6 +86,7 @@ class ModelWorker:
         policy: CachePolicy,
         on_request_done: Callable[[Request], None],
         signer: Signer | None = None,
+        reply_store: RecordStore | None = None,
     ) -> None:
         self.id = model_id
         self.config = config
@@ -93,6 +95,7 @@ class ModelWorker:
         self.policy = config.policy or policy
         self._signer = signer
         self.replies = ReplayMemory()
+        self._reply_store = reply_store
         self.tails = Tails()
         #: Unsalted fingerprints this model has run under (adapter sets): a row under one
         #: of them explains a miss as ``adapter``.
@@ -158,6 +161,7 @@ class ModelWorker:
             n_seq = min(self.config.n_seq_max, loaded.n_seq_max)
             namespace = self._namespace
             await self.gate.call(lambda t: t.begin(fingerprint, namespace, n_seq), starting=True)
+            self._start_replay(fingerprint)
             self.gate.status = "idle"
             self.loaded_at = time.monotonic()
             async with anyio.create_task_group() as tg:
@@ -175,6 +179,15 @@ class ModelWorker:
                 await self._exited.wait()
                 await anyio.to_thread.run_sync(self._thread.join)
             self._stopped.set()
+
+    def _start_replay(self, fingerprint: bytes) -> None:
+        """Exact replay knows the model's thinking markers (a client drops those spans)
+        and, with file tiers, keeps its replies beside the rows under the fingerprint."""
+        facts = self.gate.facts
+        if facts is not None:
+            self.replies.thinking = _pair(facts.markers.think_start, facts.markers.think_end)
+        if self._reply_store is not None:
+            self.replies.backing = ReplyRecords(self._reply_store, fingerprint)
 
     async def close(self, *, wait_s: float = UNLOAD_WAIT_S, force: bool = False) -> None:
         """Stop serving: refuse new calls, wait (up to ``wait_s``) for native calls in flight
@@ -252,7 +265,11 @@ class ModelWorker:
             if key is not None:
                 req.saves.finish_key = key.hex()
         if req.reply_text:
-            self.replies.remember(req.reply_text, req.generated)
+            learned = self.replies.remember(req.reply_text, req.generated, req.output.stop_sequence)
+            backing = self.replies.backing
+            if learned and backing is not None and self._tg is not None:
+                # Written off the loop; a worker closing meanwhile lets the write finish.
+                self._tg.start_soon(anyio.to_thread.run_sync, backing.put, learned)
         kv = req.kv
         if 0 < kv.kept < len(kv.context) and self._namespace is not None:
             # What the exactness rule dropped: a next prompt that goes on with it is a

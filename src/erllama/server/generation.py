@@ -396,7 +396,7 @@ async def pieces(
                         yield call
                 if calls:
                     reply = await reply_text(state, job.model, ev, raw)
-                    state.store.remember(job.model, calls, reply)
+                    await state.store.remember(job.model, calls, reply)
                 finish: Finish
                 if ev.finish_reason == "cancelled":
                     finish = "cancelled"

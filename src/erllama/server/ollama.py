@@ -370,7 +370,7 @@ class _Seen:
         exact = await reply_text(state, model, done, self.text)
         if exact != content:
             sig = signature(content, thinking, [(c.name, dict(c.arguments)) for c in self.calls])
-            state.store.remember(model, [sig], exact)
+            await state.store.remember(model, [sig], exact)
 
 
 def _load_reply(name: str, chat: bool, reason: str) -> Response:

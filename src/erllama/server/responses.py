@@ -483,7 +483,7 @@ async def _finish(
     obj = _object(turn, response_id, created, status, output.items, done)
     model = turn.job.model
     exact = await reply_text(state, model, done, generated)
-    state.store.remember(model, output.ids, exact)
+    await state.store.remember(model, output.ids, exact)
     if turn.store:
         await state.responses.put(
             StoredResponse(

@@ -15,6 +15,7 @@ import anyio
 import attrs
 
 from .._version import __version__
+from ..cache.records import RecordStore
 from ..config import ModelConfig, ToolCallMarkers
 from ..errors import (
     BackendError,
@@ -107,7 +108,7 @@ class ServerState:
             config=config,
             metrics=Metrics(engine, transport),
             transport=transport,
-            store=ToolCallStore(config.server.tool_call_ids),
+            store=ToolCallStore(config.server.tool_call_ids, records=_call_records(config)),
             responses=ResponseStore(config.server.stored_responses, _responses_dir(config)),
             model_configs=dict(config.models),
             salts={k: key_salt(k) for k in (*config.server.api_keys, *config.server.admin_keys)},
@@ -287,3 +288,11 @@ def _responses_dir(config: ServeConfig) -> Path | None:
     if not cache.enabled or cache.disk_dir is None:
         return None
     return cache.disk_dir / "responses"
+
+
+def _call_records(config: ServeConfig) -> RecordStore | None:
+    """Tool-call ids persist beside the cache's file-tier rows, when there are any."""
+    dirs = config.cache.record_dirs
+    if not dirs or not config.cache.records:
+        return None
+    return RecordStore(dirs, "tool-calls", config.cache.records)

@@ -6,7 +6,8 @@ not give back the bytes the model generated, and the cached prefix would stop ma
 there. So the server mints an id for every call and keeps, per id, the exact text of the
 whole reply that held it (:class:`ToolCallStore`); when a later request's assistant message
 names known ids, that text is rendered instead, and the engine splices the reply's own
-token ids back in (see docs/tool-calls.md). Unknown ids (another server, a restart) get
+token ids back in (see docs/tool-calls.md). With the cache's file tiers the map is kept
+beside the rows too, so it survives a restart. Unknown ids (another server) get
 :func:`fallback_text`: the same Hermes format, deterministic.
 
 A request that must call a tool (``tool_choice`` ``required``, a named function, Anthropic's
@@ -26,8 +27,10 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import anyio
 import attrs
 
+from ..cache.records import RecordStore
 from ..config import ToolCallMarkers
 from ..errors import NotSupported
 from ..grammar import conversion_error, schema_converter
@@ -61,31 +64,65 @@ def mint_id(prefix: str) -> str:
 class ToolCallStore:
     """Tool-call id -> the exact text of the reply that made it, at most ``entries`` ids,
     least recently used dropped first. Every call of one reply maps to the same text.
-    Event loop only."""
 
-    def __init__(self, entries: int, longest: int = 256 * 1024) -> None:
+    With ``records`` (the cache's file tiers) each id is also kept beside the rows, so a
+    restart, or another replica sharing the cache directory, still renders it exactly: an
+    id not in memory is looked up there (one small file read). Event loop only."""
+
+    def __init__(
+        self, entries: int, longest: int = 256 * 1024, records: RecordStore | None = None
+    ) -> None:
         self._entries = entries
         self._longest = longest
         self._replies: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._records = records
 
     def __len__(self) -> int:
         return len(self._replies)
 
-    def remember(self, model_id: str, ids: Iterable[str], reply: str) -> None:
+    async def remember(self, model_id: str, ids: Iterable[str], reply: str) -> None:
         if len(reply) > self._longest:
             return
+        ids = list(ids)
         for call_id in ids:
-            self._replies[call_id] = (model_id, reply)
-            self._replies.move_to_end(call_id)
+            self._learn(call_id, (model_id, reply))
+        records = self._records
+        if records is not None and ids:
+            value = model_id.encode("utf-8") + b"\0" + reply.encode("utf-8")
+
+            def put() -> None:
+                for call_id in ids:
+                    records.put(call_id.encode("utf-8"), value)
+
+            await anyio.to_thread.run_sync(put)
+
+    def _learn(self, call_id: str, entry: tuple[str, str]) -> None:
+        self._replies[call_id] = entry
+        self._replies.move_to_end(call_id)
         while len(self._replies) > self._entries:
             self._replies.popitem(last=False)
+
+    def _recall(self, call_id: str) -> tuple[str, str] | None:
+        entry = self._replies.get(call_id)
+        if entry is not None or self._records is None:
+            return entry
+        raw = self._records.get(call_id.encode("utf-8"))
+        model, sep, reply = (raw or b"").partition(b"\0")
+        if not sep:
+            return None
+        try:
+            entry = (model.decode("utf-8"), reply.decode("utf-8"))
+        except UnicodeDecodeError:
+            return None
+        self._learn(call_id, entry)
+        return entry
 
     def reply_for(self, model_id: str, ids: Sequence[str]) -> str | None:
         """The reply text when every id is known, for this model, and all came from one
         reply; else None (render the fallback)."""
         if not ids:
             return None
-        found = {self._replies.get(i) for i in ids}
+        found = {self._recall(i) for i in ids}
         if len(found) != 1:
             return None
         (entry,) = found
