@@ -7,7 +7,7 @@ import errno
 import inspect
 import subprocess
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +187,13 @@ class SmallDisk:
 
 def _no_space(self: FileTier, *a: object) -> Path:
     raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

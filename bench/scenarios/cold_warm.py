@@ -77,7 +77,7 @@ async def _cell(ctx: Any, n: int, tier: str, reps: int) -> dict[str, Any]:
         cold = await timed(engine, mid, prompt, max_tokens=1)
         if cold.hit_kind != "cold":
             raise RuntimeError(f"cold request hit the cache ({cold.hit_kind})")
-        await engine._cache.drain()  # type: ignore[attr-defined]
+        await engine.wait_saved()
         warm_prompt = [*prompt, *cold.token_ids]
 
         async def warm_once(drop: bool) -> tuple[Any, dict[str, float]]:
@@ -87,17 +87,13 @@ async def _cell(ctx: Any, n: int, tier: str, reps: int) -> dict[str, Any]:
             hit = engine.model_info(mid).last_cache_hit
             if hit is None or hit.tier != tier or hit.prefix_len != n // GRID * GRID:
                 raise RuntimeError(f"warm request missed tier {tier}: {w.hit_kind}, {hit}")
-            await engine._cache.drain()  # type: ignore[attr-defined]
+            await engine.wait_saved()
             return w, parts
 
         warms = [await warm_once(drop=tier == "disk") for _ in range(reps)]
         hot = [await warm_once(drop=False) for _ in range(reps)] if tier == "disk" else []
         row_bytes = next(
-            (
-                r.size
-                for r in engine._cache.catalog.rows.values()  # type: ignore[attr-defined]
-                if r.n_tokens == n // GRID * GRID
-            ),
+            (r.size for r in engine.cache_rows() if len(r.tokens) == n // GRID * GRID),
             None,
         )
     ctx.step(f"{tier} {n}")

@@ -20,6 +20,8 @@ import pytest
 
 import erllama
 
+from ..helpers import common_prefix_len
+
 pytestmark = pytest.mark.anyio
 
 SYSTEMS = {
@@ -69,15 +71,6 @@ async def cold(
         return done
 
 
-def shared(a: tuple[int, ...] | list[int], b: tuple[int, ...]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 async def test_alternating_models_on_a_budget_of_one_are_warm_after_every_reload(
     smol_config: erllama.ModelConfig, tmp_path: Path
 ) -> None:
@@ -100,7 +93,7 @@ async def test_alternating_models_on_a_budget_of_one_are_warm_after_every_reload
                     # The previous turn's finish row holds its prompt's whole grid cells;
                     # this prompt extends that prompt, so the row is restored, from a
                     # file tier.
-                    common = shared(prompt, before.context_tokens)
+                    common = common_prefix_len(prompt, before.context_tokens)
                     assert common >= before.stats.prompt_tokens
                     restored = before.stats.prompt_tokens // GRID * GRID
                     assert done.cache_hit_kind == "partial", (turn, m)

@@ -170,20 +170,28 @@ async def test_streamed_text_never_splits_a_character(
     assert "".join(p.text for p in pieces) == literal
 
 
-async def test_two_models_serve_at_once(
+async def test_models_serve_at_once_on_the_shared_compute_thread_and_their_own(
     llama_engine: erllama.Engine, smol_config: erllama.ModelConfig
 ) -> None:
+    # a and b compute on the process's one compute thread (the default), c on its own:
+    # taking turns step by step, each answers what it answers alone.
     a = await llama_engine.load_model("a", smol_config)
     b = await llama_engine.load_model("b", attrs.evolve(smol_config, n_ctx=512))
+    own = attrs.evolve(smol_config, options={"compute_thread": "own"})
+    c = await llama_engine.load_model("c", own)
+    alone = await llama_engine.complete(a, "Once upon a time", max_tokens=12)
     results: dict[str, erllama.Completion] = {}
 
     async def run(mid: str) -> None:
         results[mid] = await llama_engine.complete(mid, "Once upon a time", max_tokens=12)
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(run, a)
-        tg.start_soon(run, b)
-    assert results[a].token_ids == results[b].token_ids  # same weights, greedy
+        for mid in (a, b, c):
+            tg.start_soon(run, mid)
+    assert {results[m].token_ids for m in (a, b, c)} == {alone.token_ids}  # same weights
+    with pytest.raises(erllama.ConfigError, match="compute_thread"):
+        bad = attrs.evolve(smol_config, options={"compute_thread": "mine"})
+        await llama_engine.load_model("bad", bad)
 
 
 async def test_cancel_mid_generation(llama_engine: erllama.Engine, smol: str) -> None:

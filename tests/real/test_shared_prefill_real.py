@@ -16,6 +16,8 @@ import pytest
 
 import erllama
 
+from ..helpers import common_prefix_len
+
 pytestmark = pytest.mark.anyio
 
 OFF = erllama.EngineConfig(cache=erllama.CacheConfig(enabled=False, ram_file_dir=None))
@@ -32,15 +34,6 @@ QUESTIONS = [
     "How long is the crossing?",
     "Do bicycles cost extra?",
 ]
-
-
-def common(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 async def together(
@@ -75,7 +68,7 @@ def check_sharing(prompts: list[list[int]], done: list[erllama.Completion]) -> N
     assert done[0].cache_hit_kind == "cold"
     assert len(prompts[0]) > 400
     for p, d in zip(prompts[1:], done[1:], strict=True):
-        shared = common(p, prompts[0]) // GRID * GRID
+        shared = common_prefix_len(p, prompts[0]) // GRID * GRID
         assert shared >= 384
         assert (d.cache_hit_kind, d.cache_delta.read) == ("partial", shared)
 

@@ -8,7 +8,9 @@ the plugin surface. Needs the ``llama`` extra (``pip install erllama[llama]``).
 ``ModelConfig.options`` may carry any field of llama.cpp's ``llama_model_params`` or
 ``llama_context_params`` (``offload_kqv``, ``rope_freq_base``, ``main_gpu`` ...), plus
 ``progress_callback`` (called with 0..1 while loading), ``embedding_n_ctx`` and
-``pooling`` (``mean``, ``last`` or ``cls``) for the embeddings context.
+``pooling`` (``mean``, ``last`` or ``cls``) for the embeddings context, and
+``compute_thread`` (``shared``: every model's graphs on one thread, see
+:mod:`.llama_compute`; ``own``).
 """
 
 from __future__ import annotations

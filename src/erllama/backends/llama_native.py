@@ -30,6 +30,7 @@ import numpy as np
 from ..config import DEFAULT_TOOL_CALL_MARKERS, ModelConfig
 from ..errors import ConfigError, InvalidRequest
 from ..sampling import SamplerParams
+from .llama_compute import COMPUTE_MODES, shared_compute
 from .llama_sampling import Sampler, new_sampler
 from .types import Decode, Prefill, Prefilled, Sampled, SeqFailed, StepOp, StepResult
 
@@ -57,7 +58,9 @@ FTYPES = {
 }  # fmt: skip
 
 # Options the backend itself reads; every other key must name a llama.cpp parameter.
-OWN_OPTIONS = frozenset({"progress_callback", "embedding_n_ctx", "pooling", "grammar_step_limit_s"})
+OWN_OPTIONS = frozenset(
+    {"progress_callback", "embedding_n_ctx", "pooling", "grammar_step_limit_s", "compute_thread"}
+)
 #: llama.cpp's tokenizer splits text at each special token's text in time quadratic in
 #: their number (measured on SmolLM2: 10,000 take 4 s, 40,000 take 20 s; a 4 MiB body
 #: could hold 350,000), inside one native call that nothing interrupts. So a rendered chat
@@ -300,6 +303,15 @@ class LlamaModel:
                 [("options.grammar_step_limit_s", f"must be a number > 0, got {limit!r}")]
             )
         self.grammar_step_limit_s = float(limit)
+        mode = options.get("compute_thread", "shared")
+        if mode not in COMPUTE_MODES:
+            raise ConfigError(
+                [("options.compute_thread", f"must be one of {COMPUTE_MODES}, got {mode!r}")]
+            )
+        #: Runs a graph computation: on the process's compute thread (llama_compute.py).
+        self.compute: Callable[[Callable[[], Any]], Any] = (
+            shared_compute().run if mode == "shared" else _call
+        )
         self.quant = FTYPES.get(int(_meta(self.model, "general.file_type") or -1), "unknown")
         self.chat_template = _meta(self.model, "tokenizer.chat_template")
         # The call syntax a template without tool support is told (the markers the engine
@@ -572,7 +584,8 @@ class LlamaModel:
                 i += 1
             new_rows[seq] = i - 1 if want else -1
         b.n_tokens = i
-        rc = L.llama_decode(self.ctx, b)
+        ctx = self.ctx
+        rc = self.compute(lambda: L.llama_decode(ctx, b))
         if rc != 0:
             # The KV of every sequence in the batch is now uncertain.
             for seq in new_rows:
@@ -652,7 +665,7 @@ class LlamaModel:
                 batch.seq_id[i][0] = 0
                 batch.logits[i] = 1
             batch.n_tokens = len(tokens)
-            if L.llama_decode(ctx, batch) != 0:
+            if self.compute(lambda: L.llama_decode(ctx, batch)) != 0:
                 raise RuntimeError("llama_decode failed in the embeddings context")
             n_embd = int(L.llama_model_n_embd(self.model))
             ptr = L.llama_get_embeddings_seq(ctx, 0)
@@ -719,3 +732,7 @@ def _logprobs(
         best = best[np.argsort(-values[best], kind="stable")]
         alternatives = tuple((int(t), float(values[t]) - log_z) for t in best)
     return float(values[token]) - log_z, alternatives
+
+
+def _call(fn: Callable[[], Any]) -> Any:
+    return fn()
