@@ -10,12 +10,13 @@ For 1, 2 and 3 models loaded in one engine (the bundled GGUF under several ids, 
 each configuration in a process of its own (so no OpenMP pool survives from another), every
 model is used once first (its thread's team exists), then:
 
-- **one at a time**: each model prefills a 256-token prompt and decodes 64 tokens greedily
+- **one at a time**: each model prefills a 256-token prompt and decodes 128 tokens greedily
   while the others are idle; prefill and decode tok/s per model;
-- **together** (2 and 3 models): every model decodes 64 tokens at the same time; the
+- **together** (2 and 3 models): every model decodes 128 tokens at the same time; the
   aggregate decode tok/s.
 
-Configurations alternate over two rounds (1, 2, 3 then 3, 2, 1); figures are medians.
+Configurations alternate over four rounds (1, 2, 3 then 3, 2, 1, each in both compute
+modes); figures are medians.
 Targets (issue 23): each model with the others idle >= 97% of the one-model figure, and
 the concurrent aggregate >= the one-model figure. Only one GGUF ships with erllama, so "two
 different GGUFs" is the same file under two ids here.
@@ -39,15 +40,15 @@ COUNTS = (1, 2, 3)
 #: and the behaviour before it (each model computes on its own thread).
 MODES = ("shared", "own")
 PROMPT_TOKENS = 256
-DECODE_TOKENS = 64
+DECODE_TOKENS = 128
 
 
 def _plan(ctx: Any) -> dict[str, int]:
-    return {"rounds": 1 if ctx.quick else 2}
+    return {"rounds": 1 if ctx.quick else 4}
 
 
 def steps(ctx: Any) -> int:
-    return _plan(ctx)["rounds"] * len(COUNTS)
+    return _plan(ctx)["rounds"] * len(COUNTS) * len(MODES)
 
 
 async def _child(model_path: str, threads: int, k: int, mode: str = "shared") -> dict[str, Any]:
