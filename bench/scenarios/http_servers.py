@@ -211,8 +211,11 @@ async def _turn(client: Any, messages: list[dict[str, str]]) -> dict[str, Any]:
 def _client(server: Server) -> Any:
     import openai
 
+    # Two retries: llama-server closes a keep-alive connection after 5 idle seconds, and a
+    # request sent on it as it closes fails before it reaches the server ("Server
+    # disconnected without sending a response", seen once in the fan-out phase).
     return openai.AsyncOpenAI(
-        base_url=f"http://127.0.0.1:{server.port}/v1", api_key="bench", max_retries=0, timeout=300
+        base_url=f"http://127.0.0.1:{server.port}/v1", api_key="bench", max_retries=2, timeout=300
     )
 
 
