@@ -29,6 +29,9 @@ def test_a_record_reads_back_from_another_store_over_the_same_directories(
     assert [len(files(tmp_path, t)) for t in ("shm", "disk")] == [1, 1]
     for f in files(tmp_path, "disk"):
         assert f.stat().st_mode & 0o777 == 0o600
+    # Records hold replies' text: every folder made for them is 0700.
+    for d in (tmp_path / "disk", tmp_path / "disk" / "records", files(tmp_path, "disk")[0].parent):
+        assert d.stat().st_mode & 0o777 == 0o700, d
 
 
 def test_a_newer_record_replaces_the_older(tmp_path: Path) -> None:
@@ -77,7 +80,11 @@ def test_a_record_of_another_key_under_the_same_name_is_not_taken() -> None:
 def test_records_past_the_bound_go_least_recently_written_first(tmp_path: Path) -> None:
     s = RecordStore([tmp_path / "disk"], "replies", 10)
     for i in range(40):
+        before = set(files(tmp_path, "disk")) if i else set()
         s.put(b"k%d" % i, b"v")
+        # Written one second apart (a filesystem's clock may not tell puts apart).
+        (new,) = set(files(tmp_path, "disk")) - before
+        os.utime(new, ns=(i * 10**9, i * 10**9))
     s.trim()
     assert len(files(tmp_path, "disk")) == 10
     assert all(s.get(b"k%d" % i) == b"v" for i in range(30, 40))

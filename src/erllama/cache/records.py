@@ -144,15 +144,15 @@ class RecordStore:
                     entries = list(it)
             except OSError:
                 continue
-            records: list[tuple[float, str]] = []
+            records: list[tuple[int, str]] = []
             for e in entries:
                 try:
-                    mtime = e.stat(follow_symlinks=False).st_mtime
+                    mtime = e.stat(follow_symlinks=False).st_mtime_ns
                 except OSError:
                     continue
                 if e.name.endswith(_SUFFIX):
                     records.append((mtime, e.name))
-                elif e.name.endswith(_TMP_SUFFIX) and _age(mtime) > _STALE_TMP_S:
+                elif e.name.endswith(_TMP_SUFFIX) and _age(mtime / 1e9) > _STALE_TMP_S:
                     with contextlib.suppress(OSError):
                         os.unlink(e.name, dir_fd=dfd)
             records.sort()
@@ -163,7 +163,16 @@ class RecordStore:
 
 def _open_dir(path: Path) -> int | None:
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Every folder made here is 0700, parents included (``Path.mkdir(parents=True)``
+        # would give the parents the umask's mode): records hold replies' text.
+        missing = []
+        p = path
+        while not os.path.lexists(p) and p != p.parent:
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(d, 0o700)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
