@@ -368,6 +368,12 @@ class ModelConfig:
     #: share waits for it and copies those cells from its sequence, then feeds only its own
     #: rest (docs/caching.md "In-flight sharing"). Off only to measure cold paths.
     share_prefill: bool = True
+    #: While the model is idle, feed a finished request's reply again on the prefill grid,
+    #: one cell per call, so the next turn of the conversation restores it instead of
+    #: prefilling it (docs/caching.md "Feeding replies again"). Off by default for now: it
+    #: moves work into idle time, so what a request finds live then depends on how long the
+    #: model was idle before it.
+    refeed_replies: bool = False
     #: Requests that may wait behind the running ones; one more raises QueueFull.
     max_queue: int = _int_field(64, 0)
     #: The prefill grid G: prompts are fed in chunks ``[jG, (j+1)G)`` of absolute positions

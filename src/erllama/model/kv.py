@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -135,6 +135,7 @@ class SequenceKV:
         on_live: Callable[[tuple[LivePrefix, ...]], None],
         grid: int,
         batch_invariant: bool = False,
+        refeed_replies: bool = False,
     ) -> None:
         self.backend = backend
         self.handle = handle
@@ -151,6 +152,12 @@ class SequenceKV:
         #: Free or pinned sequences still holding their last request's KV: (token bytes,
         #: fingerprint). Published through ``on_live`` after every change.
         self.live: dict[int, tuple[bytes, bytes]] = {}
+        #: Live sequences whose last request computed more than its exact cells (its reply,
+        #: its prompt's last partial cell): those tokens' whole grid cells, to feed again on
+        #: the grid while the model is idle (:meth:`refeed_next`), so that the next turn of
+        #: the conversation restores them instead of prefilling them.
+        self.refeed: dict[int, list[int]] = {}
+        self.refeed_replies = refeed_replies and not batch_invariant
 
     def _live_changed(self) -> None:
         self._on_live(tuple(LivePrefix(t, fp) for t, fp in self.live.values()))
@@ -199,6 +206,7 @@ class SequenceKV:
         grid cell of the prompt (up to G tokens) for its logits: states carry none.
         """
         had_live = self.live.pop(seq, None) is not None
+        self.refeed.pop(seq, None)
         if had_live:
             self._live_changed()
         prompt = track.prompt
@@ -349,11 +357,41 @@ class SequenceKV:
             order = self._pack(seq, tokens, track.fingerprint, reason)
         if (keep or self.keep_live) and tokens:
             self.live[seq] = (encode_tokens(tokens), track.fingerprint)
+            rest = track.context[n : self.grid_floor(len(track.context))]
+            if rest and self.refeed_replies:
+                self.refeed[seq] = list(rest)
         else:
             self.backend.seq_rm(self.handle, seq, 0, None)
             self.live.pop(seq, None)
         self._live_changed()
         return order
+
+    # ---- feeding a finished reply again, on the grid --------------------------------------
+
+    def refeed_next(self, busy: Container[int]) -> tuple[int, list[int]] | None:
+        """A free live sequence's next grid cell to feed again, and the sequence."""
+        for seq, rest in self.refeed.items():
+            if seq not in busy and seq in self.live:
+                return seq, rest[: self.grid]
+        return None
+
+    def refed(self, seq: int, chunk: Sequence[int], reason: SaveReason) -> SaveOrder | None:
+        """``chunk`` was fed into ``seq`` as one call at its grid position: its cells are
+        what a cold prefill computes there, so the live prefix grows by them. Once the whole
+        reply is fed again, the sequence is saved (a row the next turn, or a restart, can
+        restore), if the policy wants it."""
+        tokens, fingerprint = self.live[seq]
+        self.live[seq] = (tokens + encode_tokens(chunk), fingerprint)
+        rest = self.refeed[seq][len(chunk) :]
+        self._live_changed()
+        if rest:
+            self.refeed[seq] = rest
+            return None
+        del self.refeed[seq]
+        n = len(self.live[seq][0]) // 4
+        if not self.cache.enabled or not passes_gate(n, reason, self.policy):
+            return None
+        return self.save_live(seq, reason)
 
     def save_live(self, seq: int, reason: SaveReason) -> SaveOrder | None:
         """Save the live KV a free or pinned sequence holds (unconditionally): it holds
@@ -384,6 +422,7 @@ class SequenceKV:
         """The request on ``seq`` failed: its KV is as before its failed step; keep its
         exactly-computed cells live (when ``keep_live_kv``), or clear the sequence."""
         n = self.exact_len(track)
+        self.refeed.pop(seq, None)
         if self.keep_live and n:
             self.backend.seq_rm(self.handle, seq, n, None)
             self.live[seq] = (encode_tokens(track.context[:n]), track.fingerprint)
@@ -394,5 +433,6 @@ class SequenceKV:
 
     def forget(self, seq: int) -> None:
         """``seq``'s cells are no longer what ``live`` says (it failed, or was cleared)."""
+        self.refeed.pop(seq, None)
         if self.live.pop(seq, None) is not None:
             self._live_changed()

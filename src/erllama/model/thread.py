@@ -31,7 +31,7 @@ from typing import Any
 import attrs
 
 from .._loop import LoopHandoff, Mail
-from ..backends.types import Decode, LoadedModel, StepResult
+from ..backends.types import Decode, LoadedModel, Prefill, StepResult
 from ..cache.key import Namespace, salted
 from ..cache.port import CachePort, Restore, SaveReason
 from ..config import CachePolicy, ModelConfig
@@ -158,6 +158,7 @@ class ModelThread:
             self._live_changed,
             cfg.effective_prefill_chunk,
             batch_invariant=loaded.batch_invariant,
+            refeed_replies=cfg.refeed_replies,
         )
         detokenize, handle = self._backend.direct_detokenize, self._handle
         self._pieces = PieceCache(lambda t: detokenize(handle, (t,)))
@@ -241,6 +242,9 @@ class ModelThread:
         self._gate.view = self._view
 
     def _adapters_changed(self, adapters: AdapterSet) -> None:
+        # A reply fed again now would be computed under the new set: not its cells.
+        if self._kv is not None:
+            self._kv.refeed.clear()
         self._publish(fingerprint=adapters.fingerprint, adapters=adapters.info)
 
     def _sessions_changed(self, sessions: Sessions) -> None:
@@ -320,7 +324,42 @@ class ModelThread:
                 self.flush()
                 return
             if not (plan or progressed or ran):
+                if not self._stopping and self._refeed(sched):
+                    continue
                 wake.wait()
+
+    def _refeed(self, sched: Scheduler[Request, Call[Any]]) -> bool:
+        """Nothing else to do: feed one grid cell of a finished request's reply again.
+
+        A reply's cells were decoded one token at a time, and a prompt's last partial cell
+        in a short chunk, so the exactness rule keeps neither (model/kv.py). The next turn
+        of a conversation starts with them, though: fed again now, one grid cell per call at
+        its grid position, they are what a cold prefill computes there, and that turn
+        restores them instead of prefilling them. One cell at a time, and only while idle:
+        any request that arrives goes first, and takes its sequence as it stands."""
+        kv = self._kv
+        if kv is None or not kv.refeed:
+            return False
+        found = kv.refeed_next(sched.admitted_seqs())
+        if found is None:
+            return False
+        seq, chunk = found
+        try:
+            self._backend.direct_step(
+                self._handle, [Prefill(seq=seq, tokens=chunk, logits=False)], None
+            )
+        except Exception:
+            # The sequence's cells past its exact prefix are now unknown: drop them all.
+            log.warning("model %s: feeding a reply again failed", self._id, exc_info=True)
+            kv.forget(seq)
+            with contextlib.suppress(Exception):
+                self._backend.seq_rm(self._handle, seq, 0, None)
+            return True
+        order = kv.refed(seq, chunk, "finish")
+        if order is not None:
+            self.post(self._loop.save, None, order)
+            self.flush()
+        return True
 
     def _run_commands(self) -> bool:
         ran = False
