@@ -39,6 +39,7 @@ SCENARIOS = (
     "streams",
     "threads",
     "models",
+    "refeed",
     "micro",
     "router_sim",
     "scale_out",
