@@ -17,10 +17,13 @@ One record is one file, ``records/<kind>/<xxh3_128 of kind and key>.rec``::
     24     ...   key, then value
 
 Publishing is the rows' protocol in small: write a temp in the same directory (O_EXCL),
-fsync it, rename it over the final name (a record is replaced by its newer version, so
-rename, not link), fsync the directory. A crash leaves at worst a temp, which a later put
-sweeps. Reading checks the magic, the lengths, the checksum and the key (a name is a hash:
-two keys may share one); a record that fails any check is removed and reads as absent.
+then rename it over the final name (a record is replaced by its newer version, so rename,
+not link): a reader sees a whole record or the one before. Unlike a row, a record is not
+fsynced: a crash may lose it or leave it torn, and reading checks the magic, the lengths,
+the checksum and the key (a name is a hash: two keys may share one), so a torn record is
+removed and reads as absent. A lost record costs one prefill; an fsync per reply cost
+every request (measured: it made a load/unload churn test three to five times slower).
+A crash leaves at worst a temp, which a later trim sweeps.
 
 Bounded: past ``max_records`` files of a kind, the least recently written go first.
 Methods do blocking file I/O: call them from a worker thread. They never raise: a damaged
@@ -201,7 +204,6 @@ def _write(dfd: int, name: str, record: bytes) -> None:
             view = memoryview(record)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)  # durable before the rename makes it visible
         finally:
             os.close(fd)
         os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
@@ -209,7 +211,6 @@ def _write(dfd: int, name: str, record: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dfd)
         raise
-    os.fsync(dfd)
 
 
 def _age(mtime: float) -> float:

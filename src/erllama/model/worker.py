@@ -62,7 +62,7 @@ from .gate import UNLOAD_WAIT_S, ModelGate
 from .kv import COLD, KVTrack, Namespaces, SaveOrder
 from .operations import Operations
 from .output import Output, Signer
-from .replay import ReplayMemory, ReplyRecords
+from .replay import Remembered, ReplayMemory, ReplyRecords
 from .request import Request, RequestSpec
 from .scheduler import Job, SchedulerClosed
 from .snapshot import ModelFacts
@@ -70,6 +70,9 @@ from .text import TextCalls
 from .thread import ModelThread
 
 __all__ = ["ModelWorker"]
+
+#: Finished replies that may wait for their records to be written (see _keep_replies).
+_UNWRITTEN = 64
 
 log = logging.getLogger("erllama.model")
 
@@ -96,6 +99,9 @@ class ModelWorker:
         self._signer = signer
         self.replies = ReplayMemory()
         self._reply_store = reply_store
+        #: Replies finished but not yet written to the records, and whether a writer runs.
+        self._unwritten: deque[list[tuple[str, Remembered]]] = deque(maxlen=_UNWRITTEN)
+        self._writing = False
         self.tails = Tails()
         #: Unsalted fingerprints this model has run under (adapter sets): a row under one
         #: of them explains a miss as ``adapter``.
@@ -171,14 +177,31 @@ class ModelWorker:
                 tg.start_soon(self.ops.expire_sessions)
                 task_status.started()
                 await self._exited.wait()
+                # Requests ended from here on (the unload cancels them) start no new task.
+                self._tg = None
                 tg.cancel_scope.cancel()  # lookups still in flight
         finally:
+            self._tg = None
             with anyio.CancelScope(shield=True):
                 self._cancel_everything()
                 self._thread.stop()
                 await self._exited.wait()
                 await anyio.to_thread.run_sync(self._thread.join)
             self._stopped.set()
+
+    async def _keep_replies(self, backing: ReplyRecords) -> None:
+        """Write the finished replies' records, one worker thread at a time, whatever the
+        request rate: a thread per reply, each fsyncing, took every worker thread anyio
+        lends and starved the model's text calls (tokenize, templates, adapters) that
+        borrow them too. Past ``_UNWRITTEN`` replies waiting, the oldest are not written (a
+        record only saves a later prefill); an unload drops what is still waiting."""
+        try:
+            while self._unwritten:
+                batch = [item for learned in self._unwritten for item in learned]
+                self._unwritten.clear()
+                await anyio.to_thread.run_sync(backing.put, batch)
+        finally:
+            self._writing = False
 
     def _start_replay(self, fingerprint: bytes) -> None:
         """Exact replay knows the model's thinking markers (a client drops those spans)
@@ -268,8 +291,10 @@ class ModelWorker:
             learned = self.replies.remember(req.reply_text, req.generated, req.output.stop_sequence)
             backing = self.replies.backing
             if learned and backing is not None and self._tg is not None:
-                # Written off the loop; a worker closing meanwhile lets the write finish.
-                self._tg.start_soon(anyio.to_thread.run_sync, backing.put, learned)
+                self._unwritten.append(learned)
+                if not self._writing:
+                    self._writing = True
+                    self._tg.start_soon(self._keep_replies, backing)
         kv = req.kv
         if 0 < kv.kept < len(kv.context) and self._namespace is not None:
             # What the exactness rule dropped: a next prompt that goes on with it is a
