@@ -219,6 +219,8 @@ class Timed:
     stats: erllama.Stats
     hit: erllama.CacheHit | None
     restore: dict[str, float] = field(default_factory=dict)
+    #: ``Done.reply_text``: what to send back as the assistant's message for exact replay.
+    reply_text: str | None = None
 
     @property
     def hit_kind(self) -> str:
@@ -255,6 +257,7 @@ async def timed(engine: erllama.Engine, mid: str, prompt: Sequence[int] | str, *
         text="".join(parts),
         stats=done.stats,
         hit=engine.model_info(mid).last_cache_hit,
+        reply_text=done.reply_text,
     )
 
 

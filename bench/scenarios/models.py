@@ -53,26 +53,19 @@ def steps(ctx: Any) -> int:
 
 async def _child(model_path: str, threads: int, k: int, mode: str = "shared") -> dict[str, Any]:
     import anyio
-    from common import cache_config, model_config, prose
+    from common import cache_config, model_config, prose, timed
 
     import erllama
 
     async def decode(engine: erllama.Engine, mid: str, prompt: list[int]) -> dict[str, float]:
-        t0 = time.perf_counter()
-        first = last = None
-        count = 0
-        async with await engine.infer(mid, prompt, max_tokens=DECODE_TOKENS) as stream:
-            async for ev in stream:
-                if isinstance(ev, erllama.Token):
-                    last = time.perf_counter()
-                    first = first or last
-                    count += 1
-        assert first is not None and last is not None and count > 1
+        t = await timed(engine, mid, prompt, max_tokens=DECODE_TOKENS)
+        rate, count = t.decode_tok_per_s, len(t.token_ids)
+        assert rate is not None
         return {
-            "prefill_tok_per_s": len(prompt) / (first - t0),
-            "decode_tok_per_s": (count - 1) / (last - first),
+            "prefill_tok_per_s": len(prompt) / t.ttft_s,
+            "decode_tok_per_s": rate,
             "tokens": count,
-            "span_s": last - first,
+            "span_s": (count - 1) / rate,
         }
 
     config = erllama.EngineConfig(cache=cache_config(None))

@@ -11,11 +11,10 @@ of turns 2 on, for each, and the ratio; every answer of the ``on`` run must equa
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import anyio
-from common import median, model_config, prose_of_tokens
+from common import median, model_config, prose_of_tokens, timed
 from common import question as make_question
 
 import erllama
@@ -47,26 +46,18 @@ async def _conversation(ctx: Any, setting: str, seed: str, turns: int) -> dict[s
         for t in range(turns):
             messages.append({"role": "user", "content": make_question(f"refeed-{seed}-{t}")})
             prompt = await engine.apply_chat_template(mid, messages, system)
-            t0 = time.perf_counter()
-            first = None
-            done = None
-            async with await engine.infer(mid, prompt, max_tokens=MAX_TOKENS) as stream:
-                async for ev in stream:
-                    if isinstance(ev, erllama.Token) and first is None:
-                        first = time.perf_counter()
-                    if isinstance(ev, erllama.Done):
-                        done = ev
-            assert done is not None and done.reply_text is not None
+            r = await timed(engine, mid, prompt, max_tokens=MAX_TOKENS)
+            assert r.reply_text is not None
             rows.append(
                 {
                     "turn": t + 1,
-                    "ttft_s": (first or time.perf_counter()) - t0,
-                    "restored": done.stats.cache_delta.read,
+                    "ttft_s": r.ttft_s,
+                    "restored": r.stats.cache_delta.read,
                     "prompt_tokens": len(prompt),
-                    "tokens": list(done.token_ids),
+                    "tokens": r.token_ids,
                 }
             )
-            messages.append({"role": "assistant", "content": done.reply_text})
+            messages.append({"role": "assistant", "content": r.reply_text})
             await anyio.sleep(PAUSE_S)
     return {"setting": setting, "turns": rows}
 

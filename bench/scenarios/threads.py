@@ -14,11 +14,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from typing import Any
 
 import anyio
-from common import cache_config, median, model_config, prompt_of_length
+from common import cache_config, median, model_config, prompt_of_length, timed
 
 import erllama
 
@@ -52,20 +51,9 @@ async def _measure(ctx: Any, threads: int, prompt_len: int, n: int) -> dict[str,
         )
         prompt = await prompt_of_length(engine, mid, prompt_len, "threads")
         await engine.complete(mid, "Warm-up.", max_tokens=4)
-        t0 = time.perf_counter()
-        first = last = None
-        count = 0
-        async with await engine.infer(mid, prompt, max_tokens=n) as stream:
-            async for ev in stream:
-                if isinstance(ev, erllama.Token):
-                    last = time.perf_counter()
-                    first = first or last
-                    count += 1
-        assert first is not None and last is not None and count > 1
-        return {
-            "prefill_tok_per_s": prompt_len / (first - t0),
-            "decode_tok_per_s": (count - 1) / (last - first),
-        }
+        t = await timed(engine, mid, prompt, max_tokens=n)
+        assert t.decode_tok_per_s is not None
+        return {"prefill_tok_per_s": prompt_len / t.ttft_s, "decode_tok_per_s": t.decode_tok_per_s}
 
 
 def run(ctx: Any) -> dict[str, Any]:
