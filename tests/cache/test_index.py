@@ -9,7 +9,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 from erllama.cache.index import PrefixIndex
 from erllama.cache.key import encode_tokens
 
-from ..helpers import examples
+from ..helpers import common_prefix_len, examples
 
 NS_IDS = st.sampled_from([b"ns-a", b"ns-b"])
 TOKENS = st.lists(st.integers(0, 2), max_size=8).map(tuple)
@@ -25,15 +25,6 @@ def reference(
     return sorted(
         (len(t), k) for n, t, k in rows if n == ns and len(t) <= limit and tokens[: len(t)] == t
     )
-
-
-def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class IndexMachine(RuleBasedStateMachine):
@@ -99,7 +90,7 @@ class IndexMachine(RuleBasedStateMachine):
     def covering(self, ns: bytes, tokens: tuple[int, ...]) -> None:
         # Rows that are not a prefix of the prompt, by the length they share with it.
         others = [
-            (_common(t, tokens), t, k)
+            (common_prefix_len(t, tokens), t, k)
             for n, t, k in self.model
             if n == ns and tokens[: len(t)] != t
         ]
@@ -124,7 +115,7 @@ class IndexMachine(RuleBasedStateMachine):
     @rule(ns=NS_IDS, tokens=st.lists(st.integers(0, 2), max_size=12).map(tuple))
     def nearest(self, ns: bytes, tokens: tuple[int, ...]) -> None:
         # Any row, prefix or not, by the length it shares with the prompt.
-        rows = [(_common(t, tokens), t, k) for n, t, k in self.model if n == ns]
+        rows = [(common_prefix_len(t, tokens), t, k) for n, t, k in self.model if n == ns]
         best = max((c for c, _, _ in rows), default=0)
         got = self.index.nearest(ns, tokens)
         if best == 0:

@@ -101,10 +101,6 @@ class RecordStore:
         self._puts = 0
         weakref.finalize(self, _close_all, list(self._fds))
 
-    @property
-    def usable(self) -> bool:
-        return bool(self._fds)
-
     def put(self, key: bytes, value: bytes) -> None:
         record = encode(key, value)
         name = _name(self.kind, key)
