@@ -593,13 +593,22 @@ class ModelThread:
                 req.clock.prefill_done = now
         for job, error in out.failed:
             self._fail_request(sched, job, error)
+        # Every sampled token is in its sequence's KV (a job's accepted draft tokens too,
+        # even past a stop string that ends it at an earlier one).
+        for s in out.sampled:
+            s.job.owner.kv.context.append(s.token)
+        first: set[int] = set()
         for s in out.sampled:
             job = s.job
+            if job.cancel_requested or job.state is JobState.DONE:
+                # Finished as cancelled between steps (the token stays unsent), or ended by
+                # a stop string at an earlier token of this step.
+                continue
             req = job.owner
-            req.kv.context.append(s.token)
-            if job.cancel_requested:
-                continue  # finished as cancelled between steps; the token stays unsent
-            if job.seq not in self._early:
+            # The step's first token of a job may have been streamed before the forward pass.
+            streamed = job.seq in self._early and id(job) not in first
+            first.add(id(job))
+            if not streamed:
                 self._emit(job, s.token, s.eog, s.logprob, s.top_logprobs)
             # A stop string ends it before any natural end (the scheduler's).
             reason: FinishReason | None = "stop" if req.output.stop_sequence else s.finish
