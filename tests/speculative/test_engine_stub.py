@@ -122,9 +122,10 @@ async def test_accepted_drafts_equal_plain_decoding(engine: erllama.Engine, orac
     done = await engine.complete(mid, PROMPT, max_tokens=50)
     assert done.token_ids == reference.token_ids
     assert len(done.token_ids) == 50  # max_tokens exactly, though drafts were longer
-    # Every step decoded its token plus a draft of up to 6 tokens, all accepted.
+    # Every step decoded its token plus a draft (growing with the acceptance, up to 6
+    # tokens), all accepted: one prefill step, then far fewer steps than tokens.
     assert done.stats.draft_accepted == done.stats.draft_tokens == 50 - control.steps + 1
-    assert control.steps <= 1 + -(-50 // 7)
+    assert control.steps <= 50 // 4
     assert done.context_tokens[-50:] == reference.token_ids
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from erllama.speculative import DraftControl, NGramDrafter
-from erllama.speculative.control import MAX_PAUSE
+from erllama.speculative.control import MAX_PAUSE, best_length
+from erllama.speculative.cost import PassCost
 
 
 def test_a_copy_is_drafted_from_the_prompt() -> None:
@@ -63,45 +64,81 @@ class _Fixed:
         return [last] * n
 
 
-def test_the_length_doubles_when_drafts_are_accepted_whole() -> None:
-    control = DraftControl(_Fixed(), limit=16, length=2)
-    control.update(2, 2)
-    assert control.size() == 4
-    control.update(4, 4)
-    control.update(8, 8)
-    control.update(16, 16)
-    assert control.size() == 16  # never past the limit
-    control.update(16, 3)
-    assert control.size() == 4  # just past what was accepted
-    assert (control.drafted, control.accepted) == (46, 33)
+def cost(slope: float) -> PassCost:
+    pc = PassCost()
+    pc.slope, pc.measured = slope, True
+    return pc
+
+
+def test_the_best_length_trades_tokens_brought_for_the_pass_cost() -> None:
+    # Nothing accepted: one token is all a draft brings, never worth a bigger pass.
+    assert best_length(0.0, 0.3, 16)[1] < 1.0
+    # Always accepted and free: the longest draft.
+    assert best_length(1.0, 0.0, 16) == (16, 17.0)
+    # Always accepted at the CPU's cost: longer is better, with diminishing returns.
+    k, gain = best_length(1.0, 0.3, 16)
+    assert k == 16 and gain == pytest.approx(17 / 5.8)
+    # Often accepted: a middle length.
+    k, _ = best_length(0.9, 0.3, 16)
+    assert 3 <= k <= 8
+    # Rarely accepted: one token, or nothing worth it.
+    assert best_length(0.3, 0.3, 16)[0] == 1
+
+
+def test_drafts_grow_with_acceptance() -> None:
+    control = DraftControl(_Fixed(), limit=16, cost=cost(0.3))
+    first = control.size()
+    for _ in range(10):
+        n = control.size()
+        control.update(n, n)
+    assert control.size() > first
+    assert control.p > 0.9
+    assert (control.drafted, control.accepted) == (control.drafted, control.drafted)
 
 
 def test_failing_drafts_pause_drafting_longer_each_time() -> None:
-    control = DraftControl(_Fixed(), limit=8)
+    control = DraftControl(_Fixed(), limit=8, cost=cost(0.3))
     pauses = []
-    for _ in range(12):
-        control.update(control.length, 0)
-        control.update(control.length, 0)
-        paused = 0
-        while control.size() == 0:
+    for _ in range(10):
+        n = control.size()
+        while n > 0:  # drafts keep failing until none is worth it
+            control.update(n, 0)
+            n = control.size()
+        paused = 1
+        while (n := control.size()) == 0:
             paused += 1
         pauses.append(paused)
-    assert pauses[:5] == [1, 2, 4, 8, 16]
-    assert max(pauses) == MAX_PAUSE
-    # One accepted token ends the backoff.
+        assert n == 1  # a probe of one token
+        control.update(1, 0)
+    # Steps without a draft: the one that found no length worth it, then the pause.
+    assert [n - 1 for n in pauses[:5]] == [1, 2, 4, 8, 16]
+    assert max(pauses) == MAX_PAUSE + 1
+    # An accepted probe ends the backoff.
+    for _ in range(MAX_PAUSE + 1):
+        if control.size():
+            break
     control.update(1, 1)
-    control.update(1, 0)
-    control.update(1, 0)
-    paused = 0
-    while control.size() == 0:
-        paused += 1
-    assert paused == 1
+    assert control._next_pause == 1
 
 
 def test_an_empty_draft_changes_nothing() -> None:
     control = DraftControl(_Fixed(), limit=8)
+    before = control.p
     control.update(0, 0)
-    assert (control.size(), control.drafted, control.accepted) == (8, 0, 0)
+    assert (control.p, control.drafted, control.accepted) == (before, 0, 0)
+
+
+def test_the_pass_cost_is_learnt_from_plain_and_drafting_steps() -> None:
+    pc = PassCost()
+    assert not pc.measured
+    pc.observe(1, 3, 0.03)  # no plain step to compare with yet: ignored
+    assert not pc.measured
+    for _ in range(5):
+        pc.observe(1, 0, 0.010)
+    pc.observe(1, 4, 0.014)  # four tokens added 40%: 0.1 each
+    assert pc.measured and pc.slope == pytest.approx(0.1)
+    pc.observe(2, 4, 1.0)  # no plain two-row step yet: ignored
+    assert pc.slope == pytest.approx(0.1)
 
 
 def test_propose_reads_the_context_when_called() -> None:

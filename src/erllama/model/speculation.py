@@ -16,6 +16,7 @@ from ..config import MAX_DRAFT, ModelConfig
 from ..errors import InvalidRequest
 from ..sampling import SamplerParams
 from ..speculative.control import DraftControl
+from ..speculative.cost import PassCost
 from ..speculative.hookspecs import Drafter
 from ..speculative.registry import DrafterPlugin
 from .intake import RequestArgs
@@ -32,6 +33,7 @@ def draft_control(
     *,
     prefill_only: bool,
     drafter: Drafter | None = None,
+    cost: PassCost | None = None,
 ) -> DraftControl | None:
     """The request's draft control (its ``context`` still to bind), or None for a plain
     decode. ``drafter`` (``Engine.verify``'s) replaces the model's and requires drafting."""
@@ -55,9 +57,9 @@ def draft_control(
             raise InvalidRequest("speculative", why)
         return None
     if drafter is not None:
-        return DraftControl(drafter, MAX_DRAFT)
+        return DraftControl(drafter, MAX_DRAFT, cost=cost)
     assert spec is not None and plugin is not None
     limit = args.draft_max if args.draft_max is not None else spec.draft_max
     if limit == 0:
         return None
-    return DraftControl(plugin.new(spec), limit)
+    return DraftControl(plugin.new(spec), limit, cost=cost)

@@ -621,6 +621,7 @@ class ModelWorker:
                 sp,
                 prefill_only=prefill_only,
                 drafter=drafter,
+                cost=self._thread.pass_cost,
             )
             spec = RequestSpec(
                 prompt=tuple(tokens),

@@ -1,10 +1,15 @@
-"""One request's speculative decoding: its drafter, the draft length it adapts, its counts.
+"""One request's speculative decoding: its drafter, the draft length, its counts.
 
-The length follows the acceptance, as llama-server's does: a draft accepted whole doubles
-it (up to the limit), a draft accepted in part sets it just past what was accepted, and
-drafts that keep failing pause drafting for a number of steps that doubles each time (up to
-64), so a request whose text cannot be drafted decodes as plainly as without speculation.
-A draft the drafter could not make (no match) changes nothing: it cost nothing.
+The length is chosen for speed, not for acceptance alone. A draft of k tokens costs a pass
+over k + 1 tokens, ``1 + slope * k`` plain passes (``slope``: :class:`~.cost.PassCost`,
+learnt from the model's own steps), and brings the sampled token plus the accepted ones.
+With ``p`` the chance that a drafted token is accepted given the ones before it were
+(estimated from this request's verifies, recent ones weighing more), a draft of k tokens is
+expected to bring ``1 + p + p^2 + ... + p^k`` tokens. Each step drafts the k (up to the
+limit) that gives the most tokens per plain pass, and none when no k beats plain decoding:
+then drafting pauses for 1, 2, 4 ... up to 64 steps before it tries again with one token,
+so a request with nothing to draft is not slower. A draft the drafter could not make (no
+match) changes nothing: it cost nothing.
 """
 
 from __future__ import annotations
@@ -13,14 +18,18 @@ from collections.abc import Callable, Sequence
 
 import attrs
 
+from .cost import PassCost
 from .hookspecs import Drafter
 
 __all__ = ["DraftControl"]
 
-#: Longest pause (in steps) after drafts keep failing.
+#: Longest pause (in steps) while no draft length pays.
 MAX_PAUSE = 64
-#: Drafts in a row accepted not at all before drafting pauses.
-MISSES_BEFORE_PAUSE = 2
+#: How much the estimate of ``p`` keeps of its past at each verify (recent text counts more:
+#: a reply copies a passage, then writes freely).
+DECAY = 0.9
+#: A draft must promise this much more than plain decoding (noise in ``p`` and the slope).
+MARGIN = 1.05
 
 
 @attrs.define(eq=False)
@@ -31,24 +40,41 @@ class DraftControl:
     #: The request's tokens so far (its sequence's context), read at each draft; bound
     #: once the request exists.
     context: Callable[[], Sequence[int]] = tuple
-    length: int = attrs.field(default=0)
+    #: The model's pass cost (shared by its requests); None: the CPU default, unlearnt.
+    cost: PassCost | None = None
     #: Tokens drafted and accepted over the request.
     drafted: int = 0
     accepted: int = 0
-    _misses: int = 0
+    #: Accepted draft tokens and trials (accepted, plus the rejected one of each verify that
+    #: rejected one), decayed: p is their ratio (a prior of one each way).
+    _hits: float = 1.0
+    _trials: float = 2.0
     _pause: int = 0
     _next_pause: int = 1
+    _probing: bool = False
 
-    def __attrs_post_init__(self) -> None:
-        if self.length <= 0:
-            self.length = self.limit
+    @property
+    def p(self) -> float:
+        return self._hits / self._trials
 
     def size(self) -> int:
-        """How many tokens to draft this step (0 while paused); one call per step."""
+        """How many tokens to draft this step (0: none); one call per step."""
         if self._pause > 0:
             self._pause -= 1
+            if self._pause == 0:
+                self._probing = True
             return 0
-        return self.length
+        if self._probing:
+            return 1
+        k, gain = best_length(self.p, self._slope(), self.limit)
+        if gain < MARGIN:
+            self._pause = self._next_pause
+            self._next_pause = min(MAX_PAUSE, self._next_pause * 2)
+            return 0
+        return k
+
+    def _slope(self) -> float:
+        return self.cost.slope if self.cost is not None else PassCost().slope
 
     def propose(self, n: int) -> Callable[[int], Sequence[int]]:
         """What the backend calls with the sampled token: a draft of at most ``n``."""
@@ -66,17 +92,26 @@ class DraftControl:
             return
         self.drafted += drafted
         self.accepted += accepted
-        if accepted >= drafted:
-            self.length = min(self.limit, self.length * 2)
-        elif accepted > 0:
-            self.length = min(self.limit, accepted + 1)
-        else:
-            self.length = max(1, self.length // 2)
-            self._misses += 1
-            if self._misses >= MISSES_BEFORE_PAUSE:
-                self._pause = self._next_pause
-                self._next_pause = min(MAX_PAUSE, self._next_pause * 2)
-                self._misses = 0
-            return
-        self._misses = 0
-        self._next_pause = 1
+        rejected = 1 if accepted < drafted else 0
+        self._hits = self._hits * DECAY + accepted
+        self._trials = self._trials * DECAY + accepted + rejected
+        if self._probing:
+            self._probing = False
+            if accepted:
+                self._next_pause = 1
+
+
+def best_length(p: float, slope: float, limit: int) -> tuple[int, float]:
+    """The draft length (1 to ``limit``) that brings the most tokens per plain pass, and
+    that number: a draft of k brings ``1 + p + ... + p^k`` tokens for ``1 + slope * k``."""
+    best, best_gain = 1, 0.0
+    brought, term = 1.0, 1.0
+    for k in range(1, limit + 1):
+        term *= p
+        brought += term
+        gain = brought / (1.0 + slope * k)
+        if gain > best_gain:
+            best, best_gain = k, gain
+        if term < 1e-4:
+            break
+    return best, best_gain
