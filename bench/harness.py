@@ -40,6 +40,7 @@ SCENARIOS = (
     "threads",
     "models",
     "refeed",
+    "speculative",
     "micro",
     "router_sim",
     "scale_out",

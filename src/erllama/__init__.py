@@ -13,6 +13,7 @@ from .config import CachePolicy as CachePolicy
 from .config import EngineConfig as EngineConfig
 from .config import ModelConfig as ModelConfig
 from .config import PressureConfig as PressureConfig
+from .config import SpeculativeConfig as SpeculativeConfig
 from .config import ThinkingMarkers as ThinkingMarkers
 from .config import ToolCallMarkers as ToolCallMarkers
 from .config import load_config as load_config
@@ -51,6 +52,7 @@ from .events import Token as Token
 from .events import TokenLogprob as TokenLogprob
 from .events import ToolCallDelta as ToolCallDelta
 from .events import ToolCallEnd as ToolCallEnd
+from .events import Verification as Verification
 from .plugins import make_backend_registry as make_backend_registry
 from .pressure import DeviceMemory as DeviceMemory
 from .pressure import PressureResult as PressureResult
@@ -73,6 +75,7 @@ __all__ = [
     "CachedRow",
     "CachePolicy",
     "Completion",
+    "Verification",
     "ConfigError",
     "DeviceMemory",
     "Done",
@@ -103,6 +106,7 @@ __all__ = [
     "Stats",
     "ThinkingDelta",
     "ThinkingEnd",
+    "SpeculativeConfig",
     "ThinkingMarkers",
     "Token",
     "TokenLogprob",

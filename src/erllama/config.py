@@ -34,6 +34,7 @@ __all__ = [
     "EngineConfig",
     "ModelConfig",
     "PressureConfig",
+    "SpeculativeConfig",
     "ThinkingMarkers",
     "ToolCallMarkers",
     "converter",
@@ -67,6 +68,18 @@ def _at_least(n: float) -> _Check:
         return None if value is None or value >= n else f"must be >= {n}, got {value!r}"
 
     return check
+
+
+def _at_most(n: float) -> _Check:
+    def check(value: Any) -> str | None:
+        return None if value is None or value <= n else f"must be <= {n}, got {value!r}"
+
+    return check
+
+
+#: Longest draft: a verify pass is the draft plus the sampled token, and llama.cpp's CPU
+#: flash attention switches to a tiled kernel (other arithmetic) at 64 tokens of a sequence.
+MAX_DRAFT = 62
 
 
 def _is_int(value: Any) -> str | None:
@@ -328,6 +341,40 @@ DEFAULT_TOOL_CALL_MARKERS = ToolCallMarkers(start="<tool_call>", end="</tool_cal
 
 
 @attrs.frozen(kw_only=True)
+class SpeculativeConfig:
+    """Speculative decoding of a model's greedy requests (docs/speculative.md).
+
+    A drafter proposes the tokens likely to come next; one forward pass checks them all, and
+    the model keeps the longest prefix it would have chosen itself, so the answer is the
+    plain decode's, token for token. The built-in ``ngram`` drafter looks the last tokens up
+    in the prompt and the reply so far (edits, copies and code rewrites repeat their input);
+    third parties add drafters in the entry-point group ``erllama.drafters``.
+    """
+
+    #: Entry-point name of the drafter plugin.
+    drafter: str = "ngram"
+    #: Most tokens drafted per step. The engine adapts the length to the acceptance: it
+    #: shrinks to nothing while drafts keep failing, so a request with nothing to draft is
+    #: not slower.
+    draft_max: int = _checked(_is_int, _at_least(1), _at_most(MAX_DRAFT), default=16)
+    #: ``ngram``: the longest and shortest run of recent tokens looked up (longest first).
+    ngram_max: int = _int_field(4, 1)
+    ngram_min: int = _int_field(2, 1)
+    #: Drafter-specific settings passed through untouched.
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        problems = _Problems(self)
+        if problems.valid("ngram_max", "ngram_min"):
+            problems.check(
+                self.ngram_min <= self.ngram_max,
+                "ngram_min",
+                f"must be <= ngram_max ({self.ngram_max}), got {self.ngram_min}",
+            )
+        problems.raise_any()
+
+
+@attrs.frozen(kw_only=True)
 class ModelConfig:
     """How to load and serve one model. Backend-specific extras go in ``options``."""
 
@@ -409,11 +456,34 @@ class ModelConfig:
     keep_alive_s: float | None = attrs.field(
         default=None, converter=_forever_if_negative, metadata={_CHECKS: (_seconds_or_none,)}
     )
+    #: Speculative decoding of greedy requests; None: off. With the llama.cpp backend a
+    #: verified draft equals plain decoding bit for bit only with flash attention on and
+    #: one decode thread (llama.cpp's CPU kernels otherwise compute a multi-token pass
+    #: with other arithmetic than a one-token pass), so those are its defaults then and
+    #: other values are refused (docs/speculative.md "Exactness").
+    speculative: SpeculativeConfig | None = _nested(SpeculativeConfig, "speculative")  # noqa: RUF009
     #: Backend-specific settings passed through untouched.
     options: Mapping[str, Any] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         problems = _Problems(self)
+        if self.speculative is not None:
+            # Measured (research/speculative/verify_invariance.py): only then does a
+            # multi-token verify pass compute each token bit for bit as a one-token pass.
+            problems.check(
+                self.flash_attn is not False,
+                "flash_attn",
+                "must be on (true or unset) with speculative decoding: without flash "
+                "attention llama.cpp computes a multi-token pass with other arithmetic than "
+                "a one-token pass, and a verified draft must equal a plain decode",
+            )
+            problems.check(
+                self.n_threads in (None, 1),
+                "n_threads",
+                "must be 1 (or unset) with speculative decoding: llama.cpp splits a "
+                "one-token pass across decode threads past 256 cells, which a multi-token "
+                "verify pass does not (prefill still uses n_threads_batch)",
+            )
         if problems.valid("n_batch", "n_seq_max"):
             # Every running sequence decodes one token per step, in one batch.
             problems.check(

@@ -19,7 +19,14 @@ from .cache.manager import KVCache
 from .cache.port import CachePort, NullCache
 from .cache.records import RecordStore
 from .cluster.prefixes import BLOCK, PrefixSummary
-from .config import CACHE_TIERS, EngineConfig, ModelConfig, load_config, structure_config
+from .config import (
+    CACHE_TIERS,
+    MAX_DRAFT,
+    EngineConfig,
+    ModelConfig,
+    load_config,
+    structure_config,
+)
 from .errors import (
     CacheError,
     ConfigError,
@@ -37,6 +44,7 @@ from .events import (
     ModelInfo,
     ModelState,
     ModelStatus,
+    Verification,
 )
 from .grammar import response_format_grammar
 from .lifecycle import Hold, KeepAlive, Lifecycle
@@ -49,6 +57,8 @@ from .pressure import DeviceMemory, PressureResult, PressureStatus
 from .pressure.nvidia_smi import gpu_memory
 from .pressure.registry import PressureSourceRegistry, SourcePlugin, make_pressure_registry
 from .pressure.scheduler import PressureScheduler
+from .speculative.primitives import FixedDraft, read_verification
+from .speculative.registry import DrafterRegistry, make_drafter_registry
 from .stream import InferStream
 
 __all__ = ["Engine", "open_engine"]
@@ -69,10 +79,12 @@ class Engine:
         backends: BackendRegistry,
         cache: KVCache | None,
         pressure_source: SourcePlugin | None,
+        drafters: DrafterRegistry | None = None,
     ) -> None:
         self.config = config
         self._tg = task_group
         self._backends = backends
+        self._drafters = drafters if drafters is not None else make_drafter_registry()
         #: The cache (None when off) and what models see of it (a null port when off).
         self._kv = cache
         self._cache: CachePort = cache if cache is not None else NullCache()
@@ -208,6 +220,9 @@ class Engine:
         if model_id in self._models:
             raise ModelAlreadyLoaded(model_id)
         backend = self._backends.get(config.backend)
+        spec = config.speculative
+        # An unknown drafter is refused here, before anything loads.
+        drafter = self._drafters.get(spec.drafter) if spec is not None else None
         worker = ModelWorker(
             model_id,
             config,
@@ -217,6 +232,7 @@ class Engine:
             self._request_done,
             signer=self._signer,
             reply_store=self._reply_store,
+            drafter=drafter,
         )
         self._models[model_id] = worker
         return worker
@@ -441,6 +457,38 @@ class Engine:
         self._lifecycle.used(req.ref.rpartition("#")[0])
 
     # ---- text -----------------------------------------------------------------------------
+
+    async def draft_tokens(self, model_id: str, context: Sequence[int], n: int) -> list[int]:
+        """Up to ``n`` tokens the model's drafter (``ModelConfig.speculative``) proposes to
+        follow ``context`` (token ids): the ``ngram`` drafter looks its last tokens up in
+        ``context`` itself. InvalidRequest for a model loaded without speculative decoding.
+        Pair it with :meth:`verify` to drive speculation yourself."""
+        async with self._use(model_id) as worker:
+            return await worker.draft_tokens(context, n)
+
+    async def verify(
+        self,
+        model_id: str,
+        context: Sequence[int],
+        draft: Sequence[int],
+        *,
+        cache_salt: str | None = None,
+    ) -> Verification:
+        """How many leading tokens of ``draft`` the model would generate itself after
+        ``context`` (greedily), and its own next token: one forward pass over the draft,
+        after ``context`` is restored from the cache (or prefilled). Any model whose backend
+        verifies drafts takes it, with or without ``ModelConfig.speculative``; with the
+        llama.cpp backend the answer equals plain greedy decoding bit for bit only under
+        the settings ``speculative`` enforces (docs/speculative.md "Exactness")."""
+        ids = list(draft)
+        if not ids or len(ids) > MAX_DRAFT:
+            raise InvalidRequest("draft", f"must hold 1 to {MAX_DRAFT} token ids")
+        fixed = FixedDraft(len(context), ids)
+        args = intake.RequestArgs.build(
+            max_tokens=len(ids) + 1, temperature=0.0, cache_salt=cache_salt
+        )
+        stream = await self._infer(model_id, list(context), args, drafter=fixed)
+        return await read_verification(stream, fixed)
 
     async def tokenize(
         self, model_id: str, text: str, *, add_special: bool = True, parse_special: bool = False
@@ -744,11 +792,13 @@ async def open_engine(
     *,
     backends: BackendRegistry | None = None,
     pressure_sources: PressureSourceRegistry | None = None,
+    drafters: DrafterRegistry | None = None,
 ) -> AsyncIterator[Engine]:
     """Open an engine; leaving the block ends every request, saves and unloads every model.
 
-    ``config`` is an :class:`EngineConfig`, a mapping, or a path to a TOML file. ``backends``
-    and ``pressure_sources`` replace the entry-point registries (tests pass fresh ones).
+    ``config`` is an :class:`EngineConfig`, a mapping, or a path to a TOML file. ``backends``,
+    ``pressure_sources`` and ``drafters`` replace the entry-point registries (tests pass
+    fresh ones).
     With ``config.pressure.enabled``, an unknown ``pressure.source`` raises ConfigError here.
     """
     if config is None:
@@ -769,7 +819,7 @@ async def open_engine(
                 if config.cache.enabled:
                     kv = KVCache(config.cache)
                     await kv.start(tg)
-                engine = Engine(config, tg, registry, kv, source)
+                engine = Engine(config, tg, registry, kv, source, drafters)
                 for model_id, model_config in config.models.items():
                     engine._backends.get(model_config.backend)  # ConfigError at open
                     engine._lifecycle.register(model_id, model_config, configured=True)

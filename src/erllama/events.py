@@ -16,6 +16,7 @@ __all__ = [
     "CacheHit",
     "CacheHitKind",
     "Completion",
+    "Verification",
     "Done",
     "Event",
     "FinishReason",
@@ -248,6 +249,10 @@ class Stats:
     #: Why the prompt was restored as far as it was (None for a request that was never
     #: admitted).
     cache_explain: CacheExplanation | None = None
+    #: Speculative decoding: tokens drafted, and how many of them the model accepted (each
+    #: accepted token is one forward pass saved).
+    draft_tokens: int = 0
+    draft_accepted: int = 0
 
     @property
     def committed_tokens(self) -> int:
@@ -271,6 +276,21 @@ class Done:
     #: string included): what to replay as the assistant's message so the next turn's
     #: prompt matches the KV. None when it is not valid UTF-8 (cut mid-character).
     reply_text: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Verification:
+    """What ``Engine.verify`` found: how much of a draft the model would have generated
+    itself (greedily), and its own next token."""
+
+    #: Leading draft tokens equal to the model's greedy tokens.
+    accepted: int
+    #: The model's greedy token after them (the first token where it differs from the
+    #: draft, or the one after the whole draft); None when generation ended there (an
+    #: end-of-generation token, which ``eog`` says, or a full context).
+    next_token: int | None
+    #: ``next_token`` ends generation (it is an end-of-generation token).
+    eog: bool = False
 
 
 @attrs.frozen(kw_only=True)

@@ -35,6 +35,8 @@ class SamplingOptions(TypedDict, total=False):
     session_id: str | None
     parent_key: str | bytes | None
     cache_salt: str | None
+    speculative: bool | None
+    draft_max: int | None
 
 
 class RequestOptions(SamplingOptions, total=False):

@@ -439,3 +439,61 @@ async def test_a_streamed_call_cut_short_stays_a_call_and_ends_with_length(
     assert '{"city":"Paris"}'.startswith(arguments) and arguments != '{"city":"Paris"}'
     assert content == "Let me check. "  # the call's text is not sent twice (68 tokens: inside it)
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+# ---- speculative decoding ----------------------------------------------------------------------
+
+
+async def test_speculative_fields_reach_the_engine_and_its_counts_come_back(
+    server: Server,
+) -> None:
+    import httpx
+
+    from ..helpers import words
+
+    text = words(30, start=40)
+    config = attrs.evolve(stub_config(script=text), speculative={"draft_max": 8})
+    await server.engine.load_model("spec", config)
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            body = chat_body("spec", "Copy: " + text, max_tokens=60, temperature=0)
+            drafted = (await http.post("/v1/chat/completions", json=body)).json()
+            plain = (
+                await http.post("/v1/chat/completions", json={**body, "speculative": False})
+            ).json()
+            capped = (
+                await http.post("/v1/chat/completions", json={**body, "speculative.n_max": 0})
+            ).json()
+            refused = await http.post(
+                "/v1/chat/completions", json={**body, "temperature": 0.7, "speculative": True}
+            )
+            bad = await http.post("/v1/chat/completions", json={**body, "speculative.n_max": 63})
+            metrics = (await http.get("/metrics")).text
+    finally:
+        await server.engine.unload("spec")
+    content = drafted["choices"][0]["message"]["content"]
+    assert (
+        content
+        == plain["choices"][0]["message"]["content"]
+        == capped["choices"][0]["message"]["content"]
+    )
+    spec = drafted["erllama"]["speculative"]
+    assert spec["accepted"] >= 20 and spec["draft_tokens"] >= spec["accepted"]
+    assert (
+        plain["erllama"]["speculative"]
+        == capped["erllama"]["speculative"]
+        == {
+            "draft_tokens": 0,
+            "accepted": 0,
+        }
+    )
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "speculative"
+    assert "greedy" in refused.json()["error"]["message"]
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "speculative.n_max"
+    line = next(
+        x
+        for x in metrics.splitlines()
+        if x.startswith('erllama_draft_accepted_tokens_total{model="spec"}')
+    )
+    assert float(line.split()[-1]) == spec["accepted"]

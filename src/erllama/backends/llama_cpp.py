@@ -40,7 +40,7 @@ def load(config: ModelConfig) -> LoadedModel:
         eog_tokens=model.eog,
         metadata=model.metadata,
         chat_template=model.chat_template,
-        features=frozenset({"logprobs"}),
+        features=frozenset({"logprobs", "speculative"}),
     )
 
 

@@ -24,10 +24,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import llama_cpp as L
 import numpy as np
 
-from ..config import DEFAULT_TOOL_CALL_MARKERS, ModelConfig
+from ..config import DEFAULT_TOOL_CALL_MARKERS, MAX_DRAFT, ModelConfig
 from ..errors import ConfigError, InvalidRequest
 from ..sampling import SamplerParams
 from .llama_compute import COMPUTE_MODES, shared_compute
@@ -262,11 +263,22 @@ class LlamaModel:
         cparams.n_threads_batch = config.n_threads_batch or config.n_threads or cores
         cparams.type_k = GGML_TYPES[config.type_k]
         cparams.type_v = GGML_TYPES[config.type_v]
+        # Speculative decoding verifies a draft in one multi-token pass, which must compute
+        # each token bit for bit as a one-token pass does. Measured on this CPU build
+        # (research/speculative/verify_invariance.py): so it does with flash attention on
+        # and one decode thread (per-row kernels either way, below 64 tokens); without
+        # flash attention 89 of 96 positions differed, with two decode threads past 256
+        # cells every one (the one-token pass splits the cells across threads). ModelConfig
+        # refuses the other settings with speculative; unset, these are the defaults.
+        flash = config.flash_attn
+        if config.speculative is not None:
+            flash = True
+            cparams.n_threads = 1
         cparams.flash_attn_type = {
             None: L.LLAMA_FLASH_ATTN_TYPE_AUTO,
             True: L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
             False: L.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-        }[config.flash_attn]
+        }[flash]
         cparams.embeddings = False
         cparams.no_perf = True
         ctx_applied = _set_fields(cparams, options)
@@ -329,7 +341,7 @@ class LlamaModel:
             "kv_unified": False,
             "type_k": config.type_k,
             "type_v": config.type_v,
-            "flash_attn": config.flash_attn,
+            "flash_attn": flash,
             # Pass-through context options (rope scaling ...) shape the KV values too.
             **{f"opt.{k}": v for k, v in sorted(ctx_applied.items())},
         }
@@ -483,26 +495,82 @@ class LlamaModel:
         that gets logits before another call of the step has them copied out
         (``_saved``), and its first token is sampled from the copy."""
         results: list[StepResult] = []
-        decode_rows: list[tuple[int, Sequence[int], bool]] = []
+        decode_rows: list[tuple[int, Sequence[int], int]] = []
+        drafts: list[tuple[int, Decode, Sampled, list[int]]] = []
         for op in ops:
             if isinstance(op, Decode):
                 result = self._sample(op)
+                if not isinstance(result, Sampled):
+                    results.append(result)
+                    continue
+                if on_sampled is not None:
+                    on_sampled(op.seq, result.token)  # streamed now, a pass earlier
+                draft = self._draft(op, result) if op.draft is not None else []
+                if draft:
+                    drafts.append((len(results), op, result, draft))
+                    decode_rows.append((op.seq, (result.token, *draft), 1 + len(draft)))
+                else:
+                    decode_rows.append((op.seq, (result.token,), 1))
                 results.append(result)
-                if isinstance(result, Sampled):
-                    decode_rows.append((op.seq, (result.token,), True))
-                    if on_sampled is not None:
-                        on_sampled(op.seq, result.token)  # streamed now, a pass earlier
         chunks = [op for op in ops if isinstance(op, Prefill)]
         for op in chunks:
             self._check_tokens(op.tokens, "prompt")
         for i, op in enumerate(chunks):
-            self._decode([(op.seq, op.tokens, op.logits)])
+            self._decode([(op.seq, op.tokens, 1 if op.logits else 0)])
             results.append(Prefilled(seq=op.seq, n_tokens=len(op.tokens)))
             if op.logits and (decode_rows or i < len(chunks) - 1):
                 self._save_logits(op.seq)
         # Every token handed back is in the KV when this returns.
-        self._decode(decode_rows)
+        first = self._decode(decode_rows)
+        for at, op, sampled, draft in drafts:
+            results[at] = self._verify(op, sampled, draft, first[op.seq])
         return results
+
+    def _draft(self, op: Decode, sampled: Sampled) -> list[int]:
+        """The draft to verify after ``sampled`` (none after an end of generation), cut to
+        what the sequence's context and the batch can take and at its first token outside
+        the vocabulary (a drafter's mistake costs its draft, never the model)."""
+        assert op.draft is not None
+        if sampled.eog:
+            return []
+        room = min(self.n_ctx_seq - self.pos[op.seq] - 1, self.n_batch - 1, MAX_DRAFT)
+        draft: list[int] = []
+        for t in op.draft(sampled.token):
+            if len(draft) >= room or not isinstance(t, int) or not 0 <= t < self.n_vocab:
+                break
+            draft.append(t)
+        return draft
+
+    def _verify(self, op: Decode, sampled: Sampled, draft: list[int], first: int) -> Sampled:
+        """Accept the longest prefix of ``draft`` that the request's sampler picks greedily
+        from the logits the forward pass gave each position (row ``first + j`` holds the
+        logits after the sampled token and ``j`` draft tokens); drop the rest's cells."""
+        seq = op.seq
+        sampler = op.sampler if isinstance(op.sampler, Sampler) else None
+        accepted: list[int] = []
+        for j, want in enumerate(draft):
+            if sampler is None:
+                tok = int(L.llama_sampler_sample(self.greedy, self.ctx, first + j))
+            else:
+                tok = sampler.choose(self._row_logits(first + j))
+            if tok != want:
+                break
+            if sampler is not None:
+                sampler.accept(tok)
+            accepted.append(tok)
+            if tok in self.eog:
+                break
+        kept = 1 + len(accepted)
+        if kept < 1 + len(draft):
+            end = self.pos[seq]
+            start = end - (1 + len(draft)) + kept
+            if not L.llama_memory_seq_rm(self.mem, seq, start, -1):
+                raise RuntimeError(
+                    f"llama.cpp could not remove cells [{start}, {end}) of seq {seq}"
+                )
+            self.pos[seq] = start
+        self.logits_row[seq] = first + len(accepted)
+        return attrs.evolve(sampled, accepted=tuple(accepted), drafted=len(draft))
 
     def _sample(self, op: Decode) -> Sampled | SeqFailed:
         saved = self._saved.pop(op.seq, None)
@@ -552,14 +620,17 @@ class LlamaModel:
         self._saved[seq] = self._row_logits(self.logits_row[seq]).copy()
         self.logits_row[seq] = -1
 
-    def _decode(self, rows: Sequence[tuple[int, Sequence[int], bool]]) -> None:
+    def _decode(self, rows: Sequence[tuple[int, Sequence[int], int]]) -> dict[int, int]:
+        """One ``llama_decode`` of ``rows``: (sequence, tokens, how many of its last tokens
+        get logits). Returns the batch row of each sequence's first logits row; its
+        latest logits are its last row's."""
         # In sequence order: with per-sequence KV, llama.cpp splits a batch whose rows are
         # out of sequence order into one micro-batch per sequence, one graph run each
         # (measured: 4 decode rows took 25.6 ms out of order, 19.5 ms in order).
         rows = sorted(rows, key=lambda r: r[0])
         total = sum(len(toks) for _, toks, _ in rows)
         if total == 0:
-            return
+            return {}
         if total > self.n_batch:
             raise ValueError(f"batch of {total} tokens exceeds n_batch={self.n_batch}")
         seen = set()
@@ -572,17 +643,19 @@ class LlamaModel:
         b = self.batch
         i = 0
         new_rows: dict[int, int] = {}
+        first_rows: dict[int, int] = {}
         for seq, toks, want in rows:
             p = self.pos[seq]
+            from_j = len(toks) - want
             for j, t in enumerate(toks):
                 b.token[i] = t
                 b.pos[i] = p + j
                 b.n_seq_id[i] = 1
                 b.seq_id[i][0] = seq
-                last = j == len(toks) - 1
-                b.logits[i] = 1 if (want and last) else 0
+                b.logits[i] = 1 if j >= from_j else 0
                 i += 1
             new_rows[seq] = i - 1 if want else -1
+            first_rows[seq] = i - want if want else -1
         b.n_tokens = i
         ctx = self.ctx
         rc = self.compute(lambda: L.llama_decode(ctx, b))
@@ -596,6 +669,7 @@ class LlamaModel:
         for seq, toks, _ in rows:
             self.pos[seq] += len(toks)
         self.logits_row.update(new_rows)
+        return first_rows
 
     def sampler_new(self, params: SamplerParams) -> Sampler:
         return new_sampler(self.vocab, params, self.n_ctx_seq)

@@ -86,6 +86,17 @@ class Sampler:
             L.llama_sampler_accept(self.greedy_ptr, tok)
         return tok
 
+    def choose(self, logits: np.ndarray[Any, Any]) -> int:
+        """The token the request's greedy chain picks from ``logits``, not accounted (a
+        speculative draft's check): :meth:`accept` it if it is kept. -1: none allowed."""
+        return _select(self.greedy_ptr or self.ptr, logits)
+
+    def accept(self, token: int) -> None:
+        """Account ``token`` in both chains, as if it had been sampled."""
+        L.llama_sampler_accept(self.ptr, token)
+        if self.greedy_ptr:
+            L.llama_sampler_accept(self.greedy_ptr, token)
+
     def free(self) -> None:
         for name in ("ptr", "greedy_ptr"):
             ptr = getattr(self, name)
@@ -101,6 +112,15 @@ _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
 def _apply(chain: Any, logits: np.ndarray[Any, Any]) -> int:
     """What ``llama_sampler_sample`` does, from ``logits`` instead of a context's row:
     every token as a candidate, the chain applied, the selected token accepted."""
+    tok = _select(chain, logits)
+    if tok >= 0:
+        L.llama_sampler_accept(chain, tok)
+    return tok
+
+
+def _select(chain: Any, logits: np.ndarray[Any, Any]) -> int:
+    """The chain applied to ``logits`` (every token a candidate); the selected token, not
+    accepted, or -1 when none is left (a grammar that allows none)."""
     n = len(logits)
     data = np.empty(n, dtype=_TOKEN_DATA)
     data["id"] = np.arange(n, dtype=np.int32)
@@ -115,9 +135,7 @@ def _apply(chain: Any, logits: np.ndarray[Any, Any]) -> int:
     L.llama_sampler_apply(chain, ctypes.byref(cur))
     if not 0 <= cur.selected < cur.size:
         return -1  # no token left (a grammar that allows none): the caller fails it
-    tok = int(cur.data[cur.selected].id)
-    L.llama_sampler_accept(chain, tok)
-    return tok
+    return int(cur.data[cur.selected].id)
 
 
 def new_sampler(vocab: Any, params: SamplerParams, n_ctx: int) -> Sampler:

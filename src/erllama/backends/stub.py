@@ -160,6 +160,9 @@ class StubControl:
     use_after_free: int = 0
     #: The model this control drives (set when it loads).
     model: StubModel | None = None
+    #: Speculative decoding: draft tokens verified, and accepted.
+    drafted: int = 0
+    accepted: int = 0
 
     def open(self) -> None:
         """Let every step run from now on, whatever gates and permits were set (a test that
@@ -317,7 +320,7 @@ def load(config: ModelConfig) -> LoadedModel:
         eog_tokens=frozenset({EOS}),
         metadata={"architecture": "stub", "n_vocab": str(n_vocab)},
         chat_template=opts.get("chat_template"),
-        features=frozenset({"logprobs"}),
+        features=frozenset({"logprobs", "speculative"}),
         # The stub's cells are a pure function of the tokens: reuse needs no grid (a test
         # turns this off to exercise the engine's exactness rule).
         batch_invariant=bool(opts.get("batch_invariant", True)),
@@ -562,10 +565,45 @@ def _step(
                     seq=op.seq, token=tok, eog=tok == EOS, logprob=lp, top_logprobs=top
                 )
             seq.append(tok)
+            if op.draft is not None and tok != EOS:
+                result = _verify(model, seq, sampler, op.draft(tok), result)
             results.append(result)
         else:
             raise TypeError(f"unknown op {op!r}")
     return results
+
+
+def _verify(
+    model: StubModel,
+    seq: _Seq,
+    sampler: _Sampler | None,
+    draft: Sequence[int],
+    sampled: Sampled,
+) -> Sampled:
+    """Accept the draft's tokens while each is what the stub would decode greedily next
+    (the stub computes every token on its own, so this is exactly plain decoding)."""
+    accepted: list[int] = []
+    for want in draft:
+        if len(seq.tokens) >= model.n_ctx:
+            break
+        if model.script is not None:
+            script = _script_for(model, seq)
+            tok = script[seq.script_pos] if seq.script_pos < len(script) else EOS
+        else:
+            tok = _next_token(model, seq, sampler, greedy=True)
+        if tok != want:
+            break
+        if model.script is not None:
+            seq.script_pos += 1
+        if sampler is not None:
+            sampler.generated.append(tok)
+        seq.append(tok)
+        accepted.append(tok)
+        if tok == EOS:
+            break
+    model.control.drafted += len(draft)
+    model.control.accepted += len(accepted)
+    return attrs.evolve(sampled, accepted=tuple(accepted), drafted=len(draft))
 
 
 @hookimpl

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -51,7 +51,8 @@ class LoadedModel:
     chat_template: str | None = None
     #: What ``step`` offers beyond sampling: ``"logprobs"`` when it fills
     #: ``Sampled.logprob`` for a ``Decode`` that asks (requests for them are refused with
-    #: NotSupported otherwise).
+    #: NotSupported otherwise); ``"speculative"`` when it verifies a ``Decode.draft``
+    #: (the engine sends drafts only then).
     features: frozenset[str] = frozenset()
     #: A token's KV cell is the same however its prompt was cut into calls (true of a
     #: backend that computes each token on its own). False (the safe default, and
@@ -93,6 +94,16 @@ class Decode:
     #: (log-softmax of the raw logits, before the sampler's changes) and this many most
     #: likely alternatives; None: nothing (backends with the ``logprobs`` feature only).
     logprobs: int | None = None
+    #: Speculative decoding (backends with the ``speculative`` feature only; the engine
+    #: sets it only on greedy requests). After sampling the token, call ``draft(token)``:
+    #: it proposes tokens to follow it. Decode the sampled token and the draft in one
+    #: forward pass with logits on every row, then accept the longest prefix of the draft
+    #: that the sampler would have chosen greedily, position by position, accounting each
+    #: accepted token in the sampler as if sampled, and stopping after an end-of-generation
+    #: token. Remove the rejected tokens' cells: the sequence's latest logits are those
+    #: after the last accepted token. ``Sampled.accepted`` and ``Sampled.drafted`` report
+    #: it. An empty draft makes this a plain decode.
+    draft: Callable[[int], Sequence[int]] | None = None
 
 
 StepOp = Prefill | Decode
@@ -114,6 +125,10 @@ class Sampled:
     #: theirs, most likely first.
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    #: After ``token``, the draft tokens the step accepted (already in the KV, in order),
+    #: and how many the draft proposed (``Decode.draft``; 0: none).
+    accepted: tuple[int, ...] = ()
+    drafted: int = 0
 
 
 @attrs.frozen(kw_only=True)

@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 
 from ..cache.key import parse_key
+from ..config import MAX_DRAFT
 from ..errors import ContextLengthExceeded, InvalidRequest
 from ..sampling import SamplerParams, validate_max_tokens
 from .stops import check_stops
@@ -163,6 +164,18 @@ def check_cache_salt(value: object) -> str | None:
     return value
 
 
+def check_opt_flag(value: object, param: str) -> bool | None:
+    return None if value is None else check_flag(value, param)
+
+
+def check_draft_max(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_DRAFT:
+        raise InvalidRequest("draft_max", f"must be an integer in [0, {MAX_DRAFT}], got {value!r}")
+    return value
+
+
 def check_session(value: object) -> str | None:
     if value is None:
         return None
@@ -216,6 +229,11 @@ class RequestArgs:
     #: Only requests with the same salt share cached KV (rows and a sequence's leftover
     #: live KV); see ``erllama.cache.key.salted``.
     cache_salt: str | None = None
+    #: Speculative decoding: None follows the model (``ModelConfig.speculative``), False
+    #: turns it off, True requires it (InvalidRequest where it cannot apply).
+    speculative: bool | None = None
+    #: Most tokens one draft may have (0: none); None: the model's ``draft_max``.
+    draft_max: int | None = None
 
     @classmethod
     def build(cls, **kwargs: Any) -> RequestArgs:
@@ -238,6 +256,8 @@ class RequestArgs:
             add_special=check_flag(kwargs.get("add_special", True), "add_special"),
             logprobs=check_logprobs(kwargs.get("logprobs")),
             cache_salt=check_cache_salt(kwargs.get("cache_salt")),
+            speculative=check_opt_flag(kwargs.get("speculative"), "speculative"),
+            draft_max=check_draft_max(kwargs.get("draft_max")),
         )
 
     @staticmethod

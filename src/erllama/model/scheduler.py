@@ -40,7 +40,7 @@ import enum
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Generic, Literal, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar
 
 import attrs
 
@@ -50,6 +50,7 @@ from ..errors import QueueFull, SessionBusy
 __all__ = [
     "Barrier",
     "Closed",
+    "DraftSource",
     "Housekeeping",
     "Job",
     "JobState",
@@ -67,6 +68,22 @@ Phase = Literal["idle", "prefilling", "generating"]
 #: What a job schedules (a request), and what a barrier runs (a call); opaque here.
 R = TypeVar("R")
 B = TypeVar("B")
+
+
+class DraftSource(Protocol):
+    """A job's speculative decoding (``erllama.speculative.DraftControl``)."""
+
+    def size(self) -> int:
+        """Tokens to draft this step (0: none); called once per step."""
+        ...
+
+    def propose(self, n: int) -> Callable[[int], Sequence[int]]:
+        """The ``Decode.draft`` of a draft of at most ``n`` tokens."""
+        ...
+
+    def update(self, drafted: int, accepted: int) -> None:
+        """What the step did with the draft."""
+        ...
 
 
 class JobState(enum.Enum):
@@ -96,6 +113,8 @@ class Job(Generic[R]):
     sampler: object = None
     #: Its decodes ask for log-probabilities with this many alternatives (None: none).
     logprobs: int | None = None
+    #: Speculative decoding: its decodes carry drafts (None: plain decoding).
+    draft: DraftSource | None = None
     state: JobState = JobState.QUEUED
     seq: int | None = None
     #: Tokens still to feed into the KV: the prompt's rest, or tokens the engine inserts
@@ -488,7 +507,8 @@ class Scheduler(Generic[R, B]):
             grid = self._prefill_chunk
             ops: list[StepOp] = []
             feeders: list[Job[R]] = []
-            for seq, job in self._admitted.items():
+            decoders: list[Job[R]] = []
+            for job in self._admitted.values():
                 if (
                     job.state is not JobState.RUNNING
                     or job.cancel_requested
@@ -499,12 +519,23 @@ class Scheduler(Generic[R, B]):
                 if job.cursor:
                     feeders.append(job)
                 elif job.max_tokens != 0:
-                    ops.append(
-                        Decode(
-                            seq=seq, sampler=job.sampler, greedy=job.greedy, logprobs=job.logprobs
-                        )
+                    decoders.append(job)
+            budget -= len(decoders)
+            for job in decoders:
+                # A draft takes room in the batch before prefill chunks do, and never goes
+                # past the job's max_tokens or its context (its sampled token comes first).
+                n = self._draft_size(job, budget)
+                budget -= n
+                assert job.seq is not None
+                ops.append(
+                    Decode(
+                        seq=job.seq,
+                        sampler=job.sampler,
+                        greedy=job.greedy,
+                        logprobs=job.logprobs,
+                        draft=job.draft.propose(n) if n > 0 and job.draft is not None else None,
                     )
-                    budget -= 1
+                )
             # Shortest remaining first: a short prompt that arrives while a long one prefills
             # is fed at once (and samples next step) instead of waiting for the long prompt's
             # chunks to end.
@@ -524,6 +555,16 @@ class Scheduler(Generic[R, B]):
                 budget -= n
                 fed = True
             return StepPlan(tuple(ops))
+
+    def _draft_size(self, job: Job[R], budget: int) -> int:
+        if job.draft is None:
+            return 0
+        n = job.draft.size()
+        if n <= 0:
+            return 0
+        if job.max_tokens is not None:
+            n = min(n, job.max_tokens - job.n_generated - 1)
+        return max(0, min(n, self._n_ctx - job.n_context - 1, budget))
 
     def job_on(self, seq: int) -> Job[R] | None:
         """The job admitted on ``seq`` (mid-step: whose token was just sampled)."""
@@ -573,6 +614,19 @@ class Scheduler(Generic[R, B]):
                     sampled.append(
                         Sampled(job, res.token, is_eog, end, res.logprob, res.top_logprobs)
                     )
+                    if res.drafted and job.draft is not None:
+                        job.draft.update(res.drafted, len(res.accepted))
+                    # Accepted draft tokens, each as if sampled in a step of its own (the
+                    # backend stops at an end of generation; the draft's size kept them
+                    # inside max_tokens and the context).
+                    for token in res.accepted:
+                        if end is not None:
+                            break
+                        job.n_context += 1
+                        job.n_generated += 1
+                        is_eog = token in eog
+                        end = self._natural_end(job, is_eog)
+                        sampled.append(Sampled(job, token, is_eog, end))
             return StepOutputs(tuple(fed), tuple(sampled), tuple(failed))
 
     def insert(self, job: Job[R], tokens: Sequence[int]) -> bool:

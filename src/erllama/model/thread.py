@@ -31,13 +31,14 @@ from typing import Any
 import attrs
 
 from .._loop import LoopHandoff, Mail
-from ..backends.types import Decode, LoadedModel, Prefill, StepResult
+from ..backends.types import Decode, LoadedModel, Prefill, Sampled, StepResult
 from ..cache.key import Namespace, salted
 from ..cache.port import CachePort, Restore, SaveReason
 from ..config import CachePolicy, ModelConfig
 from ..errors import BackendError, ErllamaError, ModelNotFound
 from ..events import Event
 from ..plugins import Backend
+from ..speculative.cost import PassCost
 from .adapters import AdapterSet
 from .calls import Call
 from .explain import explain
@@ -96,6 +97,8 @@ class ModelThread:
         self._stopping = False
         self._running_call: Call[Any] | None = None
         self._out: list[Mail] = []
+        #: What a draft token adds to a decode step (speculative decoding), learnt here.
+        self.pass_cost = PassCost()
         # Per step: decode rows still to be sampled, and sequences already streamed early.
         self._to_sample = 0
         self._early: set[int] = set()
@@ -530,7 +533,11 @@ class ModelThread:
     def _step(self, sched: Scheduler[Request, Call[Any]], plan: StepPlan) -> None:
         self._to_sample = sum(1 for op in plan.ops if isinstance(op, Decode))
         self._early.clear()
+        t0 = time.perf_counter()
         results = self._backend.direct_step(self._handle, plan.ops, self._on_sampled)
+        if self._to_sample == len(plan.ops):  # decode rows only: what a draft adds shows
+            extra = sum(r.drafted for r in results if isinstance(r, Sampled))
+            self.pass_cost.observe(len(plan.ops), extra, time.perf_counter() - t0)
         self._account(sched, plan, results)
 
     def _on_sampled(self, seq: int, token: int) -> None:
@@ -593,13 +600,22 @@ class ModelThread:
                 req.clock.prefill_done = now
         for job, error in out.failed:
             self._fail_request(sched, job, error)
+        # Every sampled token is in its sequence's KV (a job's accepted draft tokens too,
+        # even past a stop string that ends it at an earlier one).
+        for s in out.sampled:
+            s.job.owner.kv.context.append(s.token)
+        first: set[int] = set()
         for s in out.sampled:
             job = s.job
+            if job.cancel_requested or job.state is JobState.DONE:
+                # Finished as cancelled between steps (the token stays unsent), or ended by
+                # a stop string at an earlier token of this step.
+                continue
             req = job.owner
-            req.kv.context.append(s.token)
-            if job.cancel_requested:
-                continue  # finished as cancelled between steps; the token stays unsent
-            if job.seq not in self._early:
+            # The step's first token of a job may have been streamed before the forward pass.
+            streamed = job.seq in self._early and id(job) not in first
+            first.add(id(job))
+            if not streamed:
                 self._emit(job, s.token, s.eog, s.logprob, s.top_logprobs)
             # A stop string ends it before any natural end (the scheduler's).
             reason: FinishReason | None = "stop" if req.output.stop_sequence else s.finish

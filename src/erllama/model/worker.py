@@ -33,6 +33,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import attrs
 from anyio.abc import TaskGroup, TaskStatus
 
 from .._loop import LoopHandoff
@@ -41,7 +42,7 @@ from ..cache.key import Namespace, quant_byte, salted
 from ..cache.port import CachePort, NullCache, Restore
 from ..cache.records import RecordStore
 from ..cluster.prefixes import PrefixSummary
-from ..config import CachePolicy, ModelConfig
+from ..config import MAX_DRAFT, CachePolicy, ModelConfig
 from ..errors import ConfigError, InvalidRequest, ModelNotFound, NotSupported, UnloadTimeout
 from ..events import (
     CachedPrefix,
@@ -54,6 +55,9 @@ from ..events import (
 )
 from ..fingerprint import file_sha256
 from ..plugins import Backend
+from ..speculative.control import DraftControl
+from ..speculative.hookspecs import Drafter
+from ..speculative.registry import DrafterPlugin
 from ..stream import Failure, InferStream
 from . import intake, routing
 from .adapters import AdapterCalls
@@ -66,6 +70,7 @@ from .replay import Remembered, ReplayMemory, ReplyRecords
 from .request import Request, RequestSpec
 from .scheduler import Job, SchedulerClosed
 from .snapshot import ModelFacts
+from .speculation import draft_control
 from .text import TextCalls
 from .thread import ModelThread
 
@@ -90,8 +95,11 @@ class ModelWorker:
         on_request_done: Callable[[Request], None],
         signer: Signer | None = None,
         reply_store: RecordStore | None = None,
+        drafter: DrafterPlugin | None = None,
     ) -> None:
         self.id = model_id
+        #: The drafter plugin of ``config.speculative`` (None: no speculative decoding).
+        self._drafter = drafter
         self.config = config
         self.backend = backend
         self.cache = cache
@@ -304,6 +312,9 @@ class ModelWorker:
         stats = req.clock.stats(
             req.spec, req.kv, req.saves, reason, req.generated, req.output.stop_sequence
         )
+        draft = req.job.draft
+        if isinstance(draft, DraftControl):
+            stats = attrs.evolve(stats, draft_tokens=draft.drafted, draft_accepted=draft.accepted)
         req.channel.push(
             Done(
                 finish_reason=reason,
@@ -563,6 +574,7 @@ class ModelWorker:
         *,
         cancel: Callable[[str], None],
         prefill_only: bool = False,
+        drafter: Drafter | None = None,
     ) -> tuple[Request, InferStream]:
         # Counted from here to the queue: an unload (or the pressure scheduler) waits for
         # an intake in flight, and one that arrives after an unload began is refused.
@@ -601,6 +613,16 @@ class ModelWorker:
                     except InvalidRequest:
                         self._thread.free_sampler_later(sampler)
                         raise
+            draft = draft_control(
+                self.config,
+                self._drafter,
+                loaded,
+                args,
+                sp,
+                prefill_only=prefill_only,
+                drafter=drafter,
+                cost=self._thread.pass_cost,
+            )
             spec = RequestSpec(
                 prompt=tuple(tokens),
                 params=sp,
@@ -613,7 +635,7 @@ class ModelWorker:
                 logprobs=args.logprobs,
                 cache_salt=args.cache_salt,
             )
-            return self._submit(facts, spec, sampler, cancel)
+            return self._submit(facts, spec, sampler, cancel, draft)
 
     def _submit(
         self,
@@ -621,6 +643,7 @@ class ModelWorker:
         spec: RequestSpec,
         sampler: object,
         cancel: Callable[[str], None],
+        draft: DraftControl | None = None,
     ) -> tuple[Request, InferStream]:
         sched = self.gate.scheduler
         assert sched is not None
@@ -654,7 +677,11 @@ class ModelWorker:
             session=spec.session,
             sampler=sampler,
             logprobs=spec.logprobs,
+            draft=draft,
         )
+        if draft is not None:
+            kv = req.kv
+            draft.context = lambda: kv.context
         try:
             # Held: an unload that began during this intake waited for it, and then cancels
             # the request like any other in flight.
@@ -680,6 +707,25 @@ class ModelWorker:
             lambda: _ignore(handoff.post(cancel, ref)),
         )
         return req, stream
+
+    async def draft_tokens(self, context: Sequence[int], n: int) -> list[int]:
+        """Up to ``n`` tokens the model's drafter proposes to follow ``context``."""
+        spec = self.config.speculative
+        if spec is None or self._drafter is None:
+            raise InvalidRequest(
+                "model", "was loaded without speculative decoding (ModelConfig.speculative)"
+            )
+        facts = self.gate.facts
+        assert facts is not None
+        ids = intake.check_token_ids(context, facts.loaded.n_vocab, "context")
+        if not ids:
+            raise InvalidRequest("context", "is empty")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_DRAFT:
+            raise InvalidRequest("n", f"must be an integer in [0, {MAX_DRAFT}], got {n!r}")
+        drafter = self._drafter.new(spec)
+        # Off the loop: a first draft indexes the whole context.
+        out = await anyio.to_thread.run_sync(drafter.draft, ids[:-1], ids[-1], n)
+        return [int(t) for t in out][:n]
 
     def _check_queue_room(self) -> None:
         sched = self.gate.scheduler

@@ -518,6 +518,9 @@ def extension(done: Done) -> dict[str, Any]:
             "shared_wait_s": st.shared_wait_s,
             "prefill_s": st.prefill_s,
         },
+        # Speculative decoding (0 and 0 without it): llama-server reports these two as
+        # ``timings.draft_n`` and ``draft_n_accepted``.
+        "speculative": {"draft_tokens": st.draft_tokens, "accepted": st.draft_accepted},
     }
 
 

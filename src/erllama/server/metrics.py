@@ -85,6 +85,18 @@ class Metrics:
         self.prompt = Counter(
             "erllama_prompt_tokens", "Prompt tokens of finished requests", ["model"], registry=r
         )
+        self.drafted = Counter(
+            "erllama_draft_tokens",
+            "Speculative decoding: tokens drafted (ModelConfig.speculative)",
+            ["model"],
+            registry=r,
+        )
+        self.accepted = Counter(
+            "erllama_draft_accepted_tokens",
+            "Speculative decoding: drafted tokens the model accepted (each saved a pass)",
+            ["model"],
+            registry=r,
+        )
         self.restored = Counter(
             "erllama_cache_restored_tokens",
             "Prompt tokens not prefilled: restored from the KV cache or a sequence's live KV",
@@ -142,6 +154,8 @@ class Track:
         m, model = self._m, self.model
         m.generated.labels(model).inc(stats.completion_tokens)
         m.prompt.labels(model).inc(stats.prompt_tokens)
+        m.drafted.labels(model).inc(stats.draft_tokens)
+        m.accepted.labels(model).inc(stats.draft_accepted)
         m.restored.labels(model).inc(stats.cache_delta.read)
         m.cache_hits.labels(model, stats.cache_hit_kind).inc()
         explained = stats.cache_explain

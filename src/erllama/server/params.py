@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..config import MAX_DRAFT
 from ..grammar import check_schema
 from .body import Fields
 from .errors import ApiError
@@ -76,6 +77,20 @@ def sampling(body: Fields, state: ServerState) -> dict[str, Any]:
     seed = body.integer("seed")
     if seed is not None:
         out["seed"] = seed
+    out.update(speculative(body))
+    return out
+
+
+def speculative(body: Fields) -> dict[str, Any]:
+    """Speculative decoding per request: ``speculative`` (true/false, erllama's) and
+    llama-server's ``speculative.n_max`` (the longest draft; 0 turns drafting off). The
+    engine refuses ``speculative: true`` where it cannot apply, naming why."""
+    out: dict[str, Any] = {}
+    if body.get("speculative") is not None:
+        out["speculative"] = body.flag("speculative")
+    n_max = body.integer("speculative.n_max", minimum=0, maximum=MAX_DRAFT)
+    if n_max is not None:
+        out["draft_max"] = n_max
     return out
 
 

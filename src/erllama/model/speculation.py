@@ -1,0 +1,65 @@
+"""Whether a request decodes speculatively, decided once at intake (on the event loop).
+
+A request speculates when its model was loaded with ``ModelConfig.speculative`` and the
+backend verifies drafts (the ``speculative`` feature), unless it says ``speculative=False``.
+Only greedy requests speculate: a draft is accepted where it equals the greedy choice, which
+keeps the answer the plain decode's token for token. Requests that ask for log-probabilities
+or set a thinking budget decode plainly too (each of their tokens may change what the next
+step feeds). Asking for speculation (``speculative=True``) where it cannot apply is an
+InvalidRequest naming the reason, not a silent plain decode.
+"""
+
+from __future__ import annotations
+
+from ..backends.types import LoadedModel
+from ..config import MAX_DRAFT, ModelConfig
+from ..errors import InvalidRequest
+from ..sampling import SamplerParams
+from ..speculative.control import DraftControl
+from ..speculative.cost import PassCost
+from ..speculative.hookspecs import Drafter
+from ..speculative.registry import DrafterPlugin
+from .intake import RequestArgs
+
+__all__ = ["draft_control"]
+
+
+def draft_control(
+    config: ModelConfig,
+    plugin: DrafterPlugin | None,
+    loaded: LoadedModel,
+    args: RequestArgs,
+    params: SamplerParams,
+    *,
+    prefill_only: bool,
+    drafter: Drafter | None = None,
+    cost: PassCost | None = None,
+) -> DraftControl | None:
+    """The request's draft control (its ``context`` still to bind), or None for a plain
+    decode. ``drafter`` (``Engine.verify``'s) replaces the model's and requires drafting."""
+    asked = True if drafter is not None else args.speculative
+    if asked is False or prefill_only or args.max_tokens == 0:
+        return None
+    spec = config.speculative
+    why: str | None = None
+    if drafter is None and (spec is None or plugin is None):
+        why = "the model was loaded without speculative decoding (ModelConfig.speculative)"
+    elif "speculative" not in loaded.features:
+        why = f"backend {config.backend!r} does not verify drafts"
+    elif params.temperature > 0:
+        why = "applies to greedy requests only (temperature 0)"
+    elif args.logprobs is not None:
+        why = "does not combine with logprobs"
+    elif args.thinking_budget_tokens is not None:
+        why = "does not combine with a thinking budget"
+    if why is not None:
+        if asked:
+            raise InvalidRequest("speculative", why)
+        return None
+    if drafter is not None:
+        return DraftControl(drafter, MAX_DRAFT, cost=cost)
+    assert spec is not None and plugin is not None
+    limit = args.draft_max if args.draft_max is not None else spec.draft_max
+    if limit == 0:
+        return None
+    return DraftControl(plugin.new(spec), limit, cost=cost)

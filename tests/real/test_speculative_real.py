@@ -1,0 +1,218 @@
+"""Speculative decoding on SmolLM2 (issue 21): greedy tokens equal plain decoding, always.
+
+The reference is a plain llama-cpp-python loop written here: its own model, context, batch
+and greedy sampler, flash attention on and one decode thread (what ``ModelConfig.speculative``
+loads with; two prefill threads), the prompt fed in 64-token chunks on the engine's
+documented grid, then one token per ``llama_decode``. erllama verifies each draft in one multi-token pass instead; the tokens
+must be the same. Prompts: an "edit" set (copy a passage with a word changed, rename a
+variable, fill JSON from a document), where the n-gram drafter has much to draft, and free
+chat, where it has little.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+import attrs
+import llama_cpp as L
+import pytest
+
+import erllama
+from erllama.backends.llama_native import ensure_backend
+
+pytestmark = pytest.mark.anyio
+
+OFF = erllama.EngineConfig(cache=erllama.CacheConfig(enabled=False, ram_file_dir=None))
+GRID = 64
+N_TOKENS = 64
+
+PASSAGE = (
+    "The harbour office opens at half past six. Ferries leave at seven, ten, one and four. "
+    "Tickets cost twelve euros; children travel free and bicycles cost three euros."
+)
+CODE = (
+    "def total(items):\n    result = 0\n    for item in items:\n"
+    "        result += item.price * item.count\n    return result\n"
+)
+DOC = "Order 1182 was placed by Mira Jensen in Aarhus on 3 May for 4 lamps at 39 euros each."
+EDITS = [
+    f"Copy this text exactly, but write 'nine' instead of 'ten':\n\n{PASSAGE}",
+    f"Rewrite this function with the variable result renamed to acc:\n\n{CODE}",
+    'Fill in the JSON object {"order": , "name": , "city": , "count": } from this '
+    f"text:\n\n{DOC}",
+]
+LOG = "\n".join(
+    f"{9 + i // 6:02d}:{i * 7 % 60:02d} pier {i % 5} ferry {'ABCDE'[i % 5]}{i} departed, "
+    f"{12 + i % 9} passengers"
+    for i in range(24)
+)
+# Past 256 cells, where llama.cpp's one-token pass would split the cells across decode
+# threads (the engine decodes on one thread for this reason).
+EDITS.append(f"Copy this log exactly, changing nothing:\n\n{LOG}")
+CHAT = ["Tell me a short story about a lighthouse keeper.", "What makes bread rise?"]
+
+
+def plain_greedy(
+    model_path: Path, prompt: Sequence[int], max_tokens: int, n_threads: int
+) -> list[int]:
+    """Greedy tokens of a plain llama.cpp loop, up to an end-of-generation token (not
+    included: erllama never reports one)."""
+    ensure_backend()
+    model = ctx = sampler = None
+    batch = None
+    try:
+        mparams = L.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        model = L.llama_model_load_from_file(str(model_path).encode(), mparams)
+        assert model
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = 1024
+        cparams.n_batch = cparams.n_ubatch = 256
+        cparams.n_seq_max = 1
+        cparams.n_threads = 1
+        cparams.n_threads_batch = n_threads
+        cparams.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        ctx = L.llama_init_from_model(model, cparams)
+        assert ctx
+        vocab = L.llama_model_get_vocab(model)
+        batch = L.llama_batch_init(256, 0, 1)
+        sampler = L.llama_sampler_init_greedy()
+
+        def decode(tokens: Sequence[int], pos: int) -> None:
+            batch.n_tokens = len(tokens)
+            for i, t in enumerate(tokens):
+                batch.token[i] = t
+                batch.pos[i] = pos + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = i == len(tokens) - 1
+            assert L.llama_decode(ctx, batch) == 0
+
+        for start in range(0, len(prompt), GRID):
+            decode(prompt[start : start + GRID], start)
+        out: list[int] = []
+        pos = len(prompt)
+        while len(out) < max_tokens:
+            tok = int(L.llama_sampler_sample(sampler, ctx, batch.n_tokens - 1))
+            if L.llama_vocab_is_eog(vocab, tok):
+                break
+            out.append(tok)
+            decode([tok], pos)
+            pos += 1
+        return out
+    finally:
+        if sampler is not None:
+            L.llama_sampler_free(sampler)
+        if batch is not None:
+            L.llama_batch_free(batch)
+        if ctx is not None:
+            L.llama_free(ctx)
+        if model is not None:
+            L.llama_model_free(model)
+
+
+@pytest.fixture
+def spec_config(smol_config: erllama.ModelConfig) -> erllama.ModelConfig:
+    return attrs.evolve(
+        smol_config, n_threads=None, speculative=erllama.SpeculativeConfig(draft_max=12)
+    )
+
+
+async def prompts_for(engine: erllama.Engine, mid: str, texts: Sequence[str]) -> list[list[int]]:
+    return [await engine.apply_chat_template(mid, [{"role": "user", "content": t}]) for t in texts]
+
+
+async def test_greedy_tokens_equal_a_plain_llama_cpp_loop(
+    smol_path: Path, spec_config: erllama.ModelConfig
+) -> None:
+    async with erllama.open_engine(OFF) as engine:
+        mid = await engine.load_model("smol", spec_config)
+        accepted = {}
+        prompts = await prompts_for(engine, mid, EDITS + CHAT)
+        for text, prompt in zip(EDITS + CHAT, prompts, strict=True):
+            done = await engine.complete(mid, prompt, max_tokens=N_TOKENS)
+            reference = await anyio.to_thread.run_sync(plain_greedy, smol_path, prompt, N_TOKENS, 2)
+            assert done.token_ids == tuple(reference), text
+            assert done.stats.draft_accepted <= done.stats.draft_tokens
+            accepted[text] = done.stats.draft_accepted
+    # The edits copy their input: most of each answer comes from accepted drafts.
+    assert sum(accepted[t] for t in EDITS) >= N_TOKENS, accepted
+
+
+async def test_sequences_speculating_together_equal_the_plain_loop(
+    smol_path: Path, spec_config: erllama.ModelConfig
+) -> None:
+    config = attrs.evolve(spec_config, n_seq_max=4)
+    texts = [*EDITS, CHAT[0]]
+    async with erllama.open_engine(OFF) as engine:
+        mid = await engine.load_model("smol", config)
+        prompts = await prompts_for(engine, mid, texts)
+        streams = [await engine.infer(mid, p, max_tokens=48) for p in prompts]
+        results = []
+        for s in streams:
+            async with s:
+                results.append(await s.collect())
+    for text, prompt, done in zip(texts, prompts, results, strict=True):
+        reference = await anyio.to_thread.run_sync(plain_greedy, smol_path, prompt, 48, 2)
+        assert done.token_ids == tuple(reference), text
+    assert sum(d.stats.draft_accepted for d in results) > 0
+
+
+async def test_a_grammar_rejects_drafted_tokens_it_forbids(
+    spec_config: erllama.ModelConfig,
+) -> None:
+    # Digits only: the n-gram drafter proposes words from the prompt, which the grammar
+    # forbids, so the answer must be the grammar's, exactly as without speculation.
+    grammar = 'root ::= [0-9]+ " " [a-z]+ " " [0-9]+'
+    text = EDITS[2]
+    answers = []
+    for speculative in (True, False):
+        async with erllama.open_engine(OFF) as engine:
+            mid = await engine.load_model("smol", spec_config)
+            (prompt,) = await prompts_for(engine, mid, [text])
+            done = await engine.complete(
+                mid, prompt, max_tokens=24, grammar=grammar, speculative=speculative
+            )
+            answers.append(done)
+    assert answers[0].token_ids == answers[1].token_ids
+    assert answers[0].text == answers[1].text
+    assert answers[1].stats.draft_tokens == 0
+
+
+async def test_after_many_rejected_drafts_the_cache_and_live_kv_answer_exactly(
+    tmp_path: Path, spec_config: erllama.ModelConfig, smol_config: erllama.ModelConfig
+) -> None:
+    """A chat turn whose drafts are mostly rejected, then the next turn on the same engine
+    (live KV and a RAM row): it answers as a cold cache-off engine without speculation."""
+    cache = erllama.EngineConfig(
+        cache=erllama.CacheConfig(ram_file_dir=None, disk_dir=tmp_path / "disk")
+    )
+    system = "You answer questions about baking. " + PASSAGE * 3  # past two grid cells
+    messages = [{"role": "user", "content": CHAT[1]}]
+    async with erllama.open_engine(cache) as engine:
+        mid = await engine.load_model("smol", spec_config)
+        prompt = await engine.apply_chat_template(mid, messages, system)
+        first = await engine.complete(mid, prompt, max_tokens=N_TOKENS)
+        assert first.stats.draft_tokens > first.stats.draft_accepted
+        # Nothing of a rejected draft is in the sequence: its context is the prompt and
+        # the generated tokens (and the end of generation), nothing more.
+        assert len(first.context_tokens) - len(prompt) in (
+            len(first.token_ids),
+            len(first.token_ids) + 1,
+        )
+        messages += [
+            {"role": "assistant", "content": first.text},
+            {"role": "user", "content": "Say that again in one sentence."},
+        ]
+        follow = await engine.apply_chat_template(mid, messages, system)
+        second = await engine.complete(mid, follow, max_tokens=32)
+        assert second.stats.cache_delta.read >= GRID
+    async with erllama.open_engine(OFF) as engine:
+        cold = attrs.evolve(
+            smol_config, n_threads=1, n_threads_batch=2, flash_attn=True, keep_live_kv=False
+        )
+        mid = await engine.load_model("cold", cold)
+        reference = await engine.complete(mid, follow, max_tokens=32)
+    assert second.token_ids == reference.token_ids
