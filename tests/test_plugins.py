@@ -23,6 +23,15 @@ def test_builtin_and_out_of_tree_backends_are_discovered_by_entry_point() -> Non
     assert registry.get("parrot").capabilities == frozenset()
 
 
+def test_the_builtin_drafters_are_discovered_by_entry_point() -> None:
+    from erllama.speculative import make_drafter_registry
+
+    registry = make_drafter_registry()
+    assert {"ngram", "model"} <= set(registry.names())
+    drafter = registry.get("ngram").new(erllama.SpeculativeConfig())
+    assert drafter.draft([5, 1, 2, 3, 9, 1], 2, 4) == [3, 9, 1, 2]
+
+
 def test_a_fresh_registry_without_autoload_knows_only_what_it_is_given() -> None:
     registry = make_backend_registry({"stub": stub}, autoload=False)
     assert registry.names() == ["stub"]

@@ -82,6 +82,10 @@ def _at_most(n: float) -> _Check:
 MAX_DRAFT = 62
 
 
+def _is_number_or_none(value: Any) -> str | None:
+    return None if value is None else _is_number(value)
+
+
 def _is_int(value: Any) -> str | None:
     # bool is an int subclass; a config that says n_ctx = true is a mistake worth naming.
     if value is None or (isinstance(value, int) and not isinstance(value, bool)):
@@ -357,6 +361,11 @@ class SpeculativeConfig:
     #: shrinks to nothing while drafts keep failing, so a request with nothing to draft is
     #: not slower.
     draft_max: int = _checked(_is_int, _at_least(1), _at_most(MAX_DRAFT), default=16)
+    #: What one more draft token adds to a decode step, as a share of a one-token step
+    #: (the draft length is chosen from it and the acceptance); None: learnt from the
+    #: model's own steps (about 0.3 for SmolLM2 on a 2-core CPU, a few hundredths where
+    #: passes are bound by reading weights).
+    token_cost: float | None = _checked(_is_number_or_none, _at_least(0.0), default=None)
     #: ``ngram``: the longest and shortest run of recent tokens looked up (longest first).
     ngram_max: int = _int_field(4, 1)
     ngram_min: int = _int_field(2, 1)

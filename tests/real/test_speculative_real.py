@@ -21,8 +21,12 @@ import pytest
 
 import erllama
 from erllama.backends.llama_native import ensure_backend
+from erllama.speculative import draft_model, make_drafter_registry, ngram
 
 pytestmark = pytest.mark.anyio
+
+#: The built-in drafters by name, as their entry points register them.
+DRAFTERS = make_drafter_registry({"ngram": ngram, "model": draft_model}, autoload=False)
 
 OFF = erllama.EngineConfig(cache=erllama.CacheConfig(enabled=False, ram_file_dir=None))
 GRID = 64
@@ -115,8 +119,12 @@ def plain_greedy(
 
 @pytest.fixture
 def spec_config(smol_config: erllama.ModelConfig) -> erllama.ModelConfig:
+    # The token cost is given, not learnt from step times, so how much is drafted
+    # depends only on what is accepted (deterministic), never on the machine's load.
     return attrs.evolve(
-        smol_config, n_threads=None, speculative=erllama.SpeculativeConfig(draft_max=12)
+        smol_config,
+        n_threads=None,
+        speculative=erllama.SpeculativeConfig(draft_max=12, token_cost=0.05),
     )
 
 
@@ -216,3 +224,79 @@ async def test_after_many_rejected_drafts_the_cache_and_live_kv_answer_exactly(
         mid = await engine.load_model("cold", cold)
         reference = await engine.complete(mid, follow, max_tokens=32)
     assert second.token_ids == reference.token_ids
+
+
+async def test_a_draft_model_drafts_and_the_answer_stays_plain(
+    smol_path: Path, spec_config: erllama.ModelConfig
+) -> None:
+    # SmolLM2 as its own draft model: the drafts are the model's own greedy tokens, so
+    # nearly all are accepted; the answer is the plain loop's either way.
+    config = attrs.evolve(
+        spec_config,
+        speculative=erllama.SpeculativeConfig(
+            drafter="model", draft_max=8, token_cost=0.05, options={"model_path": str(smol_path)}
+        ),
+    )
+    async with erllama.open_engine(OFF, drafters=DRAFTERS) as engine:
+        mid = await engine.load_model("smol", config)
+        prompts = await prompts_for(engine, mid, [EDITS[0], CHAT[0]])
+        results = [await engine.complete(mid, p, max_tokens=48) for p in prompts]
+        with pytest.raises(erllama.NotSupported, match="draft_tokens"):
+            await engine.draft_tokens(mid, prompts[0], 4)
+        # Unloading frees the draft model on the model's thread first.
+        await engine.unload_model(mid)
+    for prompt, done in zip(prompts, results, strict=True):
+        reference = await anyio.to_thread.run_sync(plain_greedy, smol_path, prompt, 48, 2)
+        assert done.token_ids == tuple(reference)
+        stats = done.stats
+        assert stats.draft_tokens > 0 and stats.draft_accepted >= 0.9 * stats.draft_tokens
+
+
+async def test_a_draft_model_that_cannot_serve_the_model_fails_its_load(
+    tmp_path: Path, spec_config: erllama.ModelConfig, smol_config: erllama.ModelConfig
+) -> None:
+    not_gguf = tmp_path / "draft.gguf"
+    not_gguf.write_bytes(b"not a model")
+    async with erllama.open_engine(OFF, drafters=DRAFTERS) as engine:
+        for options, match in (
+            ({"model_path": str(not_gguf)}, "not a GGUF file"),
+            ({}, "options.model_path"),
+        ):
+            config = attrs.evolve(
+                spec_config,
+                speculative=erllama.SpeculativeConfig(drafter="model", options=options),
+            )
+            with pytest.raises(erllama.ConfigError, match=match):
+                await engine.load_model("smol", config)
+        # The engine serves on.
+        mid = await engine.load_model("plain", smol_config)
+        assert len((await engine.complete(mid, "Hi", max_tokens=4)).token_ids) == 4
+
+
+def test_the_draft_model_vocabulary_is_checked(smol_path: Path) -> None:
+    from erllama.backends.llama_native import LlamaModel
+    from erllama.speculative.draft_model import _check_vocab
+
+    target = LlamaModel(erllama.ModelConfig(model_path=smol_path, n_ctx=256, n_batch=64))
+    try:
+        _check_vocab(target, target)  # the same vocabulary passes
+
+        class Other:
+            n_vocab = target.n_vocab
+            eog = target.eog
+
+            def piece(self, token: int, special: bool = False) -> bytes:
+                return target.piece(token, special) if token != 98 else b"?!"
+
+        _check_vocab(target, Other())  # token 98 is not in the sample (every 97th id)
+        Other.piece = lambda self, token, special=False: b"x"  # type: ignore[method-assign]
+        with pytest.raises(ValueError, match="token 0 is"):
+            _check_vocab(target, Other())
+        Other.eog = frozenset({1})
+        with pytest.raises(ValueError, match="ends generation on other tokens"):
+            _check_vocab(target, Other())
+        Other.n_vocab = 100
+        with pytest.raises(ValueError, match="100 tokens"):
+            _check_vocab(target, Other())
+    finally:
+        target.free()

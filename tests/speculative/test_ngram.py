@@ -155,3 +155,12 @@ def test_propose_reads_the_context_when_called() -> None:
     context.append(3)
     assert draft(4) == [5, 5, 5]
     assert seen == [[1, 2, 3, 4]]
+
+
+def test_a_given_token_cost_is_not_learnt() -> None:
+    pc = PassCost(fixed=0.05)
+    assert pc.measured and pc.slope == 0.05
+    for _ in range(5):
+        pc.observe(1, 0, 0.010)
+    pc.observe(1, 4, 0.030)
+    assert pc.slope == 0.05

@@ -11,6 +11,8 @@ InvalidRequest naming the reason, not a silent plain decode.
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..backends.types import LoadedModel
 from ..config import MAX_DRAFT, ModelConfig
 from ..errors import InvalidRequest
@@ -34,6 +36,7 @@ def draft_control(
     prefill_only: bool,
     drafter: Drafter | None = None,
     cost: PassCost | None = None,
+    state: Any = None,
 ) -> DraftControl | None:
     """The request's draft control (its ``context`` still to bind), or None for a plain
     decode. ``drafter`` (``Engine.verify``'s) replaces the model's and requires drafting."""
@@ -62,4 +65,4 @@ def draft_control(
     limit = args.draft_max if args.draft_max is not None else spec.draft_max
     if limit == 0:
         return None
-    return DraftControl(plugin.new(spec), limit, cost=cost)
+    return DraftControl(plugin.new(spec, state), limit, cost=cost)

@@ -39,6 +39,7 @@ from ..errors import BackendError, ErllamaError, ModelNotFound
 from ..events import Event
 from ..plugins import Backend
 from ..speculative.cost import PassCost
+from ..speculative.registry import DrafterPlugin
 from .adapters import AdapterSet
 from .calls import Call
 from .explain import explain
@@ -72,8 +73,13 @@ class ModelThread:
         config: ModelConfig,
         cache: CachePort,
         policy: CachePolicy,
+        drafter: DrafterPlugin | None = None,
     ) -> None:
         self._id = model_id
+        #: The drafter plugin of ``config.speculative``, and its per-model state (made and
+        #: freed on this thread, around the model's own life).
+        self._drafter = drafter
+        self.drafter_state: Any = None
         self._gate = gate
         self._loop = loop
         self._backend = backend
@@ -98,7 +104,8 @@ class ModelThread:
         self._running_call: Call[Any] | None = None
         self._out: list[Mail] = []
         #: What a draft token adds to a decode step (speculative decoding), learnt here.
-        self.pass_cost = PassCost()
+        spec = config.speculative
+        self.pass_cost = PassCost(spec.token_cost if spec is not None else None)
         # Per step: decode rows still to be sampled, and sequences already streamed early.
         self._to_sample = 0
         self._early: set[int] = set()
@@ -290,6 +297,9 @@ class ModelThread:
                         self._handle, text, add_special=False, parse_special=True
                     ),
                 )
+                spec = self._config.speculative
+                if self._drafter is not None and spec is not None:
+                    self.drafter_state = self._drafter.load(spec, loaded)
             except BaseException as exc:
                 self.post(self._loop.loaded, None, exc)
                 return
@@ -755,6 +765,12 @@ class ModelThread:
                 if isinstance(cmd, _FreeSampler):
                     cmd()
             if self._gate.wait_unused(UNLOAD_WAIT_S):
+                if self._drafter is not None and self.drafter_state is not None:
+                    try:
+                        self._drafter.free(self.drafter_state)
+                    except Exception:
+                        log.exception("model %s: freeing the drafter failed", self._id)
+                    self.drafter_state = None
                 try:
                     self._backend.free(self._handle)
                 except Exception:

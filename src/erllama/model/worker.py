@@ -115,7 +115,9 @@ class ModelWorker:
         #: of them explains a miss as ``adapter``.
         self.fingerprints: set[bytes] = set()
         self.gate = ModelGate(model_id, backend.name)
-        self._thread = ModelThread(model_id, self.gate, self, backend, config, cache, self.policy)
+        self._thread = ModelThread(
+            model_id, self.gate, self, backend, config, cache, self.policy, drafter
+        )
         self.text = TextCalls(self.gate, backend, config, self.replies)
         self.adapters = AdapterCalls(self.gate, backend)
         self.ops = Operations(self.gate, self._store, config.session_ttl_s)
@@ -622,6 +624,7 @@ class ModelWorker:
                 prefill_only=prefill_only,
                 drafter=drafter,
                 cost=self._thread.pass_cost,
+                state=self._thread.drafter_state,
             )
             spec = RequestSpec(
                 prompt=tuple(tokens),
@@ -722,6 +725,9 @@ class ModelWorker:
             raise InvalidRequest("context", "is empty")
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_DRAFT:
             raise InvalidRequest("n", f"must be an integer in [0, {MAX_DRAFT}], got {n!r}")
+        if self._thread.drafter_state is not None:
+            # A drafter with per-model state (a draft model) runs on the model's thread only.
+            raise NotSupported(self.backend.name, f"draft_tokens with drafter {spec.drafter!r}")
         drafter = self._drafter.new(spec)
         # Off the loop: a first draft indexes the whole context.
         out = await anyio.to_thread.run_sync(drafter.draft, ids[:-1], ids[-1], n)

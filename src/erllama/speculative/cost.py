@@ -24,15 +24,17 @@ MIN_SLOPE, MAX_SLOPE = 0.01, 2.0
 
 
 class PassCost:
-    def __init__(self) -> None:
+    def __init__(self, fixed: float | None = None) -> None:
         #: Rows in the step -> moving average of a plain step's seconds.
         self._plain: dict[int, float] = {}
-        self.slope = DEFAULT_SLOPE
-        self.measured = False
+        #: ``SpeculativeConfig.token_cost``: the slope is given, not learnt.
+        self._fixed = fixed is not None
+        self.slope = DEFAULT_SLOPE if fixed is None else fixed
+        self.measured = self._fixed
 
     def observe(self, rows: int, extra: int, seconds: float) -> None:
         """A decode step of ``rows`` sequences whose drafts added ``extra`` tokens."""
-        if rows <= 0 or seconds <= 0:
+        if rows <= 0 or seconds <= 0 or self._fixed:
             return
         if extra == 0:
             base = self._plain.get(rows)

@@ -14,10 +14,11 @@ be a backend, a pressure source and a drafter at once.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import pluggy
 
+from ..backends.types import LoadedModel
 from ..config import SpeculativeConfig
 
 __all__ = ["PROJECT", "Drafter", "DrafterSource", "hookimpl", "hookspec"]
@@ -43,10 +44,25 @@ class Drafter(Protocol):
 
 
 class DrafterSource:
-    """Hook specifications for a drafter plugin."""
+    """Hook specifications for a drafter plugin. ``drafter_new`` is required; a drafter
+    that holds something per model (a draft model's weights and context) implements
+    ``drafter_load`` and ``drafter_free`` too."""
 
     @hookspec(firstresult=True)
-    def drafter_new(self, config: SpeculativeConfig) -> Drafter:  # type: ignore[empty-body]
+    def drafter_new(self, config: SpeculativeConfig, state: Any) -> Drafter:  # type: ignore[empty-body]
         """A drafter for one request of a model configured with ``config`` (its
-        ``options`` carry the plugin's own settings). Called on the event loop at the
-        request's intake: keep it cheap. Raise ValueError for settings it cannot take."""
+        ``options`` carry the plugin's own settings); ``state`` is what ``drafter_load``
+        returned for the model (None without it; an implementation may leave the argument
+        out). Called on the event loop at the request's intake: keep it cheap. Raise
+        ValueError for settings it cannot take."""
+
+    @hookspec(firstresult=True)
+    def drafter_load(self, config: SpeculativeConfig, model: LoadedModel) -> Any:
+        """Once per model, on the model's thread right after the model loaded: set up what
+        every request's drafter shares (``model`` is what the backend's ``load`` returned).
+        Raise ValueError when it cannot serve this model (a draft model whose vocabulary
+        differs, say): the model's load fails with a ConfigError naming it."""
+
+    @hookspec(firstresult=True)
+    def drafter_free(self, state: Any) -> None:
+        """Once, on the model's thread before the model is freed: release ``state``."""

@@ -12,6 +12,7 @@ from typing import Any
 
 import pluggy
 
+from ..backends.types import LoadedModel
 from ..config import SpeculativeConfig
 from ..errors import ConfigError
 from ..plugins import EntryPointRegistry
@@ -38,11 +39,27 @@ class DrafterPlugin:
                 [("speculative.drafter", f"plugin {name!r} does not implement 'drafter_new'")]
             )
 
-    def new(self, config: SpeculativeConfig) -> Drafter:
+    def load(self, config: SpeculativeConfig, model: LoadedModel) -> Any:
+        """The plugin's per-model state (None when it keeps none). ConfigError when it
+        cannot serve the model."""
+        hook = self._pm.hook.drafter_load
+        if not hook.get_hookimpls():
+            return None
+        try:
+            return hook(config=config, model=model)
+        except (ValueError, TypeError, OSError) as exc:
+            raise ConfigError([("speculative", f"drafter {self.name!r}: {exc}")]) from exc
+
+    def free(self, state: Any) -> None:
+        hook = self._pm.hook.drafter_free
+        if state is not None and hook.get_hookimpls():
+            hook(state=state)
+
+    def new(self, config: SpeculativeConfig, state: Any = None) -> Drafter:
         """A drafter for one request. ConfigError when the plugin refuses the settings or
         returns something without a ``draft`` method."""
         try:
-            drafter = self._pm.hook.drafter_new(config=config)
+            drafter = self._pm.hook.drafter_new(config=config, state=state)
         except (ValueError, TypeError) as exc:
             raise ConfigError([("speculative", f"drafter {self.name!r}: {exc}")]) from exc
         if not callable(getattr(drafter, "draft", None)):
