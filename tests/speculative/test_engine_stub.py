@@ -9,6 +9,7 @@ drafts are always wrong (none accepted).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -294,3 +295,52 @@ async def test_draft_tokens_asks_the_models_drafter(engine: erllama.Engine) -> N
             await engine.draft_tokens(mid, bad_context, bad_n)
     with pytest.raises(erllama.InvalidRequest, match="draft"):
         await engine.verify(bare, PROMPT, [])
+
+
+async def test_tool_call_spans_come_out_the_same_with_drafts(
+    engine: erllama.Engine, oracle: Oracle
+) -> None:
+    script = 'kabo <tool_call> {"name":"wéather"} </tool_call> rite'
+    markers = erllama.ToolCallMarkers(start="<tool_call>", end="</tool_call>")
+    plain_config = attrs.evolve(stub_config(script=script), tool_call_markers=markers)
+    mid = await engine.load_model(None, plain_config)
+    reference = await engine.complete(mid, PROMPT, max_tokens=100)
+    await engine.unload_model(mid)
+    assert reference.tool_calls  # the script's call is a call
+    oracle.answers[tuple(PROMPT)] = reference.token_ids
+    config = attrs.evolve(
+        plain_config, speculative=erllama.SpeculativeConfig(drafter="oracle", draft_max=8)
+    )
+    mid = await engine.load_model("spec", config)
+    done = await engine.complete(mid, PROMPT, max_tokens=100)
+    assert (done.text, done.tool_calls, done.token_ids) == (
+        reference.text,
+        reference.tool_calls,
+        reference.token_ids,
+    )
+    assert done.stats.draft_accepted > 0
+
+
+async def test_a_request_cancelled_between_drafting_steps_ends_at_once(
+    engine: erllama.Engine, oracle: Oracle
+) -> None:
+    reference = await plain(engine, PROMPT, max_tokens=200)
+    oracle.answers[tuple(PROMPT)] = reference.token_ids
+    control = StubControl(permits=threading.Semaphore(0))
+    mid = await engine.load_model("spec", speculative("oracle", draft_max=4, control=control))
+    stream = await engine.infer(mid, PROMPT, max_tokens=200)
+    control.permits.release(3)  # the prefill and two drafting steps
+    got: list[int] = []
+    async with stream:
+        async for ev in stream:
+            if isinstance(ev, erllama.Token):
+                got.append(ev.token_id)
+            if len(got) >= 2:
+                break  # leaving the stream cancels the request
+    control.open()
+    # Nothing more ran for it: what it streamed is the plain answer's beginning, and the
+    # model answers the next request as plainly as ever.
+    assert tuple(got) == reference.token_ids[: len(got)]
+    assert control.steps <= 4
+    again = await engine.complete(mid, PROMPT, max_tokens=20)
+    assert again.token_ids == reference.token_ids[:20]
