@@ -93,7 +93,7 @@ def test_drafts_grow_with_acceptance() -> None:
         control.update(n, n)
     assert control.size() > first
     assert control.p > 0.9
-    assert (control.drafted, control.accepted) == (control.drafted, control.drafted)
+    assert control.accepted == control.drafted > 0
 
 
 def test_failing_drafts_pause_drafting_longer_each_time() -> None:

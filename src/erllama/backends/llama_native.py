@@ -560,15 +560,9 @@ class LlamaModel:
             accepted.append(tok)
             if tok in self.eog:
                 break
-        kept = 1 + len(accepted)
-        if kept < 1 + len(draft):
-            end = self.pos[seq]
-            start = end - (1 + len(draft)) + kept
-            if not L.llama_memory_seq_rm(self.mem, seq, start, -1):
-                raise RuntimeError(
-                    f"llama.cpp could not remove cells [{start}, {end}) of seq {seq}"
-                )
-            self.pos[seq] = start
+        if len(accepted) < len(draft):
+            self.seq_rm(seq, self.pos[seq] - len(draft) + len(accepted), None)
+        # (seq_rm forgets the sequence's logits; the forward pass left them in this row.)
         self.logits_row[seq] = first + len(accepted)
         return attrs.evolve(sampled, accepted=tuple(accepted), drafted=len(draft))
 

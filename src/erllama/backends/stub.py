@@ -160,9 +160,6 @@ class StubControl:
     use_after_free: int = 0
     #: The model this control drives (set when it loads).
     model: StubModel | None = None
-    #: Speculative decoding: draft tokens verified, and accepted.
-    drafted: int = 0
-    accepted: int = 0
 
     def open(self) -> None:
         """Let every step run from now on, whatever gates and permits were set (a test that
@@ -370,6 +367,12 @@ def _script_for(model: StubModel, seq: _Seq) -> tuple[int, ...]:
     return model.script
 
 
+def _script_next(model: StubModel, seq: _Seq) -> int:
+    """The scripted token at the sequence's place in its script (EOS past its end)."""
+    script = _script_for(model, seq)
+    return script[seq.script_pos] if seq.script_pos < len(script) else EOS
+
+
 @hookimpl
 def tokenize(model: StubModel, text: str, add_special: bool, parse_special: bool) -> list[int]:
     model.native_call()
@@ -539,10 +542,8 @@ def _step(
             sampler = op.sampler if isinstance(op.sampler, _Sampler) else None
             try:
                 if model.script is not None:
-                    pos = seq.script_pos
-                    script = _script_for(model, seq)
-                    tok = script[pos] if pos < len(script) else EOS
-                    seq.script_pos = pos + 1
+                    tok = _script_next(model, seq)
+                    seq.script_pos += 1
                 else:
                     tok = _next_token(model, seq, sampler, greedy=op.greedy)
             except (ArithmeticError, ValueError) as exc:
@@ -587,8 +588,7 @@ def _verify(
         if len(seq.tokens) >= model.n_ctx:
             break
         if model.script is not None:
-            script = _script_for(model, seq)
-            tok = script[seq.script_pos] if seq.script_pos < len(script) else EOS
+            tok = _script_next(model, seq)
         else:
             tok = _next_token(model, seq, sampler, greedy=True)
         if tok != want:
@@ -601,8 +601,6 @@ def _verify(
         accepted.append(tok)
         if tok == EOS:
             break
-    model.control.drafted += len(draft)
-    model.control.accepted += len(accepted)
     return attrs.evolve(sampled, accepted=tuple(accepted), drafted=len(draft))
 
 

@@ -169,10 +169,13 @@ def check_opt_flag(value: object, param: str) -> bool | None:
 
 
 def check_draft_max(value: object) -> int | None:
-    if value is None:
-        return None
+    return None if value is None else check_draft_len(value, "draft_max")
+
+
+def check_draft_len(value: object, param: str) -> int:
+    """A draft length: an integer in [0, MAX_DRAFT]."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_DRAFT:
-        raise InvalidRequest("draft_max", f"must be an integer in [0, {MAX_DRAFT}], got {value!r}")
+        raise InvalidRequest(param, f"must be an integer in [0, {MAX_DRAFT}], got {value!r}")
     return value
 
 

@@ -42,7 +42,7 @@ from ..cache.key import Namespace, quant_byte, salted
 from ..cache.port import CachePort, NullCache, Restore
 from ..cache.records import RecordStore
 from ..cluster.prefixes import PrefixSummary
-from ..config import MAX_DRAFT, CachePolicy, ModelConfig
+from ..config import CachePolicy, ModelConfig
 from ..errors import ConfigError, InvalidRequest, ModelNotFound, NotSupported, UnloadTimeout
 from ..events import (
     CachedPrefix,
@@ -723,8 +723,7 @@ class ModelWorker:
         ids = intake.check_token_ids(context, facts.loaded.n_vocab, "context")
         if not ids:
             raise InvalidRequest("context", "is empty")
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_DRAFT:
-            raise InvalidRequest("n", f"must be an integer in [0, {MAX_DRAFT}], got {n!r}")
+        intake.check_draft_len(n, "n")
         if self._thread.drafter_state is not None:
             # A drafter with per-model state (a draft model) runs on the model's thread only.
             raise NotSupported(self.backend.name, f"draft_tokens with drafter {spec.drafter!r}")

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import attrs
 
-from .cost import PassCost
+from .cost import DEFAULT_SLOPE, PassCost
 from .hookspecs import Drafter
 
 __all__ = ["DraftControl"]
@@ -74,7 +74,7 @@ class DraftControl:
         return k
 
     def _slope(self) -> float:
-        return self.cost.slope if self.cost is not None else PassCost().slope
+        return self.cost.slope if self.cost is not None else DEFAULT_SLOPE
 
     def propose(self, n: int) -> Callable[[int], Sequence[int]]:
         """What the backend calls with the sampled token: a draft of at most ``n``."""

@@ -26,6 +26,7 @@ from typing import Any
 import attrs
 
 from ..backends.types import Decode, LoadedModel, Prefill, Sampled
+from ..cache.key import common_prefix_tokens, encode_tokens
 from ..config import ModelConfig, SpeculativeConfig
 from .hookspecs import hookimpl
 
@@ -65,11 +66,7 @@ class DraftModel:
         self._clock += 1
         slot.used = self._clock
         have = slot.tokens
-        common = 0
-        for a, b in zip(have, tokens, strict=False):
-            if a != b:
-                break
-            common += 1
+        common = common_prefix_tokens(encode_tokens(have), encode_tokens(tokens))
         if common == len(tokens):
             common -= 1  # feed the last token again: its logits are what drafting needs
         if common < len(have):
