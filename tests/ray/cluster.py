@@ -164,9 +164,10 @@ def expected_in(handle: Any, request: GenerateRequest, holder: str) -> float | N
 def wait_until(predicate: Callable[[], bool], within: float = 60.0, what: str = "it") -> None:
     """Poll ``predicate`` (a fact another process makes true) for at most ``within`` s.
 
-    The bound is a hang guard, not a timing: replicas report every few hundred ms, yet on a
-    loaded 2-core machine one routing test has been seen still waiting after 20 s (cause
-    not found; it passed in every rerun)."""
+    The bound is a hang guard, not a timing: replicas report every few hundred ms. (Routing
+    tests once waited 20 s and later 60 s here: the router kept Serve's last queue-length
+    estimate after it expired, and an idle replica whose report did not change stayed
+    "busy"; Placement._load_now explains the fix.)"""
     deadline = time.monotonic() + within
     while not predicate():
         if time.monotonic() > deadline:

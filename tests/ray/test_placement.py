@@ -345,3 +345,40 @@ def test_the_best_holder_is_the_longest_other_one() -> None:
     policy = TransferPolicy(bytes_per_token=8, prefill_tok_per_s=100.0)
     assert policy.best_holder({"me": 900, "x": 500, "y": 700}, "me", 0) == ("y", 700)
     assert policy.best_holder({"me": 900}, "me", 0) is None
+
+
+def test_a_report_newer_than_serves_estimate_says_how_loaded_a_replica_is() -> None:
+    # Serve's estimate can stay wrong high for its whole life: a replica answering a send
+    # counts a request that has just ended. The holder's report (taken after it saved the
+    # prompt's rows, so after the request ended) says it is idle.
+    now = [0.0]
+    p = Placement(COST, clock=lambda: now[0])
+    for replica in REPLICAS:
+        p.report(replica, report(), capacity=4)
+    busy: dict[str, int | None] = {"a": 0, "b": 0, "c": 1}
+    p.serve_estimate_changed("c")
+    now[0] = 1.0
+    p.report("c", report(PROMPT), capacity=4)
+    assert first(p, req(), busy) == "c"
+    # The other way round, Serve's estimate is the newer, and counts.
+    now[0] = 2.0
+    p.serve_estimate_changed("c")
+    assert first(p, req(), busy) != "c"
+
+
+def test_once_serves_estimate_has_expired_the_report_counts_again() -> None:
+    p = placement(c=report(PROMPT))
+    assert first(p, req(), {"a": 0, "b": 0, "c": 1}) != "c"
+    # The estimate expired (None); c's report, unchanged, says it is idle.
+    assert first(p, req(), {"a": 0, "b": 0, "c": None}) == "c"
+
+
+def test_without_an_estimate_what_the_router_sent_and_has_not_seen_end_counts() -> None:
+    p = placement(c=report(PROMPT))
+    unknown: dict[str, int | None] = dict.fromkeys(REPLICAS)
+    for i in range(2):
+        p.sent("c", req(list(range(50_000 + 100 * i, 50_000 + 100 * i + 10))), f"r{i}")
+    assert first(p, req(), unknown) != "c"  # two requests queued there: 10 s
+    p.completed("c", "r0")
+    p.completed("c", "r1")
+    assert first(p, req(), unknown) == "c"

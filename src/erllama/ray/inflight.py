@@ -49,6 +49,10 @@ class InFlight:
         remaining = max(0.0, sum(w.seconds for w in work.values()) - (now - oldest))
         return remaining + max(0, load - len(work)) * self.request_s
 
+    def count(self, replica: str) -> int:
+        """Requests sent to ``replica`` and not yet seen complete."""
+        return len(self._work.get(replica, ()))
+
     def track(self, replica: str, request_id: str, seconds: float) -> None:
         """``request_id`` went to ``replica`` now and should take ``seconds`` there."""
         now = self._clock()

@@ -117,6 +117,11 @@ class Placement:
         self._reports: dict[str, Mapping[str, Any]] = {}
         self._capacity: dict[str, int] = {}
         self._load: dict[str, int] = {}
+        #: When each replica's report last changed, and when Serve's queue-length estimate
+        #: for it last changed (:meth:`serve_estimate_changed`): the newer of the two says
+        #: how loaded it is (see :meth:`_load_now`).
+        self._reported_at: dict[str, float] = {}
+        self._serve_at: dict[str, float] = {}
         #: Per model, per replica: the sessions it last reported.
         self._sessions: dict[str, dict[str, frozenset[str]]] = {}
         #: (model, session) -> the replica the router last sent it to.
@@ -144,6 +149,7 @@ class Placement:
         if stats is None or self._reports.get(replica) == stats:
             return
         self._reports[replica] = stats
+        self._reported_at[replica] = self._clock()
         load = stats.get("load")
         if isinstance(load, int):
             self._load[replica] = load
@@ -188,6 +194,8 @@ class Placement:
             self._credits.pop(gone, None)
             self._reports.pop(gone, None)
             self._load.pop(gone, None)
+            self._reported_at.pop(gone, None)
+            self._serve_at.pop(gone, None)
             for router in self._routers.values():
                 router.remove(gone)
             for by_replica in self._sessions.values():
@@ -216,9 +224,7 @@ class Placement:
             if not choice.counted:
                 unconfirmed[choice.replica] = unconfirmed.get(choice.replica, 0) + 1
         for replica in candidates:
-            load = loads.get(replica)
-            if load is not None:  # Serve counts requests once it sends them
-                load += unconfirmed.get(replica, 0)
+            load = self._load_now(replica, loads.get(replica), unconfirmed.get(replica, 0))
             router.update(replica, capacity=self._capacity.get(replica, 1), load=load)
         session = request.session_id
         if session is not None:
@@ -237,6 +243,31 @@ class Placement:
         if rest:
             groups.append(rest)
         return groups
+
+    def serve_estimate_changed(self, replica: str) -> None:
+        """Serve's queue-length estimate for ``replica`` changed now (a send, a reply from
+        the replica, a completion)."""
+        self._serve_at[replica] = self._clock()
+
+    def _load_now(self, replica: str, serve: int | None, unconfirmed: int) -> int:
+        """The requests to count on ``replica`` now.
+
+        Serve's estimate (``serve``, plus the choices it has not counted yet) when it is
+        newer than the replica's last changed report; otherwise the report, or the requests
+        this router sent there and has not seen complete if more. Serve's estimate can be
+        wrong high for its whole life (10 s): a replica answering a send or a probe counts
+        a request that has just ended, and nothing corrects it until a later exchange with
+        that replica, so an idle holder of a conversation looked busy and its next turn
+        went elsewhere. Once the estimate has expired (None) the report stands: keeping
+        the last estimate instead kept an idle replica "busy" until its report changed,
+        which for an idle replica may be never (a CI run waited 60 s for it)."""
+        own = max(self._load.get(replica, 0), self._inflight.count(replica))
+        if serve is None:
+            return own
+        serve_at = self._serve_at.get(replica)
+        if serve_at is not None and serve_at < self._reported_at.get(replica, serve_at):
+            return own
+        return serve + unconfirmed  # Serve counts requests once it sends them
 
     def _rescore(
         self,

@@ -125,8 +125,25 @@ class CacheAwareRouter(RequestRouter):
         super().on_send_request(replica_id)
         try:
             self._placement.counted_by_serve(replica_id.unique_id)
+            self._placement.serve_estimate_changed(replica_id.unique_id)
         except Exception:
             log.exception("erllama router: could not record a sent request")
+
+    # Serve's queue-length estimate changes through these two as well: Placement weighs it
+    # against the replicas' reports by which is newer (Placement._load_now).
+    def on_new_queue_len_info(self, replica_id: ReplicaID, num_ongoing_requests: int) -> None:
+        super().on_new_queue_len_info(replica_id, num_ongoing_requests)
+        self._estimate_changed(replica_id)
+
+    def decrement_queue_len_cache(self, replica_id: ReplicaID) -> None:
+        super().decrement_queue_len_cache(replica_id)
+        self._estimate_changed(replica_id)
+
+    def _estimate_changed(self, replica_id: ReplicaID) -> None:
+        try:
+            self._placement.serve_estimate_changed(replica_id.unique_id)
+        except Exception:
+            log.exception("erllama router: could not record a queue-length change")
 
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any
