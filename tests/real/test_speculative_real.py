@@ -1,4 +1,5 @@
-"""Speculative decoding on SmolLM2 (issue 21): greedy tokens equal plain decoding, always.
+"""Speculative decoding on SmolLM2 (issue 21): greedy tokens equal plain decoding, always,
+and drawn tokens equal a plain loop drawing with the same seed.
 
 The reference is a plain llama-cpp-python loop written here: its own model, context, batch
 and greedy sampler, flash attention on and one decode thread (what ``ModelConfig.speculative``
@@ -11,8 +12,10 @@ chat, where it has little.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import anyio
 import attrs
@@ -58,11 +61,36 @@ EDITS.append(f"Copy this log exactly, changing nothing:\n\n{LOG}")
 CHAT = ["Tell me a short story about a lighthouse keeper.", "What makes bread rise?"]
 
 
+#: A request that draws, and the same chain built by hand for the plain loop.
+DRAWN = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+
+
+def drawing_chain(seed: int) -> Any:
+    chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+    L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(40))
+    L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(0.95, 1))
+    L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(0.05, 1))
+    L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(0.8))
+    L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
+    return chain
+
+
 def plain_greedy(
     model_path: Path, prompt: Sequence[int], max_tokens: int, n_threads: int
 ) -> list[int]:
-    """Greedy tokens of a plain llama.cpp loop, up to an end-of-generation token (not
-    included: erllama never reports one)."""
+    return plain_loop(model_path, prompt, max_tokens, n_threads, L.llama_sampler_init_greedy)
+
+
+def plain_loop(
+    model_path: Path,
+    prompt: Sequence[int],
+    max_tokens: int,
+    n_threads: int,
+    new_sampler: Callable[[], Any],
+) -> list[int]:
+    """Tokens of a plain llama.cpp loop sampling with ``new_sampler()``, one token per
+    ``llama_decode``, up to an end-of-generation token (not included: erllama never
+    reports one)."""
     ensure_backend()
     model = ctx = sampler = None
     batch = None
@@ -82,7 +110,7 @@ def plain_greedy(
         assert ctx
         vocab = L.llama_model_get_vocab(model)
         batch = L.llama_batch_init(256, 0, 1)
-        sampler = L.llama_sampler_init_greedy()
+        sampler = new_sampler()
 
         def decode(tokens: Sequence[int], pos: int) -> None:
             batch.n_tokens = len(tokens)
@@ -147,6 +175,32 @@ async def test_greedy_tokens_equal_a_plain_llama_cpp_loop(
             accepted[text] = done.stats.draft_accepted
     # The edits copy their input: most of each answer comes from accepted drafts.
     assert sum(accepted[t] for t in EDITS) >= N_TOKENS, accepted
+
+
+async def test_drawn_tokens_equal_a_plain_loop_drawing_with_the_same_seed(
+    smol_path: Path, spec_config: erllama.ModelConfig
+) -> None:
+    # Each place is drawn once, in order, from the same logits and random stream as the
+    # plain loop draws it: a drafted token is kept where the draw matches it, and the
+    # draw that does not match is the next token. So a seed gives the plain loop's tokens.
+    texts = [EDITS[0], EDITS[3], CHAT[0]]
+    async with erllama.open_engine(OFF) as engine:
+        mid = await engine.load_model("smol", spec_config)
+        prompts = await prompts_for(engine, mid, texts)
+        runs = []
+        for seed in (3, 11):
+            for prompt in prompts:
+                done = await engine.complete(mid, prompt, max_tokens=48, seed=seed, **DRAWN)
+                runs.append((seed, prompt, done))
+    for seed, prompt, done in runs:
+        reference = await anyio.to_thread.run_sync(
+            plain_loop, smol_path, prompt, 48, 2, partial(drawing_chain, seed)
+        )
+        assert done.token_ids == tuple(reference), (seed, done.text)
+    stats = [done.stats for _, _, done in runs]
+    assert sum(s.draft_accepted for s in stats) > 0
+    # Some drafts were rejected by a draw, and their draws became the next tokens.
+    assert any(s.draft_accepted < s.draft_tokens for s in stats)
 
 
 async def test_sequences_speculating_together_equal_the_plain_loop(

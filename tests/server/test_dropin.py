@@ -465,7 +465,7 @@ async def test_speculative_fields_reach_the_engine_and_its_counts_come_back(
                 await http.post("/v1/chat/completions", json={**body, "speculative.n_max": 0})
             ).json()
             refused = await http.post(
-                "/v1/chat/completions", json={**body, "temperature": 0.7, "speculative": True}
+                "/v1/chat/completions", json={**body, "logprobs": True, "speculative": True}
             )
             bad = await http.post("/v1/chat/completions", json={**body, "speculative.n_max": 63})
             metrics = (await http.get("/metrics")).text
@@ -489,7 +489,7 @@ async def test_speculative_fields_reach_the_engine_and_its_counts_come_back(
     )
     assert refused.status_code == 400
     assert refused.json()["error"]["param"] == "speculative"
-    assert "greedy" in refused.json()["error"]["message"]
+    assert "logprobs" in refused.json()["error"]["message"]
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "speculative.n_max"
     line = next(
         x

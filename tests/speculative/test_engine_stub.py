@@ -195,17 +195,38 @@ async def test_sequences_batched_together_each_equal_plain_decoding(
         assert 0 < results[i].stats.draft_accepted < results[i].stats.draft_tokens
 
 
-async def test_sampled_requests_and_opting_out_decode_plainly(engine: erllama.Engine) -> None:
+async def test_requests_that_draw_speculate_and_keep_the_plain_draws(
+    engine: erllama.Engine, oracle: Oracle
+) -> None:
+    # Drafts right for a while, then wrong: each seed's answer is the plain decode's.
+    drawn = {"temperature": 0.8, "top_k": 40}
+    prompts = [[1, *range(400 + 7 * i, 440 + 7 * i)] for i in range(12)]
+    references = []
+    for seed, p in enumerate(prompts):
+        r = await plain(engine, p, max_tokens=30, seed=seed, **drawn)
+        references.append(r)
+        oracle.answers[tuple(p)] = (*r.token_ids[: 5 + seed], *range(900, 930))
+    mid = await engine.load_model("spec", speculative("oracle", draft_max=4))
+    accepted = drafted = 0
+    for seed, (p, r) in enumerate(zip(prompts, references, strict=True)):
+        done = await engine.complete(mid, p, max_tokens=30, seed=seed, **drawn)
+        assert done.token_ids == r.token_ids, seed
+        assert done.context_tokens == r.context_tokens
+        accepted += done.stats.draft_accepted
+        drafted += done.stats.draft_tokens
+    assert 0 < accepted < drafted
+    # A greedy request's draft differs from the draw's: the same oracle's drafts for the
+    # drawn answers are rejected when the request decodes greedily.
+    greedy = await engine.complete(mid, prompts[0], max_tokens=30)
+    assert greedy.token_ids == (await plain(engine, prompts[0], max_tokens=30)).token_ids
+
+
+async def test_opting_out_decodes_plainly(engine: erllama.Engine) -> None:
     mid = await engine.load_model("spec", speculative("liar"))
-    sampled = await engine.complete(mid, PROMPT, max_tokens=20, temperature=0.8, seed=7)
     off = await engine.complete(mid, PROMPT, max_tokens=20, speculative=False)
     no_draft = await engine.complete(mid, PROMPT, max_tokens=20, draft_max=0)
-    for done in (sampled, off, no_draft):
+    for done in (off, no_draft):
         assert (done.stats.draft_tokens, done.stats.draft_accepted) == (0, 0)
-    assert (
-        sampled.token_ids
-        == (await plain(engine, PROMPT, max_tokens=20, temperature=0.8, seed=7)).token_ids
-    )
     assert (
         off.token_ids
         == no_draft.token_ids
@@ -218,8 +239,10 @@ async def test_what_cannot_speculate_is_refused_by_name(engine: erllama.Engine) 
     bare = await engine.load_model("bare", stub_config())
     with pytest.raises(erllama.InvalidRequest, match=r"speculative.*ModelConfig.speculative"):
         await engine.complete(bare, PROMPT, max_tokens=4, speculative=True)
-    with pytest.raises(erllama.InvalidRequest, match=r"speculative.*greedy"):
-        await engine.complete(spec, PROMPT, max_tokens=4, speculative=True, temperature=0.5)
+    with pytest.raises(erllama.InvalidRequest, match=r"speculative.*thinking budget"):
+        await engine.complete(
+            spec, PROMPT, max_tokens=4, speculative=True, thinking_budget_tokens=4
+        )
     with pytest.raises(erllama.InvalidRequest, match=r"speculative.*logprobs"):
         await engine.complete(spec, PROMPT, max_tokens=4, speculative=True, logprobs=1)
     for bad in (-1, 63, 1.5, True):

@@ -306,6 +306,10 @@ class LlamaModel:
         #: Logits copied out of the context for a sequence whose last call was not the
         #: step's last (see ``step``); sampled from once, then dropped.
         self._saved: dict[int, np.ndarray[Any, Any]] = {}
+        #: Per sequence: the token a verify drew where the draft did not match, with the
+        #: sampler that drew it (already accounted there). It is the sequence's next token:
+        #: drawing that place again would draw it twice, which changes the distribution.
+        self._pending: dict[int, tuple[Sampler, int]] = {}
         self.greedy = L.llama_sampler_init_greedy()
         self.embedding_n_ctx = int(options.get("embedding_n_ctx", min(config.n_ctx, 2048)))
         self.pooling = options.get("pooling", "mean")
@@ -515,6 +519,7 @@ class LlamaModel:
         chunks = [op for op in ops if isinstance(op, Prefill)]
         for op in chunks:
             self._check_tokens(op.tokens, "prompt")
+            self._pending.pop(op.seq, None)  # a new prompt: an old draw is not its token
         for i, op in enumerate(chunks):
             self._decode([(op.seq, op.tokens, 1 if op.logits else 0)])
             results.append(Prefilled(seq=op.seq, n_tokens=len(op.tokens)))
@@ -541,21 +546,45 @@ class LlamaModel:
             draft.append(t)
         return draft
 
-    def _verify(self, op: Decode, sampled: Sampled, draft: list[int], first: int) -> Sampled:
-        """Accept the longest prefix of ``draft`` that the request's sampler picks greedily
-        from the logits the forward pass gave each position (row ``first + j`` holds the
-        logits after the sampled token and ``j`` draft tokens); drop the rest's cells."""
+    def _verify(
+        self, op: Decode, sampled: Sampled, draft: list[int], first: int
+    ) -> Sampled | SeqFailed:
+        """Accept the longest prefix of ``draft`` that plain decoding would produce from the
+        logits the forward pass gave each place (row ``first + j`` holds the logits after
+        the sampled token and ``j`` draft tokens); drop the rest's cells.
+
+        Greedy requests: a token is accepted where it is the greedy choice. A request that
+        draws draws each place once, as plain decoding would (the same chain, from the
+        same logits, in order): a matching draw accepts the drafted token, and the first
+        draw that does not match is the next token (``_pending``). That is speculative
+        sampling's rejection rule for a draft given as tokens: the drafted token is kept
+        with its probability under the request's sampler, and otherwise the next token
+        follows that distribution without it."""
         seq = op.seq
         sampler = op.sampler if isinstance(op.sampler, Sampler) else None
+        draws = sampler is not None and sampler.greedy_ptr is not None and op.logprobs is None
         accepted: list[int] = []
+        drawn: int | None = None
         for j, want in enumerate(draft):
             if sampler is None:
                 tok = int(L.llama_sampler_sample(self.greedy, self.ctx, first + j))
+            elif draws:
+                t0 = time.perf_counter()
+                tok = sampler.sample(self.ctx, first + j, op.greedy)  # accounted
+                took = time.perf_counter() - t0
+                if took > self.grammar_step_limit_s and sampler.has_grammar:
+                    # As in _sample, the request fails (a verify must not be a way round
+                    # the grammar's limit), and its KV is as before the step: the sampled
+                    # token's cell and the draft's go.
+                    self.seq_rm(seq, self.pos[seq] - 1 - len(draft), None)
+                    return self._too_costly(seq, took)
             else:
                 tok = sampler.choose(self._row_logits(first + j))
             if tok != want:
+                if draws and 0 <= tok < self.n_vocab:
+                    drawn = tok
                 break
-            if sampler is not None:
+            if sampler is not None and not draws:
                 sampler.accept(tok)
             accepted.append(tok)
             if tok in self.eog:
@@ -564,9 +593,15 @@ class LlamaModel:
             self.seq_rm(seq, self.pos[seq] - len(draft) + len(accepted), None)
         # (seq_rm forgets the sequence's logits; the forward pass left them in this row.)
         self.logits_row[seq] = first + len(accepted)
+        if drawn is not None and sampler is not None:
+            self._pending[seq] = (sampler, drawn)
         return attrs.evolve(sampled, accepted=tuple(accepted), drafted=len(draft))
 
     def _sample(self, op: Decode) -> Sampled | SeqFailed:
+        pending = self._pending.pop(op.seq, None)
+        if pending is not None and pending[0] is op.sampler and op.logprobs is None:
+            tok = pending[1]  # drawn by the last verify (see _verify)
+            return Sampled(seq=op.seq, token=tok, eog=tok in self.eog)
         saved = self._saved.pop(op.seq, None)
         row = self.logits_row.get(op.seq, -1)
         if saved is None and row < 0:
@@ -581,14 +616,7 @@ class LlamaModel:
             if took > self.grammar_step_limit_s and op.sampler.has_grammar:
                 # Sampling touched no KV: only this request fails, typed, naming its
                 # grammar (the server answers a 400).
-                return SeqFailed(
-                    seq=op.seq,
-                    error=InvalidRequest(
-                        "grammar",
-                        f"is too costly to run: one token took {took:.2f} s to sample "
-                        f"(limit {self.grammar_step_limit_s:g} s)",
-                    ),
-                )
+                return self._too_costly(op.seq, took)
         elif saved is None:
             tok = int(L.llama_sampler_sample(self.greedy, self.ctx, row))
         else:
@@ -603,6 +631,16 @@ class LlamaModel:
         logits = saved if saved is not None else self._row_logits(row)
         lp, top = _logprobs(logits, tok, op.logprobs)
         return Sampled(seq=op.seq, token=tok, eog=tok in self.eog, logprob=lp, top_logprobs=top)
+
+    def _too_costly(self, seq: int, took: float) -> SeqFailed:
+        return SeqFailed(
+            seq=seq,
+            error=InvalidRequest(
+                "grammar",
+                f"is too costly to run: one token took {took:.2f} s to sample "
+                f"(limit {self.grammar_step_limit_s:g} s)",
+            ),
+        )
 
     def _row_logits(self, row: int) -> np.ndarray[Any, Any]:
         """The logits of batch ``row`` of the last call (a view into llama.cpp's buffer)."""
@@ -696,6 +734,7 @@ class LlamaModel:
         read = int(L.llama_state_seq_set_data(self.ctx, buf, n, seq))
         self.logits_row[seq] = -1
         self._saved.pop(seq, None)
+        self._pending.pop(seq, None)
         if read == 0:
             L.llama_memory_seq_rm(self.mem, seq, 0, -1)
             self.pos[seq] = 0
@@ -708,6 +747,7 @@ class LlamaModel:
             raise RuntimeError(f"llama.cpp could not remove cells [{start}, {end}) of seq {seq}")
         self.logits_row[seq] = -1
         self._saved.pop(seq, None)
+        self._pending.pop(seq, None)
         self.pos[seq] = int(L.llama_memory_seq_pos_max(self.mem, seq)) + 1
 
     # ---- embeddings and adapters ------------------------------------------------------------

@@ -567,7 +567,7 @@ def _step(
                 )
             seq.append(tok)
             if op.draft is not None and tok != EOS:
-                result = _verify(model, seq, sampler, op.draft(tok), result)
+                result = _verify(model, seq, sampler, op.draft(tok), result, op.greedy)
             results.append(result)
         else:
             raise TypeError(f"unknown op {op!r}")
@@ -580,9 +580,12 @@ def _verify(
     sampler: _Sampler | None,
     draft: Sequence[int],
     sampled: Sampled,
+    greedy: bool,
 ) -> Sampled:
-    """Accept the draft's tokens while each is what the stub would decode greedily next
-    (the stub computes every token on its own, so this is exactly plain decoding)."""
+    """Accept the draft's tokens while each is what the stub would decode next, greedily
+    or by the request's draw (``greedy``: the step's mode). The stub's draw is a function
+    of the context and the seed, so the first token that does not match is what the next
+    step decodes anyway: exactly plain decoding."""
     accepted: list[int] = []
     for want in draft:
         if len(seq.tokens) >= model.n_ctx:
@@ -590,7 +593,7 @@ def _verify(
         if model.script is not None:
             tok = _script_next(model, seq)
         else:
-            tok = _next_token(model, seq, sampler, greedy=True)
+            tok = _next_token(model, seq, sampler, greedy=greedy)
         if tok != want:
             break
         if model.script is not None:

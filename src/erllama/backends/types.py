@@ -94,15 +94,19 @@ class Decode:
     #: (log-softmax of the raw logits, before the sampler's changes) and this many most
     #: likely alternatives; None: nothing (backends with the ``logprobs`` feature only).
     logprobs: int | None = None
-    #: Speculative decoding (backends with the ``speculative`` feature only; the engine
-    #: sets it only on greedy requests). After sampling the token, call ``draft(token)``:
-    #: it proposes tokens to follow it. Decode the sampled token and the draft in one
-    #: forward pass with logits on every row, then accept the longest prefix of the draft
-    #: that the sampler would have chosen greedily, position by position, accounting each
-    #: accepted token in the sampler as if sampled, and stopping after an end-of-generation
-    #: token. Remove the rejected tokens' cells: the sequence's latest logits are those
-    #: after the last accepted token. ``Sampled.accepted`` and ``Sampled.drafted`` report
-    #: it. An empty draft makes this a plain decode.
+    #: Speculative decoding (backends with the ``speculative`` feature only; not with
+    #: ``logprobs``). After sampling the token, call ``draft(token)``: it proposes tokens
+    #: to follow it. Decode the sampled token and the draft in one forward pass with logits
+    #: on every row, then keep the longest prefix of the draft that plain decoding would
+    #: have produced, place by place, in this op's mode (``greedy``, or the sampler's draw:
+    #: the engine cuts drafts where the mode would change): a greedy choice equal to the
+    #: drafted token keeps it; a sampler that draws draws once per place, a draw equal to
+    #: the drafted token keeps it, and the first draw that differs is the sequence's next
+    #: token (the next Decode returns it without drawing again, unless the sequence is fed
+    #: or cut first). Account each kept token in the sampler as if sampled, and stop after
+    #: an end-of-generation token. Remove the rejected tokens' cells: the sequence's latest
+    #: logits are those after the last kept token. ``Sampled.accepted`` and
+    #: ``Sampled.drafted`` report it. An empty draft makes this a plain decode.
     draft: Callable[[int], Sequence[int]] | None = None
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import hmac
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from ..events import (
     Event,
@@ -115,6 +115,23 @@ class Output:
         """Inside a tool call's syntax (not its payload): sample greedily, so the call's
         bytes are deterministic from a given prefix and replay to the same tokens."""
         return self._spans is not None and self._spans.span == "tool"
+
+    def steady(self, greedy: bool, draft: Sequence[int]) -> int:
+        """How many leading tokens of ``draft`` (tokens that would follow those fed so
+        far) plain decoding would choose in the mode ``greedy``: each token's mode is
+        :attr:`greedy` after the tokens before it. A draft is verified in one mode, so it
+        is cut where a tool call's syntax starts or ends."""
+        if self._spans is None:
+            return len(draft)
+        if self.greedy != greedy:
+            return 0
+        ahead = self._spans.fork()
+        for n, token in enumerate(draft[:-1], 1):
+            for _ in ahead.feed(self._pieces(token)):
+                pass
+            if (ahead.span == "tool") != greedy:
+                return n
+        return len(draft)
 
     def token(
         self,

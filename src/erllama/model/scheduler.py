@@ -77,8 +77,9 @@ class DraftSource(Protocol):
         """Tokens to draft this step (0: none); called once per step."""
         ...
 
-    def propose(self, n: int) -> Callable[[int], Sequence[int]]:
-        """The ``Decode.draft`` of a draft of at most ``n`` tokens."""
+    def propose(self, n: int, greedy: bool) -> Callable[[int], Sequence[int]]:
+        """The ``Decode.draft`` of a draft of at most ``n`` tokens, verified with the
+        request's greedy chain (``greedy``) or its draw."""
         ...
 
     def update(self, drafted: int, accepted: int) -> None:
@@ -533,7 +534,11 @@ class Scheduler(Generic[R, B]):
                         sampler=job.sampler,
                         greedy=job.greedy,
                         logprobs=job.logprobs,
-                        draft=job.draft.propose(n) if n > 0 and job.draft is not None else None,
+                        draft=(
+                            job.draft.propose(n, job.greedy)
+                            if n > 0 and job.draft is not None
+                            else None
+                        ),
                     )
                 )
             # Shortest remaining first: a short prompt that arrives while a long one prefills

@@ -86,6 +86,12 @@ class SpanTracker:
             return out
         return [(m.payload_end, "tool")]
 
+    def fork(self) -> SpanTracker:
+        """A copy that can be fed ahead (a draft's tokens) without moving this one."""
+        twin = SpanTracker(self._markers, thinking=self._thinking, start=self.span)
+        twin._pending += self._pending
+        return twin
+
     def feed(self, data: bytes) -> Iterator[Item]:
         """Account one token's text; yields what it released, in order."""
         pending = self._pending

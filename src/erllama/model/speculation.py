@@ -2,10 +2,13 @@
 
 A request speculates when its model was loaded with ``ModelConfig.speculative`` and the
 backend verifies drafts (the ``speculative`` feature), unless it says ``speculative=False``.
-Only greedy requests speculate: a draft is accepted where it equals the greedy choice, which
-keeps the answer the plain decode's token for token. Requests that ask for log-probabilities
-or set a thinking budget decode plainly too (each of their tokens may change what the next
-step feeds). Asking for speculation (``speculative=True``) where it cannot apply is an
+A drafted token is accepted where it is the token plain decoding would choose at its place:
+the greedy choice, or for a request that draws (temperature > 0), the request's own draw
+from that place's logits, the draw that does not match being the next token. So a greedy
+answer is the plain decode's token for token, and a drawn one follows exactly the plain
+decode's distribution (with a seed, the same tokens: each place is drawn once, in order,
+from the same random stream). Requests that ask for log-probabilities or set a thinking
+budget decode plainly (each of their tokens may change what the next step feeds). Asking for speculation (``speculative=True``) where it cannot apply is an
 InvalidRequest naming the reason, not a silent plain decode.
 """
 
@@ -16,7 +19,6 @@ from typing import Any
 from ..backends.types import LoadedModel
 from ..config import MAX_DRAFT, ModelConfig
 from ..errors import InvalidRequest
-from ..sampling import SamplerParams
 from ..speculative.control import DraftControl
 from ..speculative.cost import PassCost
 from ..speculative.hookspecs import Drafter
@@ -31,7 +33,6 @@ def draft_control(
     plugin: DrafterPlugin | None,
     loaded: LoadedModel,
     args: RequestArgs,
-    params: SamplerParams,
     *,
     prefill_only: bool,
     drafter: Drafter | None = None,
@@ -49,8 +50,6 @@ def draft_control(
         why = "the model was loaded without speculative decoding (ModelConfig.speculative)"
     elif "speculative" not in loaded.features:
         why = f"backend {config.backend!r} does not verify drafts"
-    elif params.temperature > 0:
-        why = "applies to greedy requests only (temperature 0)"
     elif args.logprobs is not None:
         why = "does not combine with logprobs"
     elif args.thinking_budget_tokens is not None:

@@ -620,7 +620,6 @@ class ModelWorker:
                 self._drafter,
                 loaded,
                 args,
-                sp,
                 prefill_only=prefill_only,
                 drafter=drafter,
                 cost=self._thread.pass_cost,
@@ -685,6 +684,10 @@ class ModelWorker:
         if draft is not None:
             kv = req.kv
             draft.context = lambda: kv.context
+            if spec.params.temperature > 0:
+                # A request that draws chooses its tool calls' syntax greedily: a draft
+                # must not run across where that starts or ends (Output.steady).
+                draft.steady = req.output.steady
         try:
             # Held: an unload that began during this intake waited for it, and then cancels
             # the request like any other in flight.

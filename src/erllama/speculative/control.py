@@ -42,6 +42,10 @@ class DraftControl:
     context: Callable[[], Sequence[int]] = tuple
     #: The model's pass cost (shared by its requests); None: the CPU default, unlearnt.
     cost: PassCost | None = None
+    #: How many leading tokens of a draft the backend would choose in one mode (greedy
+    #: or drawn: ``steady(greedy, draft)``), for a request that draws and whose tool-call
+    #: syntax is chosen greedily; bound once the request exists. None: every token.
+    steady: Callable[[bool, Sequence[int]], int] | None = None
     #: Tokens drafted and accepted over the request.
     drafted: int = 0
     accepted: int = 0
@@ -76,13 +80,19 @@ class DraftControl:
     def _slope(self) -> float:
         return self.cost.slope if self.cost is not None else DEFAULT_SLOPE
 
-    def propose(self, n: int) -> Callable[[int], Sequence[int]]:
-        """What the backend calls with the sampled token: a draft of at most ``n``."""
-        drafter, context = self.drafter, self.context
+    def propose(self, n: int, greedy: bool = True) -> Callable[[int], Sequence[int]]:
+        """What the backend calls with the sampled token: a draft of at most ``n``, to be
+        verified in the mode ``greedy`` (the step's ``Decode.greedy``)."""
+        drafter, context, steady = self.drafter, self.context, self.steady
 
         def draft(last: int) -> Sequence[int]:
             # Never more than asked: the step's batch has room for n.
-            return list(drafter.draft(context(), last, n))[:n]
+            tokens = list(drafter.draft(context(), last, n))[:n]
+            if steady is not None and tokens:
+                # The backend checks every drafted token in one mode: the draft stops
+                # where plain decoding would switch (a tool call's syntax starts or ends).
+                del tokens[steady(greedy, tokens) :]
+            return tokens
 
         return draft
 
