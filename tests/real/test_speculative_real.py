@@ -222,8 +222,9 @@ async def test_sequences_speculating_together_equal_the_plain_loop(
     assert sum(d.stats.draft_accepted for d in results) > 0
 
 
+@pytest.mark.parametrize("sampling", [{}, {**DRAWN, "seed": 9}], ids=["greedy", "drawn"])
 async def test_a_grammar_rejects_drafted_tokens_it_forbids(
-    spec_config: erllama.ModelConfig,
+    spec_config: erllama.ModelConfig, sampling: dict[str, Any]
 ) -> None:
     # Digits only: the n-gram drafter proposes words from the prompt, which the grammar
     # forbids, so the answer must be the grammar's, exactly as without speculation.
@@ -235,7 +236,7 @@ async def test_a_grammar_rejects_drafted_tokens_it_forbids(
             mid = await engine.load_model("smol", spec_config)
             (prompt,) = await prompts_for(engine, mid, [text])
             done = await engine.complete(
-                mid, prompt, max_tokens=24, grammar=grammar, speculative=speculative
+                mid, prompt, max_tokens=24, grammar=grammar, speculative=speculative, **sampling
             )
             answers.append(done)
     assert answers[0].token_ids == answers[1].token_ids

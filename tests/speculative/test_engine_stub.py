@@ -173,11 +173,14 @@ async def test_a_stop_string_inside_a_draft_ends_the_request_there(
     assert done.stats.stop_sequence == cut
 
 
+@pytest.mark.parametrize(
+    "sampling", [{}, {"temperature": 0.9, "top_k": 20, "seed": 5}], ids=["greedy", "drawn"]
+)
 async def test_sequences_batched_together_each_equal_plain_decoding(
-    engine: erllama.Engine, oracle: Oracle
+    engine: erllama.Engine, oracle: Oracle, sampling: dict[str, Any]
 ) -> None:
     prompts = [[1, *range(300 + 10 * i, 330 + 10 * i)] for i in range(4)]
-    references = [await plain(engine, p, max_tokens=30) for p in prompts]
+    references = [await plain(engine, p, max_tokens=30, **sampling) for p in prompts]
     for p, r in zip(prompts, references, strict=True):
         # Half of each answer right, then wrong: drafts are accepted in part.
         oracle.answers[tuple(p)] = (*r.token_ids[:15], *range(900, 930))
@@ -185,7 +188,7 @@ async def test_sequences_batched_together_each_equal_plain_decoding(
     results: dict[int, erllama.Completion] = {}
 
     async def one(i: int) -> None:
-        results[i] = await engine.complete(mid, prompts[i], max_tokens=30)
+        results[i] = await engine.complete(mid, prompts[i], max_tokens=30, **sampling)
 
     async with anyio.create_task_group() as tg:
         for i in range(4):
