@@ -5,6 +5,7 @@ would go without sending it)."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -78,13 +79,17 @@ def fleet(ray_serve: Any) -> Iterator[Fleet]:
         yield Fleet(handle, url)
 
 
-_starts = iter(range(5_000, 30_000, 700))
+_serial = itertools.count()
 
 
 def fresh_tokens(n: int) -> list[int]:
     """A prompt of ``n`` stub tokens (BOS, then words) that no other test's prompt shares
-    a block with."""
+    a block with: its second token is its own (block hashes chain, so every block differs).
+
+    Never runs out: tests that ask again until something happens take fresh prompts each
+    time (a fixed pool of 36 ran out in CI while one waited for a replica to wind down)."""
     from erllama.backends.stub import BOS, WORD_BASE
 
-    start = WORD_BASE + next(_starts)
-    return [BOS, *range(start, start + n - 1)]
+    k = next(_serial)
+    start = WORD_BASE + 5_000 + (k * 700) % 25_000
+    return [BOS, WORD_BASE + k, *range(start, start + n - 2)]
