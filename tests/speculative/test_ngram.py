@@ -151,7 +151,7 @@ def test_propose_reads_the_context_when_called() -> None:
 
     context = [1, 2]
     control = DraftControl(Spy(), limit=4, context=lambda: context)
-    draft = control.propose(3)
+    draft = control.propose(3, greedy=True)
     context.append(3)
     assert draft(4) == [5, 5, 5]
     assert seen == [[1, 2, 3, 4]]

@@ -571,13 +571,13 @@ class LlamaModel:
             elif draws:
                 t0 = time.perf_counter()
                 tok = sampler.sample(self.ctx, first + j, op.greedy)  # accounted
-                took = time.perf_counter() - t0
-                if took > self.grammar_step_limit_s and sampler.has_grammar:
+                failed = self._over_grammar_limit(seq, sampler, time.perf_counter() - t0)
+                if failed is not None:
                     # As in _sample, the request fails (a verify must not be a way round
                     # the grammar's limit), and its KV is as before the step: the sampled
                     # token's cell and the draft's go.
                     self.seq_rm(seq, self.pos[seq] - 1 - len(draft), None)
-                    return self._too_costly(seq, took)
+                    return failed
             else:
                 tok = sampler.choose(self._row_logits(first + j))
             if tok != want:
@@ -612,11 +612,11 @@ class LlamaModel:
                 tok = op.sampler.sample(self.ctx, row, op.greedy)
             else:
                 tok = op.sampler.sample_logits(saved, op.greedy)
-            took = time.perf_counter() - t0
-            if took > self.grammar_step_limit_s and op.sampler.has_grammar:
-                # Sampling touched no KV: only this request fails, typed, naming its
-                # grammar (the server answers a 400).
-                return self._too_costly(op.seq, took)
+            # Sampling touched no KV: only this request fails, typed, naming its grammar
+            # (the server answers a 400).
+            failed = self._over_grammar_limit(op.seq, op.sampler, time.perf_counter() - t0)
+            if failed is not None:
+                return failed
         elif saved is None:
             tok = int(L.llama_sampler_sample(self.greedy, self.ctx, row))
         else:
@@ -632,7 +632,11 @@ class LlamaModel:
         lp, top = _logprobs(logits, tok, op.logprobs)
         return Sampled(seq=op.seq, token=tok, eog=tok in self.eog, logprob=lp, top_logprobs=top)
 
-    def _too_costly(self, seq: int, took: float) -> SeqFailed:
+    def _over_grammar_limit(self, seq: int, sampler: Sampler, took: float) -> SeqFailed | None:
+        """The failure of a request whose grammar made one sampling take ``took`` s, past
+        the model's limit; None within it (or without a grammar)."""
+        if took <= self.grammar_step_limit_s or not sampler.has_grammar:
+            return None
         return SeqFailed(
             seq=seq,
             error=InvalidRequest(
@@ -732,22 +736,25 @@ class LlamaModel:
             # Point at the bytes object's own buffer: no copy of a multi-MB state.
             buf = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
         read = int(L.llama_state_seq_set_data(self.ctx, buf, n, seq))
-        self.logits_row[seq] = -1
-        self._saved.pop(seq, None)
-        self._pending.pop(seq, None)
+        self._forget_sampling(seq)
         if read == 0:
             L.llama_memory_seq_rm(self.mem, seq, 0, -1)
             self.pos[seq] = 0
             raise ValueError("llama.cpp refused the sequence state (wrong model or layout?)")
         self.pos[seq] = int(L.llama_memory_seq_pos_max(self.mem, seq)) + 1
 
+    def _forget_sampling(self, seq: int) -> None:
+        """The sequence's cells changed under it: its logits row, saved logits and pending
+        draw no longer follow from them."""
+        self.logits_row[seq] = -1
+        self._saved.pop(seq, None)
+        self._pending.pop(seq, None)
+
     def seq_rm(self, seq: int, start: int, end: int | None) -> None:
         self._check_seq(seq)
         if not L.llama_memory_seq_rm(self.mem, seq, start, -1 if end is None else end):
             raise RuntimeError(f"llama.cpp could not remove cells [{start}, {end}) of seq {seq}")
-        self.logits_row[seq] = -1
-        self._saved.pop(seq, None)
-        self._pending.pop(seq, None)
+        self._forget_sampling(seq)
         self.pos[seq] = int(L.llama_memory_seq_pos_max(self.mem, seq)) + 1
 
     # ---- embeddings and adapters ------------------------------------------------------------

@@ -8,8 +8,9 @@ from that place's logits, the draw that does not match being the next token. So 
 answer is the plain decode's token for token, and a drawn one follows exactly the plain
 decode's distribution (with a seed, the same tokens: each place is drawn once, in order,
 from the same random stream). Requests that ask for log-probabilities or set a thinking
-budget decode plainly (each of their tokens may change what the next step feeds). Asking for speculation (``speculative=True``) where it cannot apply is an
-InvalidRequest naming the reason, not a silent plain decode.
+budget decode plainly (each of their tokens may change what the next step feeds). Asking
+for speculation (``speculative=True``) where it cannot apply is an InvalidRequest naming
+the reason, not a silent plain decode.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ class DraftControl:
     def _slope(self) -> float:
         return self.cost.slope if self.cost is not None else DEFAULT_SLOPE
 
-    def propose(self, n: int, greedy: bool = True) -> Callable[[int], Sequence[int]]:
+    def propose(self, n: int, greedy: bool) -> Callable[[int], Sequence[int]]:
         """What the backend calls with the sampled token: a draft of at most ``n``, to be
         verified in the mode ``greedy`` (the step's ``Decode.greedy``)."""
         drafter, context, steady = self.drafter, self.context, self.steady
