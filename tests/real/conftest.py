@@ -3,6 +3,8 @@ scripts/setup.sh). These tests run in CI; a missing model is an error, never a s
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -43,6 +45,33 @@ async def llama_engine(no_cache: erllama.EngineConfig) -> AsyncIterator[erllama.
 @pytest.fixture
 async def smol(llama_engine: erllama.Engine, smol_config: erllama.ModelConfig) -> str:
     return await llama_engine.load_model("smol", smol_config)
+
+
+#: Run in a process of its own: llama_model_quantize's worker threads stay out of the tests'.
+_REQUANTIZE = """
+import sys, llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+params.allow_requantize = True
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params))
+"""
+
+
+@pytest.fixture(scope="session")
+def smol_q8_path(smol_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second, different GGUF: SmolLM2 requantized to Q8_0 by llama.cpp (only one model
+    ships, and nothing downloads in the tests). Other tensors, kernels and file; the same
+    tokenizer."""
+    out = tmp_path_factory.mktemp("q8") / "smollm2-q8_0.gguf"
+    done = subprocess.run(
+        [sys.executable, "-c", _REQUANTIZE, str(smol_path), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0 and out.is_file(), done.stderr[-2000:]
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -194,6 +194,38 @@ async def test_models_serve_at_once_on_the_shared_compute_thread_and_their_own(
         await llama_engine.load_model("bad", bad)
 
 
+async def test_two_different_ggufs_decode_together_as_each_does_alone(
+    no_cache: erllama.EngineConfig, smol_config: erllama.ModelConfig, smol_q8_path: Path
+) -> None:
+    # Q4_1 and Q8_0 files take turns on the one compute thread; each answers what it answers
+    # as the only model of a fresh engine.
+    configs = {"q4": smol_config, "q8": attrs.evolve(smol_config, model_path=smol_q8_path)}
+    messages = [{"role": "user", "content": "Write a long story about a dragon."}]
+
+    async def answer(engine: erllama.Engine, mid: str) -> tuple[int, ...]:
+        prompt = await engine.apply_chat_template(mid, messages)
+        return (await engine.complete(mid, prompt, max_tokens=24)).token_ids
+
+    alone: dict[str, tuple[int, ...]] = {}
+    for name, config in configs.items():
+        async with erllama.open_engine(no_cache) as engine:
+            alone[name] = await answer(engine, await engine.load_model(name, config))
+    together: dict[str, tuple[int, ...]] = {}
+    async with erllama.open_engine(no_cache) as engine:
+        for name, config in configs.items():
+            await engine.load_model(name, config)
+        assert [engine.model_info(n).quant for n in configs] == ["q4_1", "q8_0"]
+
+        async def run(name: str) -> None:
+            together[name] = await answer(engine, name)
+
+        async with anyio.create_task_group() as tg:
+            for name in configs:
+                tg.start_soon(run, name)
+    assert together == alone
+    assert all(len(ids) == 24 for ids in alone.values()), alone  # no early end: a real run
+
+
 async def test_cancel_mid_generation(llama_engine: erllama.Engine, smol: str) -> None:
     prompt = await llama_engine.apply_chat_template(
         smol, [{"role": "user", "content": "Write a very long story about a dragon."}]
