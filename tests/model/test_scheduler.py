@@ -380,6 +380,34 @@ def test_a_slice_feeds_the_cursor_from_its_start_to_the_next_grid_point(sched: S
     assert list(op.tokens) == list(range(16, 24))
 
 
+def test_padded_chunks_are_cut_from_where_feeding_starts() -> None:
+    # A backend that pads short chunks (pad_rows 8 of a 64-cell context): chunks of G from
+    # the restore point, [10, 18), [18, 26) ... not back onto the grid first.
+    sched = new_scheduler(pad_rows=8)
+    job = running(sched, prompt=30, n_context=10)
+    op = op_for(sched.schedule().ops, job)
+    assert isinstance(op, Prefill)
+    assert list(op.tokens) == list(range(10, 18))
+    step_only(sched, job)
+    op = op_for(sched.schedule().ops, job)
+    assert isinstance(op, Prefill)
+    assert list(op.tokens) == list(range(18, 26))
+
+
+def test_padded_chunks_never_straddle_the_point_where_fillers_stop_fitting() -> None:
+    # Context 64, pad_rows 8: from cell 57 on there is no room for fillers, so a chunk
+    # stops there and the next one starts there, whatever point feeding started from.
+    sched = new_scheduler(pad_rows=8)
+    job = running(sched, prompt=62, n_context=52)
+    op = op_for(sched.schedule().ops, job)
+    assert isinstance(op, Prefill)
+    assert list(op.tokens) == list(range(52, 57))
+    step_only(sched, job)
+    op = op_for(sched.schedule().ops, job)
+    assert isinstance(op, Prefill)
+    assert list(op.tokens) == list(range(57, 62))
+
+
 def test_feeding_never_goes_past_the_pause_point(sched: Sched) -> None:
     job = running(sched, prompt=30, pause_at=5)
     op = op_for(sched.schedule().ops, job)

@@ -41,6 +41,7 @@ def load(config: ModelConfig) -> LoadedModel:
         metadata=model.metadata,
         chat_template=model.chat_template,
         features=frozenset({"logprobs", "speculative"}),
+        pad_rows=model.pad_rows,
     )
 
 

@@ -60,8 +60,23 @@ FTYPES = {
 
 # Options the backend itself reads; every other key must name a llama.cpp parameter.
 OWN_OPTIONS = frozenset(
-    {"progress_callback", "embedding_n_ctx", "pooling", "grammar_step_limit_s", "compute_thread"}
+    {
+        "progress_callback",
+        "embedding_n_ctx",
+        "pooling",
+        "grammar_step_limit_s",
+        "compute_thread",
+        "pad_prefill",
+    }
 )
+#: ``options["pad_prefill"]``: a prompt chunk shorter than this is padded to it. On the CPU
+#: with flash attention, llama.cpp computes a sequence's rows with its tiled attention
+#: kernel from 64 rows of that sequence in a micro-batch, and then each row exactly as in
+#: any other such micro-batch, whatever the other rows hold, where the chunk starts, or
+#: how many sequences share the call (research/exactness/exp6_padding.py and
+#: exp6b_batched.py: 16 of 16 and 12 of 12 prompts bit for bit). A shorter chunk takes the
+#: per-row kernel, whose cells differ in the last bits.
+PAD_ROWS = 64
 #: llama.cpp's tokenizer splits text at each special token's text in time quadratic in
 #: their number (measured on SmolLM2: 10,000 take 4 s, 40,000 take 20 s; a 4 MiB body
 #: could hold 350,000), inside one native call that nothing interrupts. So a rendered chat
@@ -274,6 +289,10 @@ class LlamaModel:
         if config.speculative is not None:
             flash = True
             cparams.n_threads = 1
+        #: Rows a prompt chunk is padded to (0: not padded; see PAD_ROWS).
+        self.pad_rows = self._pad_rows(config, options)
+        if self.pad_rows:
+            flash = True
         cparams.flash_attn_type = {
             None: L.LLAMA_FLASH_ATTN_TYPE_AUTO,
             True: L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
@@ -364,6 +383,25 @@ class LlamaModel:
             "quant": self.quant,
             "has_chat_template": str(self.chat_template is not None).lower(),
         }
+
+    @staticmethod
+    def _pad_rows(config: ModelConfig, options: Mapping[str, Any]) -> int:
+        pad = options.get("pad_prefill", False)
+        if not isinstance(pad, bool):
+            raise ConfigError([("options.pad_prefill", f"must be true or false, got {pad!r}")])
+        if not pad:
+            return 0
+        if config.flash_attn is False:
+            raise ConfigError(
+                [("options.pad_prefill", "needs flash attention (its row-exact kernel)")]
+            )
+        if config.n_gpu_layers != 0:
+            raise ConfigError(
+                [("options.pad_prefill", "measured exact on the CPU only: n_gpu_layers must be 0")]
+            )
+        if config.n_batch < PAD_ROWS:
+            raise ConfigError([("options.pad_prefill", f"needs n_batch >= {PAD_ROWS}")])
+        return PAD_ROWS
 
     def free(self) -> None:
         # Order matters: contexts before the model (which also frees its adapters).
@@ -521,7 +559,7 @@ class LlamaModel:
             self._check_tokens(op.tokens, "prompt")
             self._pending.pop(op.seq, None)  # a new prompt: an old draw is not its token
         for i, op in enumerate(chunks):
-            self._decode([(op.seq, op.tokens, 1 if op.logits else 0)])
+            self._decode([(op.seq, op.tokens, 1 if op.logits else 0)], pad=self._pad_for(op))
             results.append(Prefilled(seq=op.seq, n_tokens=len(op.tokens)))
             if op.logits and (decode_rows or i < len(chunks) - 1):
                 self._save_logits(op.seq)
@@ -656,10 +694,25 @@ class LlamaModel:
         self._saved[seq] = self._row_logits(self.logits_row[seq]).copy()
         self.logits_row[seq] = -1
 
-    def _decode(self, rows: Sequence[tuple[int, Sequence[int], int]]) -> dict[int, int]:
+    def _pad_for(self, op: Prefill) -> int:
+        """Filler rows to append to ``op``'s chunk: up to ``pad_rows`` rows, where the
+        sequence's context has room for them (the engine keeps no cell fed without them)."""
+        short = self.pad_rows - len(op.tokens)
+        if short <= 0 or self.pos[op.seq] + self.pad_rows > self.n_ctx_seq:
+            return 0
+        return short
+
+    def _decode(
+        self, rows: Sequence[tuple[int, Sequence[int], int]], pad: int = 0
+    ) -> dict[int, int]:
         """One ``llama_decode`` of ``rows``: (sequence, tokens, how many of its last tokens
         get logits). Returns the batch row of each sequence's first logits row; its
-        latest logits are its last row's."""
+        latest logits are its last row's.
+
+        ``pad`` (one sequence only): that many filler rows follow the tokens, at the next
+        positions and without logits, and their cells are removed after the call; they make
+        the micro-batch big enough for the kernel that computes every row exactly
+        (``PAD_ROWS``). A filler's value changes no other row (causal attention)."""
         # In sequence order: with per-sequence KV, llama.cpp splits a batch whose rows are
         # out of sequence order into one micro-batch per sequence, one graph run each
         # (measured: 4 decode rows took 25.6 ms out of order, 19.5 ms in order).
@@ -670,11 +723,12 @@ class LlamaModel:
         if total > self.n_batch:
             raise ValueError(f"batch of {total} tokens exceeds n_batch={self.n_batch}")
         seen = set()
+        assert not pad or (len(rows) == 1 and total + pad <= self.n_batch)
         for seq, toks, _ in rows:
             if not 0 <= seq < self.n_seq or seq in seen:
                 raise ValueError(f"bad or repeated sequence id {seq}")
             seen.add(seq)
-            if self.pos[seq] + len(toks) > self.n_ctx_seq:
+            if self.pos[seq] + len(toks) + pad > self.n_ctx_seq:
                 raise ValueError(f"sequence {seq} would exceed its {self.n_ctx_seq}-cell context")
         b = self.batch
         i = 0
@@ -692,6 +746,13 @@ class LlamaModel:
                 i += 1
             new_rows[seq] = i - 1 if want else -1
             first_rows[seq] = i - want if want else -1
+            for j in range(pad):  # fillers: the last token again, no logits
+                b.token[i] = toks[-1]
+                b.pos[i] = p + len(toks) + j
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = 0
+                i += 1
         b.n_tokens = i
         ctx = self.ctx
         rc = self.compute(lambda: L.llama_decode(ctx, b))
@@ -704,6 +765,8 @@ class LlamaModel:
         self.logits_row = dict.fromkeys(self.logits_row, -1)
         for seq, toks, _ in rows:
             self.pos[seq] += len(toks)
+            if pad and not L.llama_memory_seq_rm(self.mem, seq, self.pos[seq], -1):
+                raise RuntimeError(f"llama.cpp could not remove the filler cells of seq {seq}")
         self.logits_row.update(new_rows)
         return first_rows
 

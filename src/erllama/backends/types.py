@@ -59,6 +59,14 @@ class LoadedModel:
     #: llama.cpp's case) makes the engine reuse prefixes only in whole prefill-grid cells
     #: fed the same way, and never reuse generated tokens' cells (docs/caching.md#exactness).
     batch_invariant: bool = False
+    #: Non-zero: ``step`` pads every ``Prefill`` chunk shorter than this many tokens with
+    #: filler rows (removed after), so that each prompt token's cell is computed the same
+    #: way wherever its chunk starts and whatever else shares the call, except within the
+    #: last ``pad_rows - 1`` cells of the context, where there is no room for fillers. The
+    #: engine then reuses any prompt prefix (not only whole grid cells), cuts chunks from
+    #: where a prompt's feeding starts, and keeps a finished prompt's every cell
+    #: (docs/caching.md#padded-chunks). Generated tokens' cells are never reused either way.
+    pad_rows: int = 0
 
 
 @attrs.frozen(kw_only=True)

@@ -136,6 +136,8 @@ class SequenceKV:
         grid: int,
         batch_invariant: bool = False,
         refeed_replies: bool = False,
+        pad_rows: int = 0,
+        n_ctx: int = 0,
     ) -> None:
         self.backend = backend
         self.handle = handle
@@ -146,9 +148,13 @@ class SequenceKV:
         self._post = post
         self._on_live = on_live
         #: G: the prefill grid (``ModelConfig.effective_prefill_chunk``); 1 for a backend
-        #: whose cells do not depend on batching (any prefix is then reusable as computed).
-        self.grid = 1 if batch_invariant else grid
+        #: whose cells do not depend on batching (any prefix is then reusable as computed),
+        #: or whose prompt cells do not once it pads short chunks (``LoadedModel.pad_rows``).
+        self.grid = 1 if batch_invariant or pad_rows else grid
         self.batch_invariant = batch_invariant
+        #: With padded chunks: prompt cells from here on may have been fed without fillers
+        #: (no room for them before the context's end), so they are never kept.
+        self.exact_limit = n_ctx - pad_rows + 1 if pad_rows else None
         #: Free or pinned sequences still holding their last request's KV: (token bytes,
         #: fingerprint). Published through ``on_live`` after every change.
         self.live: dict[int, tuple[bytes, bytes]] = {}
@@ -157,7 +163,9 @@ class SequenceKV:
         #: the grid while the model is idle (:meth:`refeed_next`), so that the next turn of
         #: the conversation restores them instead of prefilling them.
         self.refeed: dict[int, list[int]] = {}
-        self.refeed_replies = refeed_replies and not batch_invariant
+        # Fed again one grid cell per call: with padded chunks the cells need no grid
+        # (and a cell of 1), so feeding replies again is for the grid only.
+        self.refeed_replies = refeed_replies and not batch_invariant and not pad_rows
 
     def _live_changed(self) -> None:
         self._on_live(tuple(LivePrefix(t, fp) for t, fp in self.live.values()))
@@ -277,6 +285,8 @@ class SequenceKV:
         if leader.fingerprint != track.fingerprint:
             return 0
         common = common_prefix_tokens(encode_tokens(track.prompt), encode_tokens(leader.prompt))
+        if self.exact_limit is not None:
+            common = min(common, self.exact_limit)
         point = self.grid_floor(min(common, len(track.prompt) - 1))
         return point if point > start and point >= self.policy.min_tokens else 0
 
@@ -316,7 +326,10 @@ class SequenceKV:
         time: a prompt that goes on past them is computed in other chunks cold.)"""
         if self.batch_invariant:
             return len(track.context)
-        return self.grid_floor(min(len(track.context), len(track.prompt)))
+        n = min(len(track.context), len(track.prompt))
+        if self.exact_limit is not None:
+            n = min(n, self.exact_limit)
+        return self.grid_floor(n)
 
     # ---- saves ------------------------------------------------------------------------------
 

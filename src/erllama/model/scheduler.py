@@ -251,6 +251,7 @@ class Scheduler(Generic[R, B]):
         prefill_chunk: int,
         n_ctx: int,
         max_queue: int,
+        pad_rows: int = 0,
     ) -> None:
         if n_batch < n_seq:
             raise ValueError(f"n_batch ({n_batch}) must be at least n_seq ({n_seq})")
@@ -258,6 +259,10 @@ class Scheduler(Generic[R, B]):
         self._n_seq = n_seq
         self._n_batch = n_batch
         self._prefill_chunk = prefill_chunk
+        #: The backend pads short chunks (``LoadedModel.pad_rows``): chunks are then cut
+        #: from where each prompt's feeding starts, and never across ``_pad_zone``, from
+        #: where fillers have no room (the cells past it are fed the same way by every run).
+        self._pad_zone = n_ctx - pad_rows + 1 if pad_rows else None
         self._n_ctx = n_ctx
         self._max_queue = max_queue
         self._lock = threading.Lock()
@@ -502,6 +507,10 @@ class Scheduler(Generic[R, B]):
         size, so another split would change the last bits of the KV and then, at
         temperature 0, the answer). A chunk is never shortened to fit the step: one that
         does not fit waits for the next step, except the step's first, so nothing starves.
+
+        **Padded chunks** (a backend with ``LoadedModel.pad_rows``): every chunk is computed
+        exactly wherever it starts, so chunks of G are cut from the prompt's feeding point
+        instead, and a prompt fed after a restore needs no short chunk to reach the grid.
         """
         with self._lock:
             budget = self._n_batch
@@ -546,8 +555,14 @@ class Scheduler(Generic[R, B]):
             # chunks to end.
             feeders.sort(key=lambda j: len(j.cursor))
             fed = False
+            zone = self._pad_zone
             for job in feeders:
-                to_grid = (job.n_context // grid + 1) * grid - job.n_context
+                if zone is None:
+                    to_grid = (job.n_context // grid + 1) * grid - job.n_context
+                elif job.n_context < zone:
+                    to_grid = min(grid, zone - job.n_context)
+                else:
+                    to_grid = grid
                 n = min(len(job.cursor), to_grid)
                 if job.pause_at is not None:
                     n = min(n, job.pause_at - job.n_context)

@@ -169,6 +169,8 @@ class ModelThread:
             cfg.effective_prefill_chunk,
             batch_invariant=loaded.batch_invariant,
             refeed_replies=cfg.refeed_replies,
+            pad_rows=loaded.pad_rows,
+            n_ctx=loaded.n_ctx,
         )
         detokenize, handle = self._backend.direct_detokenize, self._handle
         self._pieces = PieceCache(lambda t: detokenize(handle, (t,)))
@@ -187,6 +189,7 @@ class ModelThread:
             prefill_chunk=cfg.effective_prefill_chunk,
             n_ctx=loaded.n_ctx,
             max_queue=cfg.max_queue,
+            pad_rows=loaded.pad_rows,
         )
         self._gate.scheduler = self._sched
 

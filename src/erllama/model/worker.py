@@ -520,7 +520,10 @@ class ModelWorker:
         assert facts is not None
         view = self.gate.view
         fp = salted(view.fingerprint, cache_salt)
-        grid = 1 if facts.loaded.batch_invariant else self.config.effective_prefill_chunk
+        loaded = facts.loaded
+        grid = (
+            1 if loaded.batch_invariant or loaded.pad_rows else self.config.effective_prefill_chunk
+        )
         n = len(tokens)
         hit = COLD
         probe = None
