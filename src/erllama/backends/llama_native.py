@@ -525,8 +525,9 @@ class LlamaModel:
         self, ops: Sequence[StepOp], on_sampled: Callable[[int, int], None] | None = None
     ) -> list[StepResult]:
         """Sample every decoder from the logits its sequence got last, then run the step's
-        forward passes: each prefill chunk in a ``llama_decode`` of its own, then every
-        sampled token together in one last call.
+        forward passes: each prefill chunk in a ``llama_decode`` of its own (padded chunks of
+        several sequences together: ``_chunk_calls``), then every sampled token together in
+        one last call.
 
         Chunks go alone because llama.cpp cuts a call mixing sequences into micro-batches
         of equal token counts (``split_equal``), so a chunk sharing a call with another
@@ -558,11 +559,16 @@ class LlamaModel:
         for op in chunks:
             self._check_tokens(op.tokens, "prompt")
             self._pending.pop(op.seq, None)  # a new prompt: an old draw is not its token
-        for i, op in enumerate(chunks):
-            self._decode([(op.seq, op.tokens, 1 if op.logits else 0)], pad=self._pad_for(op))
-            results.append(Prefilled(seq=op.seq, n_tokens=len(op.tokens)))
-            if op.logits and (decode_rows or i < len(chunks) - 1):
-                self._save_logits(op.seq)
+        calls = self._chunk_calls(chunks)
+        for i, call in enumerate(calls):
+            self._decode(
+                [(op.seq, op.tokens, 1 if op.logits else 0) for op in call],
+                pad={op.seq: self._pad_for(op) for op in call},
+            )
+            for op in call:
+                results.append(Prefilled(seq=op.seq, n_tokens=len(op.tokens)))
+                if op.logits and (decode_rows or i < len(calls) - 1):
+                    self._save_logits(op.seq)
         # Every token handed back is in the KV when this returns.
         first = self._decode(decode_rows)
         for at, op, sampled, draft in drafts:
@@ -694,6 +700,30 @@ class LlamaModel:
         self._saved[seq] = self._row_logits(self.logits_row[seq]).copy()
         self.logits_row[seq] = -1
 
+    def _chunk_calls(self, chunks: Sequence[Prefill]) -> list[list[Prefill]]:
+        """The ``llama_decode`` calls of a step's prefill chunks: each chunk alone (a call
+        mixing sequences is cut into micro-batches of equal size, which would change a
+        chunk's kernel), except padded chunks of exactly ``pad_rows`` rows each, which go
+        together as long as the call stays one micro-batch: every sequence then has its
+        ``pad_rows`` rows in it, and each row is computed as alone
+        (research/exactness/exp6b_batched.py)."""
+        if not self.pad_rows:
+            return [[op] for op in chunks]
+        room = min(self.n_batch, int(self.cparams.n_ubatch)) // self.pad_rows
+        calls: list[list[Prefill]] = []
+        together: list[Prefill] = []
+        for op in chunks:
+            if len(op.tokens) + self._pad_for(op) != self.pad_rows:
+                calls.append([op])
+                continue
+            if len(together) == room:
+                calls.append(together)
+                together = []
+            together.append(op)
+        if together:
+            calls.append(together)
+        return calls
+
     def _pad_for(self, op: Prefill) -> int:
         """Filler rows to append to ``op``'s chunk: up to ``pad_rows`` rows, where the
         sequence's context has room for them (the engine keeps no cell fed without them)."""
@@ -703,16 +733,17 @@ class LlamaModel:
         return short
 
     def _decode(
-        self, rows: Sequence[tuple[int, Sequence[int], int]], pad: int = 0
+        self, rows: Sequence[tuple[int, Sequence[int], int]], pad: Mapping[int, int] | None = None
     ) -> dict[int, int]:
         """One ``llama_decode`` of ``rows``: (sequence, tokens, how many of its last tokens
         get logits). Returns the batch row of each sequence's first logits row; its
         latest logits are its last row's.
 
-        ``pad`` (one sequence only): that many filler rows follow the tokens, at the next
+        ``pad``: per sequence, that many filler rows follow its tokens, at the next
         positions and without logits, and their cells are removed after the call; they make
         the micro-batch big enough for the kernel that computes every row exactly
         (``PAD_ROWS``). A filler's value changes no other row (causal attention)."""
+        fill = pad or {}
         # In sequence order: with per-sequence KV, llama.cpp splits a batch whose rows are
         # out of sequence order into one micro-batch per sequence, one graph run each
         # (measured: 4 decode rows took 25.6 ms out of order, 19.5 ms in order).
@@ -720,15 +751,15 @@ class LlamaModel:
         total = sum(len(toks) for _, toks, _ in rows)
         if total == 0:
             return {}
+        total += sum(fill.values())
         if total > self.n_batch:
             raise ValueError(f"batch of {total} tokens exceeds n_batch={self.n_batch}")
         seen = set()
-        assert not pad or (len(rows) == 1 and total + pad <= self.n_batch)
         for seq, toks, _ in rows:
             if not 0 <= seq < self.n_seq or seq in seen:
                 raise ValueError(f"bad or repeated sequence id {seq}")
             seen.add(seq)
-            if self.pos[seq] + len(toks) + pad > self.n_ctx_seq:
+            if self.pos[seq] + len(toks) + fill.get(seq, 0) > self.n_ctx_seq:
                 raise ValueError(f"sequence {seq} would exceed its {self.n_ctx_seq}-cell context")
         b = self.batch
         i = 0
@@ -746,7 +777,7 @@ class LlamaModel:
                 i += 1
             new_rows[seq] = i - 1 if want else -1
             first_rows[seq] = i - want if want else -1
-            for j in range(pad):  # fillers: the last token again, no logits
+            for j in range(fill.get(seq, 0)):  # fillers: the last token again, no logits
                 b.token[i] = toks[-1]
                 b.pos[i] = p + len(toks) + j
                 b.n_seq_id[i] = 1
@@ -765,7 +796,7 @@ class LlamaModel:
         self.logits_row = dict.fromkeys(self.logits_row, -1)
         for seq, toks, _ in rows:
             self.pos[seq] += len(toks)
-            if pad and not L.llama_memory_seq_rm(self.mem, seq, self.pos[seq], -1):
+            if fill.get(seq) and not L.llama_memory_seq_rm(self.mem, seq, self.pos[seq], -1):
                 raise RuntimeError(f"llama.cpp could not remove the filler cells of seq {seq}")
         self.logits_row.update(new_rows)
         return first_rows
