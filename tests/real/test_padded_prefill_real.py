@@ -234,6 +234,31 @@ async def test_prompts_near_the_end_of_the_context_stay_exact(
             assert answer(again) == answer(first)
 
 
+async def test_a_row_saved_on_the_grid_restores_no_further_than_fillers_fit(
+    padded: erllama.ModelConfig, tmp_path: Path
+) -> None:
+    """Rows are shared with engines that feed on the grid (same cache folder, same layout).
+    Such a row may hold whole grid cells inside the last 63 cells of the context, which a
+    padded engine feeds as one unpadded chunk from where fillers stop fitting: it restores
+    only up to there, and answers as its cold run."""
+    padded = attrs.evolve(padded, n_ctx=1024)  # fillers fit up to cell 961
+    # A grid of 98 has a cell boundary at 980, past 961 (the layout is the same).
+    grid = attrs.evolve(padded, options={}, flash_attn=True, prefill_chunk=98)
+    prompt = list(range(3000, 3000 + 990))
+    async with erllama.open_engine(cached(tmp_path)) as engine:
+        mid = await engine.load_model("smol", grid)
+        assert (await ask(engine, mid, prompt)).cache_delta.created  # a row of 980 cells
+    async with erllama.open_engine(OFF) as off:
+        cold = Cold(off, await off.load_model("cold", padded))
+        async with erllama.open_engine(cached(tmp_path)) as engine:
+            mid = await engine.load_model("smol", padded)
+            r = await ask(engine, mid, prompt)
+            hit = engine.model_info(mid).last_cache_hit
+            # The grid's row holds 980 cells; 961 of them are used.
+            assert hit is not None and hit.prefix_len == 1024 - 64 + 1 == r.cache_delta.read
+            assert answer(r) == await cold(prompt)
+
+
 async def test_pad_prefill_is_refused_where_it_is_not_measured_exact(
     smol_config: erllama.ModelConfig,
 ) -> None:

@@ -20,6 +20,11 @@ generated token (fed one at a time); when a request ends its sequence is cut bac
 prompt's whole cells (:meth:`SequenceKV.finish`). Every row and every live prefix therefore
 holds exactly-computed cells only, and a lookup needs no further rule.
 
+**Padded chunks** (``LoadedModel.pad_rows``): the backend computes every prompt cell the same
+way wherever its chunk starts, so the grid is 1 (any prompt prefix is reused, a finished
+prompt is kept whole), except that nothing past ``exact_limit`` is kept or restored: the
+last ``pad_rows - 1`` cells of a context have no room for fillers (docs/caching.md).
+
 Every method runs on the model thread. Effects on the cache (which lives on the event loop)
 go through ``post``.
 """
@@ -219,12 +224,16 @@ class SequenceKV:
             self._live_changed()
         prompt = track.prompt
         n_prompt = len(prompt)
+        # At least one token to feed; with padded chunks, nothing past where fillers fit (a
+        # row another engine saved on the grid may hold cells there that this one feeds in
+        # another chunk).
+        most = n_prompt - 1 if self.exact_limit is None else min(n_prompt - 1, self.exact_limit)
         backend, handle = self.backend, self.handle
         start = 0
         exact = False
         if restore is not None:
             known = len(restore.tokens)
-            start = self.grid_floor(min(known, n_prompt - 1))
+            start = self.grid_floor(min(known, most))
             if start == 0:
                 # Less than one whole cell in common: nothing worth unpacking.
                 self._post(self.cache.release, restore)
@@ -250,7 +259,7 @@ class SequenceKV:
                 source=restore.source,
                 tier=restore.tier,
             )
-        elif track.live_len and (start := self.grid_floor(min(track.live_len, n_prompt - 1))):
+        elif track.live_len and (start := self.grid_floor(min(track.live_len, most))):
             backend.seq_rm(handle, seq, start, None)
             track.hit = CacheHit(
                 kind="exact" if track.live_len == n_prompt else "partial",
