@@ -383,7 +383,7 @@ def test_a_slice_feeds_the_cursor_from_its_start_to_the_next_grid_point(sched: S
 def test_padded_chunks_are_cut_from_where_feeding_starts() -> None:
     # A backend that pads short chunks (pad_rows 8 of a 64-cell context): chunks of G from
     # the restore point, [10, 18), [18, 26) ... not back onto the grid first.
-    sched = new_scheduler(pad_rows=8)
+    sched = new_scheduler(pad_zone=57)
     job = running(sched, prompt=30, n_context=10)
     op = op_for(sched.schedule().ops, job)
     assert isinstance(op, Prefill)
@@ -397,7 +397,7 @@ def test_padded_chunks_are_cut_from_where_feeding_starts() -> None:
 def test_padded_chunks_never_straddle_the_point_where_fillers_stop_fitting() -> None:
     # Context 64, pad_rows 8: from cell 57 on there is no room for fillers, so a chunk
     # stops there and the next one starts there, whatever point feeding started from.
-    sched = new_scheduler(pad_rows=8)
+    sched = new_scheduler(pad_zone=57)
     job = running(sched, prompt=62, n_context=52)
     op = op_for(sched.schedule().ops, job)
     assert isinstance(op, Prefill)

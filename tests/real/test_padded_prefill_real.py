@@ -23,24 +23,10 @@ import pytest
 
 import erllama
 
-pytestmark = pytest.mark.anyio
+# The chats of the grid's own exactness tests, and their cache-off engine config.
+from .test_cache_real import OFF, QUESTIONS, SYSTEM, N
 
-SYSTEM = (
-    "You are the assistant of a harbour office. Ferries leave at seven, ten, one and four. "
-    "Tickets cost twelve euros, children travel free, bicycles cost three euros. The office "
-    "opens at half past six and closes after the last ferry. Lost property is kept for a "
-    "month. Dogs are welcome on the outer deck. The crossing takes forty minutes. "
-) * 2
-QUESTIONS = [
-    "When does the first ferry leave?",
-    "How much is a ticket for a child?",
-    "Can I bring my dog?",
-    "What is the capital of Australia?",
-    "How long is the crossing?",
-    "Where do I find lost property?",
-]
-N = 12
-OFF = erllama.EngineConfig(cache=erllama.CacheConfig(enabled=False, ram_file_dir=None))
+pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
@@ -131,7 +117,7 @@ async def test_every_warm_path_answers_as_the_cache_off_run_and_reuses_every_pro
             mid = await engine.load_model("smol", padded)
             prompts = [
                 await engine.apply_chat_template(mid, [{"role": "user", "content": q}], SYSTEM)
-                for q in QUESTIONS
+                for q in QUESTIONS[:6]
             ]
             # The cache-off run is plain padded decoding.
             first_cold = await cold(prompts[0])

@@ -562,10 +562,10 @@ class LlamaModel:
         calls = self._chunk_calls(chunks)
         for i, call in enumerate(calls):
             self._decode(
-                [(op.seq, op.tokens, 1 if op.logits else 0) for op in call],
-                pad={op.seq: self._pad_for(op) for op in call},
+                [(op.seq, op.tokens, 1 if op.logits else 0) for op, _ in call],
+                pad={op.seq: pad for op, pad in call},
             )
-            for op in call:
+            for op, _ in call:
                 results.append(Prefilled(seq=op.seq, n_tokens=len(op.tokens)))
                 if op.logits and (decode_rows or i < len(calls) - 1):
                     self._save_logits(op.seq)
@@ -700,26 +700,27 @@ class LlamaModel:
         self._saved[seq] = self._row_logits(self.logits_row[seq]).copy()
         self.logits_row[seq] = -1
 
-    def _chunk_calls(self, chunks: Sequence[Prefill]) -> list[list[Prefill]]:
-        """The ``llama_decode`` calls of a step's prefill chunks: each chunk alone (a call
-        mixing sequences is cut into micro-batches of equal size, which would change a
-        chunk's kernel), except padded chunks of exactly ``pad_rows`` rows each, which go
-        together as long as the call stays one micro-batch: every sequence then has its
-        ``pad_rows`` rows in it, and each row is computed as alone
-        (research/exactness/exp6b_batched.py)."""
+    def _chunk_calls(self, chunks: Sequence[Prefill]) -> list[list[tuple[Prefill, int]]]:
+        """The ``llama_decode`` calls of a step's prefill chunks, each chunk with its filler
+        rows (``_pad_for``): each chunk alone (a call mixing sequences is cut into
+        micro-batches of equal size, which would change a chunk's kernel), except padded
+        chunks of exactly ``pad_rows`` rows each, which go together as long as the call
+        stays one micro-batch: every sequence then has its ``pad_rows`` rows in it, and each
+        row is computed as alone (research/exactness/exp6b_batched.py)."""
         if not self.pad_rows:
-            return [[op] for op in chunks]
+            return [[(op, 0)] for op in chunks]
         room = min(self.n_batch, int(self.cparams.n_ubatch)) // self.pad_rows
-        calls: list[list[Prefill]] = []
-        together: list[Prefill] = []
+        calls: list[list[tuple[Prefill, int]]] = []
+        together: list[tuple[Prefill, int]] = []
         for op in chunks:
-            if len(op.tokens) + self._pad_for(op) != self.pad_rows:
-                calls.append([op])
+            pad = self._pad_for(op)
+            if len(op.tokens) + pad != self.pad_rows:
+                calls.append([(op, pad)])
                 continue
             if len(together) == room:
                 calls.append(together)
                 together = []
-            together.append(op)
+            together.append((op, pad))
         if together:
             calls.append(together)
         return calls

@@ -68,6 +68,18 @@ class LoadedModel:
     #: (docs/caching.md#padded-chunks). Generated tokens' cells are never reused either way.
     pad_rows: int = 0
 
+    @property
+    def fillers_fit_until(self) -> int | None:
+        """With padded chunks, the first cell a chunk may start at with no room for fillers
+        (its cells are fed alike by every run, and never kept); None without padding."""
+        return self.n_ctx - self.pad_rows + 1 if self.pad_rows else None
+
+    def reuse_grid(self, prefill_chunk: int) -> int:
+        """The granularity prompt prefixes are reused in: whole prefill-grid cells, or any
+        length where cells do not depend on how a prompt was cut (batch invariance,
+        padded chunks)."""
+        return 1 if self.batch_invariant or self.pad_rows else prefill_chunk
+
 
 @attrs.frozen(kw_only=True)
 class Prefill:

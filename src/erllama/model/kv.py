@@ -141,8 +141,7 @@ class SequenceKV:
         grid: int,
         batch_invariant: bool = False,
         refeed_replies: bool = False,
-        pad_rows: int = 0,
-        n_ctx: int = 0,
+        exact_limit: int | None = None,
     ) -> None:
         self.backend = backend
         self.handle = handle
@@ -152,14 +151,15 @@ class SequenceKV:
         self.namespace = namespace
         self._post = post
         self._on_live = on_live
-        #: G: the prefill grid (``ModelConfig.effective_prefill_chunk``); 1 for a backend
-        #: whose cells do not depend on batching (any prefix is then reusable as computed),
-        #: or whose prompt cells do not once it pads short chunks (``LoadedModel.pad_rows``).
-        self.grid = 1 if batch_invariant or pad_rows else grid
+        #: G: the granularity prefixes are reused in (``LoadedModel.reuse_grid``); 1 for a
+        #: backend whose cells do not depend on batching (any prefix is then reusable as
+        #: computed) or that pads short chunks.
+        self.grid = 1 if batch_invariant else grid
         self.batch_invariant = batch_invariant
-        #: With padded chunks: prompt cells from here on may have been fed without fillers
-        #: (no room for them before the context's end), so they are never kept.
-        self.exact_limit = n_ctx - pad_rows + 1 if pad_rows else None
+        #: With padded chunks (``LoadedModel.fillers_fit_until``): prompt cells from here on
+        #: may have been fed without fillers (no room for them before the context's end),
+        #: so they are never kept or reused.
+        self.exact_limit = exact_limit
         #: Free or pinned sequences still holding their last request's KV: (token bytes,
         #: fingerprint). Published through ``on_live`` after every change.
         self.live: dict[int, tuple[bytes, bytes]] = {}
@@ -170,7 +170,7 @@ class SequenceKV:
         self.refeed: dict[int, list[int]] = {}
         # Fed again one grid cell per call: with padded chunks the cells need no grid
         # (and a cell of 1), so feeding replies again is for the grid only.
-        self.refeed_replies = refeed_replies and not batch_invariant and not pad_rows
+        self.refeed_replies = refeed_replies and not batch_invariant and exact_limit is None
 
     def _live_changed(self) -> None:
         self._on_live(tuple(LivePrefix(t, fp) for t, fp in self.live.values()))
@@ -227,7 +227,7 @@ class SequenceKV:
         # At least one token to feed; with padded chunks, nothing past where fillers fit (a
         # row another engine saved on the grid may hold cells there that this one feeds in
         # another chunk).
-        most = n_prompt - 1 if self.exact_limit is None else min(n_prompt - 1, self.exact_limit)
+        most = self._capped(n_prompt - 1)
         backend, handle = self.backend, self.handle
         start = 0
         exact = False
@@ -294,9 +294,7 @@ class SequenceKV:
         if leader.fingerprint != track.fingerprint:
             return 0
         common = common_prefix_tokens(encode_tokens(track.prompt), encode_tokens(leader.prompt))
-        if self.exact_limit is not None:
-            common = min(common, self.exact_limit)
-        point = self.grid_floor(min(common, len(track.prompt) - 1))
+        point = self.grid_floor(self._capped(min(common, len(track.prompt) - 1)))
         return point if point > start and point >= self.policy.min_tokens else 0
 
     def take(self, track: KVTrack, seq: int, leader_seq: int, n: int) -> bool:
@@ -324,6 +322,10 @@ class SequenceKV:
         track.hit = CacheHit(kind="partial", prefix_len=n, source="shared")
         return True
 
+    def _capped(self, n: int) -> int:
+        """``n``, but no further than ``exact_limit``."""
+        return n if self.exact_limit is None else min(n, self.exact_limit)
+
     def grid_floor(self, n: int) -> int:
         """``n`` rounded down to a whole number of grid cells."""
         return n // self.grid * self.grid
@@ -335,10 +337,7 @@ class SequenceKV:
         time: a prompt that goes on past them is computed in other chunks cold.)"""
         if self.batch_invariant:
             return len(track.context)
-        n = min(len(track.context), len(track.prompt))
-        if self.exact_limit is not None:
-            n = min(n, self.exact_limit)
-        return self.grid_floor(n)
+        return self.grid_floor(self._capped(min(len(track.context), len(track.prompt))))
 
     # ---- saves ------------------------------------------------------------------------------
 

@@ -251,7 +251,7 @@ class Scheduler(Generic[R, B]):
         prefill_chunk: int,
         n_ctx: int,
         max_queue: int,
-        pad_rows: int = 0,
+        pad_zone: int | None = None,
     ) -> None:
         if n_batch < n_seq:
             raise ValueError(f"n_batch ({n_batch}) must be at least n_seq ({n_seq})")
@@ -259,10 +259,11 @@ class Scheduler(Generic[R, B]):
         self._n_seq = n_seq
         self._n_batch = n_batch
         self._prefill_chunk = prefill_chunk
-        #: The backend pads short chunks (``LoadedModel.pad_rows``): chunks are then cut
-        #: from where each prompt's feeding starts, and never across ``_pad_zone``, from
-        #: where fillers have no room (the cells past it are fed the same way by every run).
-        self._pad_zone = n_ctx - pad_rows + 1 if pad_rows else None
+        #: Set when the backend pads short chunks (``LoadedModel.fillers_fit_until``): chunks
+        #: are then cut from where each prompt's feeding starts, and never across this
+        #: cell, from where fillers have no room (the cells past it are fed the same way by
+        #: every run).
+        self._pad_zone = pad_zone
         self._n_ctx = n_ctx
         self._max_queue = max_queue
         self._lock = threading.Lock()

@@ -166,11 +166,10 @@ class ModelThread:
             namespace,
             self.post,
             self._live_changed,
-            cfg.effective_prefill_chunk,
+            loaded.reuse_grid(cfg.effective_prefill_chunk),
             batch_invariant=loaded.batch_invariant,
             refeed_replies=cfg.refeed_replies,
-            pad_rows=loaded.pad_rows,
-            n_ctx=loaded.n_ctx,
+            exact_limit=loaded.fillers_fit_until,
         )
         detokenize, handle = self._backend.direct_detokenize, self._handle
         self._pieces = PieceCache(lambda t: detokenize(handle, (t,)))
@@ -189,7 +188,7 @@ class ModelThread:
             prefill_chunk=cfg.effective_prefill_chunk,
             n_ctx=loaded.n_ctx,
             max_queue=cfg.max_queue,
-            pad_rows=loaded.pad_rows,
+            pad_zone=loaded.fillers_fit_until,
         )
         self._gate.scheduler = self._sched
 

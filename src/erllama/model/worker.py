@@ -520,10 +520,7 @@ class ModelWorker:
         assert facts is not None
         view = self.gate.view
         fp = salted(view.fingerprint, cache_salt)
-        loaded = facts.loaded
-        grid = (
-            1 if loaded.batch_invariant or loaded.pad_rows else self.config.effective_prefill_chunk
-        )
+        grid = facts.loaded.reuse_grid(self.config.effective_prefill_chunk)
         n = len(tokens)
         hit = COLD
         probe = None
