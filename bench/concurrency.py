@@ -8,8 +8,10 @@ streamed, greedy, ``MAX_TOKENS`` per reply.
 - **cold fan-out**: nothing cached; N clients send at the same moment one shared system
   prompt (~950 tokens) with N different questions, the fan-out of parallel sub-agents. Beside
   it, one request alone with another system prompt of the same length, on a fresh prompt
-  too. Reported: each TTFT, the phase's wall time (first send to last reply), and that wall
-  time over the lone request's (goal: at most 1.3).
+  too. Then, one at a time, N - 1 more questions on the shared prompt (cached now): each one's
+  TTFT is what its suffix costs. Reported: each TTFT, the phase's wall time (first send to
+  last reply), that wall time over the lone request's, and over the issue's reference, the
+  lone request plus the N - 1 suffixes (goal: at most 1.3).
 - **concurrent conversations**: N conversations of R turns over one shared system prompt;
   every round the N clients send their next turn at once (each history grows with that
   server's own replies). Reported: median TTFT of first and of later turns, and the phase's
@@ -89,6 +91,17 @@ async def fanout(
         for i in range(CLIENTS)
     ]
     rows, wall = await _at_once(turn, client, batch)
+    suffixes = [
+        await turn(
+            client,
+            [
+                {"role": "system", "content": shared},
+                {"role": "user", "content": make_question(f"{seed}-suffix-{i}")},
+            ],
+        )
+        for i in range(CLIENTS - 1)
+    ]
+    reference = single_wall + sum(r["ttft_s"] for r in suffixes)
     return {
         "ttft_s": [r["ttft_s"] for r in rows],
         "cached_tokens": [r["cached_tokens"] for r in rows],
@@ -97,6 +110,9 @@ async def fanout(
         "alone_wall_s": single_wall,
         "alone_ttft_s": single["ttft_s"],
         "wall_over_alone": wall / single_wall,
+        "suffix_ttft_s": [r["ttft_s"] for r in suffixes],
+        "reference_s": reference,
+        "wall_over_reference": wall / reference,
         "ttft_median_s": median([r["ttft_s"] for r in rows]),
     }
 

@@ -22,6 +22,8 @@ import pytest
 
 import erllama
 
+from .grid import GRID_FEEDING
+
 pytestmark = pytest.mark.anyio
 
 SYSTEM = (
@@ -66,8 +68,9 @@ GRID = 64
 
 @pytest.fixture
 def smol_config(smol_config: erllama.ModelConfig) -> erllama.ModelConfig:
-    """No live-KV reuse unless a test asks for it: every warm start is a row."""
-    return attrs.evolve(smol_config, keep_live_kv=False, prefill_chunk=GRID)
+    """No live-KV reuse unless a test asks for it: every warm start is a row. On the grid
+    (the counts below are whole grid cells); padded chunks: test_padded_prefill_real.py."""
+    return attrs.evolve(smol_config, keep_live_kv=False, prefill_chunk=GRID, options=GRID_FEEDING)
 
 
 def cfg(tmp_path: Path, **cache: Any) -> erllama.EngineConfig:

@@ -10,6 +10,8 @@ import pytest
 
 import erllama
 
+from .grid import GRID_FEEDING
+
 pytestmark = pytest.mark.anyio
 
 SYSTEM = (
@@ -29,7 +31,9 @@ async def test_a_follow_up_turn_is_a_grid_miss_at_the_new_message(
     cached_engine: erllama.Engine, smol_config: erllama.ModelConfig
 ) -> None:
     engine = cached_engine
-    mid = await engine.load_model("smol", attrs.evolve(smol_config, prefill_chunk=8))
+    mid = await engine.load_model(
+        "smol", attrs.evolve(smol_config, prefill_chunk=8, options=GRID_FEEDING)
+    )
     first = [
         {"role": "system", "content": SYSTEM},
         {"role": "user", "content": "Capital of France?"},

@@ -15,6 +15,7 @@ import pytest
 import erllama
 
 from ..helpers import cold_run
+from .grid import GRID_FEEDING
 
 pytestmark = pytest.mark.anyio
 
@@ -64,7 +65,7 @@ async def cold(config: erllama.ModelConfig, prompt: list[int], **kw: Any) -> erl
 async def test_a_stop_string_trims_the_reply_and_the_row_holds_the_prompts_whole_cells(
     warm: erllama.Engine, smol_config: erllama.ModelConfig
 ) -> None:
-    config = attrs.evolve(smol_config, prefill_chunk=GRID)
+    config = attrs.evolve(smol_config, prefill_chunk=GRID, options=GRID_FEEDING)
     mid = await warm.load_model("smol", config)
     prompt = await warm.apply_chat_template(mid, QUESTION)
     full = await cold(config, prompt, max_tokens=40)
@@ -123,6 +124,7 @@ async def test_a_replayed_tool_call_keeps_the_turn_warm_and_answers_as_a_cold_ru
     config = attrs.evolve(
         smol_config,
         prefill_chunk=GRID,
+        options=GRID_FEEDING,
         tool_call_markers=erllama.ToolCallMarkers(start="<tool_call>", end="</tool_call>"),
     )
     mid = await warm.load_model("smol", config)
@@ -158,7 +160,7 @@ async def test_a_replayed_tool_call_keeps_the_turn_warm_and_answers_as_a_cold_ru
 async def test_a_session_refeeds_from_its_prompts_last_whole_cell_and_answers_as_a_cold_run(
     warm: erllama.Engine, smol_config: erllama.ModelConfig
 ) -> None:
-    config = attrs.evolve(smol_config, n_seq_max=2, prefill_chunk=GRID)
+    config = attrs.evolve(smol_config, n_seq_max=2, prefill_chunk=GRID, options=GRID_FEEDING)
     mid = await warm.load_model("smol", config)
     turn1 = await warm.apply_chat_template(mid, QUESTION)
     r1 = await warm.complete(mid, turn1, max_tokens=16, session_id="s")
@@ -174,7 +176,7 @@ async def test_a_session_refeeds_from_its_prompts_last_whole_cell_and_answers_as
 async def test_prefill_only_warms_a_prefix_that_a_later_request_restores(
     warm: erllama.Engine, smol_config: erllama.ModelConfig
 ) -> None:
-    config = attrs.evolve(smol_config, keep_live_kv=False, prefill_chunk=GRID)
+    config = attrs.evolve(smol_config, keep_live_kv=False, prefill_chunk=GRID, options=GRID_FEEDING)
     mid = await warm.load_model("smol", config)
     system = "You are a careful assistant who answers in one short sentence. " * 3
     prefix = await warm.apply_chat_template(mid, [], system=system, add_generation_prompt=False)

@@ -21,6 +21,7 @@ import pytest
 import erllama
 
 from ..helpers import common_prefix_len
+from .grid import GRID_FEEDING
 
 pytestmark = pytest.mark.anyio
 
@@ -41,7 +42,7 @@ QUESTIONS = {
 def smol_config(smol_config: erllama.ModelConfig) -> erllama.ModelConfig:
     import attrs
 
-    return attrs.evolve(smol_config, prefill_chunk=GRID)
+    return attrs.evolve(smol_config, prefill_chunk=GRID, options=GRID_FEEDING)
 
 
 def config(tmp_path: Path, smol_config: erllama.ModelConfig) -> erllama.EngineConfig:

@@ -250,16 +250,16 @@ async def test_cancel_during_a_long_prefill_acts_within_one_chunk(
 ) -> None:
     spy = RecordingLlama()
     async with erllama.open_engine(no_cache, backends=spy.registry()) as engine:
-        config = attrs.evolve(smol_config, backend="spy", prefill_chunk=32)
+        config = attrs.evolve(smol_config, backend="spy", prefill_chunk=64)
         mid = await engine.load_model("m", config)
-        prompt = list(range(1000, 1900))  # 900 tokens: 29 chunks of 32
+        prompt = list(range(1000, 1900))  # 900 tokens: 15 chunks of 64
         stream = await engine.infer(mid, prompt, max_tokens=5)
         await wait_for(lambda: spy.steps)
         stream.cancel()
         events = [ev async for ev in stream]
         assert events[-1].finish_reason == "cancelled"  # type: ignore[union-attr]
         assert len(spy.steps) <= 3  # at most the chunk in flight and one more
-        assert all(len(tokens) <= 32 for step in spy.steps for _, _, tokens, _ in step)
+        assert all(len(tokens) <= 64 for step in spy.steps for _, _, tokens, _ in step)
 
 
 async def test_bad_input_gets_typed_errors_and_the_engine_keeps_serving(

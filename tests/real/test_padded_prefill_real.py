@@ -1,5 +1,5 @@
-"""Padded prefill chunks on SmolLM2 (``options={"pad_prefill": True}``): a cache hit still
-never changes an answer, and a prompt's every cell is reused.
+"""Padded prefill chunks on SmolLM2 (the default on the CPU with flash attention): a cache hit
+still never changes an answer, and a prompt's every cell is reused.
 
 With padding, each prompt chunk shorter than 64 tokens gets filler rows (removed after the
 call), so every prompt cell is computed by the same kernel wherever its chunk starts
@@ -24,6 +24,7 @@ import pytest
 import erllama
 
 # The chats of the grid's own exactness tests, and their cache-off engine config.
+from .grid import GRID_FEEDING
 from .test_cache_real import OFF, QUESTIONS, SYSTEM, N
 
 pytestmark = pytest.mark.anyio
@@ -31,7 +32,9 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture
 def padded(smol_config: erllama.ModelConfig) -> erllama.ModelConfig:
-    return attrs.evolve(smol_config, keep_live_kv=False, options={"pad_prefill": True})
+    """The default on the CPU with flash attention: no option asks for padded chunks."""
+    assert not smol_config.options and smol_config.flash_attn is None
+    return attrs.evolve(smol_config, keep_live_kv=False)
 
 
 def cached(tmp_path: Path, **fields: Any) -> erllama.EngineConfig:
@@ -229,7 +232,7 @@ async def test_a_row_saved_on_the_grid_restores_no_further_than_fillers_fit(
     only up to there, and answers as its cold run."""
     padded = attrs.evolve(padded, n_ctx=1024)  # fillers fit up to cell 961
     # A grid of 98 has a cell boundary at 980, past 961 (the layout is the same).
-    grid = attrs.evolve(padded, options={}, flash_attn=True, prefill_chunk=98)
+    grid = attrs.evolve(padded, options=GRID_FEEDING, flash_attn=True, prefill_chunk=98)
     prompt = list(range(3000, 3000 + 990))
     async with erllama.open_engine(cached(tmp_path)) as engine:
         mid = await engine.load_model("smol", grid)
@@ -252,7 +255,14 @@ async def test_pad_prefill_is_refused_where_it_is_not_measured_exact(
         for options, flash, why in (
             ({"pad_prefill": "yes"}, None, "true or false"),
             ({"pad_prefill": True}, False, "flash attention"),
+            ({"pad_prefill": True, "n_ubatch": 32}, None, "n_ubatch"),
         ):
             bad = attrs.evolve(smol_config, options=options, flash_attn=flash)
             with pytest.raises(erllama.ConfigError, match=why):
                 await engine.load_model("bad", bad)
+        # Unset, the option pads only where that is exact: these load, on the grid.
+        for fine in (
+            attrs.evolve(smol_config, flash_attn=False),
+            attrs.evolve(smol_config, n_ubatch=32),
+        ):
+            await engine.unload_model(await engine.load_model("fine", fine))

@@ -10,6 +10,8 @@ import pytest
 
 import erllama
 
+from .grid import GRID_FEEDING
+
 pytestmark = [pytest.mark.anyio, pytest.mark.real_model]
 
 GRID = 64
@@ -35,7 +37,9 @@ async def restorable(engine: erllama.Engine, mid: str, prompt: list[int], want: 
 async def test_the_next_turn_restores_the_reply_fed_again_and_answers_as_a_cold_run(
     smol_config: erllama.ModelConfig,
 ) -> None:
-    config = attrs.evolve(smol_config, prefill_chunk=GRID, refeed_replies=True)
+    config = attrs.evolve(
+        smol_config, prefill_chunk=GRID, options=GRID_FEEDING, refeed_replies=True
+    )
     first = [{"role": "user", "content": "Name three things to bring on a ferry trip."}]
     async with erllama.open_engine(RAM) as engine:
         mid = await engine.load_model("smol", config)
@@ -57,7 +61,9 @@ async def test_the_next_turn_restores_the_reply_fed_again_and_answers_as_a_cold_
         assert await restorable(engine, mid, p2, want) == want
         r2 = await engine.complete(mid, p2, max_tokens=24)
         assert r2.cache_hit_kind == "partial" and r2.cache_delta.read == want
-    cold_config = attrs.evolve(smol_config, prefill_chunk=GRID, keep_live_kv=False)
+    cold_config = attrs.evolve(
+        smol_config, prefill_chunk=GRID, options=GRID_FEEDING, keep_live_kv=False
+    )
     async with erllama.open_engine(OFF) as cold:
         cid = await cold.load_model("cold", cold_config)
         reference = await cold.complete(cid, p2, max_tokens=24)
@@ -68,7 +74,9 @@ async def test_the_next_turn_restores_the_reply_fed_again_and_answers_as_a_cold_
 async def test_a_request_arriving_meanwhile_goes_first(smol_config: erllama.ModelConfig) -> None:
     # Another conversation's request while a long reply is fed again: it runs as it would,
     # and the reply being fed again never changes its answer.
-    config = attrs.evolve(smol_config, prefill_chunk=GRID, refeed_replies=True, n_seq_max=2)
+    config = attrs.evolve(
+        smol_config, prefill_chunk=GRID, options=GRID_FEEDING, refeed_replies=True, n_seq_max=2
+    )
     async with erllama.open_engine(OFF) as engine:
         mid = await engine.load_model("smol", config)
         p1 = await engine.apply_chat_template(
@@ -79,7 +87,9 @@ async def test_a_request_arriving_meanwhile_goes_first(smol_config: erllama.Mode
             mid, [{"role": "user", "content": "Name a colour."}], None
         )
         r = await engine.complete(mid, other, max_tokens=12)
-    cold_config = attrs.evolve(smol_config, prefill_chunk=GRID, keep_live_kv=False)
+    cold_config = attrs.evolve(
+        smol_config, prefill_chunk=GRID, options=GRID_FEEDING, keep_live_kv=False
+    )
     async with erllama.open_engine(OFF) as cold:
         cid = await cold.load_model("cold", cold_config)
         assert (await cold.complete(cid, other, max_tokens=12)).token_ids == r.token_ids

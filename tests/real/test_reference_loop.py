@@ -26,9 +26,18 @@ import pytest
 import erllama
 from erllama.backends.llama_native import ensure_backend
 
+from .grid import GRID_FEEDING
 from .recording import RecordingLlama
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def smol_config(smol_config: erllama.ModelConfig) -> erllama.ModelConfig:
+    """On the grid: the plain loops here mirror the grid's chunks and calls; padded
+    feeding is checked against its own plain loop in test_padded_prefill_real.py."""
+    return attrs.evolve(smol_config, options=GRID_FEEDING)
+
 
 N_TOKENS = 24
 
@@ -160,7 +169,7 @@ def check_mirrors_defaults(config: erllama.ModelConfig) -> None:
     assert config.flash_attn is None  # erllama: None -> LLAMA_FLASH_ATTN_TYPE_AUTO
     assert (config.type_k, config.type_v) == ("f16", "f16")
     assert config.n_ubatch is None and config.n_batch <= 512  # erllama: n_ubatch = n_batch
-    assert config.n_gpu_layers == 0 and config.use_mmap and not config.options
+    assert config.n_gpu_layers == 0 and config.use_mmap and config.options == GRID_FEEDING
     assert config.n_threads_batch is None and config.n_threads is not None
 
 

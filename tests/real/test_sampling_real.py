@@ -17,7 +17,10 @@ import pytest
 import erllama
 from erllama.backends.llama_native import ensure_backend
 
+from .grid import GRID_FEEDING
+
 pytestmark = pytest.mark.anyio
+
 
 N_CTX = 512
 N_BATCH = 256
@@ -97,9 +100,13 @@ def reference(
 
 @pytest.fixture
 def config(smol_path: Path) -> erllama.ModelConfig:
+    """On the grid: the plain loop here feeds the prompt in one call, as the grid feeds a
+    prompt shorter than a chunk (padded feeding is checked against a plain padded loop in
+    test_padded_prefill_real.py)."""
     return erllama.ModelConfig(
-        model_path=smol_path, n_ctx=N_CTX, n_batch=N_BATCH, n_threads=2, n_threads_batch=2
-    )
+        model_path=smol_path, n_ctx=N_CTX, n_batch=N_BATCH, n_threads=2, n_threads_batch=2,
+        options=GRID_FEEDING,
+    )  # fmt: skip
 
 
 async def test_the_penalties_match_llama_cpps_own_sampler(

@@ -17,6 +17,7 @@ import pytest
 import erllama
 
 from ..helpers import common_prefix_len
+from .grid import GRID_FEEDING
 
 pytestmark = pytest.mark.anyio
 
@@ -86,7 +87,9 @@ async def test_four_chats_arriving_together_share_the_system_prompt_exactly(
 async def test_with_flash_attention_the_first_tokens_equal_the_cold_runs(
     smol_config: erllama.ModelConfig,
 ) -> None:
-    config = attrs.evolve(smol_config, n_seq_max=4, n_batch=256, flash_attn=True)
+    config = attrs.evolve(
+        smol_config, n_seq_max=4, n_batch=256, flash_attn=True, options=GRID_FEEDING
+    )
     prompts, done = await together(config, max_tokens=1)
     check_sharing(prompts, done)
     for p, d in zip(prompts, done, strict=True):

@@ -26,7 +26,17 @@ import erllama
 from erllama.backends.llama_native import ensure_backend
 from erllama.speculative import draft_model, make_drafter_registry, ngram
 
+from .grid import GRID_FEEDING
+
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def smol_config(smol_config: erllama.ModelConfig) -> erllama.ModelConfig:
+    """On the grid: the plain loops here feed the prompt in the grid's chunks; padded
+    feeding is checked against its own plain loop in test_padded_prefill_real.py."""
+    return attrs.evolve(smol_config, options=GRID_FEEDING)
+
 
 #: The built-in drafters by name, as their entry points register them.
 DRAFTERS = make_drafter_registry({"ngram": ngram, "model": draft_model}, autoload=False)

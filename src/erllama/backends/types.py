@@ -80,6 +80,12 @@ class LoadedModel:
         padded chunks)."""
         return 1 if self.batch_invariant or self.pad_rows else prefill_chunk
 
+    def chunk_rows(self, prefill_chunk: int) -> int:
+        """The tokens a prompt chunk is cut to: G, and with padded chunks at least
+        ``pad_rows`` (a shorter chunk would be padded to that many rows, at their cost; a
+        small G only ever served to reuse prefixes in smaller cells)."""
+        return max(prefill_chunk, self.pad_rows)
+
 
 @attrs.frozen(kw_only=True)
 class Prefill:

@@ -185,7 +185,7 @@ class ModelThread:
             model_id=self._id,
             n_seq=n_seq,
             n_batch=cfg.n_batch,
-            prefill_chunk=cfg.effective_prefill_chunk,
+            prefill_chunk=loaded.chunk_rows(cfg.effective_prefill_chunk),
             n_ctx=loaded.n_ctx,
             max_queue=cfg.max_queue,
             pad_zone=loaded.fillers_fit_until,

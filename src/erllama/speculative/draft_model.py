@@ -143,6 +143,9 @@ def drafter_load(config: SpeculativeConfig, model: LoadedModel) -> DraftModel:
             n_threads=1,
             flash_attn=True,
             embeddings=False,
+            # The model's own prompt feeding (padded chunks or the grid), so that the draft
+            # model computes a prompt's cells as the model does and drafts what it would.
+            options={"pad_prefill": bool(model.pad_rows)},
         )
     )
     try:
