@@ -8,8 +8,11 @@ Used to measure "one prompt finishes per step" (model/scheduler.py, ``schedule``
 2026-12-07, later-turn medians 0.71-0.75 s with the rule against 0.78-1.23 s without, the
 last TTFT of a round 1.17-1.22 s against 1.23-1.38 s."""
 
-import sys, time, statistics
+import statistics
+import time
+
 import anyio
+
 import erllama
 from erllama.bundled import bundled_model_path
 
