@@ -34,12 +34,15 @@ async def restorable(engine: erllama.Engine, mid: str, prompt: list[int], want: 
             await anyio.sleep(0.05)
 
 
+@pytest.mark.parametrize("feeding", [GRID_FEEDING, {}], ids=["grid", "padded"])
 async def test_the_next_turn_restores_the_reply_fed_again_and_answers_as_a_cold_run(
-    smol_config: erllama.ModelConfig,
+    smol_config: erllama.ModelConfig, feeding: dict[str, bool]
 ) -> None:
-    config = attrs.evolve(
-        smol_config, prefill_chunk=GRID, options=GRID_FEEDING, refeed_replies=True
-    )
+    """On the grid the reply's whole cells are fed again; with padded chunks (the default)
+    all of it, in whole chunks, so the next turn restores everything before its new
+    message."""
+    config = attrs.evolve(smol_config, prefill_chunk=GRID, options=feeding, refeed_replies=True)
+    cell = 1 if not feeding else GRID
     first = [{"role": "user", "content": "Name three things to bring on a ferry trip."}]
     async with erllama.open_engine(RAM) as engine:
         mid = await engine.load_model("smol", config)
@@ -55,15 +58,13 @@ async def test_the_next_turn_restores_the_reply_fed_again_and_answers_as_a_cold_
         computed = list(r1.context_tokens)
         assert p2[: len(computed)] == computed  # the reply is replayed exactly
         # Without feeding the reply again only the first prompt's whole cells are kept.
-        kept = len(p1) // GRID * GRID
-        want = len(computed) // GRID * GRID
+        kept = len(p1) // cell * cell
+        want = len(computed) // cell * cell
         assert want > kept, "the reply must reach past the prompt's last whole cell"
         assert await restorable(engine, mid, p2, want) == want
         r2 = await engine.complete(mid, p2, max_tokens=24)
         assert r2.cache_hit_kind == "partial" and r2.cache_delta.read == want
-    cold_config = attrs.evolve(
-        smol_config, prefill_chunk=GRID, options=GRID_FEEDING, keep_live_kv=False
-    )
+    cold_config = attrs.evolve(smol_config, prefill_chunk=GRID, options=feeding, keep_live_kv=False)
     async with erllama.open_engine(OFF) as cold:
         cid = await cold.load_model("cold", cold_config)
         reference = await cold.complete(cid, p2, max_tokens=24)

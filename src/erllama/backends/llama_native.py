@@ -388,8 +388,7 @@ class LlamaModel:
     def _pad_rows(config: ModelConfig, options: Mapping[str, Any]) -> int:
         """``options["pad_prefill"]``: true pads (and refuses settings it is not measured
         exact with), false keeps the 64-token grid, unset pads wherever it is exact: on
-        the CPU with flash attention on or automatic, micro-batches of 64 rows or more,
-        and no ``refeed_replies`` (a grid feature the config asked for)."""
+        the CPU with flash attention on or automatic, micro-batches of 64 rows or more."""
         pad = options.get("pad_prefill")
         if pad is not None and not isinstance(pad, bool):
             raise ConfigError([("options.pad_prefill", f"must be true or false, got {pad!r}")])
@@ -401,8 +400,7 @@ class LlamaModel:
             f"needs n_ubatch >= {PAD_ROWS}": ubatch < PAD_ROWS,
         }
         if pad is None:
-            exact = not any(problems.values()) and not config.refeed_replies
-            return PAD_ROWS if exact else 0
+            return 0 if any(problems.values()) else PAD_ROWS
         if not pad:
             return 0
         refused = [("options.pad_prefill", why) for why, bad in problems.items() if bad]

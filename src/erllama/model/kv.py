@@ -142,6 +142,7 @@ class SequenceKV:
         batch_invariant: bool = False,
         refeed_replies: bool = False,
         exact_limit: int | None = None,
+        refeed_chunk: int | None = None,
     ) -> None:
         self.backend = backend
         self.handle = handle
@@ -164,13 +165,16 @@ class SequenceKV:
         #: fingerprint). Published through ``on_live`` after every change.
         self.live: dict[int, tuple[bytes, bytes]] = {}
         #: Live sequences whose last request computed more than its exact cells (its reply,
-        #: its prompt's last partial cell): those tokens' whole grid cells, to feed again on
-        #: the grid while the model is idle (:meth:`refeed_next`), so that the next turn of
-        #: the conversation restores them instead of prefilling them.
+        #: its prompt's last partial cell): those tokens' whole grid cells (with padded
+        #: chunks, all of them up to ``exact_limit``), to feed again while the model is idle
+        #: (:meth:`refeed_next`), so that the next turn of the conversation restores them
+        #: instead of prefilling them.
         self.refeed: dict[int, list[int]] = {}
-        # Fed again one grid cell per call: with padded chunks the cells need no grid
-        # (and a cell of 1), so feeding replies again is for the grid only.
-        self.refeed_replies = refeed_replies and not batch_invariant and exact_limit is None
+        self.refeed_replies = refeed_replies and not batch_invariant
+        #: Tokens fed again per call: one grid cell (at its grid position, as a cold prefill
+        #: feeds it), or with padded chunks a whole prefill chunk (computed exactly wherever
+        #: it starts).
+        self.refeed_chunk = refeed_chunk or self.grid
 
     def _live_changed(self) -> None:
         self._on_live(tuple(LivePrefix(t, fp) for t, fp in self.live.values()))
@@ -378,7 +382,7 @@ class SequenceKV:
             order = self._pack(seq, tokens, track.fingerprint, reason)
         if (keep or self.keep_live) and tokens:
             self.live[seq] = (encode_tokens(tokens), track.fingerprint)
-            rest = track.context[n : self.grid_floor(len(track.context))]
+            rest = track.context[n : self.grid_floor(self._capped(len(track.context)))]
             if rest and self.refeed_replies:
                 self.refeed[seq] = list(rest)
         else:
@@ -390,15 +394,16 @@ class SequenceKV:
     # ---- feeding a finished reply again, on the grid --------------------------------------
 
     def refeed_next(self, busy: Container[int]) -> tuple[int, list[int]] | None:
-        """A free live sequence's next grid cell to feed again, and the sequence."""
+        """A free live sequence's next chunk to feed again (``refeed_chunk``), and the
+        sequence."""
         for seq, rest in self.refeed.items():
             if seq not in busy and seq in self.live:
-                return seq, rest[: self.grid]
+                return seq, rest[: self.refeed_chunk]
         return None
 
     def refed(self, seq: int, chunk: Sequence[int], reason: SaveReason) -> SaveOrder | None:
-        """``chunk`` was fed into ``seq`` as one call at its grid position: its cells are
-        what a cold prefill computes there, so the live prefix grows by them. Once the whole
+        """``chunk`` was fed into ``seq`` as one call (at its grid position, or padded):
+        its cells are what a cold prefill computes there, so the live prefix grows by them. Once the whole
         reply is fed again, the sequence is saved (a row the next turn, or a restart, can
         restore), if the policy wants it."""
         tokens, fingerprint = self.live[seq]

@@ -170,6 +170,9 @@ class ModelThread:
             batch_invariant=loaded.batch_invariant,
             refeed_replies=cfg.refeed_replies,
             exact_limit=loaded.fillers_fit_until,
+            refeed_chunk=loaded.chunk_rows(cfg.effective_prefill_chunk)
+            if loaded.pad_rows
+            else None,
         )
         detokenize, handle = self._backend.direct_detokenize, self._handle
         self._pieces = PieceCache(lambda t: detokenize(handle, (t,)))
@@ -344,13 +347,14 @@ class ModelThread:
                 wake.wait()
 
     def _refeed(self, sched: Scheduler[Request, Call[Any]]) -> bool:
-        """Nothing else to do: feed one grid cell of a finished request's reply again.
+        """Nothing else to do: feed one chunk of a finished request's reply again.
 
         A reply's cells were decoded one token at a time, and a prompt's last partial cell
         in a short chunk, so the exactness rule keeps neither (model/kv.py). The next turn
         of a conversation starts with them, though: fed again now, one grid cell per call at
         its grid position, they are what a cold prefill computes there, and that turn
-        restores them instead of prefilling them. One cell at a time, and only while idle:
+        restores them instead of prefilling them (with padded chunks: a whole prefill chunk
+        per call, computed exactly wherever it starts). One chunk at a time, only while idle:
         any request that arrives goes first, and takes its sequence as it stands."""
         kv = self._kv
         if kv is None or not kv.refeed:
