@@ -4,9 +4,12 @@ prompt, prefilled once in flight); rounds 1-3 are later turns. Run from the repo
 
     .venv/bin/python research/scheduling/turns_at_once.py
 
-Used to measure "one prompt finishes per step" (model/scheduler.py, ``schedule``): on
-2026-12-07, later-turn medians 0.71-0.75 s with the rule against 0.78-1.23 s without, the
-last TTFT of a round 1.17-1.22 s against 1.23-1.38 s."""
+Used to measure "one prompt finishes per step" (a chunk that ends its prompt waits when
+another prompt already finishes in the step): on 2026-12-07, later-turn medians 0.71-0.75 s
+with the rule against 0.78-1.23 s without, the last TTFT of a round 1.17-1.22 s against
+1.23-1.38 s. Not kept: over HTTP (bench http_servers) the median did not improve (1.42 s
+against 1.32 s the run before), and it let a later request start feeding before an earlier
+one that waited (tests/stress/test_load.py checks that admitted requests start in order)."""
 
 import statistics
 import time

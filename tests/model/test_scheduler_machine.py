@@ -567,7 +567,6 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert len(seqs) == len(set(seqs))
         budget = self.n_batch
         feeding = False
-        finishing = False
         slices = 0
         last = 0
         for op in ops:
@@ -593,8 +592,6 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert list(op.tokens) == job.cursor[:n]
             assert job.pause_at is None or job.n_context + n <= job.pause_at
             assert op.logits == (n == len(job.cursor) and job.max_tokens != 0)
-            assert not (op.logits and finishing), "two prompts finish in one step"
-            finishing = finishing or op.logits
             # The step's first slice goes whatever the batch has left (nothing starves);
             # the others fit in it.
             assert slices == 0 or n <= budget
@@ -607,9 +604,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             if not job.feeding and job.max_tokens != 0:
                 assert job.seq in seqs, "a decoder was starved"
             if job.feeding and job.seq not in seqs:
-                # One prompt finishes per step: a final chunk waits behind another one.
-                final = self._chunk_of(job) == len(job.cursor) and job.max_tokens != 0
-                assert slices > 0 and (self._chunk_of(job) > budget or (final and finishing)), (
+                assert slices > 0 and self._chunk_of(job) > budget, (
                     "a feeder was left out of a batch with room for its cell"
                 )
 

@@ -509,14 +509,6 @@ class Scheduler(Generic[R, B]):
         temperature 0, the answer). A chunk is never shortened to fit the step: one that
         does not fit waits for the next step, except the step's first, so nothing starves.
 
-        **One prompt finishes per step.** A chunk that ends its prompt (the one whose logits
-        give the first token) waits for the next step when another prompt already finishes
-        in this one; other chunks still share the step. Prompts that arrive together then
-        get their first tokens one step apart, shortest first, instead of all at the end of
-        one long step: measured in-process with 4 conversations sending their later turns
-        at once (padded chunks, ~1,000 cells each), median TTFT 0.71-0.75 s against
-        0.78-1.23 s, the last one no later (1.17-1.22 s against 1.23-1.38 s).
-
         **Padded chunks** (a backend with ``LoadedModel.pad_rows``): every chunk is computed
         exactly wherever it starts, so chunks of G are cut from the prompt's feeding point
         instead, and a prompt fed after a restore needs no short chunk to reach the grid.
@@ -564,7 +556,6 @@ class Scheduler(Generic[R, B]):
             # chunks to end.
             feeders.sort(key=lambda j: len(j.cursor))
             fed = False
-            finishing = False
             zone = self._pad_zone
             for job in feeders:
                 if zone is None:
@@ -580,9 +571,6 @@ class Scheduler(Generic[R, B]):
                     continue  # whole chunks only: this one waits for a step with room
                 # Logits only where the next decode samples from: the last token fed.
                 logits = n == len(job.cursor) and job.max_tokens != 0
-                if logits and finishing:
-                    continue  # one prompt finishes per step (see the docstring)
-                finishing = finishing or logits
                 assert job.seq is not None
                 ops.append(Prefill(seq=job.seq, tokens=tuple(job.cursor[:n]), logits=logits))
                 budget -= n
