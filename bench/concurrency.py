@@ -69,6 +69,11 @@ async def _at_once(
     return [r for r in rows if r is not None], wall
 
 
+def _ask(system: str, seed: str) -> list[dict[str, str]]:
+    """A system prompt and one question (``seed`` picks it)."""
+    return [{"role": "system", "content": system}, {"role": "user", "content": make_question(seed)}]
+
+
 async def fanout(
     turn: Callable[[Any, list[dict[str, str]]], Any],
     client: Any,
@@ -78,29 +83,11 @@ async def fanout(
 ) -> dict[str, Any]:
     """One server's cold fan-out (``shared``) and its lone reference request (``alone``)."""
     t0 = time.perf_counter()
-    single = await turn(
-        client,
-        [{"role": "system", "content": alone}, {"role": "user", "content": make_question(seed)}],
-    )
+    single = await turn(client, _ask(alone, seed))
     single_wall = time.perf_counter() - t0
-    batch = [
-        [
-            {"role": "system", "content": shared},
-            {"role": "user", "content": make_question(f"{seed}-{i}")},
-        ]
-        for i in range(CLIENTS)
-    ]
+    batch = [_ask(shared, f"{seed}-{i}") for i in range(CLIENTS)]
     rows, wall = await _at_once(turn, client, batch)
-    suffixes = [
-        await turn(
-            client,
-            [
-                {"role": "system", "content": shared},
-                {"role": "user", "content": make_question(f"{seed}-suffix-{i}")},
-            ],
-        )
-        for i in range(CLIENTS - 1)
-    ]
+    suffixes = [await turn(client, _ask(shared, f"{seed}-suffix-{i}")) for i in range(CLIENTS - 1)]
     reference = single_wall + sum(r["ttft_s"] for r in suffixes)
     return {
         "ttft_s": [r["ttft_s"] for r in rows],

@@ -42,7 +42,7 @@ async def test_the_next_turn_restores_the_reply_fed_again_and_answers_as_a_cold_
     all of it, in whole chunks, so the next turn restores everything before its new
     message."""
     config = attrs.evolve(smol_config, prefill_chunk=GRID, options=feeding, refeed_replies=True)
-    cell = 1 if not feeding else GRID
+    cell = GRID if feeding == GRID_FEEDING else 1  # what a reuse is rounded down to
     first = [{"role": "user", "content": "Name three things to bring on a ferry trip."}]
     async with erllama.open_engine(RAM) as engine:
         mid = await engine.load_model("smol", config)

@@ -142,7 +142,7 @@ class SequenceKV:
         batch_invariant: bool = False,
         refeed_replies: bool = False,
         exact_limit: int | None = None,
-        refeed_chunk: int | None = None,
+        refeed_chunk: int = 0,
     ) -> None:
         self.backend = backend
         self.handle = handle
@@ -171,9 +171,10 @@ class SequenceKV:
         #: instead of prefilling them.
         self.refeed: dict[int, list[int]] = {}
         self.refeed_replies = refeed_replies and not batch_invariant
-        #: Tokens fed again per call: one grid cell (at its grid position, as a cold prefill
-        #: feeds it), or with padded chunks a whole prefill chunk (computed exactly wherever
-        #: it starts).
+        #: Tokens fed again per call: the model's prompt chunk (``LoadedModel.chunk_rows``),
+        #: which on the grid is one grid cell (fed at its grid position, as a cold prefill
+        #: feeds it) and with padded chunks a whole chunk (computed exactly wherever it
+        #: starts); G when not given.
         self.refeed_chunk = refeed_chunk or self.grid
 
     def _live_changed(self) -> None:
@@ -391,7 +392,7 @@ class SequenceKV:
         self._live_changed()
         return order
 
-    # ---- feeding a finished reply again, on the grid --------------------------------------
+    # ---- feeding a finished reply again ----------------------------------------------------
 
     def refeed_next(self, busy: Container[int]) -> tuple[int, list[int]] | None:
         """A free live sequence's next chunk to feed again (``refeed_chunk``), and the
@@ -402,10 +403,10 @@ class SequenceKV:
         return None
 
     def refed(self, seq: int, chunk: Sequence[int], reason: SaveReason) -> SaveOrder | None:
-        """``chunk`` was fed into ``seq`` as one call (at its grid position, or padded):
-        its cells are what a cold prefill computes there, so the live prefix grows by them. Once the whole
-        reply is fed again, the sequence is saved (a row the next turn, or a restart, can
-        restore), if the policy wants it."""
+        """``chunk`` was fed into ``seq`` as one call (at its grid position, or padded): its
+        cells are what a cold prefill computes there, so the live prefix grows by them. Once
+        the whole reply is fed again, the sequence is saved (a row the next turn, or a
+        restart, can restore), if the policy wants it."""
         tokens, fingerprint = self.live[seq]
         self.live[seq] = (tokens + encode_tokens(chunk), fingerprint)
         rest = self.refeed[seq][len(chunk) :]

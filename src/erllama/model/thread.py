@@ -157,6 +157,8 @@ class ModelThread:
         cfg, loaded = self._config, self._loaded
         assert loaded is not None
         self._adapters = AdapterSet(self._id, self._backend, fingerprint, self._adapters_changed)
+        # Tokens per prompt chunk: G, at least 64 rows with padded chunks.
+        chunk = loaded.chunk_rows(cfg.effective_prefill_chunk)
         self._kv = SequenceKV(
             self._backend,
             self._handle,
@@ -170,9 +172,7 @@ class ModelThread:
             batch_invariant=loaded.batch_invariant,
             refeed_replies=cfg.refeed_replies,
             exact_limit=loaded.fillers_fit_until,
-            refeed_chunk=loaded.chunk_rows(cfg.effective_prefill_chunk)
-            if loaded.pad_rows
-            else None,
+            refeed_chunk=chunk,
         )
         detokenize, handle = self._backend.direct_detokenize, self._handle
         self._pieces = PieceCache(lambda t: detokenize(handle, (t,)))
@@ -188,7 +188,7 @@ class ModelThread:
             model_id=self._id,
             n_seq=n_seq,
             n_batch=cfg.n_batch,
-            prefill_chunk=loaded.chunk_rows(cfg.effective_prefill_chunk),
+            prefill_chunk=chunk,
             n_ctx=loaded.n_ctx,
             max_queue=cfg.max_queue,
             pad_zone=loaded.fillers_fit_until,
