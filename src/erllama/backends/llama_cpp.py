@@ -42,6 +42,7 @@ def load(config: ModelConfig) -> LoadedModel:
         chat_template=model.chat_template,
         features=frozenset({"logprobs", "speculative"}),
         pad_rows=model.pad_rows,
+        batch_invariant=model.batch_invariant,
     )
 
 
