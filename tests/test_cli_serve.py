@@ -240,6 +240,26 @@ def test_parallel_and_default_model_options(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "--parallel: set the model in the --config file" in proc.stderr
 
 
+def test_kv_cache_type_options(tmp_path: Path) -> None:
+    from erllama.cli._parser import build_parser
+    from erllama.cli._serve import serve_config
+
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    parser = build_parser()
+    q8 = serve_config(parser.parse_args(["serve", "--model", str(model), "-ctk", "q8_0",
+                                         "--cache-type-v", "q8_0"]))  # fmt: skip
+    default = serve_config(parser.parse_args(["serve", "--model", str(model)]))
+    assert (q8.models["m"].type_k, q8.models["m"].type_v) == ("q8_0", "q8_0")
+    assert (default.models["m"].type_k, default.models["m"].type_v) == ("f16", "f16")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--cache-type-k", "q9"])
+    config = tmp_path / "x.toml"
+    config.write_text("[server]\nport = 0\n")
+    proc = _run("--config", str(config), "-ctk", "q8_0")  # type_k belongs in the file
+    assert proc.returncode == 2 and "--cache-type-k: set the model in the --config" in proc.stderr
+
+
 def test_log_level_warning_drops_the_access_lines(config_file: Path) -> None:
     server = Serving("--config", str(config_file), "--log-level", "warning")
     try:

@@ -25,7 +25,6 @@ erllama alone and says so.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -144,18 +143,9 @@ def _erllama_server(
         "--parallel", str(slots),
     ]  # fmt: skip
     if q8:
-        # The same server from a config file, with a q8_0 KV cache: every cell is computed
-        # alike however it is batched (docs/caching.md), so replies' cells are reused too.
-        config = log.with_suffix(".toml")
-        config.write_text(
-            f"[cache]\nram_file_bytes = 0\ndisk_dir = {json.dumps(str(cache_dir))}\n\n"
-            f"[models.smollm2]\nmodel_path = {json.dumps(str(ctx.model_path))}\n"
-            f"n_ctx = {N_CTX}\nn_threads = {ctx.threads}\nn_seq_max = {slots}\n"
-            'tool_call_markers = { start = "<tool_call>", end = "</tool_call>" }\n'
-            'type_k = "q8_0"\ntype_v = "q8_0"\n'
-        )
-        argv = [sys.executable, "-m", "erllama.cli", "serve", "--config", str(config),
-                "--port", str(port)]  # fmt: skip
+        # The same server with a q8_0 KV cache: every cell is computed alike however it is
+        # batched (docs/caching.md), so replies' cells are reused too.
+        argv += ["--cache-type-k", "q8_0", "--cache-type-v", "q8_0"]
     return Server("erllama_q8" if q8 else "erllama", argv, port, log)
 
 
@@ -362,8 +352,7 @@ def run(ctx: Any) -> dict[str, Any]:
                 "erllama": "erllama serve --cache-dir DIR --threads T --n-ctx 4096 "
                 "--parallel 1 (one sequence, RAM + disk tiers, live KV reuse); --parallel 4 "
                 "in the concurrent phases",
-                "erllama_q8": "the same from a config file with type_k = type_v = q8_0 (and "
-                "disk tier only)",
+                "erllama_q8": "the same with --cache-type-k q8_0 --cache-type-v q8_0",
                 "llama_server": "llama-server -np 1 -c 4096 -b 512 -ub 512 -fa on, "
                 "its defaults for prompt reuse; -np 4 -c 16384 in the concurrent phases",
             },

@@ -131,6 +131,23 @@ def _model(sp: argparse.ArgumentParser, *, model_help: str, unset: bool = False)
     )
 
 
+def _kv_types(sp: argparse.ArgumentParser, prefix: str) -> None:
+    """llama-server's -ctk/-ctv: the KV cache's element types (they shape the rows' keys)."""
+    from ..config import KV_TYPES
+
+    for flag, short, what in (("k", "-ctk", "keys"), ("v", "-ctv", "values")):
+        sp.add_argument(
+            f"--cache-type-{flag}",
+            short,
+            choices=sorted(KV_TYPES),
+            default=None,
+            metavar="TYPE",
+            help=f"{prefix}element type of the KV cache's {what} (default f16); q8_0 for "
+            "both makes llama.cpp compute every cell alike however it is batched, and "
+            "the cache then reuses replies too (docs/caching.md)",
+        )
+
+
 def _loop(sp: argparse.ArgumentParser) -> None:
     sp.add_argument(
         "--loop",
@@ -221,6 +238,7 @@ def _serve(sub: Any) -> None:
         help=f"sequences that model decodes together (llama-server's -np; default "
         f"{PARALLEL}); each has --n-ctx tokens of context",
     )
+    _kv_types(s, "")
     s.add_argument(
         "--default-model",
         default=None,
@@ -356,6 +374,7 @@ def _cache(sub: Any) -> None:
         help=f"without --config: the server's --parallel (default {PARALLEL}); it shapes the "
         "KV layout rows are keyed by",
     )
+    _kv_types(e, "without --config: the server's; ")
     e.add_argument(
         "--cache-dir",
         type=_cache_dir,

@@ -40,7 +40,17 @@ RAY_APP_NAME = "erllama"
 #: How long stopping Serve may take before the command gives up on it.
 RAY_SHUTDOWN_TIMEOUT_S = 60.0
 #: Options that describe the one model served without --config.
-MODEL_OPTIONS = ("model", "model_id", "n_ctx", "threads", "gpu_layers", "cache_dir", "parallel")
+MODEL_OPTIONS = (
+    "model",
+    "model_id",
+    "n_ctx",
+    "threads",
+    "gpu_layers",
+    "cache_dir",
+    "parallel",
+    "cache_type_k",
+    "cache_type_v",
+)
 
 
 class ServeArgumentError(Exception):
@@ -59,7 +69,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
             flags = ", ".join("--" + o for o in given)
             raise ServeArgumentError(f"{flags}: only with --ray")
     if args.config is not None:
-        given = [o for o in MODEL_OPTIONS if getattr(args, o) is not None]
+        given = [o for o in MODEL_OPTIONS if getattr(args, o, None) is not None]
         if given:
             flags = ", ".join("--" + o.replace("_", "-") for o in given)
             raise ServeArgumentError(f"{flags}: set the model in the --config file instead")
@@ -78,6 +88,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
             n_threads=args.threads,
             n_gpu_layers=GPU_LAYERS if args.gpu_layers is None else args.gpu_layers,
             n_seq_max=PARALLEL if args.parallel is None else args.parallel,
+            type_k=getattr(args, "cache_type_k", None) or "f16",
+            type_v=getattr(args, "cache_type_v", None) or "f16",
             # Hermes-style calls, so tool_choice "required" works on any chat model.
             tool_call_markers=ToolCallMarkers(start="<tool_call>", end="</tool_call>"),
         )
