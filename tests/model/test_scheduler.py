@@ -394,6 +394,24 @@ def test_padded_chunks_are_cut_from_where_feeding_starts() -> None:
     assert list(op.tokens) == list(range(18, 26))
 
 
+def test_a_batch_invariant_backend_gets_chunks_cut_from_where_feeding_starts() -> None:
+    # Every cell computed alike in any chunk: chunks of G from the restore point, up to the
+    # end of the context, where the grid would first feed [10, 16).
+    sched = new_scheduler(batch_invariant=True)
+    job = running(sched, prompt=62, n_context=50)
+    op = op_for(sched.schedule().ops, job)
+    assert isinstance(op, Prefill)
+    assert list(op.tokens) == list(range(50, 58))
+    step_only(sched, job)
+    op = op_for(sched.schedule().ops, job)
+    assert isinstance(op, Prefill)
+    assert list(op.tokens) == list(range(58, 62))
+    grid = new_scheduler()
+    job = running(grid, prompt=62, n_context=50)
+    op = op_for(grid.schedule().ops, job)
+    assert isinstance(op, Prefill) and list(op.tokens) == list(range(50, 56))
+
+
 def test_padded_chunks_never_straddle_the_point_where_fillers_stop_fitting() -> None:
     # Context 64, pad_rows 8: from cell 57 on there is no room for fillers, so a chunk
     # stops there and the next one starts there, whatever point feeding started from.

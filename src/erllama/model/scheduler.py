@@ -252,6 +252,7 @@ class Scheduler(Generic[R, B]):
         n_ctx: int,
         max_queue: int,
         pad_zone: int | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         if n_batch < n_seq:
             raise ValueError(f"n_batch ({n_batch}) must be at least n_seq ({n_seq})")
@@ -264,6 +265,10 @@ class Scheduler(Generic[R, B]):
         #: cell, from where fillers have no room (the cells past it are fed the same way by
         #: every run).
         self._pad_zone = pad_zone
+        #: Set when the backend computes a cell alike in any chunk
+        #: (``LoadedModel.batch_invariant``): chunks are cut from where each prompt's
+        #: feeding starts, as with padding, and nowhere else.
+        self._anywhere = batch_invariant
         self._n_ctx = n_ctx
         self._max_queue = max_queue
         self._lock = threading.Lock()
@@ -509,9 +514,10 @@ class Scheduler(Generic[R, B]):
         temperature 0, the answer). A chunk is never shortened to fit the step: one that
         does not fit waits for the next step, except the step's first, so nothing starves.
 
-        **Padded chunks** (a backend with ``LoadedModel.pad_rows``): every chunk is computed
-        exactly wherever it starts, so chunks of G are cut from the prompt's feeding point
-        instead, and a prompt fed after a restore needs no short chunk to reach the grid.
+        **Padded chunks** (a backend with ``LoadedModel.pad_rows``) and **batch-invariant**
+        backends: every chunk is computed exactly wherever it starts, so chunks of G are cut
+        from the prompt's feeding point instead, and a prompt fed after a restore needs no
+        short chunk to reach the grid.
         """
         with self._lock:
             budget = self._n_batch
@@ -558,9 +564,9 @@ class Scheduler(Generic[R, B]):
             fed = False
             zone = self._pad_zone
             for job in feeders:
-                if zone is None:
+                if zone is None and not self._anywhere:
                     to_grid = (job.n_context // grid + 1) * grid - job.n_context
-                elif job.n_context < zone:
+                elif zone is not None and job.n_context < zone:
                     to_grid = min(grid, zone - job.n_context)
                 else:
                     to_grid = grid

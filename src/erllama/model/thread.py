@@ -192,6 +192,7 @@ class ModelThread:
             n_ctx=loaded.n_ctx,
             max_queue=cfg.max_queue,
             pad_zone=loaded.fillers_fit_until,
+            batch_invariant=loaded.batch_invariant,
         )
         self._gate.scheduler = self._sched
 
