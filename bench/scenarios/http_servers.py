@@ -229,43 +229,44 @@ def _client(server: Server) -> Any:
     )
 
 
+Script = dict[str, list[tuple[int, int, list[dict[str, str]]]]]
+
+
 async def _pass(
     ctx: Any,
     servers: dict[str, Server],
-    script: list[tuple[int, int, list[dict[str, str]]]] | None,
+    script: Script | None,
     plan: dict[str, Any],
     openings: list[list[dict[str, str]]],
     label: str,
     send_back: Callable[[str], str] = str,
-) -> tuple[dict[str, list[dict[str, Any]]], list[tuple[int, int, list[dict[str, str]]]]]:
-    """One pass over the conversations. Without ``script`` the turns are made here (the
-    history grows with erllama's replies, as ``send_back`` makes them) and returned; with
-    one, it is replayed."""
+) -> tuple[dict[str, list[dict[str, Any]]], Script]:
+    """One pass over the conversations. Without ``script`` the turns are made here, each
+    server's history growing with its own replies (as ``send_back`` makes them: a client
+    talks to one server), and returned; with one, each server's is replayed."""
     clients = {name: _client(s) for name, s in servers.items()}
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
-    made: list[tuple[int, int, list[dict[str, str]]]] = []
-    if script is None:
-        history = [list(m) for m in openings]
-        turns = [(c, r, None) for r in range(plan["rounds"]) for c in range(plan["conversations"])]
-    else:
-        turns = [(c, r, m) for c, r, m in script]
+    made: Script = {name: [] for name in servers}
+    history = {name: [list(m) for m in openings] for name in servers}
+    order = [(c, r) for r in range(plan["rounds"]) for c in range(plan["conversations"])]
     try:
-        for c, rnd, given in turns:
-            if given is None:
-                history[c].append({"role": "user", "content": make_question(f"http-{c}-{rnd}")})
-                messages = list(history[c])
-            else:
-                messages = given
+        for k, (c, rnd) in enumerate(order):
             for name in SERVERS:
                 if name not in clients:
                     continue
+                if script is None:
+                    question = make_question(f"http-{c}-{rnd}")
+                    history[name][c].append({"role": "user", "content": question})
+                    messages = list(history[name][c])
+                else:
+                    messages = script[name][k][2]
                 r = await _turn(clients[name], messages)
                 r.update(conversation="ABCDEFGH"[c], round=rnd + 1)
                 rows[name].append(r)
-                if name == "erllama" and given is None:
-                    history[c].append({"role": "assistant", "content": send_back(r["text"])})
+                if script is None:
+                    history[name][c].append({"role": "assistant", "content": send_back(r["text"])})
+                made[name].append((c, rnd, messages))
                 await anyio.sleep(GAP_S)
-            made.append((c, rnd, messages))
             ctx.step(f"{label} {'ABCDEFGH'[c]}{rnd + 1}")
     finally:
         for cl in clients.values():
@@ -314,7 +315,7 @@ def run(ctx: Any) -> dict[str, Any]:
         return out
 
     phases: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    script: list[tuple[int, int, list[dict[str, str]]]] | None = None
+    script: Script | None = None
     for phase in ("first", "restarted"):
         procs = servers()
         with contextlib.ExitStack() as stack:
@@ -345,9 +346,10 @@ def run(ctx: Any) -> dict[str, Any]:
         **together,
         "method": {
             "ttft": "client side: create(stream=True) -> first chunk with text (openai client)",
-            "order": "turn by turn, erllama then llama-server on the same messages; then both "
-            "restarted and the same turns replayed in the same order; then fresh servers and a "
-            "client that sends each reply back stripped of surrounding whitespace",
+            "order": "turn by turn, each server in turn on the same questions, each history "
+            "growing with that server's own replies; then all restarted and each server's "
+            "turns replayed in the same order; then fresh servers and a client that sends "
+            "each reply back stripped of surrounding whitespace",
             "servers": {
                 "erllama": "erllama serve --cache-dir DIR --threads T --n-ctx 4096 "
                 "--parallel 1 (one sequence, RAM + disk tiers, live KV reuse); --parallel 4 "
