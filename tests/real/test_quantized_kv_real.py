@@ -25,7 +25,7 @@ import erllama
 
 from .test_cache_real import OFF, QUESTIONS, SYSTEM, N
 from .test_padded_prefill_real import Cold, answer, ask, cached
-from .test_speculative_real import CHAT, EDITS
+from .test_speculative_real import CHAT, EDITS, prompts_for, together
 
 pytestmark = pytest.mark.anyio
 
@@ -205,14 +205,8 @@ async def test_speculating_on_two_decode_threads_equals_the_plain_loop(
     async with erllama.open_engine(OFF) as engine:
         mid = await engine.load_model("smol", config)
         texts = [*EDITS, CHAT[0]]
-        prompts = [
-            await engine.apply_chat_template(mid, [{"role": "user", "content": t}]) for t in texts
-        ]
-        streams = [await engine.infer(mid, p, max_tokens=48) for p in prompts]
-        results = []
-        for st in streams:
-            async with st:
-                results.append(await st.collect())
+        prompts = await prompts_for(engine, mid, texts)
+        results = await together(engine, mid, prompts, 48)
     for text, prompt, done in zip(texts, prompts, results, strict=True):
         reference, _ = await anyio.to_thread.run_sync(
             plain_logits, smol_path, prompt, 48, L.GGML_TYPE_Q8_0

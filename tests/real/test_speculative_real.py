@@ -170,6 +170,18 @@ async def prompts_for(engine: erllama.Engine, mid: str, texts: Sequence[str]) ->
     return [await engine.apply_chat_template(mid, [{"role": "user", "content": t}]) for t in texts]
 
 
+async def together(
+    engine: erllama.Engine, mid: str, prompts: Sequence[list[int]], max_tokens: int
+) -> list[erllama.Completion]:
+    """Every prompt admitted at once (each its own sequence), then each answer collected."""
+    streams = [await engine.infer(mid, p, max_tokens=max_tokens) for p in prompts]
+    results = []
+    for s in streams:
+        async with s:
+            results.append(await s.collect())
+    return results
+
+
 async def test_greedy_tokens_equal_a_plain_llama_cpp_loop(
     smol_path: Path, spec_config: erllama.ModelConfig
 ) -> None:
@@ -221,11 +233,7 @@ async def test_sequences_speculating_together_equal_the_plain_loop(
     async with erllama.open_engine(OFF) as engine:
         mid = await engine.load_model("smol", config)
         prompts = await prompts_for(engine, mid, texts)
-        streams = [await engine.infer(mid, p, max_tokens=48) for p in prompts]
-        results = []
-        for s in streams:
-            async with s:
-                results.append(await s.collect())
+        results = await together(engine, mid, prompts, 48)
     for text, prompt, done in zip(texts, prompts, results, strict=True):
         reference = await anyio.to_thread.run_sync(plain_greedy, smol_path, prompt, 48, 2)
         assert done.token_ids == tuple(reference), text

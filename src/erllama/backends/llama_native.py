@@ -311,13 +311,15 @@ class LlamaModel:
                             (
                                 "n_threads",
                                 f"must be 1 with speculative decoding on {self.quant} "
-                                "weights: batch invariance is measured on q4_1 and q8_0",
+                                "weights: batch invariance is measured on "
+                                f"{', '.join(sorted(INVARIANT_WEIGHTS))}",
                             )
                         ]
                     )
                 cparams.n_threads = 1
         #: Rows a prompt chunk is padded to (0: not padded; see PAD_ROWS). A batch-invariant
-        #: model needs no padding: any chunk computes every cell as any other does.
+        #: model needs no padding: any chunk computes every cell as any other does. (The
+        #: option is read either way: a bad ``pad_prefill`` is refused all the same.)
         pad_rows = self._pad_rows(config, options)
         self.pad_rows = 0 if self.batch_invariant else pad_rows
         if self.pad_rows or self.batch_invariant:

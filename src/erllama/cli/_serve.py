@@ -69,7 +69,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
             flags = ", ".join("--" + o for o in given)
             raise ServeArgumentError(f"{flags}: only with --ray")
     if args.config is not None:
-        given = [o for o in MODEL_OPTIONS if getattr(args, o, None) is not None]
+        given = [o for o in MODEL_OPTIONS if getattr(args, o) is not None]
         if given:
             flags = ", ".join("--" + o.replace("_", "-") for o in given)
             raise ServeArgumentError(f"{flags}: set the model in the --config file instead")
@@ -88,10 +88,14 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
             n_threads=args.threads,
             n_gpu_layers=GPU_LAYERS if args.gpu_layers is None else args.gpu_layers,
             n_seq_max=PARALLEL if args.parallel is None else args.parallel,
-            type_k=getattr(args, "cache_type_k", None) or "f16",
-            type_v=getattr(args, "cache_type_v", None) or "f16",
             # Hermes-style calls, so tool_choice "required" works on any chat model.
             tool_call_markers=ToolCallMarkers(start="<tool_call>", end="</tool_call>"),
+            # The KV types given (-ctk/-ctv); ModelConfig's defaults otherwise.
+            **{
+                field: value
+                for field, value in (("type_k", args.cache_type_k), ("type_v", args.cache_type_v))
+                if value is not None
+            },
         )
         config = ServeConfig(cache=chat_cache_config(args.cache_dir), models={model_id: model})
     changes: dict[str, object] = {}
